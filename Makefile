@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine:
+#   make quickstart   set up .venv and run the embedded quickstart (kdlab run)
+#   make test         set up .venv and run the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test test-all bench clean
+
+$(BIN)/kdlab: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(BIN)/kdlab
+
+setup: $(BIN)/kdlab
+
+quickstart: setup
+	$(BIN)/kdlab run
+
+# Unit tests, then the integration tier (end-to-end CLI runs, kill-and-resume).
+test: setup
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m integration
+
+bench: setup
+	$(BIN)/python benchmarks/bench_kd_epoch.py
+
+clean:
+	rm -rf $(VENV) kdlab-workspace

@@ -1,0 +1,193 @@
+"""The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
+
+    kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
+    kdlab list models|datasets|losses|methods|metrics [PATTERN]
+    kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
+    kdlab show RUN
+    kdlab runs [EXPERIMENT]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from kdlab.errors import KdlabError
+
+DEFAULT_WORKSPACE = "kdlab-workspace"
+KIND_PLURALS = {"models": "model", "datasets": "dataset", "losses": "loss", "methods": "method",
+                "metrics": "metric", "attacks": "attack"}
+
+
+def _workspace(args) -> Path:
+    return Path(args.workspace or os.environ.get("KDLAB_WORKSPACE") or DEFAULT_WORKSPACE)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise KdlabError(f"--seeds {text!r}: expected comma-separated integers, e.g. --seeds 0,1,2") from None
+
+
+def cmd_run(args) -> int:
+    from kdlab.config import load_experiment
+    from kdlab.study.compare import compare_table, render_table
+    from kdlab.study.runner import Runner
+
+    base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None)
+    runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet)
+    if args.dry_run:
+        print(f"experiment {base.name}: {len(specs)} runs (grid × seeds); nothing is trained in a dry run")
+        for line in runner.dry_run(specs):
+            print(line)
+        return 0
+    print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
+    summary = runner.run(base, specs)
+    records = [r for spec in specs for r in runner.store.find(spec.run_id)]
+    print()
+    print(render_table(compare_table(records)))
+    rule = {"last": "the last epoch", "best_val": "the epoch with the best validation accuracy"}[base.train.selection]
+    print(f"Test metrics are taken at {rule} (train.selection: {base.train.selection}); "
+          f"mean ± 95% CI (Student t) over seeds {base.seeds}.")
+    print(f"Run folders: {runner.workspace / 'runs'}   results database: {runner.workspace / 'kdlab.db'}")
+    print(f"ran {len(summary.ran)}, skipped {len(summary.skipped)} already finished, failed {len(summary.failed)}")
+    for run_id, message in summary.failed:
+        print(f"failed {run_id}: {message}")
+    return 1 if summary.failed else 0
+
+
+def cmd_list(args) -> int:
+    from kdlab import registry
+
+    kind = KIND_PLURALS.get(args.kind)
+    if kind is None:
+        raise KdlabError(f"kdlab list {args.kind}: unknown kind; choose one of {', '.join(KIND_PLURALS)}")
+    names = registry.names(kind, args.pattern)
+    width = max((len(n) for n in names), default=0)
+    for name in names:
+        print(f"{name:<{width}}  {registry.summary(kind, name)}")
+    return 0
+
+
+def _records(store, tokens: list[str]):
+    if not tokens:
+        return store.runs(role="student")
+    out, seen = [], set()
+    for token in tokens:
+        found = store.find(token)
+        if not found:
+            raise KdlabError(f"{token!r} is neither a run id nor an experiment in {store.workspace}; "
+                             "see `kdlab runs`")
+        for record in found:
+            if record.run_id not in seen:
+                seen.add(record.run_id)
+                out.append(record)
+    return out
+
+
+def cmd_compare(args) -> int:
+    from kdlab.store import Store
+    from kdlab.study.compare import DEFAULT_METRICS, compare_table, render_table
+
+    store = Store(_workspace(args))
+    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
+    table = compare_table(_records(store, args.runs), metrics=metrics)
+    print(render_table(table, fmt="markdown" if args.markdown else "text"))
+    return 0
+
+
+def cmd_show(args) -> int:
+    import yaml
+
+    from kdlab.store import Store
+
+    store = Store(_workspace(args))
+    matches = store.find(args.run)
+    if len(matches) != 1:
+        ids = ", ".join(r.run_id for r in matches[:5])
+        raise KdlabError(f"{args.run!r} matches {len(matches)} runs ({ids}); give a full run id")
+    record = matches[0]
+    print(f"run {record.run_id}  experiment {record.experiment}  role {record.role}  status {record.status}")
+    print(f"label: {record.label}")
+    print(f"folder: {record.run_dir}")
+    if record.error:
+        print(f"error: {record.error}")
+    print("config:")
+    print("  " + yaml.safe_dump(record.config, sort_keys=False).rstrip().replace("\n", "\n  "))
+    print("final metrics:")
+    for key in sorted(record.final):
+        print(f"  {key}: {record.final[key]:.6g}")
+    epochs = store.epoch_metrics(record.run_id)
+    if epochs:
+        last = max(epochs)
+        print(f"epochs logged: {len(epochs)} (last {last}); last epoch: "
+              + json.dumps({k: round(v, 6) for k, v in sorted(epochs[last].items())}))
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from kdlab.store import Store
+
+    store = Store(_workspace(args))
+    store.mark_dead_runs_interrupted()
+    for record in store.runs(experiment=args.experiment):
+        acc = record.final.get("test/acc")
+        shown = f"{acc:.4f}" if acc is not None else "-"
+        print(f"{record.run_id:<32} {record.status:<11} {record.experiment:<16} acc {shown:<7} {record.label}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit and laboratory.")
+    parser.add_argument("--workspace", help=f"results folder (default $KDLAB_WORKSPACE or ./{DEFAULT_WORKSPACE})")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run an experiment (the quickstart when no config is given)")
+    run.add_argument("config", nargs="?", help="YAML experiment config; omitted: the built-in quickstart")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    run.add_argument("--seeds", help="comma-separated seeds, replacing the config's seeds")
+    run.add_argument("--dry-run", action="store_true", help="print data, parameter counts and tap shapes; train nothing")
+    run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="continue unfinished runs from their last checkpoint (default) or restart them")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.set_defaults(func=cmd_run)
+
+    lst = sub.add_parser("list", help="list registered names with their one-line summaries")
+    lst.add_argument("kind", help=", ".join(KIND_PLURALS))
+    lst.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
+    lst.set_defaults(func=cmd_list)
+
+    cmp_ = sub.add_parser("compare", help="table of runs grouped by configuration, mean ± 95%% CI over seeds")
+    cmp_.add_argument("runs", nargs="*", help="run ids, run-id prefixes or experiment names (default: all)")
+    cmp_.add_argument("--metrics", help="comma-separated metric keys (default test/acc,test/nll,test/ece,test/agreement)")
+    cmp_.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    cmp_.set_defaults(func=cmd_compare)
+
+    show = sub.add_parser("show", help="one run's resolved config and metrics")
+    show.add_argument("run", help="run id or unique prefix")
+    show.set_defaults(func=cmd_show)
+
+    runs = sub.add_parser("runs", help="list runs with their status")
+    runs.add_argument("experiment", nargs="?", help="only this experiment")
+    runs.set_defaults(func=cmd_runs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KdlabError as exc:
+        for line in str(exc).splitlines():
+            print(f"kdlab: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdlab: interrupted; finished runs are kept and `kdlab run` resumes the rest", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,635 @@
+"""Typed experiment configuration: the schema, every default, and validation.
+
+Resolution order: schema defaults → the YAML file → ``--set key.path=value``
+overrides. The whole config (every grid point) is validated before any work,
+and every problem is reported at once as ``key.path: what is wrong; the fix``.
+
+Three sections name a registry entry and take that entry's keyword arguments as
+their other keys, typed by the entry's signature:
+
+* ``data``     — ``dataset: NAME`` + the dataset factory's options;
+* ``student`` / ``teacher`` — ``model: NAME`` + the model factory's options;
+* ``method``   — ``name: NAME`` + the method's hyperparameter dataclass.
+
+When a ``grid`` switches the entry (``method.name: [scratch, kd]``), a key is
+accepted if *any* entry the experiment can select takes it, and each run keeps
+only the keys its own entry takes — so the ``scratch`` runs of such a grid do not
+depend on ``method.temperature`` and are shared, not duplicated.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import inspect
+import itertools
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from kdlab import registry
+from kdlab.errors import ConfigError, KdlabError
+
+# Factory arguments that kdlab supplies itself; users cannot set them.
+RESERVED_MODEL_ARGS = frozenset({"input_shape", "num_classes", "mean", "std"})
+RESERVED_DATASET_ARGS = frozenset({"root", "cache_dir"})
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one model (the student, or a recipe teacher)."""
+
+    epochs: int = 30  # passes over the train split
+    steps: Optional[int] = None  # if set, train for exactly this many optimiser steps instead
+    batch_size: int = 128
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 0.01  # peak learning rate (after warmup)
+    momentum: float = 0.9  # SGD only
+    nesterov: bool = False  # SGD only
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "cosine", "step"] = "cosine"  # per optimiser step
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs (fractions allowed)
+    milestones: tuple[float, ...] = (0.5, 0.75)  # "step" schedule: fractions of training
+    gamma: float = 0.1  # "step" schedule: lr factor at each milestone
+    grad_clip: Optional[float] = None  # max global gradient norm; None = no clipping
+    eval_every: int = 1  # validate every N epochs (and always after the last)
+    checkpoint_every: int = 5  # checkpoint every N epochs (and always after the last)
+    selection: Literal["last", "best_val"] = "last"  # which epoch's weights give the test metrics
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 needs CUDA
+
+
+@dataclass
+class DataConfig:
+    """The dataset and how it is split; other keys go to the dataset factory."""
+
+    dataset: str = "mnist1d"
+    root: Optional[str] = None  # folder holding the files of file-based datasets (cifar10, mnist, ...)
+    val_fraction: float = 0.1  # carved from train; the test split is never touched
+    split_seed: int = 0  # fixed across run seeds so every run (and the teacher) sees the same splits
+    augment: Literal["none", "crop_flip"] = "none"  # train-time augmentation of images
+    options: dict = field(default_factory=dict)  # dataset factory keyword arguments
+
+
+@dataclass
+class ModelConfig:
+    """A network: a zoo model with its options, optionally initialised from a checkpoint.
+
+    For the teacher, ``checkpoint`` alone is enough when the file was written by
+    kdlab (it records the architecture); otherwise ``train`` is its recipe.
+    """
+
+    model: Optional[str] = None  # zoo name; may be omitted for a kdlab-written teacher checkpoint
+    checkpoint: Optional[str] = None  # safetensors weights to load
+    train: Optional[TrainConfig] = None  # teacher only: its training recipe (defaults: TrainConfig())
+    seed: int = 0  # teacher only: the seed of its training run
+    options: dict = field(default_factory=dict)  # model factory keyword arguments
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method; other keys are its hyperparameters."""
+
+    name: str = "kd"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: data, teacher, student, method, training, seeds and an optional grid."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: Optional[ModelConfig] = None  # null: no teacher (methods that need one refuse)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(model="cnn1d"))
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    grid: dict[str, list] = field(default_factory=dict)  # key.path -> values; runs = product × seeds
+
+
+# Sections whose ``options`` are the keyword arguments of a registry entry.
+# (section path, dataclass, key naming the entry, registry kind)
+_REGISTRY_SECTIONS = {
+    "data": ("dataset", "dataset"),
+    "student": ("model", "model"),
+    "teacher": ("model", "model"),
+    "method": ("name", "method"),
+}
+
+
+# --------------------------------------------------------------------------- types
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return it converted (ints to floats, lists to tuples)."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: report X's own, more precise errors
+            return _coerce(value, non_null[0], path, errors)
+        for arg in args:
+            if arg is type(None):
+                continue
+            trial: list[str] = []
+            out = _coerce(value, arg, path, trial)
+            if not trial:
+                return out
+        errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            errors.append(f"{path}: {value!r} is not allowed; choose one of {allowed}")
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            return value
+        if args and not (origin is tuple and len(args) == 2 and args[1] is Ellipsis) and origin is tuple:
+            if len(args) != len(value):
+                errors.append(f"{path}: expected {len(args)} values, got {len(value)}")
+                return value
+            items = [_coerce(v, a, f"{path}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected a mapping, got {value!r}")
+            return value
+        value_tp = args[1] if args else Any
+        return {k: _coerce(v, value_tp, f"{path}.{k}", errors) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str or tp is Path:
+        if not isinstance(value, str):
+            errors.append(f"{path}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _parse_dataclass(tp, value, path, errors)
+    return value  # unannotated exotic types are passed through unchanged
+
+
+def _unknown_key(path: str, key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{path}: unknown key{hint}; allowed keys: {', '.join(sorted(allowed)) or '(none)'}"
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _parse_dataclass(cls: type, raw: Any, path: str, errors: list[str], *, extra_ok: bool = False) -> Any:
+    """Build dataclass ``cls`` from a mapping, collecting every problem into ``errors``.
+
+    With ``extra_ok`` unknown keys are gathered into the ``options`` field, to be
+    checked against the registry entry by the caller.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path or 'config'}: expected a mapping, got {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "options"]
+    kwargs: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        key = str(key)
+        if key in names:
+            kwargs[key] = _coerce(value, hints[key], _join(path, key), errors)
+        elif extra_ok:
+            options[key] = value
+        else:
+            errors.append(_unknown_key(_join(path, key), key, names))
+    obj = cls(**kwargs)
+    if extra_ok:
+        obj.options = options
+    return obj
+
+
+# --------------------------------------------------------------------------- registry sections
+
+
+def entry_parameters(kind: str, name: str) -> dict[str, tuple[Any, Any]]:
+    """The user-settable keyword arguments of a registry entry: ``{name: (annotation, default)}``.
+
+    Methods declare a ``Hparams`` dataclass; factories (models, datasets) are
+    read from their signature, without the arguments kdlab supplies itself.
+    """
+    obj = registry.get(kind, name)
+    hparams = getattr(obj, "Hparams", None)
+    if hparams is not None and dataclasses.is_dataclass(hparams):
+        hints = typing.get_type_hints(hparams)
+        out = {}
+        for f in dataclasses.fields(hparams):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = (hints[f.name], default)
+        return out
+    reserved = RESERVED_MODEL_ARGS if kind == "model" else RESERVED_DATASET_ARGS if kind == "dataset" else set()
+    hints = typing.get_type_hints(obj)
+    out = {}
+    for p in inspect.signature(obj).parameters.values():
+        if p.name in reserved or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        out[p.name] = (hints.get(p.name, Any), p.default)
+    return out
+
+
+def _check_options(section: str, kind: str, name: str, options: dict, also_allowed: set[str],
+                   errors: list[str]) -> dict:
+    """Type-check ``options`` against entry ``name``; drop keys only other candidates take."""
+    params = entry_parameters(kind, name)
+    checked = {}
+    for key, value in options.items():
+        path = f"{section}.{key}"
+        if key in params:
+            checked[key] = _coerce(value, params[key][0], path, errors)
+        elif key in also_allowed:
+            continue  # belongs to another entry this experiment's grid can select
+        elif kind == "model" and key in RESERVED_MODEL_ARGS:
+            errors.append(f"{path}: set by kdlab from the dataset; remove it")
+        else:
+            errors.append(_unknown_key(path, key, list(params)) + f" (for {kind} {name!r})")
+    return checked
+
+
+# --------------------------------------------------------------------------- raw dict helpers
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML config file; a missing or malformed file is a one-line ``KdlabError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdlabError(f"config file {path} does not exist; pass the path of a YAML config (see configs/)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise KdlabError(f"config file {path} is not valid YAML{line}; fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise KdlabError(f"config file {path} must hold a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def set_path(raw: dict, dotted: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted == "a.b.c"``, creating mappings on the way."""
+    keys = dotted.split(".")
+    node = raw
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise KdlabError(f"{'.'.join(keys[:i + 1])}: is {child!r}, not a section; cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def get_path(raw: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = raw
+    for key in dotted.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=0.1"`` → ``("train.lr", 0.1)``; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise KdlabError(f"--set {text!r}: expected key.path=value, e.g. --set train.lr=0.05")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not key:
+        raise KdlabError(f"--set {text!r}: missing key before '='")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError:
+        value = value_text
+    return key, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(raw, key, value)
+    return raw
+
+
+# --------------------------------------------------------------------------- experiment parsing
+
+
+@dataclass
+class RunSpec:
+    """One run: a fully resolved config (no grid), its seed and the grid point it came from."""
+
+    config: ExperimentConfig
+    seed: int
+    point: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={_short(v)}" for k, v in self.point.items()]
+        return " ".join(parts + [f"seed={self.seed}"])
+
+    def resolved(self) -> dict:
+        """The config as saved with the run: every default filled in, one seed, no grid."""
+        out = to_dict(self.config)
+        out.pop("grid")
+        out.pop("seeds")
+        out["seed"] = self.seed
+        return out
+
+    @property
+    def group_key(self) -> str:
+        """Identical for runs that differ only by seed."""
+        out = self.resolved()
+        out.pop("seed")
+        return content_hash(out)[:16]
+
+    @property
+    def run_id(self) -> str:
+        return f"{_slug(self.config.name)}-{content_hash(self.resolved())[:10]}"
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())
+    return keep.strip("-")[:40] or "run"
+
+
+def content_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` (sorted keys): the identity of a config."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass → plain dict, with each section's ``options`` flattened back into the section."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name == "options":
+                out.update({k: to_dict(v) for k, v in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+        return out
+    if isinstance(cfg, tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _candidates(raw: dict, grid: dict, section: str, name_key: str, default: Any) -> set:
+    """Every entry name section ``section`` can take in this experiment (base value + grid values)."""
+    names = {get_path(raw, f"{section}.{name_key}", default)}
+    names.update(grid.get(f"{section}.{name_key}", []) or [])
+    return {n for n in names if isinstance(n, str)}
+
+
+def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
+    top_raw = {k: v for k, v in raw.items() if k not in _REGISTRY_SECTIONS}
+    cfg: ExperimentConfig = _parse_dataclass(ExperimentConfig, top_raw, "", errors)
+    # Registry sections: parse their own fields, then check options against the entry.
+    sections = {
+        "data": (cfg.data, DataConfig),
+        "student": (cfg.student, ModelConfig),
+        "teacher": (cfg.teacher, ModelConfig),
+        "method": (cfg.method, MethodConfig),
+    }
+    for section, (obj, cls) in sections.items():
+        section_raw = raw.get(section)
+        if section == "teacher" and section_raw is None:
+            cfg.teacher = None
+            continue
+        if section == "student" and section_raw is not None and not isinstance(section_raw, dict):
+            errors.append(f"student: expected a mapping, got {section_raw!r}")
+            continue
+        obj = _parse_dataclass(cls, section_raw, section, errors, extra_ok=True)
+        if section == "student" and obj.model is None:
+            obj.model = "cnn1d"
+        setattr(cfg, section, obj)
+        name_key, kind = _REGISTRY_SECTIONS[section]
+        name = getattr(obj, name_key)
+        if name is None:  # a teacher given only as a kdlab checkpoint: options come from the file
+            if obj.options:
+                errors.append(f"{section}: options {sorted(obj.options)} need {section}.model to be set")
+            if section == "teacher" and obj.checkpoint is None:
+                errors.append("teacher: give teacher.model (a training recipe) or teacher.checkpoint (a file)")
+            continue
+        try:
+            registry.get(kind, name, key=f"{section}.{name_key}")
+        except KdlabError as exc:
+            errors.append(str(exc))
+            continue
+        others: set[str] = set()
+        default_name = getattr(cls(), name_key)
+        for cand in _candidates(raw, grid, section, name_key, default_name) - {name}:
+            try:
+                others.update(entry_parameters(kind, cand))
+            except KdlabError:
+                pass  # reported when that grid point is parsed
+        obj.options = _check_options(section, kind, name, obj.options, others, errors)
+        if section == "student" and obj.train is not None:
+            errors.append("student.train: the student trains with the top-level train section; move it there")
+    if cfg.teacher is not None and cfg.teacher.checkpoint is None and cfg.teacher.train is None:
+        cfg.teacher.train = TrainConfig()
+    _check_values(cfg, errors)
+    return cfg
+
+
+def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
+    """Range checks the types cannot express."""
+    trains = [("train", cfg.train)]
+    if cfg.teacher is not None and cfg.teacher.train is not None:
+        trains.append(("teacher.train", cfg.teacher.train))
+    for path, t in trains:
+        if isinstance(t.epochs, int) and t.epochs < 1:
+            errors.append(f"{path}.epochs: must be ≥ 1, got {t.epochs}")
+        if t.steps is not None and isinstance(t.steps, int) and t.steps < 1:
+            errors.append(f"{path}.steps: must be ≥ 1 or null, got {t.steps}")
+        if isinstance(t.batch_size, int) and t.batch_size < 1:
+            errors.append(f"{path}.batch_size: must be ≥ 1, got {t.batch_size}")
+        if isinstance(t.lr, float) and t.lr <= 0:
+            errors.append(f"{path}.lr: must be > 0, got {t.lr}")
+        for key in ("eval_every", "checkpoint_every"):
+            value = getattr(t, key)
+            if isinstance(value, int) and value < 1:
+                errors.append(f"{path}.{key}: must be ≥ 1, got {value}")
+    if isinstance(cfg.data.val_fraction, float) and not 0.0 <= cfg.data.val_fraction < 1.0:
+        errors.append(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    if cfg.train.selection == "best_val" and cfg.data.val_fraction == 0.0:
+        errors.append("train.selection: best_val needs a validation split; set data.val_fraction > 0")
+    if isinstance(cfg.seeds, list) and not cfg.seeds:
+        errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
+    if isinstance(cfg.method.name, str) and cfg.teacher is None:
+        try:
+            method_cls = registry.get("method", cfg.method.name)
+        except KdlabError:
+            return
+        if getattr(method_cls, "needs_teacher", False):
+            errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
+                          "(teacher.model + teacher.train, or teacher.checkpoint)")
+
+
+def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
+    """Validate an experiment (every grid point) and expand it into runs (grid product × seeds).
+
+    Raises ``ConfigError`` listing every problem. Returns the base config and
+    the run specs in a stable order: grid points in the order written, then seeds.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: expected a mapping, got {raw!r}"])
+    errors: list[str] = []
+    grid_raw = raw.get("grid") or {}
+    if not isinstance(grid_raw, dict):
+        raise ConfigError([f"grid: expected a mapping of key.path to a list of values, got {grid_raw!r}"])
+    for key, values in grid_raw.items():
+        if not isinstance(values, list) or not values:
+            errors.append(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if str(key).split(".")[0] in ("grid", "seeds", "name"):
+            errors.append(f"grid.{key}: cannot be swept; sweep seeds with seeds: [...]")
+    if errors:
+        raise ConfigError(errors)
+    base_raw = {k: v for k, v in raw.items() if k != "grid"}
+    base = _parse_point(base_raw, grid_raw, errors)
+    base.grid = dict(grid_raw)
+    specs: list[RunSpec] = []
+    keys = list(grid_raw)
+    seen_errors = set(errors)
+    for combo in itertools.product(*(grid_raw[k] for k in keys)):
+        point = dict(zip(keys, combo))
+        point_raw = copy.deepcopy(base_raw)
+        point_errors: list[str] = []
+        for key, value in point.items():
+            try:
+                set_path(point_raw, key, copy.deepcopy(value))
+            except KdlabError as exc:
+                point_errors.append(f"grid.{key}: {exc}")
+        cfg = _parse_point(point_raw, grid_raw, point_errors)
+        for e in point_errors:
+            if e not in seen_errors:
+                seen_errors.add(e)
+                errors.append(e + (f" (grid point {point})" if point else ""))
+        for seed in (cfg.seeds if isinstance(cfg.seeds, list) else []):
+            specs.append(RunSpec(config=cfg, seed=seed, point=point))
+    if errors:
+        raise ConfigError(errors)
+    # Runs that resolve to the same config (e.g. scratch under a temperature grid) run once.
+    unique: dict[str, RunSpec] = {}
+    for spec in specs:
+        unique.setdefault(spec.run_id, spec)
+    return base, list(unique.values())
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None,
+                    seeds: list[int] | None = None) -> tuple[ExperimentConfig, list[RunSpec]]:
+    """YAML file (or the built-in quickstart when ``path`` is None) + overrides → validated runs."""
+    raw = load_yaml(path) if path is not None else quickstart_raw()
+    raw = apply_overrides(raw, overrides or [])
+    if seeds is not None:
+        raw["seeds"] = list(seeds)
+    return parse_experiment(raw)
+
+
+QUICKSTART_PATH = Path(__file__).parent / "configs" / "quickstart.yaml"
+
+
+def quickstart_raw() -> dict:
+    """The embedded default experiment run by a bare ``kdlab run``."""
+    return load_yaml(QUICKSTART_PATH)
+
+
+def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
+    """The teacher recipe of ``cfg`` as a run of its own (method ``scratch``), or None.
+
+    Its identity depends only on what shapes the teacher — its model, recipe,
+    seed and the data — so every student of a study shares one teacher run.
+    """
+    t = cfg.teacher
+    if t is None or t.checkpoint is not None:
+        return None
+    teacher_cfg = ExperimentConfig(
+        name="teacher",
+        data=copy.deepcopy(cfg.data),
+        teacher=None,
+        student=ModelConfig(model=t.model, options=dict(t.options)),
+        method=MethodConfig(name="scratch"),
+        train=copy.deepcopy(t.train) if t.train is not None else TrainConfig(),
+        seeds=[t.seed],
+    )
+    return RunSpec(config=teacher_cfg, seed=t.seed, point={})
+
+
+def parse_train(raw: dict, *, path: str = "train") -> TrainConfig:
+    """Validate a ``train`` mapping on its own (used by the Python API)."""
+    errors: list[str] = []
+    out = _parse_dataclass(TrainConfig, raw, path, errors)
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def parse_method(name: str, options: dict) -> MethodConfig:
+    """Validate a method name and its hyperparameters on their own (used by the Python API)."""
+    registry.get("method", name, key="method.name")
+    errors: list[str] = []
+    checked = _check_options("method", "method", name, options, set(), errors)
+    if errors:
+        raise ConfigError(errors)
+    return MethodConfig(name=name, options=checked)

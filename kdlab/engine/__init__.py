@@ -1,0 +1,1 @@
+"""The training engine: the one loop, optimisers, checkpoints, seeding, model building."""

@@ -1,0 +1,84 @@
+"""Building models, methods and teachers from config sections (through the registry)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from kdlab import registry
+from kdlab.config import MethodConfig, ModelConfig
+from kdlab.data import Splits
+from kdlab.engine.checkpoint import load_into, read_model_file
+from kdlab.errors import KdlabError
+from kdlab.methods.base import Method
+
+
+def model_spec(name: str, options: dict, splits: Splits) -> dict:
+    """The architecture record saved in a model file's metadata: enough to rebuild it."""
+    return {"model": name, "options": options, "num_classes": splits.num_classes,
+            "input_shape": list(splits.input_shape), "dataset": splits.name}
+
+
+def build_model(name: str, options: dict, splits: Splits) -> nn.Module:
+    factory = registry.get("model", name)
+    return factory(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes,
+                   mean=tuple(splits.mean), std=tuple(splits.std), **options)
+
+
+def load_model_file(path: str | Path, splits: Splits, *, model: str | None = None, options: dict | None = None,
+                    key: str = "teacher.checkpoint") -> tuple[nn.Module, dict]:
+    """Rebuild and load a network from a safetensors file for this dataset.
+
+    The architecture comes from the file's kdlab metadata, or from ``model``/
+    ``options`` for a plain state dict. A class-count or input-shape mismatch with
+    the dataset is refused with the fix.
+    """
+    tensors, spec = read_model_file(path)
+    if model is None:
+        if spec is None:
+            raise KdlabError(f"{key}: {path} has no kdlab architecture metadata; also set the model name "
+                             f"({key.rsplit('.', 1)[0]}.model) and its options")
+        model, options = spec["model"], spec.get("options", {})
+    if spec is not None:
+        if spec.get("num_classes") != splits.num_classes:
+            raise KdlabError(f"{key}: {path} predicts {spec.get('num_classes')} classes but dataset "
+                             f"{splits.name!r} has {splits.num_classes}; use a checkpoint trained on {splits.name}")
+        if tuple(spec.get("input_shape", ())) != tuple(splits.input_shape):
+            raise KdlabError(f"{key}: {path} takes inputs of shape {tuple(spec['input_shape'])} but dataset "
+                             f"{splits.name!r} gives {tuple(splits.input_shape)}")
+    network = build_model(model, options or {}, splits)
+    load_into(network, tensors, source=str(path))
+    return network, model_spec(model, options or {}, splits)
+
+
+def build_student(cfg: ModelConfig, splits: Splits) -> nn.Module:
+    if cfg.checkpoint is not None:
+        return load_model_file(cfg.checkpoint, splits, model=cfg.model, options=cfg.options,
+                               key="student.checkpoint")[0]
+    return build_model(cfg.model, cfg.options, splits)
+
+
+def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None) -> Method:
+    method_cls = registry.get("method", cfg.name, key="method.name")
+    if method_cls.needs_teacher and teacher is None:
+        raise KdlabError(f"method.name: {cfg.name!r} needs a teacher; add a teacher section")
+    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher)
+
+
+def check_class_counts(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:
+    """Teacher and student must predict the same classes (one line naming both counts otherwise)."""
+    import torch
+
+    if teacher is None:
+        return
+    outs = []
+    for net in (student, teacher):
+        device = next(iter(net.parameters()), torch.zeros(())).device
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            outs.append(net(torch.zeros(1, *splits.input_shape, device=device)).shape[-1])
+        net.train(was)
+    if outs[0] != outs[1]:
+        raise KdlabError(f"teacher predicts {outs[1]} classes but the student predicts {outs[0]}; "
+                         "distil between models trained for the same classes")

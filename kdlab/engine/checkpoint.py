@@ -1,0 +1,138 @@
+"""Checkpoints: safetensors for tensors, JSON for the rest, written atomically.
+
+A training checkpoint is a folder ``checkpoints/epoch-NNNN/`` holding
+``weights.safetensors`` (student, method, optimiser and RNG tensors) and
+``state.json`` (epoch, step, scheduler, best-so-far, optimiser hyperparameters).
+The folder is written under a temporary name and renamed into place, then
+``checkpoints/latest.json`` is replaced atomically to point at it, so a process
+killed at any moment leaves the previous checkpoint intact and referenced.
+
+A model file (``model.safetensors``) holds one network's weights and, in its
+safetensors metadata, the architecture (zoo name + options) that rebuilds it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kdlab.errors import KdlabError
+from kdlab.store.files import atomic_write_json
+
+MODEL_METADATA_KEY = "kdlab_model"
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared or strided storage; checkpoints are small next to training.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (per-parameter buffers) and JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, buffers in state_dict["state"].items():
+        for name, value in buffers.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value
+            else:
+                scalars.setdefault(str(index), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, values in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(root: Path, epoch: int, tensors: dict[str, torch.Tensor], state: dict, *,
+                    keep_last: int = 2) -> Path:
+    """Write checkpoint ``epoch`` under ``root`` atomically and prune older ones (keeping ``keep_last``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"epoch-{epoch:04d}"
+    tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_contiguous(tensors), str(tmp / "weights.safetensors"))
+    atomic_write_json(tmp / "state.json", {"epoch": epoch, **state})
+    if final.exists():  # left by a run that crashed before pointing latest.json at it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_json(root / "latest.json", {"epoch": epoch, "dir": final.name})
+    kept = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+    for old in kept[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_latest_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The checkpoint ``latest.json`` points at, as (tensors, state); None if there is none."""
+    pointer = root / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        folder = root / json.loads(pointer.read_text())["dir"]
+        tensors = load_file(str(folder / "weights.safetensors"))
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise KdlabError(f"checkpoint {pointer} is unreadable ({exc}); delete {root} to restart the run") from None
+    return tensors, state
+
+
+def save_model(path: Path, model: torch.nn.Module, spec: dict) -> None:
+    """Save one network's weights with its architecture ``spec`` in the metadata, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    save_file(_contiguous(model.state_dict()), str(tmp), metadata={MODEL_METADATA_KEY: json.dumps(spec)})
+    os.replace(tmp, path)
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state dict, architecture spec or None) of a safetensors model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdlabError(f"checkpoint {path} does not exist; check the path (teacher.checkpoint / student.checkpoint)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise KdlabError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
+                         "re-export it with safetensors.torch.save_file") from None
+    spec = metadata.get(MODEL_METADATA_KEY)
+    return tensors, (json.loads(spec) if spec else None)
+
+
+def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Load a state dict strictly; a mismatch is one line naming the file and the first differences."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(tensors[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+        raise KdlabError(f"checkpoint {source} does not match the model ({'; '.join(parts)}); "
+                         "check the model name and options it was trained with")
+    model.load_state_dict(tensors)

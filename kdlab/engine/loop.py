@@ -1,0 +1,266 @@
+"""The one training loop. Every method trains through ``fit``.
+
+Per step, top to bottom: pick the batch → (augment) → teacher forward (eval
+mode, no grad, its taps) → student forward (its taps) → ``method.loss_terms`` →
+sum → backward → clip → optimiser step → schedule step. Per epoch: validate,
+report, checkpoint. Resuming loads the latest checkpoint and replays the same
+data order and random numbers, so a resumed run ends where an uninterrupted one
+would.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kdlab.config import TrainConfig
+from kdlab.data import Splits, augment_batch
+from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
+from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
+from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
+from kdlab.errors import KdlabError, NonFiniteLossError
+from kdlab.methods.base import Batch, Method, Outputs
+from kdlab.metrics import classification_metrics
+from kdlab.models import Taps
+
+# How often (in steps) the accumulated loss terms are read back: each read is a
+# device sync, and a NaN is caught at the latest this many steps after it appears.
+CHECK_EVERY = 16
+
+
+@dataclass
+class FitResult:
+    final: dict[str, float]  # test/* and val/* metrics of the selected epoch, selected_epoch, ...
+    epochs_run: int  # epochs trained in this call (0 if the run was already complete)
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise KdlabError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, precision: str = "fp32",
+            batch_size: int = 1024) -> torch.Tensor:
+    """Eval-mode logits for ``inputs`` (float32, on the CPU); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    chunks = []
+    for start in range(0, len(inputs), batch_size):
+        with _autocast(device, precision):
+            chunks.append(model(inputs[start:start + batch_size].to(device)).float().cpu())
+    model.train(was_training)
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def evaluate(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], *, prefix: str, device: torch.device,
+             precision: str, teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+    inputs, labels = split
+    if len(inputs) == 0:
+        return {}
+    logits = predict(model, inputs, device=device, precision=precision)
+    metrics = classification_metrics(logits, labels, teacher_logits=teacher_logits)
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+class _Progress:
+    """A one-line progress display on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+
+    def update(self, epoch: int, epochs: int, step: int, steps: int, terms: dict[str, float]) -> None:
+        if self.enabled:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
+            sys.stderr.write(f"\r{self.label} epoch {epoch}/{epochs} step {step}/{steps} {shown}\033[K")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _state_tensors(student: nn.Module, method: Method) -> dict[str, torch.Tensor]:
+    out = {f"student.{k}": v for k, v in student.state_dict().items()}
+    out.update({f"method.{k}": v for k, v in method.state_dict().items()})
+    return out
+
+
+def _load_state_tensors(tensors: dict[str, torch.Tensor], student: nn.Module, method: Method) -> None:
+    student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+
+
+def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
+    """Best-val rule: higher val accuracy; ties go to lower val NLL."""
+    if best is None:
+        return True
+    if candidate["val/acc"] != best["val/acc"]:
+        return candidate["val/acc"] > best["val/acc"]
+    return candidate["val/nll"] < best["val/nll"]
+
+
+def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits: Splits, train: TrainConfig,
+        seed: int, run_dir: Path | None = None, resume: bool = True, augment: str = "none",
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False,
+        label: str = "") -> FitResult:
+    """Train ``student`` (and ``method``'s own parameters) with ``method``; return the selected metrics.
+
+    ``run_dir`` receives checkpoints (none when it is None); with ``resume`` the
+    latest checkpoint there is continued. ``on_epoch(epoch, metrics)`` is called
+    after each epoch (1-based) with train loss terms and, when evaluated, val
+    metrics. The caller seeds the global RNG before building the models.
+    """
+    device = resolve_device(train.device)
+    student.to(device)
+    method.to(device)
+    uses_teacher = teacher is not None and method.needs_teacher
+    if teacher is not None:
+        teacher.to(device).eval()
+        teacher.requires_grad_(False)
+    x_train, y_train = (t.to(device) for t in splits.train)
+    num_train = len(x_train)
+    if num_train == 0:
+        raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
+    steps_per_epoch = math.ceil(num_train / train.batch_size)
+    total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+
+    optimizer = build_optimizer(list(student.parameters()) + list(method.parameters()), train)
+    scheduler = build_scheduler(optimizer, train, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+    ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
+
+    start_epoch, step, best, best_epoch = 0, 0, None, None
+    loaded = load_latest_checkpoint(ckpt_root) if (resume and ckpt_root is not None) else None
+    if loaded is not None:
+        tensors, state = loaded
+        _load_state_tensors(tensors, student, method)
+        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(tensors, state["rng"])
+        start_epoch, step = state["epoch"], state["step"]
+        best, best_epoch = state["best"], state["best_epoch"]
+
+    # The teacher is fixed: its val/test logits are computed once for agreement metrics.
+    teacher_logits = {}
+    if teacher is not None:
+        for name in ("val", "test"):
+            inputs = getattr(splits, name)[0]
+            if len(inputs):
+                teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
+
+    student_taps = Taps(student, method.student_taps)
+    teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if uses_teacher else None
+    bar = _Progress(progress, label)
+    autocast = _autocast(device, train.precision)
+    epochs_run = 0
+    try:
+        for epoch in range(start_epoch, epochs):
+            student.train()
+            method.train()
+            generator = epoch_generator(seed, epoch)
+            order = torch.randperm(num_train, generator=generator).to(device)
+            sums: dict[str, torch.Tensor] = {}
+            steps_this_epoch = min(steps_per_epoch, total_steps - step)
+            for i in range(steps_this_epoch):
+                index = order[i * train.batch_size:(i + 1) * train.batch_size]
+                inputs, labels = x_train[index], y_train[index]
+                if augment != "none":
+                    inputs = augment_batch(inputs, kind=augment, generator=generator)
+                batch = Batch(inputs=inputs, labels=labels)
+                with autocast:
+                    teacher_out = None
+                    if uses_teacher:
+                        with torch.no_grad():
+                            teacher_out = Outputs(teacher(inputs), dict(teacher_taps.captured))
+                    student_out = Outputs(student(inputs), dict(student_taps.captured))
+                    terms = method.loss_terms(batch, student_out, teacher_out)
+                loss = sum(terms.values())
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if train.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                step += 1
+                for name, value in terms.items():
+                    value = value.detach().float()
+                    sums[name] = sums[name] + value if name in sums else value
+                if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
+                    means = {k: v.item() / (i + 1) for k, v in sums.items()}
+                    bad = [k for k, v in means.items() if not math.isfinite(v)]
+                    if bad:
+                        raise NonFiniteLossError(
+                            f"loss term {bad[0]!r} became {means[bad[0]]} in epoch {epoch + 1} (step {step}); "
+                            "lower train.lr, set train.grad_clip, or check the method's hyperparameters")
+                    bar.update(epoch + 1, epochs, i + 1, steps_this_epoch, means)
+            metrics = {f"train/loss/{k}": v for k, v in means.items()}
+            metrics["train/loss"] = sum(means.values())
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            last = epoch + 1 == epochs
+            if (epoch + 1) % train.eval_every == 0 or last:
+                val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
+                               teacher_logits=teacher_logits.get("val"))
+                metrics.update(val)
+                if train.selection == "best_val" and val and _better(val, best):
+                    best, best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch + 1
+                    if ckpt_root is not None:
+                        save_checkpoint(ckpt_root / "best", epoch + 1, _state_tensors(student, method), {},
+                                        keep_last=1)
+                    else:
+                        best_state = {k: v.detach().clone() for k, v in _state_tensors(student, method).items()}
+            if on_epoch is not None:
+                on_epoch(epoch + 1, metrics)
+            epochs_run += 1
+            if ckpt_root is not None and ((epoch + 1) % train.checkpoint_every == 0 or last):
+                opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+                rng_tensors, rng_meta = rng_state()
+                tensors = {**_state_tensors(student, method), **opt_tensors, **rng_tensors}
+                state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta,
+                         "best": best, "best_epoch": best_epoch}
+                save_checkpoint(ckpt_root, epoch + 1, tensors, state)
+    finally:
+        bar.close()
+        student_taps.close()
+        if teacher_taps is not None:
+            teacher_taps.close()
+
+    selected_epoch = epochs
+    if train.selection == "best_val" and best_epoch is not None:
+        selected_epoch = best_epoch
+        if ckpt_root is not None:
+            tensors, _ = load_latest_checkpoint(ckpt_root / "best")
+            _load_state_tensors(tensors, student, method)
+        else:
+            _load_state_tensors(best_state, student, method)
+    final = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
+                     teacher_logits=teacher_logits.get("val"))
+    final.update(evaluate(student, splits.test, prefix="test", device=device, precision=train.precision,
+                          teacher_logits=teacher_logits.get("test")))
+    final["selected_epoch"] = float(selected_epoch)
+    return FitResult(final=final, epochs_run=epochs_run)

@@ -1,0 +1,379 @@
+"""Logit-level distillation losses: divergences between teacher and student outputs.
+
+Every logit loss has the signature
+
+    fn(student_logits, teacher_logits, *, temperature=1.0, mask=None,
+       reduction="batchmean", <keyword-only hyperparameters>)
+
+and carries ``fn.loss_kind == "logit"``; ``cross_entropy`` (student vs. labels)
+carries ``loss_kind == "label"``.
+
+Shapes: logits are ``(N, C)`` or ``(N, L, C)`` (classes last); a *position* is
+one row ``n`` or one pair ``(n, l)``. ``mask`` (``None`` or a bool / 0-1 tensor
+of shape ``logits.shape[:-1]``, nonzero = valid) selects the positions that count.
+
+Reductions (the same for every loss here):
+
+* ``"batchmean"``: per-position value (already summed or averaged over classes),
+  averaged over the valid positions: ``N``, ``N·L``, or the number of valid
+  positions under a mask (an all-masked batch gives 0, not NaN). Unlike
+  ``torch.nn.functional.kl_div(reduction="batchmean")``, which divides by
+  ``input.size(0)`` only, a ``(N, L, C)`` input is averaged over all ``N·L``
+  positions.
+* ``"sum"``: summed over the valid positions.
+* ``"none"``: the per-position values, shape ``logits.shape[:-1]``, with 0 at
+  masked-out positions.
+
+Numerics: inputs are upcast to at least float32 (bf16/fp16 in, float32 out;
+float64 stays float64); probabilities are only ever formed as ``exp`` of
+``log_softmax`` output and divergences are written as ``p·(log p − log q)`` on
+log-probabilities, so no ``log(0)`` is taken and ``0·log 0`` comes out as 0;
+masked-out logits are replaced by 0 (``torch.where``) before any arithmetic, so
+NaN/inf there reaches neither the value nor the gradient.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from kdlab.errors import KdlabError
+from kdlab.registry import register
+
+REDUCTIONS = ("batchmean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------
+# Shared checks and plumbing
+# ---------------------------------------------------------------------------
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise KdlabError(
+            f"loss reduction: unknown value {reduction!r}; use one of {', '.join(repr(r) for r in REDUCTIONS)}"
+        )
+
+
+def _check_temperature(temperature) -> None:
+    # A tensor temperature (e.g. a learned one) is accepted unchecked: checking
+    # it would force a device sync on every step.
+    if isinstance(temperature, torch.Tensor):
+        if temperature.numel() != 1:
+            raise KdlabError(
+                f"loss temperature: expected a scalar, got a tensor of shape {tuple(temperature.shape)}; pass a float > 0"
+            )
+        return
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise KdlabError(f"loss temperature: expected a number, got {temperature!r}; pass a float > 0")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise KdlabError(f"loss temperature: must be a finite number > 0, got {temperature!r}; pass e.g. 1.0 or 4.0")
+
+
+def _check_unit_interval(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise KdlabError(f"loss {name}: expected a number in [0, 1], got {value!r}")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise KdlabError(f"loss {name}: expected a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise KdlabError(f"loss {name}: must lie in [0, 1], got {value!r}; pick a value between 0 and 1")
+    return value
+
+
+def _check_logits(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise KdlabError(f"loss {name}: expected a tensor, got {type(logits).__name__}")
+    if logits.ndim < 2:
+        raise KdlabError(
+            f"loss {name}: expected shape (N, C) or (N, L, C), got {tuple(logits.shape)}; add a batch dimension"
+        )
+    if not logits.is_floating_point():
+        raise KdlabError(f"loss {name}: expected floating-point logits, got dtype {logits.dtype}")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """At least float32: bf16/fp16 are upcast, float64 is kept."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def _valid_positions(mask, position_shape: torch.Size) -> torch.Tensor | None:
+    """``mask`` as a bool tensor of ``position_shape`` (nonzero = valid), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise KdlabError(f"loss mask: expected a tensor or None, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(position_shape):
+        raise KdlabError(
+            f"loss mask: shape {tuple(mask.shape)} does not match the logits' positions {tuple(position_shape)}; "
+            "pass a mask of shape logits.shape[:-1]"
+        )
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _clean(logits: torch.Tensor, valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Upcast and zero the masked-out rows (``where``, so NaN/inf there cannot leak)."""
+    logits = logits.to(dtype)
+    if valid is None:
+        return logits
+    return torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=dtype, device=logits.device))
+
+
+def _reduce(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if valid is not None:
+        per_position = torch.where(valid, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
+    if reduction == "none":
+        return per_position
+    total = per_position.sum()
+    if reduction == "sum":
+        return total
+    count = per_position.numel() if valid is None else valid.sum().clamp(min=1)
+    return total / count
+
+
+def _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask):
+    """Validated, cleaned log-probabilities at temperature T and the valid-position mask."""
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise KdlabError(
+            f"loss logits: student shape {tuple(student_logits.shape)} != teacher shape {tuple(teacher_logits.shape)}; "
+            "both must be (N, C) or (N, L, C) over the same classes"
+        )
+    _check_temperature(temperature)
+    valid = _valid_positions(mask, student_logits.shape[:-1])
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    log_q = torch.log_softmax(_clean(student_logits, valid, dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(_clean(teacher_logits, valid, dtype) / temperature, dim=-1)
+    return log_p, log_q, valid
+
+
+def _kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a ‖ b) = Σ_c a_c (log a_c − log b_c) over the last dim, from log-probabilities.
+
+    ``a_c = exp(log a_c)`` may underflow to 0; the product with the finite log
+    difference is then exactly 0, which is the 0·log 0 = 0 convention.
+    """
+    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+
+
+# ---------------------------------------------------------------------------
+# Logit losses
+# ---------------------------------------------------------------------------
+
+
+@register("loss", "kl")
+def kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+    """Forward KL of Hinton KD: T² · KL(p_T^teacher ‖ p_T^student).
+
+    Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
+    Network", §2: both distributions are softmaxes at temperature T,
+    ``p_T = softmax(z / T)``. The T² factor keeps the gradient magnitude with
+    respect to the student logits roughly independent of T (the soft-target
+    gradients scale as 1/T², Hinton §2), so the soft term can be weighed against
+    a hard-label term without re-tuning when T changes.
+
+    Shapes: logits ``(N, C)`` or ``(N, L, C)``; mask ``logits.shape[:-1]``.
+    Dtype: computed in at least float32 (bf16/fp16 are upcast; float32 out).
+    Reduction: per-position KL summed over classes, then ``reduction`` (see the
+    module docstring: "batchmean" averages over valid positions).
+    """
+    _check_reduction(reduction)
+    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    return _reduce(temperature**2 * _kl_per_position(log_p, log_q), valid, reduction)
+
+
+kl.loss_kind = "logit"
+
+
+@register("loss", "reverse_kl")
+def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+    """Reverse KL: T² · KL(p_T^student ‖ p_T^teacher) (mode-seeking).
+
+    The reverse direction of Hinton et al. (2015) §2's KL, as used for
+    sequence-level distillation (e.g. MiniLLM, Gu et al. 2024; GKD, Agarwal et
+    al. 2024). Same T² factor, shapes, dtypes and reductions as ``kl``.
+    """
+    _check_reduction(reduction)
+    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    return _reduce(temperature**2 * _kl_per_position(log_q, log_p), valid, reduction)
+
+
+reverse_kl.loss_kind = "logit"
+
+
+def _generalized_jsd_per_position(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, scaled: bool) -> torch.Tensor:
+    """β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q, per position (optionally / β(1−β))."""
+    if scaled and beta == 0.0:
+        return _kl_per_position(log_p, log_q)  # exact β → 0 limit: KL(P‖Q)
+    if scaled and beta == 1.0:
+        return _kl_per_position(log_q, log_p)  # exact β → 1 limit: KL(Q‖P)
+    # log M = logsumexp(log β + log P, log(1−β) + log Q), taken relative to
+    # log Q and log P: near β = 0 or 1, log M − log Q is tiny and subtracting
+    # two separately computed log-probabilities would lose it to cancellation.
+    # β = 0 or 1 give log β or log(1−β) = −inf, which logaddexp handles exactly.
+    log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1.0 else -math.inf
+    log_ratio = log_p - log_q  # log(P/Q)
+    log_m_over_q = torch.logaddexp(log_ratio + log_beta, torch.full_like(log_ratio, log_rest))
+    log_m_over_p = torch.logaddexp(torch.full_like(log_ratio, log_beta), log_rest - log_ratio)
+    kl_p_m = -(log_p.exp() * log_m_over_p).sum(dim=-1)
+    kl_q_m = -(log_q.exp() * log_m_over_q).sum(dim=-1)
+    value = beta * kl_p_m + (1.0 - beta) * kl_q_m
+    return value / (beta * (1.0 - beta)) if scaled else value
+
+
+@register("loss", "generalized_jsd")
+def generalized_jsd(
+    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", beta=0.5, scaled=False
+):
+    """Generalized Jensen–Shannon divergence JSD(β) of GKD, times T².
+
+    Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+    Self-Generated Mistakes" (GKD), ICLR 2024, arXiv 2306.13649, definition of
+    JSD(β) in the Preliminaries section:
+
+        JSD(β)(P ‖ Q) = β·KL(P ‖ M) + (1 − β)·KL(Q ‖ M),   M = β·P + (1 − β)·Q,
+
+    with P the teacher and Q the student distribution at temperature T. β = 0.5
+    is the symmetric JSD (≤ log 2 at T = 1); β = 0 and β = 1 give exactly 0.
+
+    ``scaled=True`` divides by β(1 − β), which turns the family into an
+    interpolation between the two KLs. Taylor expansion for small β
+    (M = Q + β(P − Q)): KL(P‖M) = KL(P‖Q) + O(β) and
+    KL(Q‖M) = −Σ Q log(1 + β(P−Q)/Q) = β²/2 · χ²(P‖Q) + O(β³) (the first-order
+    term β·Σ(P−Q) vanishes), so JSD(β) = β·KL(P‖Q) + O(β²) and
+
+        JSD(β) / (β(1−β)) → KL(P ‖ Q) = KL(teacher ‖ student)   (forward) as β → 0,
+        JSD(β) / (β(1−β)) → KL(Q ‖ P) = KL(student ‖ teacher)   (reverse) as β → 1
+
+    (the second by the symmetry β ↔ 1−β, P ↔ Q). At β = 0 and β = 1 the scaled
+    loss returns these exact KLs, so there is no jump at the ends.
+
+    Shapes: logits ``(N, C)`` or ``(N, L, C)``; mask ``logits.shape[:-1]``.
+    Dtype: at least float32. Reduction: per-position value summed over classes,
+    then ``reduction``. ``beta`` must lie in [0, 1].
+    """
+    _check_reduction(reduction)
+    beta = _check_unit_interval("beta", beta)
+    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    per_position = _generalized_jsd_per_position(log_p, log_q, beta, bool(scaled))
+    return _reduce(temperature**2 * per_position, valid, reduction)
+
+
+generalized_jsd.loss_kind = "logit"
+
+
+@register("loss", "tvd")
+def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+    """Total variation distance ½·Σ_c |p_T^teacher − p_T^student| (no T² factor).
+
+    Bounded in [0, 1] per position. Why no T²: its gradient with respect to the
+    student logits is ½·Σ_c sign(q_c − p_c)·∂q_c/∂z, and the sign factor does
+    not shrink with T, so the gradient decays like 1/T (not 1/T² as for KL); a
+    T² factor would make it *grow* like T. Leaving it unscaled also keeps the
+    value a distance in [0, 1]. Scaling by T (to flatten the 1/T) is left to the
+    loss weight — a choice, not a derivation from a paper. The gradient at
+    p_c = q_c is the subgradient 0 (``torch.abs``).
+
+    Used as a distillation divergence e.g. in Wen et al. (2023), "f-Divergence
+    Minimization for Sequence-Level Knowledge Distillation".
+
+    Shapes: logits ``(N, C)`` or ``(N, L, C)``; mask ``logits.shape[:-1]``.
+    Dtype: at least float32. Reduction: per-position value, then ``reduction``.
+    """
+    _check_reduction(reduction)
+    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    per_position = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    return _reduce(per_position, valid, reduction)
+
+
+tvd.loss_kind = "logit"
+
+
+@register("loss", "mse_logits")
+def mse_logits(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+    """Logit regression: mean over classes of (z_s/T − z_t/T)².
+
+    Ba & Caruana (2014), "Do Deep Nets Really Need to be Deep?", §2.2: the
+    student regresses the teacher's logits (pre-softmax) with an L2 loss. Here
+    the per-position value is the *mean* over the C classes (the paper uses
+    ½·sum), so its scale does not depend on C. ``temperature`` divides both
+    logits, so the value and gradient shrink by 1/T² (no T² compensation is
+    applied; T = 1 is the paper's setting). Logits are not centred: a constant
+    offset between student and teacher logits is penalised.
+
+    Shapes: logits ``(N, C)`` or ``(N, L, C)``; mask ``logits.shape[:-1]``.
+    Dtype: at least float32. Reduction: per-position mean over classes, then
+    ``reduction``.
+    """
+    _check_reduction(reduction)
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise KdlabError(
+            f"loss logits: student shape {tuple(student_logits.shape)} != teacher shape {tuple(teacher_logits.shape)}; "
+            "both must be (N, C) or (N, L, C) over the same classes"
+        )
+    _check_temperature(temperature)
+    valid = _valid_positions(mask, student_logits.shape[:-1])
+    dtype = _compute_dtype(student_logits, teacher_logits)
+    difference = (_clean(student_logits, valid, dtype) - _clean(teacher_logits, valid, dtype)) / temperature
+    return _reduce(difference.square().mean(dim=-1), valid, reduction)
+
+
+mse_logits.loss_kind = "logit"
+
+
+# ---------------------------------------------------------------------------
+# Label loss
+# ---------------------------------------------------------------------------
+
+
+@register("loss", "cross_entropy")
+def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, reduction="batchmean"):
+    """Cross-entropy with hard labels and optional label smoothing.
+
+    Target ``(1 − ε)·onehot(y) + ε/C`` (Szegedy et al. 2016, "Rethinking the
+    Inception Architecture for Computer Vision", §7), so the per-position value
+    is ``−(1 − ε)·log q_y − (ε/C)·Σ_c log q_c`` with ``q = softmax(z)``. This
+    matches ``torch.nn.functional.cross_entropy(label_smoothing=ε)``.
+
+    Shapes: logits ``(N, C)`` or ``(N, L, C)``; labels integer of shape
+    ``logits.shape[:-1]`` with values in [0, C) at valid positions (masked-out
+    labels may be anything, e.g. −100); mask ``logits.shape[:-1]``.
+    Dtype: at least float32. Reduction: per-position value, then ``reduction``.
+    """
+    _check_reduction(reduction)
+    _check_logits("student_logits", student_logits)
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise KdlabError("loss labels: expected an integer tensor of class indices; pass labels as torch.int64")
+    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+        raise KdlabError(
+            f"loss labels: shape {tuple(labels.shape)} does not match the logits' positions "
+            f"{tuple(student_logits.shape[:-1])}; pass one class index per position"
+        )
+    epsilon = _check_unit_interval("label_smoothing", label_smoothing)
+    valid = _valid_positions(mask, student_logits.shape[:-1])
+    num_classes = student_logits.shape[-1]
+    labels = labels.long()
+    if valid is not None:
+        labels = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    if labels.numel() and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise KdlabError(
+            f"loss labels: values must lie in [0, {num_classes}) at valid positions; "
+            "mask out padding instead of using out-of-range labels"
+        )
+    dtype = _compute_dtype(student_logits)
+    log_q = torch.log_softmax(_clean(student_logits, valid, dtype), dim=-1)
+    nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    per_position = nll if epsilon == 0.0 else (1.0 - epsilon) * nll - (epsilon / num_classes) * log_q.sum(dim=-1)
+    return _reduce(per_position, valid, reduction)
+
+
+cross_entropy.loss_kind = "label"

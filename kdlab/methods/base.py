@@ -1,0 +1,58 @@
+"""The method contract: a small module that turns a batch into named loss terms.
+
+The training loop (``kdlab.engine.loop``) runs the teacher forward (no grad,
+eval mode) and the student forward, with the feature taps each method declares,
+then calls ``loss_terms`` and sums the terms it returns. A method is an
+``nn.Module`` so that any trainable parts it owns (projectors, adapters,
+discriminators) are optimised with the student and saved in its checkpoints.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Batch:
+    """One training batch: inputs in [0, 1] and integer class labels."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class Outputs:
+    """A network's outputs for a batch: logits and the tapped features by name."""
+
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NoHparams:
+    """A method without hyperparameters."""
+
+
+class Method(nn.Module):
+    """Base class of every distillation method (register subclasses under kind "method").
+
+    Subclasses set ``Hparams`` (a dataclass: each field is a config key with its
+    default), ``needs_teacher``, optionally ``student_taps``/``teacher_taps``
+    (module paths or named stages), and implement ``loss_terms``.
+    """
+
+    Hparams: ClassVar[type] = NoHparams
+    needs_teacher: ClassVar[bool] = True
+    student_taps: tuple[str, ...] = ()
+    teacher_taps: tuple[str, ...] = ()
+
+    def __init__(self, hparams, *, student: nn.Module, teacher: nn.Module | None):
+        super().__init__()
+        self.hparams = hparams
+
+    def loss_terms(self, batch: Batch, student_out: Outputs, teacher_out: Outputs | None) -> dict[str, torch.Tensor]:
+        """Named scalar loss terms for this batch; the loop sums them and logs each."""
+        raise NotImplementedError

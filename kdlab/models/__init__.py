@@ -1,0 +1,12 @@
+"""The model zoo (registered under kind "model") and feature taps.
+
+Importing this package registers every family: ``mlp``, ``cnn1d``, the CIFAR
+ResNets (``resnet20``, ``resnet8x4``, ..., ``resnet_cifar``), wide ResNets
+(``wrn``, ``wrn_40_2``, ...), ``mobilenetv2`` and ``vit_tiny``. Every model
+normalises its [0, 1] input inside ``forward`` and names its stages in
+``model.feature_stages`` (the last, ``pool``, is the penultimate feature vector).
+"""
+from kdlab.models import cnn1d, mlp, mobilenetv2, resnet_cifar, vit, wrn  # noqa: F401  (registers the models)
+from kdlab.models.taps import Taps, parameter_count, tap_shapes, taps, valid_tap_names
+
+__all__ = ["Taps", "taps", "tap_shapes", "parameter_count", "valid_tap_names"]

@@ -1,0 +1,88 @@
+"""One registry for every named thing: models, datasets, losses, methods, ...
+
+    @register("loss", "kl")
+    def kl(...): ...
+
+    get("loss", "kl")            # -> the function
+    names("model", "resnet*")    # wildcard listing, sorted
+    summary("method", "kd")      # first line of the docstring
+
+Registering a name twice is an error (silent overwrites hide bugs). An
+unknown name raises ``KdlabError`` listing the closest matches and every name
+of that kind. The built-in entries are imported lazily on first lookup, so
+importing this module is free and has no dependencies.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+from typing import Any, Callable
+
+from kdlab.errors import KdlabError
+
+KINDS = ("dataset", "model", "loss", "method", "metric", "attack")
+
+# Modules whose import registers the built-in entries of each kind.
+_BUILTIN_MODULES = ("kdlab.data", "kdlab.models", "kdlab.losses", "kdlab.metrics", "kdlab.methods")
+
+_entries: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
+_loaded = False
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _entries:
+        raise KdlabError(f"unknown registry kind {kind!r}; kinds are: {', '.join(KINDS)}")
+
+
+def register(kind: str, name: str) -> Callable[[Any], Any]:
+    """Decorator registering ``obj`` under ``kind``/``name``; returns ``obj`` unchanged."""
+    _check_kind(kind)
+    if name != name.lower() or " " in name:
+        raise ValueError(f"registry names are lower snake case: {name!r}")
+
+    def decorator(obj: Any) -> Any:
+        if name in _entries[kind]:
+            raise ValueError(f"{kind} {name!r} is registered twice ({_entries[kind][name]!r} and {obj!r})")
+        _entries[kind][name] = obj
+        return obj
+
+    return decorator
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def get(kind: str, name: str, *, key: str | None = None) -> Any:
+    """Return the entry ``name`` of ``kind``; ``key`` (a config path) prefixes the error."""
+    _check_kind(kind)
+    _load_builtins()
+    try:
+        return _entries[kind][name]
+    except (KeyError, TypeError):
+        known = sorted(_entries[kind])
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        where = f"{key}: " if key else ""
+        raise KdlabError(
+            f"{where}unknown {kind} {name!r}; {hint}known {kind}s: {', '.join(known)} (see `kdlab list {kind}s`)"
+        ) from None
+
+
+def names(kind: str, pattern: str = "*") -> list[str]:
+    """Sorted names of ``kind`` matching the shell-style ``pattern``."""
+    _check_kind(kind)
+    _load_builtins()
+    return sorted(n for n in _entries[kind] if fnmatch.fnmatchcase(n, pattern))
+
+
+def summary(kind: str, name: str) -> str:
+    """First line of the entry's docstring (empty if it has none)."""
+    doc = getattr(get(kind, name), "__doc__", None) or ""
+    lines = [line.strip() for line in doc.strip().splitlines()]
+    return lines[0] if lines else ""

@@ -1,0 +1,144 @@
+"""Crash-safe file writes for run folders.
+
+``atomic_write_*`` write a temporary file in the target's folder, flush and
+fsync it, then ``os.replace`` it over the target: a reader (or a process that
+was killed mid-write) sees either the old file or the new one, never half of
+one. The temporary file lives in the same folder because ``os.replace`` is only
+atomic within one filesystem.
+
+``append_jsonl`` / ``read_jsonl`` keep one JSON record per line. A crash can
+leave the last line cut short; ``read_jsonl`` skips such a line and the next
+``append_jsonl`` trims it away before writing, so it never ends up glued to a
+new record in the middle of the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from kdlab.errors import KdlabError
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist the folder entry of a renamed file (POSIX); best effort elsewhere."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows cannot open folders; the rename itself is still atomic
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating the parent folders."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        # Also on KeyboardInterrupt: leave no temporary file behind.
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_folder(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically.
+
+    NaN and infinities are written as Python's ``NaN``/``Infinity`` tokens, which
+    ``json.load`` reads back (they are not strict JSON).
+    """
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _trim_partial_last_line(handle: Any) -> None:
+    """Cut a trailing line that has no newline (a write cut short by a crash)."""
+    size = handle.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    handle.seek(size - 1)
+    if handle.read(1) == b"\n":
+        return
+    # Walk back in blocks to the last newline; keep everything up to it.
+    end = size
+    block = 65536
+    while end > 0:
+        start = max(0, end - block)
+        handle.seek(start)
+        chunk = handle.read(end - start)
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            handle.truncate(start + newline + 1)
+            return
+        end = start
+    handle.truncate(0)
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append ``obj`` as one JSON line to ``path`` and flush it to the OS.
+
+    The line is written with a single ``write`` call; a partial last line left
+    by an earlier crash is removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(obj) + "\n").encode("utf-8")
+    with open(path, "a+b") as handle:
+        _trim_partial_last_line(handle)
+        handle.write(line)
+        handle.flush()
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """Records of a JSON-lines file, skipping blank lines and a truncated last line.
+
+    A complete line (one that ends in a newline) that is not valid JSON is real
+    damage, not an interrupted write, and raises ``KdlabError``.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KdlabError(f"{path}: file not found; check the run folder path (see `kdlab runs`)") from None
+    except OSError as error:
+        raise KdlabError(f"{path}: cannot read ({error.strerror}); check the file's permissions") from None
+    lines = data.split(b"\n")
+    # After the split, the last element is what follows the last newline:
+    # empty for a complete file, a cut-short record after a crash.
+    complete, tail = lines[:-1], lines[-1]
+    records = []
+    for number, line in enumerate(complete, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise KdlabError(
+                f"{path}: line {number} is not valid JSON; delete or repair that line"
+            ) from None
+    if tail.strip():
+        try:
+            records.append(json.loads(tail))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # a record whose write was cut short by a crash
+    return records
