@@ -177,6 +177,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             generator = epoch_generator(seed, epoch)
             order = torch.randperm(num_train, generator=generator).to(device)
             sums: dict[str, torch.Tensor] = {}
+            bad_steps: dict[str, torch.Tensor] = {}  # per term: steps it was non-finite (the first to fail has most)
             steps_this_epoch = min(steps_per_epoch, total_steps - step)
             for i in range(steps_this_epoch):
                 index = order[i * train.batch_size:(i + 1) * train.batch_size]
@@ -210,13 +211,17 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 for name, value in terms.items():
                     value = value.detach().float()
                     sums[name] = sums[name] + value if name in sums else value
+                    bad = ~torch.isfinite(value)
+                    bad_steps[name] = bad_steps[name] + bad if name in bad_steps else bad.long()
                 if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
                     means = {k: v.item() / (i + 1) for k, v in sums.items()}
-                    bad = [k for k, v in means.items() if not math.isfinite(v)]
-                    if bad:
+                    if not all(math.isfinite(v) for v in means.values()):
+                        counts = {k: int(v) for k, v in bad_steps.items()}
+                        first = max(counts, key=counts.get)
                         raise NonFiniteLossError(
-                            f"loss term {bad[0]!r} became {means[bad[0]]} in epoch {epoch + 1} (step {step}); "
-                            "lower train.lr, set train.grad_clip, or check the method's hyperparameters")
+                            f"loss term {first!r} became non-finite in epoch {epoch + 1} (at step "
+                            f"{step - counts[first] + 1} of the run); lower train.lr, set train.grad_clip, "
+                            "or check the method's hyperparameters")
                     bar.update(epoch + 1, epochs, i + 1, steps_this_epoch, means)
             metrics = {f"train/loss/{k}": v for k, v in means.items()}
             metrics["train/loss"] = sum(means.values())

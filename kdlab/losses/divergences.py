@@ -61,9 +61,8 @@ def _check_temperature(temperature) -> None:
     # it would force a device sync on every step.
     if isinstance(temperature, torch.Tensor):
         if temperature.numel() != 1:
-            raise KdlabError(
-                f"loss temperature: expected a scalar, got a tensor of shape {tuple(temperature.shape)}; pass a float > 0"
-            )
+            shape = tuple(temperature.shape)
+            raise KdlabError(f"loss temperature: expected a scalar, got a tensor of shape {shape}; pass a float > 0")
         return
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise KdlabError(f"loss temperature: expected a number, got {temperature!r}; pass a float > 0")
@@ -126,7 +125,8 @@ def _clean(logits: torch.Tensor, valid: torch.Tensor | None, dtype: torch.dtype)
 
 def _reduce(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if valid is not None:
-        per_position = torch.where(valid, per_position, torch.zeros((), dtype=per_position.dtype, device=per_position.device))
+        zero = torch.zeros((), dtype=per_position.dtype, device=per_position.device)
+        per_position = torch.where(valid, per_position, zero)
     if reduction == "none":
         return per_position
     total = per_position.sum()
@@ -346,7 +346,9 @@ def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, red
 
     Shapes: logits ``(N, C)`` or ``(N, L, C)``; labels integer of shape
     ``logits.shape[:-1]`` with values in [0, C) at valid positions (masked-out
-    labels may be anything, e.g. −100); mask ``logits.shape[:-1]``.
+    labels may be anything, e.g. −100); mask ``logits.shape[:-1]``. The label
+    range check reads one bool back from the device (a sync) so that a bad label
+    is a ``KdlabError`` rather than an index error or a CUDA device assert.
     Dtype: at least float32. Reduction: per-position value, then ``reduction``.
     """
     _check_reduction(reduction)

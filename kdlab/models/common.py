@@ -7,6 +7,7 @@ penultimate feature vector ``(N, D)`` that ``head`` (a ``nn.Linear``) maps to lo
 Using the same last name in every family lets one config tap the penultimate
 features of any teacher/student pair.
 """
+import math
 from collections.abc import Sequence
 
 import torch
@@ -144,10 +145,16 @@ def resolve_widths(model: str, *, width: int, depth: int, widths: Sequence[int] 
 
 
 def init_conv_bn(module: nn.Module) -> None:
-    """He (fan-out) init for convs, unit BN scales, zero biases; linears keep PyTorch's default."""
+    """He (fan-out) init for convs, unit BN scales, zero biases; linears keep PyTorch's default.
+
+    The fan-out counts the outputs one input channel feeds, ``out / groups x kernel``:
+    PyTorch's ``kaiming_normal_`` ignores groups, which shrinks depthwise convs by
+    sqrt(channels) and makes a fresh MobileNetV2's eval-mode activations vanish.
+    """
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            fan_out = m.out_channels // m.groups * math.prod(m.kernel_size)
+            nn.init.normal_(m.weight, std=math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):

@@ -128,6 +128,8 @@ def _process_alive(pid: int | None, pid_start: int | None) -> bool:
     """
     if not pid or pid <= 0:
         return False
+    if os.name == "nt":
+        return True  # os.kill() would terminate the process there; assume it lives
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -308,7 +310,7 @@ class Store:
             raise
 
     def _write(self) -> Any:
-        return self._transaction(self._db, "DEFERRED")
+        return self._transaction(self._db, "IMMEDIATE")
 
     def _read(self) -> Any:
         # A deferred transaction gives one consistent snapshot across queries.
@@ -375,8 +377,10 @@ class Store:
         checked; skip it) without changing anything. Otherwise the run is new,
         failed, interrupted, pending or held by a dead process: it becomes
         'running' with this pid/host, its folder is created, and the previous
-        status is returned (``None`` for a new run). Epoch metrics of an earlier
-        attempt are kept (a resumed run overwrites them epoch by epoch).
+        status is returned: ``None`` for a new run, and ``"interrupted"`` for a
+        run whose process died (so ``"running"`` always means "skip it").
+        Epoch metrics of an earlier attempt are kept (a resumed run overwrites
+        them epoch by epoch).
         """
         run_dir = self.run_dir(run_id)
         config_json = json.dumps(config)
@@ -398,7 +402,7 @@ class Store:
                 run_id=run_id, experiment=experiment, role=role, label=label, seed=seed,
                 group_key=group_key, config_json=config_json, status="running", pid=os.getpid(),
                 pid_start=_own_start_ticks(), host=self.host, started_at=now, finished_at=None,
-                error=None, run_dir=str(run_dir.relative_to(self.workspace)),
+                error=None, run_dir=run_dir.relative_to(self.workspace).as_posix(),
             )
             columns = ", ".join(values)
             placeholders = ", ".join(f":{name}" for name in values)
@@ -411,7 +415,10 @@ class Store:
             # Keeps "final metrics exist iff finished" even for hand-edited databases.
             db.execute("DELETE FROM final_metrics WHERE run_id = ?", (run_id,))
         run_dir.mkdir(parents=True, exist_ok=True)
-        return None if row is None else str(row["status"])
+        if row is None:
+            return None
+        # A 'running' row that reached this point belongs to a dead process.
+        return "interrupted" if row["status"] == "running" else str(row["status"])
 
     def _require_run(self, db: sqlite3.Connection, run_id: str) -> sqlite3.Row:
         row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()

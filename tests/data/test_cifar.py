@@ -115,6 +115,11 @@ def test_missing_root_folder_and_files(tmp_path):
         cifar10(root=tmp_path, cache_dir=tmp_path)
     with pytest.raises(KdlabError, match=re.escape(str(tmp_path / "cifar-100-python" / "train"))):
         cifar100(root=tmp_path, cache_dir=tmp_path)
+    empty = tmp_path / "cifar-10-batches-py"
+    empty.mkdir()
+    with pytest.raises(KdlabError, match=re.escape(f"{empty / 'data_batch_1'} not found; extract")):
+        cifar10(root=empty, cache_dir=tmp_path)
+    empty.rmdir()
     folder, *_ = _write_cifar10(tmp_path)
     (folder / "data_batch_3").unlink()
     with pytest.raises(KdlabError, match=re.escape(f"{folder / 'data_batch_3'}: file not found")):

@@ -388,6 +388,17 @@ def test_kl_of_identical_distributions_is_zero_and_kl_is_nonnegative(temperature
         assert (values >= 0).all()
 
 
+def test_tensor_temperature_is_differentiable():
+    # A learned temperature (0-dim tensor) gets a gradient through both 1/T and T².
+    student, teacher = random_pair((4, 5), seed=31)
+    temperature = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    value = kl(student, teacher, temperature=temperature)
+    torch.testing.assert_close(value, kl(student, teacher, temperature=2.0))
+    value.backward()
+    assert temperature.grad is not None and torch.isfinite(temperature.grad)
+    assert torch.autograd.gradcheck(lambda t: kl(student, teacher, temperature=t), (temperature,))
+
+
 def test_kl_is_invariant_to_a_constant_logit_shift():
     student, teacher = random_pair((5, 6), seed=20)
     torch.testing.assert_close(kl(student + 7.0, teacher - 3.0), kl(student, teacher))
@@ -540,7 +551,8 @@ def test_bad_inputs_raise_kdlab_error():
 
 
 def registered_logit_losses():
-    return [name for name in registry.names("loss") if getattr(registry.get("loss", name), "loss_kind", None) == "logit"]
+    names = registry.names("loss")
+    return [name for name in names if getattr(registry.get("loss", name), "loss_kind", None) == "logit"]
 
 
 def test_builtin_losses_are_registered_with_their_kind():

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
-from kdlab.store import Store, atomic_write_json
+from kdlab.store import Store, atomic_write_json, database
 
 EXPERIMENT = "concurrency"
 
@@ -39,15 +40,30 @@ def write_runs(workspace: str, worker: int, runs: int, epochs: int, keys: int, b
 
 
 def claim_and_hold(workspace: str, run_ids: list[str], barrier, results, release) -> None:
-    """Claim each of ``run_ids`` together with the other workers, report, stay alive until released."""
+    """Claim each of ``run_ids`` together with the other workers, report, stay alive until released.
+
+    The claim's read-modify-write window is widened with a sleep (claim reads
+    this process's start time between checking the row and writing it), so
+    that without a proper write lock the contenders would reliably interleave.
+    """
+    original = database._own_start_ticks
+
+    def slow_start_ticks():
+        time.sleep(0.03)
+        return original()
+
+    database._own_start_ticks = slow_start_ticks
     store = Store(workspace)
     store.ensure_experiment(EXPERIMENT, {})
     for run_id in run_ids:
         barrier.wait(timeout=60)  # maximise the overlap of the competing claims
-        outcome = store.claim(
-            run_id, experiment=EXPERIMENT, role="student", label="same seed=0", seed=0,
-            group_key="same", config={},
-        )
+        try:
+            outcome = store.claim(
+                run_id, experiment=EXPERIMENT, role="student", label="same seed=0", seed=0,
+                group_key="same", config={},
+            )
+        except Exception as error:  # report instead of leaving the test waiting
+            outcome = f"error: {error!r}"
         results.put((run_id, os.getpid(), outcome))
     release.wait(timeout=60)  # the winners' pids must stay alive while the others claim
     store.close()

@@ -196,7 +196,7 @@ def test_claim_of_dead_process_is_reclaimed(tmp_path):
         assert before.status == "running" and before.pid == child.pid
         previous = store.claim("dead-run", experiment=store_workers.EXPERIMENT, role="student",
                                label="dead seed=0", seed=0, group_key="dead", config={})
-        assert previous == "running"
+        assert previous == "interrupted"  # never "running", which would tell the caller to skip it
         after = store.run("dead-run")
         assert after.status == "running" and after.pid == os.getpid()
 
@@ -224,7 +224,7 @@ def test_reused_pid_counts_as_dead(store):
     new_run(store, "r1")
     # Our pid is alive, but with another start time it belongs to another process.
     raw(store).execute("UPDATE runs SET pid_start = pid_start + 12345 WHERE run_id = 'r1'")
-    assert new_run(store, "r1") == "running"
+    assert new_run(store, "r1") == "interrupted"
     assert store.run("r1").status == "running"
 
 
@@ -369,7 +369,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 def test_concurrent_claims_of_one_run_have_one_winner(tmp_path):
     workspace = str(tmp_path)
     Store(workspace).close()
-    contenders, rounds = 5, 20
+    contenders, rounds = 5, 6
     run_ids = [f"contested-{index}" for index in range(rounds)]
     barrier = SPAWN.Barrier(contenders)
     results = SPAWN.Queue()

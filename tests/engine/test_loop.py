@@ -1,0 +1,161 @@
+"""The one training loop: resume equals uninterrupted, NaN handling, selection, steps."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdlab.config import MethodConfig, TrainConfig
+from kdlab.data import build_splits
+from kdlab.engine.build import build_method, build_model
+from kdlab.engine.loop import fit
+from kdlab.errors import NonFiniteLossError
+from kdlab.methods.base import Method
+
+
+def _splits(tmp_path):
+    return build_splits("synthetic", {"num_classes": 3, "input_shape": (1, 12), "num_train": 240, "num_test": 90,
+                                      "separation": 2.0}, root=None, cache_dir=tmp_path / "cache",
+                        val_fraction=0.2, split_seed=0)
+
+
+def _models(splits, seed=0):
+    torch.manual_seed(123)
+    teacher = build_model("mlp", {"width": 32}, splits)
+    torch.manual_seed(seed)
+    student = build_model("mlp", {"width": 8, "dropout": 0.1}, splits)  # dropout: the global RNG matters on resume
+    return teacher, student
+
+
+def _train(**overrides):
+    base = dict(epochs=4, batch_size=32, lr=0.01, checkpoint_every=1, eval_every=1, device="cpu")
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    splits = _splits(tmp_path)
+    train = _train()
+
+    teacher, student = _models(splits)
+    method = build_method(MethodConfig("kd", {"temperature": 3.0, "alpha": 0.7}), student=student, teacher=teacher)
+    straight = fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5,
+                   run_dir=tmp_path / "straight")
+    straight_weights = {k: v.clone() for k, v in student.state_dict().items()}
+
+    teacher, student = _models(splits)
+    method = build_method(MethodConfig("kd", {"temperature": 3.0, "alpha": 0.7}), student=student, teacher=teacher)
+    logged = []
+
+    def crash_in_epoch_3(epoch, metrics):
+        logged.append(epoch)
+        if epoch == 3:  # after epoch 3's metrics, before its checkpoint: epoch 2 is the last on disk
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5,
+            run_dir=tmp_path / "killed", on_epoch=crash_in_epoch_3)
+    assert json.loads((tmp_path / "killed/checkpoints/latest.json").read_text())["epoch"] == 2
+
+    # A fresh process would rebuild everything from scratch with other random weights.
+    torch.manual_seed(999)
+    teacher2, _ = _models(splits)
+    student2 = build_model("mlp", {"width": 8, "dropout": 0.1}, splits)
+    method2 = build_method(MethodConfig("kd", {"temperature": 3.0, "alpha": 0.7}), student=student2, teacher=teacher2)
+    resumed_epochs = []
+    resumed = fit(student=student2, method=method2, teacher=teacher2, splits=splits, train=train, seed=5,
+                  run_dir=tmp_path / "killed", on_epoch=lambda e, m: resumed_epochs.append(e))
+    assert resumed_epochs == [3, 4]
+    assert resumed.epochs_run == 2
+    assert set(resumed.final) == set(straight.final)
+    for key, value in straight.final.items():
+        assert resumed.final[key] == pytest.approx(value, abs=1e-6), key
+    for name, tensor in straight_weights.items():
+        torch.testing.assert_close(student2.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+def test_completed_run_is_not_retrained(tmp_path):
+    splits = _splits(tmp_path)
+    teacher, student = _models(splits)
+    method = build_method(MethodConfig("scratch", {}), student=student, teacher=None)
+    first = fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=2), seed=0,
+                run_dir=tmp_path / "run")
+    again = fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=2), seed=0,
+                run_dir=tmp_path / "run")
+    assert again.epochs_run == 0
+    assert again.final["test/acc"] == pytest.approx(first.final["test/acc"])
+
+
+class _Explodes(Method):
+    """Cross-entropy plus a term that turns NaN from the 13th call on."""
+
+    needs_teacher = False
+
+    def __init__(self, hparams=None, *, student=None, teacher=None):
+        super().__init__(hparams, student=student, teacher=teacher)
+        self.calls = 0
+
+    def loss_terms(self, batch, student_out, teacher_out):
+        self.calls += 1
+        ce = torch.nn.functional.cross_entropy(student_out.logits, batch.labels)
+        bad = ce * (float("nan") if self.calls > 12 else 0.0)
+        return {"ce": ce, "exploding": bad}
+
+
+def test_nan_loss_names_the_term_and_epoch_and_keeps_last_checkpoint(tmp_path):
+    splits = _splits(tmp_path)  # 192 train samples / 32 = 6 steps per epoch: NaN from step 13 = epoch 3
+    _, student = _models(splits)
+    with pytest.raises(NonFiniteLossError, match=r"'exploding'.*epoch 3"):
+        fit(student=student, method=_Explodes(), teacher=None, splits=splits, train=_train(epochs=5), seed=0,
+            run_dir=tmp_path / "run")
+    pointer = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
+    assert pointer["epoch"] == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run/checkpoints" / pointer["dir"] / "weights.safetensors"))
+    assert all(torch.isfinite(v).all() for k, v in weights.items() if v.is_floating_point())
+
+
+def test_steps_budget_overrides_epochs(tmp_path):
+    splits = _splits(tmp_path)  # 6 steps per epoch
+    _, student = _models(splits)
+    seen = []
+    method = build_method(MethodConfig("scratch", {}), student=student, teacher=None)
+    result = fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=100, steps=8),
+                 seed=0, on_epoch=lambda e, m: seen.append(e))
+    assert seen == [1, 2]  # 8 steps = one full epoch + 2 steps
+    assert result.final["selected_epoch"] == 2
+
+
+def test_best_val_selection_reports_the_best_epoch(tmp_path):
+    splits = _splits(tmp_path)
+    _, student = _models(splits)
+    method = build_method(MethodConfig("scratch", {}), student=student, teacher=None)
+    val_acc = {}
+    result = fit(student=student, method=method, teacher=None, splits=splits,
+                 train=_train(epochs=5, selection="best_val", lr=0.05), seed=0, run_dir=tmp_path / "run",
+                 on_epoch=lambda e, m: val_acc.__setitem__(e, (m["val/acc"], m["val/nll"])))
+    best = max(val_acc, key=lambda e: (val_acc[e][0], -val_acc[e][1]))
+    assert result.final["selected_epoch"] == best
+    assert result.final["val/acc"] == pytest.approx(val_acc[best][0])
+
+
+def test_teacher_agreement_metrics_and_train_terms_are_reported(tmp_path):
+    splits = _splits(tmp_path)
+    teacher, student = _models(splits)
+    method = build_method(MethodConfig("kd", {}), student=student, teacher=teacher)
+    epochs = {}
+    result = fit(student=student, method=method, teacher=teacher, splits=splits, train=_train(epochs=2), seed=0,
+                 on_epoch=lambda e, m: epochs.__setitem__(e, m))
+    assert {"train/loss/kd", "train/loss/ce", "train/loss", "lr", "val/acc", "val/agreement"} <= set(epochs[1])
+    assert math.isclose(epochs[1]["train/loss"], epochs[1]["train/loss/kd"] + epochs[1]["train/loss/ce"])
+    assert {"test/acc", "test/nll", "test/ece", "test/brier", "test/agreement", "test/kl_ts"} <= set(result.final)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
