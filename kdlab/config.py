@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,17 @@ from kdlab.errors import ConfigError, KdlabError
 # Factory arguments that kdlab supplies itself; users cannot set them.
 RESERVED_MODEL_ARGS = frozenset({"input_shape", "num_classes", "mean", "std"})
 RESERVED_DATASET_ARGS = frozenset({"root", "cache_dir"})
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` / ``3E4`` as floats (PyYAML's YAML 1.1 needs ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 @dataclass
@@ -294,7 +306,11 @@ def _check_options(section: str, kind: str, name: str, options: dict, also_allow
             errors.append(f"{path}: set by kdlab from the dataset; remove it")
         else:
             errors.append(_unknown_key(path, key, list(params)) + f" (for {kind} {name!r})")
-    return checked
+    # Fill the entry's defaults so the resolved config (and the run id) names every value the run uses.
+    for key, (tp, default) in params.items():
+        if key not in checked and default is not inspect.Parameter.empty:
+            checked[key] = _coerce(copy.deepcopy(default), tp, f"{section}.{key}", [])
+    return {key: checked[key] for key in params if key in checked}
 
 
 # --------------------------------------------------------------------------- raw dict helpers
@@ -306,7 +322,7 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise KdlabError(f"config file {path} does not exist; pass the path of a YAML config (see configs/)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
@@ -350,7 +366,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise KdlabError(f"--set {text!r}: missing key before '='")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = yaml.load(value_text, Loader=_YamlLoader) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
     return key, value

@@ -17,9 +17,12 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import re
 from typing import Any, Callable
 
 from kdlab.errors import KdlabError
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 KINDS = ("dataset", "model", "loss", "method", "metric", "attack")
 
@@ -38,7 +41,7 @@ def _check_kind(kind: str) -> None:
 def register(kind: str, name: str) -> Callable[[Any], Any]:
     """Decorator registering ``obj`` under ``kind``/``name``; returns ``obj`` unchanged."""
     _check_kind(kind)
-    if name != name.lower() or " " in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"registry names are lower snake case: {name!r}")
 
     def decorator(obj: Any) -> Any:

@@ -8,6 +8,7 @@ Using the same last name in every family lets one config tap the penultimate
 features of any teacher/student pair.
 """
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -89,16 +90,17 @@ def check_common(
     mean/std value is broadcast to every channel.
     """
     shape = tuple(input_shape)
-    if not shape or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in shape):
+    if not shape or any(not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1 for d in shape):
         raise KdlabError(f"{model}: input_shape {shape!r} must be positive integers, channel first; "
                          "check the dataset's input_shape")
     if ranks and len(shape) not in ranks:
         expected = " or ".join(_RANK_NAMES[r] for r in ranks)
         raise KdlabError(f"{model}: expects input_shape {expected}, got {shape!r}; "
                          f"pick a model for this data (e.g. mlp, vit_tiny) or another dataset")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise KdlabError(f"{model}: num_classes={num_classes!r} must be a positive integer; "
                          "check the dataset's num_classes")
+    shape = tuple(int(d) for d in shape)
     channels = shape[0]
     stats = []
     for key, values in (("mean", mean), ("std", std)):
