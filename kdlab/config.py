@@ -521,8 +521,8 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
             errors.append(f"{path}.steps: must be ≥ 1 or null, got {t.steps}")
         if isinstance(t.batch_size, int) and t.batch_size < 1:
             errors.append(f"{path}.batch_size: must be ≥ 1, got {t.batch_size}")
-        if isinstance(t.lr, float) and t.lr <= 0:
-            errors.append(f"{path}.lr: must be > 0, got {t.lr}")
+        if isinstance(t.lr, float) and not (0 < t.lr < float("inf")):
+            errors.append(f"{path}.lr: must be a positive finite number, got {t.lr}")
         for key in ("eval_every", "checkpoint_every"):
             value = getattr(t, key)
             if isinstance(value, int) and value < 1:

@@ -56,9 +56,9 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
 def _load_builtins() -> None:
     global _loaded
     if not _loaded:
-        _loaded = True
         for module in _BUILTIN_MODULES:
             importlib.import_module(module)
+        _loaded = True  # only once every import succeeded: a failed import is retried, not half-registered
 
 
 def get(kind: str, name: str, *, key: str | None = None) -> Any:
