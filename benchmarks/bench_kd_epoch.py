@@ -96,6 +96,7 @@ from kdlab.engine.build import build_method, build_model
 GOAL_RATIO = 1.05
 FIRST_BATCH_RTOL = 1e-5  # same formula, same weights, same batch: only summation order differs
 EPOCH_LOSS_RTOL = 1e-2  # mean train loss per epoch: rounding differences grow through the Adam updates
+UNSTABLE_SPREAD = 2.0  # slowest/fastest epoch of one loop above this: the machine was too noisy to judge
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -107,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--epochs", type=int, default=1, help="epochs per timed run (the time is divided by it)")
     p.add_argument("--repeats", type=int, default=20, help="timed (plain, kdlab) pairs")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each loop before timing")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each loop before timing (at least 1 always runs: it gives the sanity losses)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--lr", type=float, default=0.01)
@@ -401,6 +402,11 @@ def run(args, device, splits) -> int:
     print(f"load average at end (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     met = median_ratio <= GOAL_RATIO
     verdict = "MET" if met else ("NOT MET" if low > GOAL_RATIO else "NOT MET (within noise: CI reaches the goal)")
+    unstable = [f"{name} max/min {max(v) / min(v):.1f}" for name, v in (("plain", plain_s), ("kdlab", kdlab_s))
+                if max(v) / min(v) > UNSTABLE_SPREAD]
+    if unstable:
+        verdict += " -- UNRELIABLE: timings unstable (" + ", ".join(unstable) + "); rerun on a quieter machine, " \
+                   "with more --repeats, or with --threads 1"
     print(f"goal: median per-pair ratio <= {GOAL_RATIO}: {verdict}")
 
     if args.profile:
@@ -410,6 +416,7 @@ def run(args, device, splits) -> int:
         args.json.write_text(json.dumps({
             "plain_s_per_epoch": plain_s, "kdlab_s_per_epoch": kdlab_s, "ratios": ratios,
             "median_ratio": median_ratio, "ratio_ci95": [low, high], "goal": GOAL_RATIO, "met": met,
+            "unstable": bool(unstable),
             "sanity_ok": first_ok and epoch_ok, "args": {k: str(v) for k, v in vars(args).items()},
             "header": header(args, torch.device(args.device)),
         }, indent=2))

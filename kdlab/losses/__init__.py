@@ -1,5 +1,60 @@
-"""Distillation losses, registered under kind "loss" (see ``kdlab.losses.divergences``)."""
-from kdlab.losses import divergences  # noqa: F401  (registration)
-from kdlab.losses.divergences import REDUCTIONS, cross_entropy, generalized_jsd, kl, mse_logits, reverse_kl, tvd
+"""Distillation losses, registered under kind "loss".
 
-__all__ = ["REDUCTIONS", "cross_entropy", "generalized_jsd", "kl", "mse_logits", "reverse_kl", "tvd"]
+Logit and label losses: ``kdlab.losses.divergences``; more logit losses (skew
+KL, DKD, DIST, logit standardization, hinge, LogSum): ``kdlab.losses.logit``;
+feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
+"""
+from kdlab.losses import divergences, features, logit  # noqa: F401  (registration)
+from kdlab.losses.divergences import REDUCTIONS, cross_entropy, generalized_jsd, kl, mse_logits, reverse_kl, tvd
+from kdlab.losses.features import (
+    FEATURE_LOSSES,
+    attention_map,
+    attention_transfer,
+    batchnorm_standardize,
+    fitnet,
+    pkt,
+    rkd,
+    rkd_angle,
+    rkd_distance,
+    similarity_preserving,
+)
+from kdlab.losses.logit import (
+    dist,
+    dkd,
+    dkd_parts,
+    hinge_logits,
+    logit_standardization,
+    logsum,
+    pearson_distance,
+    skew_kl,
+    standardize_logits,
+)
+
+__all__ = [
+    "FEATURE_LOSSES",
+    "REDUCTIONS",
+    "attention_map",
+    "attention_transfer",
+    "batchnorm_standardize",
+    "cross_entropy",
+    "dist",
+    "dkd",
+    "dkd_parts",
+    "fitnet",
+    "generalized_jsd",
+    "hinge_logits",
+    "kl",
+    "logit_standardization",
+    "logsum",
+    "mse_logits",
+    "pearson_distance",
+    "pkt",
+    "reverse_kl",
+    "rkd",
+    "rkd_angle",
+    "rkd_distance",
+    "similarity_preserving",
+    "skew_kl",
+    "standardize_logits",
+    "tvd",
+]

@@ -123,6 +123,33 @@ def _clean(logits: torch.Tensor, valid: torch.Tensor | None, dtype: torch.dtype)
     return torch.where(valid.unsqueeze(-1), logits, torch.zeros((), dtype=dtype, device=logits.device))
 
 
+def _check_labels(labels, logits: torch.Tensor) -> None:
+    """``labels`` must be an integer tensor of shape ``logits.shape[:-1]``."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise KdlabError("loss labels: expected an integer tensor of class indices; pass labels as torch.int64")
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise KdlabError(
+            f"loss labels: shape {tuple(labels.shape)} does not match the logits' positions "
+            f"{tuple(logits.shape[:-1])}; pass one class index per position"
+        )
+
+
+def _clean_labels(labels: torch.Tensor, valid: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """int64 labels with masked-out ones set to 0; ``KdlabError`` if a valid one is out of range.
+
+    The range check reads one bool back from the device (a sync).
+    """
+    labels = labels.long()
+    if valid is not None:
+        labels = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    if labels.numel() and bool(((labels < 0) | (labels >= num_classes)).any()):
+        raise KdlabError(
+            f"loss labels: values must lie in [0, {num_classes}) at valid positions; "
+            "mask out padding instead of using out-of-range labels"
+        )
+    return labels
+
+
 def _reduce(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
     if valid is not None:
         zero = torch.zeros((), dtype=per_position.dtype, device=per_position.device)
@@ -136,8 +163,13 @@ def _reduce(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: s
     return total / count
 
 
-def _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask):
-    """Validated, cleaned log-probabilities at temperature T and the valid-position mask."""
+def _checked_logit_pair(student_logits, teacher_logits, temperature, mask):
+    """Validated student/teacher logits, upcast and cleaned, and the valid-position mask.
+
+    Checks both are (N, C) or (N, L, C) floating tensors of the same shape, the
+    temperature and the mask; returns ``(student, teacher, valid)`` in the
+    compute dtype with masked-out rows zeroed (see ``_clean``).
+    """
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     if student_logits.shape != teacher_logits.shape:
@@ -148,8 +180,14 @@ def _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask
     _check_temperature(temperature)
     valid = _valid_positions(mask, student_logits.shape[:-1])
     dtype = _compute_dtype(student_logits, teacher_logits)
-    log_q = torch.log_softmax(_clean(student_logits, valid, dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(_clean(teacher_logits, valid, dtype) / temperature, dim=-1)
+    return _clean(student_logits, valid, dtype), _clean(teacher_logits, valid, dtype), valid
+
+
+def _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask):
+    """Validated, cleaned log-probabilities at temperature T and the valid-position mask."""
+    student, teacher, valid = _checked_logit_pair(student_logits, teacher_logits, temperature, mask)
+    log_q = torch.log_softmax(student / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher / temperature, dim=-1)
     return log_p, log_q, valid
 
 
@@ -313,17 +351,8 @@ def mse_logits(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     ``reduction``.
     """
     _check_reduction(reduction)
-    _check_logits("student_logits", student_logits)
-    _check_logits("teacher_logits", teacher_logits)
-    if student_logits.shape != teacher_logits.shape:
-        raise KdlabError(
-            f"loss logits: student shape {tuple(student_logits.shape)} != teacher shape {tuple(teacher_logits.shape)}; "
-            "both must be (N, C) or (N, L, C) over the same classes"
-        )
-    _check_temperature(temperature)
-    valid = _valid_positions(mask, student_logits.shape[:-1])
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    difference = (_clean(student_logits, valid, dtype) - _clean(teacher_logits, valid, dtype)) / temperature
+    student, teacher, valid = _checked_logit_pair(student_logits, teacher_logits, temperature, mask)
+    difference = (student - teacher) / temperature
     return _reduce(difference.square().mean(dim=-1), valid, reduction)
 
 
@@ -353,24 +382,11 @@ def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, red
     """
     _check_reduction(reduction)
     _check_logits("student_logits", student_logits)
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise KdlabError("loss labels: expected an integer tensor of class indices; pass labels as torch.int64")
-    if tuple(labels.shape) != tuple(student_logits.shape[:-1]):
-        raise KdlabError(
-            f"loss labels: shape {tuple(labels.shape)} does not match the logits' positions "
-            f"{tuple(student_logits.shape[:-1])}; pass one class index per position"
-        )
+    _check_labels(labels, student_logits)
     epsilon = _check_unit_interval("label_smoothing", label_smoothing)
     valid = _valid_positions(mask, student_logits.shape[:-1])
     num_classes = student_logits.shape[-1]
-    labels = labels.long()
-    if valid is not None:
-        labels = torch.where(valid, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
-    if labels.numel() and bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise KdlabError(
-            f"loss labels: values must lie in [0, {num_classes}) at valid positions; "
-            "mask out padding instead of using out-of-range labels"
-        )
+    labels = _clean_labels(labels, valid, num_classes)
     dtype = _compute_dtype(student_logits)
     log_q = torch.log_softmax(_clean(student_logits, valid, dtype), dim=-1)
     nll = -log_q.gather(-1, labels.unsqueeze(-1)).squeeze(-1)

@@ -1,5 +1,6 @@
 """Distillation methods: one file each, registered under kind "method"."""
 from kdlab.methods import kd, scratch  # noqa: F401  (registration)
+from kdlab.methods.adapters import Adapter, make_adapter
 from kdlab.methods.base import Batch, Method, NoHparams, Outputs
 
-__all__ = ["Batch", "Method", "NoHparams", "Outputs"]
+__all__ = ["Adapter", "Batch", "Method", "NoHparams", "Outputs", "make_adapter"]
