@@ -72,8 +72,9 @@ def get(kind: str, name: str, *, key: str | None = None) -> Any:
         close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         where = f"{key}: " if key else ""
+        plural = "losses" if kind == "loss" else f"{kind}s"
         raise KdlabError(
-            f"{where}unknown {kind} {name!r}; {hint}known {kind}s: {', '.join(known)} (see `kdlab list {kind}s`)"
+            f"{where}unknown {kind} {name!r}; {hint}known {plural}: {', '.join(known)} (see `kdlab list {plural}`)"
         ) from None
 
 

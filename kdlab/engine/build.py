@@ -58,11 +58,13 @@ def build_student(cfg: ModelConfig, splits: Splits) -> nn.Module:
     return build_model(cfg.model, cfg.options, splits)
 
 
-def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None) -> Method:
+def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None,
+                 input_shape: tuple[int, ...] | None = None) -> Method:
+    """Build the method; bad hyperparameters, tap names or shapes fail here, before training."""
     method_cls = registry.get("method", cfg.name, key="method.name")
     if method_cls.needs_teacher and teacher is None:
         raise KdlabError(f"method.name: {cfg.name!r} needs a teacher; add a teacher section")
-    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher)
+    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape)
 
 
 def check_class_counts(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:

@@ -185,6 +185,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 if augment != "none":
                     inputs = augment_batch(inputs, kind=augment, generator=generator)
                 batch = Batch(inputs=inputs, labels=labels)
+                method.set_progress(step, total_steps)
                 with autocast:
                     teacher_out = None
                     if uses_teacher:

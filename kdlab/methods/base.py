@@ -49,9 +49,22 @@ class Method(nn.Module):
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
 
-    def __init__(self, hparams, *, student: nn.Module, teacher: nn.Module | None):
+    def __init__(self, hparams, *, student: nn.Module, teacher: nn.Module | None,
+                 input_shape: tuple[int, ...] | None = None):
+        """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters."""
         super().__init__()
         self.hparams = hparams
+        self.step = 0  # optimiser steps taken so far (set by the loop before each step)
+        self.total_steps = 1
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Extension point, called by the loop before every step: schedules read ``self.progress``."""
+        self.step, self.total_steps = step, total_steps
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1]."""
+        return min(1.0, self.step / max(1, self.total_steps))
 
     def loss_terms(self, batch: Batch, student_out: Outputs, teacher_out: Outputs | None) -> dict[str, torch.Tensor]:
         """Named scalar loss terms for this batch; the loop sums them and logs each."""

@@ -9,5 +9,13 @@ from kdlab.metrics.classification import (
     kl_teacher_student,
     nll,
 )
+from kdlab.metrics.deviation import (
+    deviation_summary,
+    fit_slope,
+    logit_confidence,
+    teacher_class_probabilities,
+    underconfidence_by_bucket,
+)
 
-__all__ = ["accuracy", "agreement", "brier", "classification_metrics", "ece", "kl_teacher_student", "nll"]
+__all__ = ["accuracy", "agreement", "brier", "classification_metrics", "deviation_summary", "ece", "fit_slope",
+           "kl_teacher_student", "logit_confidence", "nll", "teacher_class_probabilities", "underconfidence_by_bucket"]

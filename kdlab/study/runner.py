@@ -132,7 +132,7 @@ class Runner:
                 shutil.rmtree(run_dir / "checkpoints")
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits)
-            method = build_method(cfg.method, student=student, teacher=teacher)
+            method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
             check_class_counts(student, teacher, splits)
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
@@ -209,7 +209,7 @@ class Runner:
                 else:
                     teacher = build_model(t.model, t.options, splits)  # architecture only: nothing is trained
             student = build_student(cfg.student, splits)
-            method = build_method(cfg.method, student=student, teacher=teacher)
+            method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
             check_class_counts(student, teacher, splits)
             example = splits.train[0][:2]
             lines.append(f"[{spec.label}] data {splits.name}: train {len(splits.train[0])}, val {len(splits.val[0])}, "

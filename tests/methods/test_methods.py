@@ -65,13 +65,22 @@ def test_method_contract(name):
     params = entry_parameters("method", name)
     assert all(annotation is not None for annotation, _ in params.values())
     torch.manual_seed(0)
-    student = torch.nn.Linear(5, 3)
-    teacher = torch.nn.Linear(5, 3) if cls.needs_teacher else None
-    method = cls(cls.Hparams(), student=student, teacher=teacher)
-    inputs = torch.rand(8, 5)
+    mlp = registry.get("model", "mlp")
+    student = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=6)
+    teacher = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=16) if cls.needs_teacher else None
+    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5))
+    inputs = torch.rand(8, 1, 5)
     labels = torch.randint(0, 3, (8,))
-    teacher_out = Outputs(teacher(inputs).detach()) if teacher is not None else None
-    terms = method.loss_terms(Batch(inputs, labels), Outputs(student(inputs)), teacher_out)
+    from kdlab.models import Taps
+
+    with Taps(student, method.student_taps) as s_taps:
+        student_out = Outputs(student(inputs), dict(s_taps.captured))
+    teacher_out = None
+    if teacher is not None:
+        with Taps(teacher, method.teacher_taps, detach=True) as t_taps, torch.no_grad():
+            teacher_out = Outputs(teacher(inputs), dict(t_taps.captured))
+    terms = method.loss_terms(Batch(inputs, labels), student_out, teacher_out)
     assert terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
-    assert student.weight.grad is not None and torch.isfinite(student.weight.grad).all()
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -1,0 +1,171 @@
+"""A method composed from config: any weighted list of registered losses.
+
+    method:
+      name: distill
+      terms:
+        ce: 1.0                                    # weight only
+        kl: {weight: 0.9, temperature: 4}          # options go to the loss function
+        hint: {loss: fitnet, weight: 100, student: block2, teacher: block3}
+        dkd: {weight: 1.0, schedule: linear_warmup, warmup: 0.2, temperature: 4}
+
+A term's key names the loss unless ``loss:`` is given (so one loss can appear
+twice); ``ce`` is short for ``cross_entropy``. Reserved keys: ``weight``, ``schedule`` (constant | linear_warmup |
+cosine), ``warmup``, ``final_weight``, ``loss``, and for feature losses
+``student``/``teacher`` (tap names) and ``adapter`` (auto | linear | conv |
+identity | none). Every other key is a keyword option of the loss, checked
+against its signature when the method is built — before training.
+
+How each loss kind is called: label losses ``f(student_logits, labels)``;
+logit losses ``f(student_logits, teacher_logits)``; logit+label losses (DKD)
+``f(student_logits, teacher_logits, labels=labels)``; feature losses
+``f(adapter(student_feature), teacher_feature)``, the adapter owned by this method.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdlab import registry
+from kdlab.errors import KdlabError
+from kdlab.methods.adapters import make_adapter
+from kdlab.methods.base import Method
+from kdlab.methods.schedules import SCHEDULES, term_weight
+from kdlab.models.taps import tap_shapes, valid_tap_names
+from kdlab.registry import register
+
+RESERVED = ("weight", "schedule", "warmup", "final_weight", "loss", "student", "teacher", "adapter")
+# Feature losses that compare tensors element-wise need an adapter to the teacher's shape by default;
+# relational ones (AT, RKD, PKT, SP) compare batch-level structure and take any widths as they are.
+_ELEMENTWISE_FEATURE_LOSSES = {"fitnet"}
+ALIASES = {"ce": "cross_entropy"}  # the usual short name of the label term
+
+
+def _default_terms() -> dict:
+    return {"ce": 0.1, "kl": {"weight": 0.9, "temperature": 4.0}}
+
+
+@dataclass
+class DistillHparams:
+    terms: dict[str, Any] = field(default_factory=_default_terms)  # term name -> weight or {weight, options...}
+
+
+@dataclass
+class Term:
+    name: str
+    loss: str
+    kind: str
+    weight: float
+    schedule: str
+    warmup: float
+    final_weight: float
+    options: dict
+    student_tap: str | None = None
+    teacher_tap: str | None = None
+
+
+def _parse_term(name: str, spec: Any) -> Term:
+    where = f"method.terms.{name}"
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):  # shorthand: just the weight
+        spec = {"weight": float(spec)}
+    if not isinstance(spec, dict):
+        raise KdlabError(f"{where}: expected a weight or a mapping {{weight: ..., <loss options>}}, got {spec!r}")
+    loss_name = spec.get("loss", ALIASES.get(name, name))
+    fn = registry.get("loss", loss_name, key=f"{where}.loss" if "loss" in spec else where)
+    kind = getattr(fn, "loss_kind", None)
+    if kind not in ("label", "logit", "logit_label", "feature"):
+        raise KdlabError(f"{where}: loss {loss_name!r} has no usable loss_kind ({kind!r})")
+    weight = spec.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise KdlabError(f"{where}.weight: expected a number, got {weight!r}")
+    schedule = spec.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise KdlabError(f"{where}.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+    params = inspect.signature(fn).parameters
+    allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in ("mask", "labels")]
+    options = {k: v for k, v in spec.items() if k not in RESERVED}
+    for key in options:
+        if key not in allowed and not any(v.kind == v.VAR_KEYWORD for v in params.values()):
+            raise KdlabError(f"{where}.{key}: not an option of loss {loss_name!r}; its options: "
+                             f"{', '.join(allowed) or '(none)'}; reserved keys: {', '.join(RESERVED)}")
+    term = Term(name=name, loss=loss_name, kind=kind, weight=float(weight), schedule=schedule,
+                warmup=float(spec.get("warmup", 0.1)), final_weight=float(spec.get("final_weight", 0.0)),
+                options=options)
+    if kind == "feature":
+        for role in ("student", "teacher"):
+            if not isinstance(spec.get(role), str):
+                raise KdlabError(f"{where}.{role}: feature loss {loss_name!r} needs the {role} tap to compare, "
+                                 f"e.g. {role}: pool (see `kdlab run --dry-run` for the tap names)")
+        term.student_tap, term.teacher_tap = spec["student"], spec["teacher"]
+    else:
+        for role in ("student", "teacher", "adapter"):
+            if role in spec:
+                raise KdlabError(f"{where}.{role}: loss {loss_name!r} works on logits and takes no {role} key")
+    return term
+
+
+def _probe_shapes(net: nn.Module, names: list[str], input_shape, role: str) -> dict[str, tuple[int, ...]]:
+    valid = set(valid_tap_names(net))
+    for name in names:
+        if name not in valid:
+            stages = ", ".join(getattr(net, "feature_stages", ())) or "(none)"
+            raise KdlabError(f"method.terms: {role} tap {name!r} does not exist; named stages: {stages} "
+                             "(any module path also works; `kdlab run --dry-run` lists shapes)")
+    device = next(iter(net.parameters()), torch.zeros(())).device
+    # Batch of 2: relational losses and BatchNorm need more than one sample.
+    return tap_shapes(net, names, torch.zeros(2, *input_shape, device=device))
+
+
+@register("method", "distill")
+class Distill(Method):
+    """Any weighted sum of registered losses (logit, label, DKD, feature) with per-term weight schedules."""
+
+    Hparams = DistillHparams
+
+    def __init__(self, hparams, *, student, teacher, input_shape=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape)
+        if not isinstance(hparams.terms, dict) or not hparams.terms:
+            raise KdlabError("method.terms: give at least one term, e.g. terms: {ce: 0.1, kl: {weight: 0.9}}")
+        self.terms = [_parse_term(str(name), spec) for name, spec in hparams.terms.items()]
+        features = [t for t in self.terms if t.kind == "feature"]
+        self.student_taps = tuple(dict.fromkeys(t.student_tap for t in features))
+        self.teacher_taps = tuple(dict.fromkeys(t.teacher_tap for t in features))
+        self.adapters = nn.ModuleDict()
+        if features:
+            if input_shape is None:
+                raise KdlabError("method.terms: feature terms need the input shape to size their adapters")
+            s_shapes = _probe_shapes(student, list(self.student_taps), input_shape, "student")
+            t_shapes = _probe_shapes(teacher, list(self.teacher_taps), input_shape, "teacher")
+            for term in features:
+                spec = hparams.terms[term.name]
+                kind = spec.get("adapter", "auto" if term.loss in _ELEMENTWISE_FEATURE_LOSSES else "none")
+                if kind == "none":
+                    continue
+                self.adapters[term.name] = make_adapter(
+                    s_shapes[term.student_tap], t_shapes[term.teacher_tap], kind=kind,
+                    student_tap=term.student_tap, teacher_tap=term.teacher_tap)
+
+    def weight(self, term: Term) -> float:
+        return term_weight(term.weight, self.progress, schedule=term.schedule, warmup=term.warmup,
+                           final_weight=term.final_weight)
+
+    def loss_terms(self, batch, student_out, teacher_out):
+        out = {}
+        for term in self.terms:
+            fn = registry.get("loss", term.loss)
+            if term.kind == "label":
+                value = fn(student_out.logits, batch.labels, **term.options)
+            elif term.kind == "logit":
+                value = fn(student_out.logits, teacher_out.logits, **term.options)
+            elif term.kind == "logit_label":
+                value = fn(student_out.logits, teacher_out.logits, labels=batch.labels, **term.options)
+            else:
+                feature = student_out.features[term.student_tap]
+                if term.name in self.adapters:
+                    feature = self.adapters[term.name](feature)
+                value = fn(feature, teacher_out.features[term.teacher_tap], **term.options)
+            out[term.name] = self.weight(term) * value
+        return out
