@@ -5,6 +5,7 @@
     kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
     kdlab show RUN
     kdlab runs [EXPERIMENT]
+    kdlab analyze deviations RUN [--out DIR]
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def cmd_compare(args) -> int:
 
     store = Store(_workspace(args))
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
-    table = compare_table(_records(store, args.runs), metrics=metrics)
+    table = compare_table(_records(store, args.runs), metrics=metrics, baseline=args.baseline)
     print(render_table(table, fmt="markdown" if args.markdown else "text"))
     return 0
 
@@ -140,6 +141,16 @@ def cmd_runs(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from kdlab.store import Store
+    from kdlab.study.deviations import analyze_deviations, format_report
+
+    result = analyze_deviations(Store(_workspace(args)), args.run, out_dir=args.out)
+    for line in format_report(result):
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit and laboratory.")
     parser.add_argument("--workspace", help=f"results folder (default $KDLAB_WORKSPACE or ./{DEFAULT_WORKSPACE})")
@@ -164,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("runs", nargs="*", help="run ids, run-id prefixes or experiment names (default: all)")
     cmp_.add_argument("--metrics", help="comma-separated metric keys (default test/acc,test/nll,test/ece,test/agreement)")
     cmp_.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    cmp_.add_argument("--baseline", help="row label to compare every row against (paired by seed, first metric)")
     cmp_.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="one run's resolved config and metrics")
@@ -173,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list runs with their status")
     runs.add_argument("experiment", nargs="?", help="only this experiment")
     runs.set_defaults(func=cmd_runs)
+
+    analyze = sub.add_parser("analyze", help="analyses of a finished run (deviations: does the student "
+                                             "exaggerate its teacher's confidence?)")
+    analyze.add_argument("what", choices=["deviations"], help="which analysis")
+    analyze.add_argument("run", help="run id or unique prefix of a finished student run with a teacher")
+    analyze.add_argument("--out", help="folder for deviations.json and deviations.png (default: the run folder)")
+    analyze.set_defaults(func=cmd_analyze)
     return parser
 
 

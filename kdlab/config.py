@@ -123,7 +123,7 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
-    grid: dict[str, list] = field(default_factory=dict)  # key.path -> values; runs = product × seeds
+    grid: dict[str, Any] = field(default_factory=dict)  # key.path -> [values] or {name: value}; product × seeds
 
 
 # Sections whose ``options`` are the keyword arguments of a registry entry.
@@ -390,10 +390,11 @@ class RunSpec:
     config: ExperimentConfig
     seed: int
     point: dict[str, Any]
+    point_names: dict[str, str] = field(default_factory=dict)  # key -> name, for grids given as name: value
 
     @property
     def label(self) -> str:
-        parts = [f"{k}={_short(v)}" for k, v in self.point.items()]
+        parts = [f"{k}={self.point_names.get(k) or _short(v)}" for k, v in self.point.items()]
         return " ".join(parts + [f"seed={self.seed}"])
 
     def resolved(self) -> dict:
@@ -555,21 +556,30 @@ def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
     grid_raw = raw.get("grid") or {}
     if not isinstance(grid_raw, dict):
         raise ConfigError([f"grid: expected a mapping of key.path to a list of values, got {grid_raw!r}"])
+    # A grid entry is a list of values, or a mapping name -> value whose names label the runs.
+    named: dict[str, list[tuple[str | None, Any]]] = {}
     for key, values in grid_raw.items():
-        if not isinstance(values, list) or not values:
-            errors.append(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if isinstance(values, dict) and values:
+            named[key] = [(str(name), value) for name, value in values.items()]
+        elif isinstance(values, list) and values:
+            named[key] = [(None, value) for value in values]
+        else:
+            errors.append(f"grid.{key}: expected a non-empty list of values (or a mapping name: value), "
+                          f"got {values!r}")
         if str(key).split(".")[0] in ("grid", "seeds", "name"):
             errors.append(f"grid.{key}: cannot be swept; sweep seeds with seeds: [...]")
     if errors:
         raise ConfigError(errors)
     base_raw = {k: v for k, v in raw.items() if k != "grid"}
-    base = _parse_point(base_raw, grid_raw, errors)
+    grid_values = {key: [value for _, value in items] for key, items in named.items()}
+    base = _parse_point(base_raw, grid_values, errors)
     base.grid = dict(grid_raw)
     specs: list[RunSpec] = []
-    keys = list(grid_raw)
+    keys = list(named)
     seen_errors = set(errors)
-    for combo in itertools.product(*(grid_raw[k] for k in keys)):
-        point = dict(zip(keys, combo))
+    for combo in itertools.product(*(named[k] for k in keys)):
+        point = {key: value for key, (_, value) in zip(keys, combo)}
+        point_names = {key: name for key, (name, _) in zip(keys, combo) if name is not None}
         point_raw = copy.deepcopy(base_raw)
         point_errors: list[str] = []
         for key, value in point.items():
@@ -577,13 +587,13 @@ def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
                 set_path(point_raw, key, copy.deepcopy(value))
             except KdlabError as exc:
                 point_errors.append(f"grid.{key}: {exc}")
-        cfg = _parse_point(point_raw, grid_raw, point_errors)
+        cfg = _parse_point(point_raw, grid_values, point_errors)
         for e in point_errors:
             if e not in seen_errors:
                 seen_errors.add(e)
                 errors.append(e + (f" (grid point {point})" if point else ""))
         for seed in (cfg.seeds if isinstance(cfg.seeds, list) else []):
-            specs.append(RunSpec(config=cfg, seed=seed, point=point))
+            specs.append(RunSpec(config=cfg, seed=seed, point=point, point_names=point_names))
     if errors:
         raise ConfigError(errors)
     # Runs that resolve to the same config (e.g. scratch under a temperature grid) run once.

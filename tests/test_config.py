@@ -243,8 +243,8 @@ def test_teacher_without_model_or_checkpoint_is_rejected():
 
 
 @pytest.mark.parametrize("grid, expected", [
-    ({"train.lr": 0.1}, "grid.train.lr: expected a non-empty list of values, got 0.1"),
-    ({"train.lr": []}, "grid.train.lr: expected a non-empty list of values, got []"),
+    ({"train.lr": 0.1}, "grid.train.lr: expected a non-empty list of values (or a mapping name: value), got 0.1"),
+    ({"train.lr": []}, "grid.train.lr: expected a non-empty list of values (or a mapping name: value), got []"),
     ({"seeds": [[0], [1]]}, "grid.seeds: cannot be swept"),
     ([1, 2], "grid: expected a mapping"),
 ])
@@ -478,3 +478,18 @@ def test_load_yaml_reads_scientific_notation_as_numbers(tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing\n")
     assert load_yaml(empty) == {}
+
+
+def test_named_grid_values_label_the_runs():
+    raw = {
+        "name": "named",
+        "teacher": {"model": "cnn1d", "width": 16},
+        "method": {"name": "distill"},
+        "seeds": [0],
+        "grid": {"method.terms": {"plain_kl": {"ce": 0.1, "kl": {"weight": 0.9}},
+                                  "tvd": {"ce": 0.1, "tvd": {"weight": 0.9}}}},
+    }
+    _, specs = parse_experiment(raw)
+    assert [s.label for s in specs] == ["method.terms=plain_kl seed=0", "method.terms=tvd seed=0"]
+    assert specs[1].resolved()["method"]["terms"] == {"ce": 0.1, "tvd": {"weight": 0.9}}
+    assert specs[0].run_id != specs[1].run_id

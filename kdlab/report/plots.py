@@ -68,7 +68,7 @@ def deviation_scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.set_aspect("equal", adjustable="box")
         ax.grid(True, linewidth=0.3, alpha=0.5)
         ax.set_xlabel("φ(teacher p of teacher's class)")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8, markerscale=3)
     axes[0].set_ylabel("φ(student p of teacher's class)")
     caption = "φ(p) = log(p / (1 − p))" + (f", p clamped to [{eps:g}, 1 − {eps:g}]" if eps is not None else "")
     figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from kdlab.errors import KdlabError
 from kdlab.store.database import RunRecord
-from kdlab.study.stats import MeanCI, _check_confidence, format_mean_ci, mean_ci
+from kdlab.study.stats import MeanCI, _check_confidence, format_mean_ci, mean_ci, paired_difference
 
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/agreement")
 FORMATS = ("text", "markdown")
@@ -47,11 +47,17 @@ class CompareRow:
 
 @dataclass(frozen=True)
 class Table:
-    """Rows sorted by experiment then label; ``metrics`` are the summarised keys."""
+    """Rows sorted by experiment then label; ``metrics`` are the summarised keys.
+
+    With a ``baseline`` row label, ``deltas`` maps each other row's label to the
+    paired (same-seed) difference of the first metric against the baseline.
+    """
 
     metrics: tuple[str, ...]
     confidence: float
     rows: tuple[CompareRow, ...]
+    baseline: str | None = None
+    deltas: dict | None = None
 
 
 def compare_table(
@@ -59,6 +65,7 @@ def compare_table(
     *,
     metrics: Sequence[str] = DEFAULT_METRICS,
     confidence: float = 0.95,
+    baseline: str | None = None,
 ) -> Table:
     """Group the finished runs of ``records`` by configuration and summarise ``metrics``."""
     confidence = _check_confidence(confidence)
@@ -85,7 +92,32 @@ def compare_table(
         )
     # sorted() is stable: equal (experiment, label) keep their first-seen order.
     rows.sort(key=lambda row: (row.experiment, row.label))
-    return Table(metrics=tuple(metrics), confidence=float(confidence), rows=tuple(rows))
+    deltas = None
+    if baseline is not None:
+        deltas = _paired_deltas(rows, groups, metrics[0], baseline, confidence)
+    return Table(metrics=tuple(metrics), confidence=float(confidence), rows=tuple(rows), baseline=baseline,
+                 deltas=deltas)
+
+
+def _paired_deltas(rows, groups, metric: str, baseline: str, confidence: float) -> dict:
+    """Row label -> PairedDifference of ``metric`` (row − baseline) over the seeds both have."""
+    base_rows = [row for row in rows if row.label == baseline]
+    if not base_rows:
+        labels = ", ".join(sorted({row.label for row in rows}))
+        raise KdlabError(f"--baseline {baseline!r} is not a row of this table; rows: {labels}")
+    base = base_rows[0]
+    base_by_seed = {run.seed: run.final.get(metric) for run in groups[(base.experiment, base.group_key)]}
+    out = {}
+    for row in rows:
+        if row is base:
+            continue
+        mine = {run.seed: run.final.get(metric) for run in groups[(row.experiment, row.group_key)]}
+        seeds = sorted(seed for seed in mine if seed in base_by_seed
+                       and mine[seed] is not None and base_by_seed[seed] is not None)
+        if seeds:
+            out[row.label] = paired_difference([mine[s] for s in seeds], [base_by_seed[s] for s in seeds],
+                                               confidence=confidence)
+    return out
 
 
 def _cell(row: CompareRow, metric: str, digits: int) -> str:
@@ -107,12 +139,24 @@ def _headers_and_cells(table: Table, digits: int) -> tuple[list[str], list[list[
         + [_cell(row, metric, digits) for metric in table.metrics]
         for row in table.rows
     ]
+    if table.deltas is not None:
+        headers += [f"Δ {table.metrics[0]} vs {table.baseline} (paired)", "p"]
+        numeric += [True, True]
+        for row, cells in zip(table.rows, body):
+            delta = table.deltas.get(row.label)
+            if delta is None:
+                cells += ["(baseline)" if row.label == table.baseline else MISSING, ""]
+            else:
+                cells += [f"{delta.mean:+.{digits}f} ± {delta.half_width:.{digits}f}", f"{delta.p_value:.3g}"]
     return headers, body, numeric
 
 
 def _footnote(table: Table) -> str:
     percent = f"{table.confidence * 100:g}%"
-    return f"mean ± {percent} Student-t CI half-width over n seeds; (n=k): metric present in k seeds; -: absent"
+    note = f"mean ± {percent} Student-t CI half-width over n seeds; (n=k): metric present in k seeds; -: absent"
+    if table.deltas is not None:
+        note += "; Δ: mean same-seed difference ± CI, p: two-sided paired t-test"
+    return note
 
 
 def _render_text(headers: list[str], body: list[list[str]], numeric: list[bool]) -> list[str]:

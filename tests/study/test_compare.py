@@ -128,3 +128,23 @@ def test_bad_options():
         render_table(compare_table([]), fmt="html")
     with pytest.raises(KdlabError, match="confidence"):
         compare_table([], confidence=1.5)
+
+
+def test_baseline_adds_paired_differences_by_seed():
+    from kdlab.store.database import RunRecord
+    from kdlab.study.compare import compare_table, render_table
+
+    def rec(label, seed, acc, group):
+        return RunRecord(run_id=f"{group}-{seed}", experiment="e", role="student", label=f"{label} seed={seed}",
+                         seed=seed, group_key=group, config={}, status="finished", final={"test/acc": acc})
+
+    # kd − scratch per seed: 0.02, 0.04, 0.03 → mean 0.03, s = 0.01, t_{0.975,2} = 4.302653 → ± 0.024841
+    records = [rec("m=scratch", s, a, "g1") for s, a in [(0, 0.90), (1, 0.80), (2, 0.85)]]
+    records += [rec("m=kd", s, a, "g2") for s, a in [(2, 0.88), (0, 0.92), (1, 0.84)]]
+    table = compare_table(records, metrics=("test/acc",), baseline="m=scratch")
+    delta = table.deltas["m=kd"]
+    assert delta.mean == pytest.approx(0.03) and delta.half_width == pytest.approx(0.024841, abs=1e-6)
+    text = render_table(table)
+    assert "+0.0300 ± 0.0248" in text and "(baseline)" in text and "paired" in text
+    with pytest.raises(KdlabError, match="not a row"):
+        compare_table(records, metrics=("test/acc",), baseline="m=nothing")
