@@ -91,9 +91,14 @@ def _parse_term(name: str, spec: Any) -> Term:
         if key not in allowed and not any(v.kind == v.VAR_KEYWORD for v in params.values()):
             raise KdlabError(f"{where}.{key}: not an option of loss {loss_name!r}; its options: "
                              f"{', '.join(allowed) or '(none)'}; reserved keys: {', '.join(RESERVED)}")
+    numbers = {}
+    for key, default in (("warmup", 0.1), ("final_weight", 0.0)):
+        value = spec.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise KdlabError(f"{where}.{key}: expected a number, got {value!r}")
+        numbers[key] = float(value)
     term = Term(name=name, loss=loss_name, kind=kind, weight=float(weight), schedule=schedule,
-                warmup=float(spec.get("warmup", 0.1)), final_weight=float(spec.get("final_weight", 0.0)),
-                options=options)
+                warmup=numbers["warmup"], final_weight=numbers["final_weight"], options=options)
     if kind == "feature":
         for role in ("student", "teacher"):
             if not isinstance(spec.get(role), str):
@@ -107,16 +112,24 @@ def _parse_term(name: str, spec: Any) -> Term:
     return term
 
 
-def _probe_shapes(net: nn.Module, names: list[str], input_shape, role: str) -> dict[str, tuple[int, ...]]:
+def _probe_shapes(net: nn.Module, keys: dict[str, str], input_shape, role: str) -> dict[str, tuple[int, ...]]:
+    """Per-sample shapes (batch dim dropped, as ``make_adapter`` takes them) of the taps in ``keys``.
+
+    ``keys`` maps each tap name to the config key of the (first) term that names it.
+    """
     valid = set(valid_tap_names(net))
-    for name in names:
+    for name, key in keys.items():
         if name not in valid:
             stages = ", ".join(getattr(net, "feature_stages", ())) or "(none)"
-            raise KdlabError(f"method.terms: {role} tap {name!r} does not exist; named stages: {stages} "
+            raise KdlabError(f"{key}: {role} tap {name!r} does not exist; named stages: {stages} "
                              "(any module path also works; `kdlab run --dry-run` lists shapes)")
     device = next(iter(net.parameters()), torch.zeros(())).device
     # Batch of 2: relational losses and BatchNorm need more than one sample.
-    return tap_shapes(net, names, torch.zeros(2, *input_shape, device=device))
+    shapes = tap_shapes(net, list(keys), torch.zeros(2, *input_shape, device=device))
+    for name, key in keys.items():
+        if name not in shapes:
+            raise KdlabError(f"{key}: {role} tap {name!r} is not run by the {role}'s forward; tap a module it uses")
+    return {name: tuple(shape[1:]) for name, shape in shapes.items()}
 
 
 @register("method", "distill")
@@ -137,16 +150,24 @@ class Distill(Method):
         if features:
             if input_shape is None:
                 raise KdlabError("method.terms: feature terms need the input shape to size their adapters")
-            s_shapes = _probe_shapes(student, list(self.student_taps), input_shape, "student")
-            t_shapes = _probe_shapes(teacher, list(self.teacher_taps), input_shape, "teacher")
+            s_keys, t_keys = {}, {}
             for term in features:
-                spec = hparams.terms[term.name]
+                s_keys.setdefault(term.student_tap, f"method.terms.{term.name}.student")
+                t_keys.setdefault(term.teacher_tap, f"method.terms.{term.name}.teacher")
+            s_shapes = _probe_shapes(student, s_keys, input_shape, "student")
+            t_shapes = _probe_shapes(teacher, t_keys, input_shape, "teacher")
+            for term, spec in zip(self.terms, hparams.terms.values()):
+                if term.kind != "feature":
+                    continue
                 kind = spec.get("adapter", "auto" if term.loss in _ELEMENTWISE_FEATURE_LOSSES else "none")
                 if kind == "none":
                     continue
-                self.adapters[term.name] = make_adapter(
-                    s_shapes[term.student_tap], t_shapes[term.teacher_tap], kind=kind,
-                    student_tap=term.student_tap, teacher_tap=term.teacher_tap)
+                try:
+                    self.adapters[term.name] = make_adapter(
+                        s_shapes[term.student_tap], t_shapes[term.teacher_tap], kind=kind,
+                        student_tap=term.student_tap, teacher_tap=term.teacher_tap)
+                except KdlabError as exc:  # name the config key; make_adapter's own text says what is wrong
+                    raise KdlabError(f"method.terms.{term.name}.adapter: {exc}") from None
 
     def weight(self, term: Term) -> float:
         return term_weight(term.weight, self.progress, schedule=term.schedule, warmup=term.warmup,

@@ -55,7 +55,8 @@ class Miles(Method):
         self.teacher_taps = (hparams.teacher_tap,)
         if input_shape is None:
             raise KdlabError("method miles needs the input shape to size its projector")
-        probe = torch.zeros(2, *input_shape)
+        device = next(iter(student.parameters()), torch.zeros(())).device
+        probe = torch.zeros(2, *input_shape, device=device)  # 2 samples: BatchNorm needs more than one
         s_shape = tap_shapes(student, [hparams.student_tap], probe)[hparams.student_tap]
         t_shape = tap_shapes(teacher, [hparams.teacher_tap], probe)[hparams.teacher_tap]
         if len(s_shape) != 2 or len(t_shape) != 2:
