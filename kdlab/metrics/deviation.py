@@ -47,9 +47,14 @@ DEFAULT_EPS = 1e-6
 
 
 def _as_float64(name: str, values) -> torch.Tensor:
-    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    tensor = tensor.detach().to(torch.float64).reshape(-1)
-    return tensor
+    return _as_float(values, torch.float64)
+
+
+def _as_float(values, at_least: torch.dtype = torch.float32) -> torch.Tensor:
+    """A flat, detached floating tensor of at least ``at_least`` precision (lists become float64)."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values, dtype=torch.float64)
+    dtype = torch.promote_types(tensor.dtype, at_least) if tensor.is_floating_point() else torch.float64
+    return tensor.detach().to(dtype).reshape(-1)
 
 
 def logit_confidence(p, eps: float = DEFAULT_EPS) -> torch.Tensor:
@@ -136,12 +141,18 @@ def underconfidence_by_bucket(p_teacher, p_student, *, n_buckets: int = 10) -> l
     """
     if isinstance(n_buckets, bool) or not isinstance(n_buckets, int) or n_buckets < 1:
         raise KdlabError(f"underconfidence_by_bucket n_buckets: must be an integer >= 1, got {n_buckets!r}")
-    teacher, student = _as_float64("p_teacher", p_teacher), _as_float64("p_student", p_student)
+    # Binned and compared in the inputs' own precision (at least float32), so a float32 probability equal to an
+    # edge b/n in float32 falls in the lower bucket, as in ECE.
+    teacher, student = _as_float(p_teacher), _as_float(p_student)
+    dtype = torch.promote_types(teacher.dtype, student.dtype)
+    teacher, student = teacher.to(dtype), student.to(dtype)
     if teacher.numel() != student.numel():
         raise KdlabError(f"underconfidence_by_bucket: {teacher.numel()} teacher but {student.numel()} student "
                          "probabilities; pass the same samples")
     bins = _ece_bin_index(teacher, n_buckets)
     less = (student < teacher).to(torch.float64)
+    bins = bins.to(torch.device("cpu"))
+    less = less.to(torch.device("cpu"))
     counts = torch.bincount(bins, minlength=n_buckets)
     hits = torch.zeros(n_buckets, dtype=torch.float64).index_add_(0, bins, less)
     out = []

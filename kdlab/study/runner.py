@@ -223,6 +223,6 @@ class Runner:
                 shapes = tap_shapes(net, list(dict.fromkeys(list(names) + stages)), example)
                 shown = ", ".join(f"{k} {tuple(v)}" for k, v in shapes.items())
                 lines.append(f"  {role} {arch}: {parameter_count(net):,} parameters; taps: {shown}")
-            lines.append(f"  method {cfg.method.name}: {registry.summary('method', cfg.method.name)}; "
+            lines.append(f"  method {cfg.method.name}: {registry.summary('method', cfg.method.name).rstrip('.')}; "
                          f"{parameter_count(method):,} own parameters")
         return lines
