@@ -10,7 +10,9 @@ would.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import sys
 import time
 from dataclasses import dataclass
@@ -165,8 +167,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             if len(inputs):
                 teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
 
-    student_taps = Taps(student, method.student_taps)
-    teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if uses_teacher else None
+    # Hooks only when a method asks for features: an empty Taps would still put both models on
+    # nn.Module's slower hook path every forward.
+    student_taps = Taps(student, method.student_taps) if method.student_taps else None
+    teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if (uses_teacher and method.teacher_taps) else None
     bar = _Progress(progress, label)
     autocast = _autocast(device, train.precision)
     epochs_run = 0
@@ -176,8 +180,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             method.train()
             generator = epoch_generator(seed, epoch)
             order = torch.randperm(num_train, generator=generator).to(device)
-            sums: dict[str, torch.Tensor] = {}
-            bad_steps: dict[str, torch.Tensor] = {}  # per term: steps it was non-finite (the first to fail has most)
+            sums = bad_steps = None
             steps_this_epoch = min(steps_per_epoch, total_steps - step)
             for i in range(steps_this_epoch):
                 index = order[i * train.batch_size:(i + 1) * train.batch_size]
@@ -190,10 +193,14 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                     teacher_out = None
                     if uses_teacher:
                         with torch.no_grad():
-                            teacher_out = Outputs(teacher(inputs), dict(teacher_taps.captured))
-                    student_out = Outputs(student(inputs), dict(student_taps.captured))
+                            teacher_logits_batch = teacher(inputs)
+                        teacher_out = Outputs(teacher_logits_batch,
+                                              dict(teacher_taps.captured) if teacher_taps is not None else {})
+                    student_logits_batch = student(inputs)
+                    student_out = Outputs(student_logits_batch,
+                                          dict(student_taps.captured) if student_taps is not None else {})
                     terms = method.loss_terms(batch, student_out, teacher_out)
-                loss = sum(terms.values())
+                loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -209,15 +216,19 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                     optimizer.step()
                 scheduler.step()
                 step += 1
-                for name, value in terms.items():
-                    value = value.detach().float()
-                    sums[name] = sums[name] + value if name in sums else value
-                    bad = ~torch.isfinite(value)
-                    bad_steps[name] = bad_steps[name] + bad if name in bad_steps else bad.long()
+                # One stacked tensor per step (a few ops whatever the number of terms): running sums, and
+                # per term the count of non-finite steps — the term that failed first has the largest count.
+                stacked = torch.stack([value.detach().float() for value in terms.values()])
+                if sums is None:
+                    names = list(terms)
+                    sums, bad_steps = stacked, (~torch.isfinite(stacked)).long()
+                else:
+                    sums = sums + stacked
+                    bad_steps = bad_steps + ~torch.isfinite(stacked)
                 if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
-                    means = {k: v.item() / (i + 1) for k, v in sums.items()}
+                    means = dict(zip(names, (sums / (i + 1)).tolist()))
                     if not all(math.isfinite(v) for v in means.values()):
-                        counts = {k: int(v) for k, v in bad_steps.items()}
+                        counts = dict(zip(names, bad_steps.tolist()))
                         first = max(counts, key=counts.get)
                         raise NonFiniteLossError(
                             f"loss term {first!r} became non-finite in epoch {epoch + 1} (at step "
@@ -252,9 +263,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 save_checkpoint(ckpt_root, epoch + 1, tensors, state)
     finally:
         bar.close()
-        student_taps.close()
-        if teacher_taps is not None:
-            teacher_taps.close()
+        for tap in (student_taps, teacher_taps):
+            if tap is not None:
+                tap.close()
 
     selected_epoch = epochs
     if train.selection == "best_val" and best_epoch is not None:

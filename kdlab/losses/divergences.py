@@ -223,6 +223,11 @@ def kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction=
     """
     _check_reduction(reduction)
     log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    if valid is None and reduction == "batchmean":
+        # The common training case as one fused kernel (the same exp(log p)·(log p − log q) terms summed),
+        # instead of ~6 small ops: it is most of a small student's step on a GPU.
+        positions = max(1, log_p.numel() // log_p.shape[-1])
+        return torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True) * (temperature**2 / positions)
     return _reduce(temperature**2 * _kl_per_position(log_p, log_q), valid, reduction)
 
 
@@ -377,7 +382,8 @@ def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, red
     ``logits.shape[:-1]`` with values in [0, C) at valid positions (masked-out
     labels may be anything, e.g. −100); mask ``logits.shape[:-1]``. The label
     range check reads one bool back from the device (a sync) so that a bad label
-    is a ``KdlabError`` rather than an index error or a CUDA device assert.
+    is a ``KdlabError`` rather than an index error or a CUDA device assert; the
+    unmasked "batchmean" path skips it on accelerators (no per-step sync).
     Dtype: at least float32. Reduction: per-position value, then ``reduction``.
     """
     _check_reduction(reduction)
@@ -386,6 +392,14 @@ def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, red
     epsilon = _check_unit_interval("label_smoothing", label_smoothing)
     valid = _valid_positions(mask, student_logits.shape[:-1])
     num_classes = student_logits.shape[-1]
+    if valid is None and reduction == "batchmean":
+        # Unmasked training case: torch's fused kernel (same value, see above). The range check runs on
+        # the CPU only: on an accelerator it would sync every step, and kdlab's datasets check labels at load.
+        if labels.device.type == "cpu":
+            _clean_labels(labels, None, num_classes)
+        logits = student_logits.to(_compute_dtype(student_logits))
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, num_classes), labels.reshape(-1).long(),
+                                                 label_smoothing=epsilon)
     labels = _clean_labels(labels, valid, num_classes)
     dtype = _compute_dtype(student_logits)
     log_q = torch.log_softmax(_clean(student_logits, valid, dtype), dim=-1)

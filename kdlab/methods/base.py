@@ -67,5 +67,8 @@ class Method(nn.Module):
         return min(1.0, self.step / max(1, self.total_steps))
 
     def loss_terms(self, batch: Batch, student_out: Outputs, teacher_out: Outputs | None) -> dict[str, torch.Tensor]:
-        """Named scalar loss terms for this batch; the loop sums them and logs each."""
+        """Named scalar loss terms for this batch; the loop sums them and logs each.
+
+        Return the same names, in the same order, at every step (the loop keeps running sums by position).
+        """
         raise NotImplementedError
