@@ -191,3 +191,13 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert "resuming" in done.stdout
     record = Store(tmp_path / "ws").run(record.run_id)
     assert record.status == "finished" and record.final["selected_epoch"] == 400
+
+
+def test_run_from_python_with_a_dict_config(tmp_path):
+    import kdlab
+
+    cfg = dict(TINY, grid={}, seeds=[0], method={"name": "kd", "temperature": 2.0})
+    records = kdlab.run(cfg, workspace=tmp_path / "ws")
+    assert len(records) == 1 and records[0].status == "finished"
+    again = kdlab.run(cfg, workspace=tmp_path / "ws", overrides=["train.epochs=1"])
+    assert again[0].run_id != records[0].run_id and again[0].config["train"]["epochs"] == 1
