@@ -97,6 +97,17 @@ def cmd_compare(args) -> int:
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
     table = compare_table(_records(store, args.runs), metrics=metrics, baseline=args.baseline)
     print(render_table(table, fmt="markdown" if args.markdown else "text"))
+    if args.plot:
+        from kdlab.report.plots import comparison_bars
+
+        metric = metrics[0]
+        rows = [row for row in table.rows if row.summaries.get(metric) is not None]
+        if not rows:
+            raise KdlabError(f"--plot: no finished run has metric {metric!r}; choose one with --metrics")
+        path = comparison_bars([row.label for row in rows], [row.summaries[metric].mean for row in rows],
+                               [row.summaries[metric].half_width for row in rows], args.plot, metric=metric,
+                               baseline=args.baseline)
+        print(f"plot: {path}")
     return 0
 
 
@@ -176,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--metrics", help="comma-separated metric keys (default test/acc,test/nll,test/ece,test/agreement)")
     cmp_.add_argument("--markdown", action="store_true", help="print a Markdown table")
     cmp_.add_argument("--baseline", help="row label to compare every row against (paired by seed, first metric)")
+    cmp_.add_argument("--plot", metavar="PNG", help="also draw the first metric per row with its CI as a bar chart")
     cmp_.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="one run's resolved config and metrics")

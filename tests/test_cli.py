@@ -201,3 +201,19 @@ def test_run_from_python_with_a_dict_config(tmp_path):
     assert len(records) == 1 and records[0].status == "finished"
     again = kdlab.run(cfg, workspace=tmp_path / "ws", overrides=["train.epochs=1"])
     assert again[0].run_id != records[0].run_id and again[0].config["train"]["epochs"] == 1
+
+
+def test_bad_tap_is_refused_before_any_run_is_claimed(tmp_path, capsys):
+    cfg = dict(TINY, grid={}, method={"name": "distill", "terms": {
+        "ce": 1.0, "fitnet": {"weight": 1.0, "student": "layer9", "teacher": "pool"}}})
+    _expect_error(tmp_path, capsys, cfg, "method.terms.fitnet.student", "layer9")
+    assert Store(tmp_path / "ws").runs() == []  # neither the teacher nor any student was started
+
+
+def test_compare_plot_writes_a_png(tmp_path, capsys):
+    config = _write(tmp_path, dict(TINY, seeds=[0, 1]))
+    assert _kdlab(tmp_path, "run", str(config), "--quiet") == 0
+    png = tmp_path / "bars.png"
+    assert _kdlab(tmp_path, "compare", "tiny", "--baseline", "method.name=scratch", "--plot", str(png)) == 0
+    out = capsys.readouterr().out
+    assert "paired" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

@@ -81,3 +81,41 @@ def deviation_scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float
         if partial.exists():
             partial.unlink()
     return path
+
+
+def comparison_bars(labels: Sequence[str], means: Sequence[float], half_widths: Sequence[float], path: str | Path,
+                    *, metric: str, title: str | None = None, baseline: str | None = None) -> Path:
+    """Write a horizontal bar chart of one metric per configuration with its CI as error bars.
+
+    ``half_widths`` are the CI half widths (NaN: no bar); the ``baseline`` row,
+    if given, is drawn in another colour with a vertical reference line at its mean.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    if not labels:
+        raise ValueError("comparison_bars: nothing to plot")
+    figure = Figure(figsize=(7.0, 0.45 * len(labels) + 1.4), dpi=100, constrained_layout=True)
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    positions = list(range(len(labels)))[::-1]  # first row on top
+    errors = [0.0 if not math.isfinite(h) else h for h in half_widths]
+    colours = ["tab:orange" if label == baseline else "tab:blue" for label in labels]
+    ax.barh(positions, means, xerr=errors, color=colours, alpha=0.8, capsize=3)
+    ax.set_yticks(positions, labels)
+    if baseline in labels:
+        ax.axvline(means[list(labels).index(baseline)], color="tab:orange", linestyle="--", linewidth=1.0)
+    finite = [m - e for m, e in zip(means, errors) if math.isfinite(m)]
+    if finite:
+        top = max(m + e for m, e in zip(means, errors) if math.isfinite(m))
+        span = max(top - min(finite), 1e-6)
+        ax.set_xlim(min(finite) - 0.15 * span, top + 0.15 * span)
+    ax.set_xlabel(f"{metric} (mean ± 95% CI over seeds)")
+    if title:
+        ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    figure.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path

@@ -62,6 +62,12 @@ def environment() -> dict:
             "argv": sys.argv}
 
 
+def _architecture_key(spec: RunSpec) -> str:
+    cfg = spec.config
+    return json.dumps([to_dict(cfg.data), to_dict(cfg.teacher), to_dict(cfg.student), to_dict(cfg.method)],
+                      sort_keys=True, default=str)
+
+
 class Runner:
     """Executes runs against one workspace (its store, run folders and caches)."""
 
@@ -168,14 +174,11 @@ class Runner:
         """Run every spec; data and teacher checkpoints are checked before any run starts."""
         self.store.ensure_experiment(base.name, to_dict(base))
         checked: set[str] = set()
-        for spec in specs:  # preflight: bad data folders and teacher files fail before any work
-            key = json.dumps([to_dict(spec.config.data), to_dict(spec.config.teacher)], sort_keys=True, default=str)
+        for spec in specs:  # preflight: bad data, checkpoints, taps and shapes fail before any run is claimed
+            key = _architecture_key(spec)
             if key not in checked:
                 checked.add(key)
-                splits = self.splits(spec.config)
-                t = spec.config.teacher
-                if t is not None and t.checkpoint is not None:
-                    load_model_file(t.checkpoint, splits, model=t.model, options=t.options)
+                self._assemble_untrained(spec)
         summary = StudySummary()
         for spec in specs:
             try:
@@ -187,30 +190,40 @@ class Runner:
             (summary.ran if outcome == "ran" else summary.skipped).append(spec.run_id)
         return summary
 
+    def _assemble_untrained(self, spec: RunSpec):
+        """Data, teacher (its checkpoint, or its untrained architecture), student and method of ``spec``.
+
+        Building them checks everything that can be wrong before training:
+        data files, checkpoints, class counts, tap names and adapter shapes.
+        """
+        from kdlab.engine.build import build_model
+
+        cfg = spec.config
+        splits = self.splits(cfg)
+        t = cfg.teacher
+        teacher = None
+        if t is not None:
+            if t.checkpoint is not None:
+                teacher = load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
+            else:
+                teacher = build_model(t.model, t.options, splits)  # architecture only: nothing is trained
+        student = build_student(cfg.student, splits)
+        check_class_counts(student, teacher, splits)
+        method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
+        return splits, teacher, student, method
+
     def dry_run(self, specs: list[RunSpec]) -> list[str]:
         """Describe each distinct teacher/student/method: parameter counts and tap shapes; trains nothing."""
         from kdlab import registry
-        from kdlab.engine.build import build_model
 
         lines, seen = [], set()
         for spec in specs:
             cfg = spec.config
-            key = json.dumps([to_dict(cfg.data), to_dict(cfg.teacher), to_dict(cfg.student), to_dict(cfg.method)],
-                             sort_keys=True, default=str)
+            key = _architecture_key(spec)
             if key in seen:
                 continue
             seen.add(key)
-            splits = self.splits(cfg)
-            t = cfg.teacher
-            teacher = None
-            if t is not None:
-                if t.checkpoint is not None:
-                    teacher = load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
-                else:
-                    teacher = build_model(t.model, t.options, splits)  # architecture only: nothing is trained
-            student = build_student(cfg.student, splits)
-            method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
-            check_class_counts(student, teacher, splits)
+            splits, teacher, student, method = self._assemble_untrained(spec)
             example = splits.train[0][:2]
             lines.append(f"[{spec.label}] data {splits.name}: train {len(splits.train[0])}, val {len(splits.val[0])}, "
                          f"test {len(splits.test[0])}, input {tuple(splits.input_shape)}, {splits.num_classes} classes")
