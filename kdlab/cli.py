@@ -39,7 +39,7 @@ def cmd_run(args) -> int:
     from kdlab.study.runner import Runner
 
     base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None)
-    runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet)
+    runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet, retry_failed=args.retry_failed)
     if args.dry_run:
         print(f"experiment {base.name}: {len(specs)} runs (grid × seeds); nothing is trained in a dry run")
         for line in runner.dry_run(specs):
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue unfinished runs from their last checkpoint (default) or restart them")
     run.add_argument("--quiet", action="store_true", help="no progress line")
+    run.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list registered names with their one-line summaries")

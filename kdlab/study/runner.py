@@ -72,11 +72,12 @@ class Runner:
     """Executes runs against one workspace (its store, run folders and caches)."""
 
     def __init__(self, workspace: str | Path, *, resume: bool = True, progress: bool = False,
-                 out: Callable[[str], None] = print):
+                 retry_failed: bool = False, out: Callable[[str], None] = print):
         self.workspace = Path(workspace)
         self.store = Store(self.workspace)
         self.cache_dir = self.workspace / "cache"
         self.resume = resume
+        self.retry_failed = retry_failed  # failed runs are retried only when asked: never in a loop
         self.progress = progress
         self.out = out
 
@@ -118,8 +119,11 @@ class Runner:
         cfg = spec.config
         run_id = spec.run_id
         experiment = experiment or cfg.name
-        if self._status(run_id) == "finished":
+        status = self._status(run_id)
+        if status == "finished":
             return "skipped"
+        if status == "failed" and not self.retry_failed:
+            return "skipped_failed"
         splits = self.splits(cfg)
         teacher = self.teacher(cfg, splits)
         self.store.ensure_experiment(experiment, {} if role == "teacher" else to_dict(cfg))
@@ -187,7 +191,11 @@ class Runner:
                 summary.failed.append((spec.run_id, str(exc)))
                 self.out(f"  FAILED {spec.run_id} [{spec.label}]: {exc}")
                 continue
-            (summary.ran if outcome == "ran" else summary.skipped).append(spec.run_id)
+            if outcome == "skipped_failed":
+                record = self.store.run(spec.run_id)
+                summary.failed.append((spec.run_id, f"failed earlier ({record.error}); --retry-failed runs it again"))
+            else:
+                (summary.ran if outcome == "ran" else summary.skipped).append(spec.run_id)
         return summary
 
     def _assemble_untrained(self, spec: RunSpec):
