@@ -1,11 +1,14 @@
 """The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
 
     kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
+              [--workers N] [--retry-failed]
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
     kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
+    kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
     kdlab show RUN
     kdlab runs [EXPERIMENT]
     kdlab analyze deviations RUN [--out DIR]
+    kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
 """
 from __future__ import annotations
 
@@ -45,8 +48,16 @@ def cmd_run(args) -> int:
         for line in runner.dry_run(specs):
             print(line)
         return 0
+    if args.workers < 1:
+        raise KdlabError(f"--workers {args.workers}: expected a whole number ≥ 1, e.g. --workers 2")
     print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
-    summary = runner.run(base, specs)
+    if args.workers > 1:
+        from kdlab.study.workers import run_parallel
+
+        summary = run_parallel(base, specs, workspace=runner.workspace, workers=args.workers, resume=args.resume,
+                               retry_failed=args.retry_failed, progress=not args.quiet)
+    else:
+        summary = runner.run(base, specs)
     records = [r for spec in specs for r in runner.store.find(spec.run_id)]
     print()
     print(render_table(compare_table(records)))
@@ -95,6 +106,8 @@ def cmd_compare(args) -> int:
 
     store = Store(_workspace(args))
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
+    if args.capacity:
+        return _compare_capacity(store, args)
     table = compare_table(_records(store, args.runs), metrics=metrics, baseline=args.baseline)
     print(render_table(table, fmt="markdown" if args.markdown else "text"))
     if args.plot:
@@ -108,6 +121,33 @@ def cmd_compare(args) -> int:
                                [row.summaries[metric].half_width for row in rows], args.plot, metric=metric,
                                baseline=args.baseline)
         print(f"plot: {path}")
+    return 0
+
+
+def _compare_capacity(store, args) -> int:
+    from kdlab.study.capacity import capacity_table, render_capacity
+
+    if len(args.runs) != 1:
+        raise KdlabError(f"--capacity takes exactly one experiment name, got {len(args.runs)}; "
+                         "e.g. kdlab compare my-study --capacity")
+    if args.baseline or args.plot:
+        raise KdlabError("--capacity does not combine with --baseline or --plot; the gain is always over scratch, "
+                         "and `kdlab plot capacity-gap EXPERIMENT` draws its figures")
+    metric = args.metrics.split(",")[0].strip() if args.metrics else "test/acc"
+    table = capacity_table(store, args.runs[0], metric=metric)
+    print(render_capacity(table, fmt="markdown" if args.markdown else "text"), end="")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from kdlab.store import Store
+    from kdlab.study.capacity import capacity_table, plot_capacity, safe_name
+
+    workspace = _workspace(args)
+    table = capacity_table(Store(workspace), args.experiment, metric=args.metric)
+    out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
+    for path in plot_capacity(table, out, method=args.method):
+        print(path)
     return 0
 
 
@@ -176,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue unfinished runs from their last checkpoint (default) or restart them")
     run.add_argument("--quiet", action="store_true", help="no progress line")
     run.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="run the runs in N parallel processes (default 1: in this process)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list registered names with their one-line summaries")
@@ -189,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--markdown", action="store_true", help="print a Markdown table")
     cmp_.add_argument("--baseline", help="row label to compare every row against (paired by seed, first metric)")
     cmp_.add_argument("--plot", metavar="PNG", help="also draw the first metric per row with its CI as a bar chart")
+    cmp_.add_argument("--capacity", action="store_true",
+                      help="teacher × student table of one experiment: student accuracy, gain over scratch, "
+                           "the teacher's own accuracy")
     cmp_.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="one run's resolved config and metrics")
@@ -205,6 +250,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("run", help="run id or unique prefix of a finished student run with a teacher")
     analyze.add_argument("--out", help="folder for deviations.json and deviations.png (default: the run folder)")
     analyze.set_defaults(func=cmd_analyze)
+
+    plot = sub.add_parser("plot", help="figures of a study (capacity-gap: heatmap and accuracy vs teacher size)")
+    plot.add_argument("what", choices=["capacity-gap"], help="which figure")
+    plot.add_argument("experiment", help="experiment name")
+    plot.add_argument("--out", help="folder for the PNG and SVG files (default: <workspace>/plots/<experiment>)")
+    plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")
+    plot.add_argument("--method", help="method block to plot (default kd when present, else the first)")
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 1  # validate every N epochs (and always after the last)
     checkpoint_every: int = 5  # checkpoint every N epochs (and always after the last)
     selection: Literal["last", "best_val"] = "last"  # which epoch's weights give the test metrics
+    keep_epochs: tuple[int, ...] = ()  # keep the model's weights after these epochs (early-stopped teachers)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 needs CUDA
 
@@ -97,10 +98,14 @@ class ModelConfig:
     kdlab (it records the architecture); otherwise ``train`` is its recipe.
     """
 
-    model: Optional[str] = None  # zoo name; may be omitted for a kdlab-written teacher checkpoint
+    model: Optional[str] = None  # zoo name (or NAME-wW-dD, e.g. cnn1d-w16); may be omitted for a kdlab checkpoint
     checkpoint: Optional[str] = None  # safetensors weights to load
     train: Optional[TrainConfig] = None  # teacher only: its training recipe (defaults: TrainConfig())
     seed: int = 0  # teacher only: the seed of its training run
+    epoch: Optional[int] = None  # teacher only: use the recipe's weights after this epoch (in train.keep_epochs)
+    trajectory: bool = False  # teacher only: expose the recipe's kept checkpoints, in order (route_constrained)
+    assistants: list = field(default_factory=list)  # teacher only: chain teacher → assistants → student (TAKD)
+    members: list = field(default_factory=list)  # teacher only: several teachers (multi_teacher)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
 
@@ -452,11 +457,106 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+# Size suffixes of model names: cnn1d-w16 = cnn1d with width 16; resnet_cifar-d32-w4; wrn-d40-w2.
+# "w" sets the family's width knob (the first of these it takes), "d" its depth.
+_WIDTH_KNOBS = ("width", "widen_factor", "width_multiplier", "dim")
+
+
+def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
+    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``; a plain name has no suffixes."""
+    if not isinstance(name, str) or "-" not in name:
+        return name, {}
+    base, *parts = name.split("-")
+    knobs = {}
+    for part in parts:
+        if len(part) < 2 or part[0] not in "wd" or not part[1:].isdigit():
+            raise KdlabError(f"model name {name!r}: size suffixes are -wN (width) and -dN (depth), e.g. cnn1d-w16")
+        knobs[part[0]] = int(part[1:])
+    return base, knobs
+
+
+def _expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
+    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` (refusing a clash with an explicit key)."""
+    name = section_raw.get("model")
+    try:
+        base, knobs = split_sized_name(name)
+    except KdlabError as exc:
+        errors.append(f"{path}.model: {exc}")
+        return section_raw
+    if not knobs:
+        return section_raw
+    out = dict(section_raw, model=base)
+    try:
+        params = entry_parameters("model", base)
+    except KdlabError as exc:
+        errors.append(f"{path}.model: {exc}")
+        return out
+    for code, value in knobs.items():
+        keys = ("depth",) if code == "d" else _WIDTH_KNOBS
+        key = next((k for k in keys if k in params), None)
+        if key is None:
+            errors.append(f"{path}.model: {base!r} has no {'depth' if code == 'd' else 'width'} option for -{code}{value}")
+        elif key in section_raw and section_raw[key] != value:
+            errors.append(f"{path}.model: {name!r} sets {key}={value} but {path}.{key} is {section_raw[key]!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def _drop_knobs_set_by_sized_name(raw: dict, key: str, value: Any) -> None:
+    """A grid value like ``teacher.model: cnn1d-w16`` overrides the section's own width/depth."""
+    if not key.endswith(".model") or not isinstance(value, str):
+        return
+    section = get_path(raw, key.rsplit(".", 1)[0])
+    _, knobs = split_sized_name(value)
+    if isinstance(section, dict):
+        for code in knobs:
+            for knob in ("depth",) if code == "d" else _WIDTH_KNOBS:
+                section.pop(knob, None)
+
+
 def _candidates(raw: dict, grid: dict, section: str, name_key: str, default: Any) -> set:
     """Every entry name section ``section`` can take in this experiment (base value + grid values)."""
     names = {get_path(raw, f"{section}.{name_key}", default)}
     names.update(grid.get(f"{section}.{name_key}", []) or [])
-    return {n for n in names if isinstance(n, str)}
+    out = set()
+    for n in names:
+        if isinstance(n, str):
+            try:
+                out.add(split_sized_name(n)[0])
+            except KdlabError:
+                pass  # reported where the name is parsed
+    return out
+
+
+def _parse_model_list(items: Any, path: str, errors: list[str]) -> list:
+    """``teacher.assistants`` / ``teacher.members``: each item a model section of its own."""
+    if not isinstance(items, list):
+        errors.append(f"{path}: expected a list of model sections, got {items!r}")
+        return []
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]"
+        if not isinstance(item, dict):
+            errors.append(f"{where}: expected a mapping like {{model: cnn1d, width: 32}}, got {item!r}")
+            continue
+        item = _expand_sized_name(item, where, errors)
+        obj = _parse_dataclass(ModelConfig, item, where, errors, extra_ok=True)
+        if obj.model is None and obj.checkpoint is None:
+            errors.append(f"{where}: give a model (and its options) or a checkpoint")
+        elif obj.model is not None:
+            try:
+                registry.get("model", obj.model, key=f"{where}.model")
+                obj.options = _check_options(where, "model", obj.model, obj.options, set(), errors)
+            except KdlabError as exc:
+                errors.append(str(exc))
+        for nested in ("assistants", "members"):
+            if getattr(obj, nested):
+                errors.append(f"{where}.{nested}: nesting is not supported; declare one flat list")
+        if obj.checkpoint is None and obj.train is None:
+            obj.train = TrainConfig()
+        out.append(obj)
+    return out
 
 
 def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
@@ -477,17 +577,23 @@ def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         if section == "student" and section_raw is not None and not isinstance(section_raw, dict):
             errors.append(f"student: expected a mapping, got {section_raw!r}")
             continue
+        if cls is ModelConfig and isinstance(section_raw, dict):
+            section_raw = _expand_sized_name(section_raw, section, errors)
         obj = _parse_dataclass(cls, section_raw, section, errors, extra_ok=True)
+        if section == "teacher":
+            obj.assistants = _parse_model_list(obj.assistants, "teacher.assistants", errors)
+            obj.members = _parse_model_list(obj.members, "teacher.members", errors)
         if section == "student" and obj.model is None:
             obj.model = "cnn1d"
         setattr(cfg, section, obj)
         name_key, kind = _REGISTRY_SECTIONS[section]
         name = getattr(obj, name_key)
-        if name is None:  # a teacher given only as a kdlab checkpoint: options come from the file
+        if name is None:  # a teacher given only as a kdlab checkpoint (or as members): options come from the file
             if obj.options:
                 errors.append(f"{section}: options {sorted(obj.options)} need {section}.model to be set")
-            if section == "teacher" and obj.checkpoint is None:
-                errors.append("teacher: give teacher.model (a training recipe) or teacher.checkpoint (a file)")
+            if section == "teacher" and obj.checkpoint is None and not obj.members:
+                errors.append("teacher: give teacher.model (a training recipe), teacher.checkpoint (a file) "
+                              "or teacher.members (several teachers)")
             continue
         try:
             registry.get(kind, name, key=f"{section}.{name_key}")
@@ -504,10 +610,38 @@ def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         obj.options = _check_options(section, kind, name, obj.options, others, errors)
         if section == "student" and obj.train is not None:
             errors.append("student.train: the student trains with the top-level train section; move it there")
-    if cfg.teacher is not None and cfg.teacher.checkpoint is None and cfg.teacher.train is None:
+    if cfg.teacher is not None and cfg.teacher.checkpoint is None and cfg.teacher.model is not None \
+            and cfg.teacher.train is None:
         cfg.teacher.train = TrainConfig()
+    if isinstance(cfg.student, ModelConfig):
+        for key in ("epoch", "trajectory", "assistants", "members"):
+            if getattr(cfg.student, key) not in (None, False, []):
+                errors.append(f"student.{key}: only the teacher section takes {key}")
+    if cfg.teacher is not None:
+        _check_teacher(cfg.teacher, errors)
     _check_values(cfg, errors)
     return cfg
+
+
+def _check_teacher(t: ModelConfig, errors: list[str]) -> None:
+    """Teacher options that depend on each other: kept epochs, trajectories, members."""
+    kept = tuple(t.train.keep_epochs) if t.train is not None else ()
+    if t.epoch is not None:
+        if t.checkpoint is not None or t.model is None:
+            errors.append("teacher.epoch: only a recipe teacher (teacher.model + teacher.train) has epochs to pick")
+        elif t.epoch not in kept:
+            errors.append(f"teacher.epoch: epoch {t.epoch} is not kept by the teacher's recipe; add it to "
+                          f"teacher.train.keep_epochs (now {list(kept)})")
+    if t.trajectory and (t.model is None or t.checkpoint is not None or not kept):
+        errors.append("teacher.trajectory: needs a recipe teacher with teacher.train.keep_epochs, e.g. [5, 10, 20]")
+    if t.members and (t.model is not None or t.checkpoint is not None or t.assistants):
+        errors.append("teacher.members: a multi-teacher section holds only members (each a model section)")
+    if t.assistants and (t.checkpoint is not None or t.model is None) and not t.members:
+        errors.append("teacher.assistants: the chain starts from a recipe teacher (teacher.model + teacher.train)")
+    if t.train is not None and t.train.keep_epochs:
+        bad = [e for e in t.train.keep_epochs if not (isinstance(e, int) and 1 <= e <= t.train.epochs)]
+        if bad:
+            errors.append(f"teacher.train.keep_epochs: {bad} outside 1..{t.train.epochs} (teacher.train.epochs)")
 
 
 def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
@@ -585,6 +719,7 @@ def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
         for key, value in point.items():
             try:
                 set_path(point_raw, key, copy.deepcopy(value))
+                _drop_knobs_set_by_sized_name(point_raw, key, value)
             except KdlabError as exc:
                 point_errors.append(f"grid.{key}: {exc}")
         cfg = _parse_point(point_raw, grid_values, point_errors)
@@ -621,18 +756,18 @@ def quickstart_raw() -> dict:
     return load_yaml(QUICKSTART_PATH)
 
 
-def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
-    """The teacher recipe of ``cfg`` as a run of its own (method ``scratch``), or None.
+def recipe_run_spec(t: ModelConfig, data: DataConfig) -> RunSpec | None:
+    """A recipe teacher (or assistant-chain base) as a run of its own (method ``scratch``), or None.
 
-    Its identity depends only on what shapes the teacher — its model, recipe,
+    Its identity depends only on what shapes the network — its model, recipe,
     seed and the data — so every student of a study shares one teacher run.
+    (``epoch``/``trajectory`` pick files of this run; they do not change it.)
     """
-    t = cfg.teacher
-    if t is None or t.checkpoint is not None:
+    if t is None or t.checkpoint is not None or t.model is None:
         return None
     teacher_cfg = ExperimentConfig(
         name="teacher",
-        data=copy.deepcopy(cfg.data),
+        data=copy.deepcopy(data),
         teacher=None,
         student=ModelConfig(model=t.model, options=dict(t.options)),
         method=MethodConfig(name="scratch"),
@@ -640,6 +775,40 @@ def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
         seeds=[t.seed],
     )
     return RunSpec(config=teacher_cfg, seed=t.seed, point={})
+
+
+def assistant_run_spec(t: ModelConfig, data: DataConfig, method: MethodConfig) -> RunSpec:
+    """The last assistant of ``t``'s chain as a run: distilled (KD) from the chain before it.
+
+    Mirzadeh et al. (2020) train every stage with the same KD objective: each
+    assistant uses the experiment's ``kd`` hyperparameters when its method is
+    ``kd``/``takd``, KD defaults otherwise. Recursion through ``teacher`` gives the chain.
+    """
+    last = t.assistants[-1]
+    previous = copy.deepcopy(t)
+    previous.assistants = list(t.assistants[:-1])
+    options = dict(method.options) if method.name in ("kd", "takd") else {}
+    options = {k: v for k, v in options.items() if k in ("temperature", "alpha")}
+    stage_cfg = ExperimentConfig(
+        name="assistant",
+        data=copy.deepcopy(data),
+        teacher=previous,
+        student=ModelConfig(model=last.model, checkpoint=last.checkpoint, options=dict(last.options)),
+        method=MethodConfig(name="kd", options=options),
+        train=copy.deepcopy(last.train) if last.train is not None else TrainConfig(),
+        seeds=[last.seed],
+    )
+    return RunSpec(config=stage_cfg, seed=last.seed, point={})
+
+
+def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
+    """The run that produces ``cfg``'s teacher network: the recipe run, or the last assistant's run."""
+    t = cfg.teacher
+    if t is None:
+        return None
+    if t.assistants:
+        return assistant_run_spec(t, cfg.data, cfg.method)
+    return recipe_run_spec(t, cfg.data)
 
 
 def parse_train(raw: dict, *, path: str = "train") -> TrainConfig:

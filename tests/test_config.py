@@ -236,7 +236,8 @@ def test_teacher_options_without_a_model_are_rejected():
 
 def test_teacher_without_model_or_checkpoint_is_rejected():
     found = problems(single(teacher={"seed": 1}))
-    assert found == ["teacher: give teacher.model (a training recipe) or teacher.checkpoint (a file)"]
+    assert found == ["teacher: give teacher.model (a training recipe), teacher.checkpoint (a file) "
+                     "or teacher.members (several teachers)"]
 
 
 # --------------------------------------------------------------------------- grids

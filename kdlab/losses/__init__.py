@@ -6,6 +6,7 @@ feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
 """
 from kdlab.losses import divergences, features, logit  # noqa: F401  (registration)
 from kdlab.losses.divergences import REDUCTIONS, cross_entropy, generalized_jsd, kl, mse_logits, reverse_kl, tvd
+from kdlab.losses.ensemble import combine_teacher_probs, multi_teacher_kl, teacher_weights
 from kdlab.losses.features import (
     FEATURE_LOSSES,
     attention_map,
@@ -36,6 +37,7 @@ __all__ = [
     "attention_map",
     "attention_transfer",
     "batchnorm_standardize",
+    "combine_teacher_probs",
     "cross_entropy",
     "dist",
     "dkd",
@@ -47,6 +49,7 @@ __all__ = [
     "logit_standardization",
     "logsum",
     "mse_logits",
+    "multi_teacher_kl",
     "pearson_distance",
     "pkt",
     "reverse_kl",
@@ -56,5 +59,6 @@ __all__ = [
     "similarity_preserving",
     "skew_kl",
     "standardize_logits",
+    "teacher_weights",
     "tvd",
 ]

@@ -7,6 +7,7 @@ normalises its [0, 1] input inside ``forward`` and names its stages in
 ``model.feature_stages`` (the last, ``pool``, is the penultimate feature vector).
 """
 from kdlab.models import cnn1d, mlp, mobilenetv2, resnet_cifar, vit, wrn  # noqa: F401  (registers the models)
+from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.models.taps import Taps, parameter_count, tap_shapes, taps, valid_tap_names
 
-__all__ = ["Taps", "taps", "tap_shapes", "parameter_count", "valid_tap_names"]
+__all__ = ["TeacherEnsemble", "Taps", "taps", "tap_shapes", "parameter_count", "valid_tap_names"]

@@ -1,6 +1,6 @@
-"""Figures as PNG files. matplotlib is imported inside each function and draws
-through the Agg canvas directly (no pyplot, so no global backend state and no
-display is touched)."""
+"""Figures as PNG files (the capacity-gap figures also as SVG). matplotlib is
+imported inside each function and draws through the Agg canvas directly (no
+pyplot, so no global backend state and no display is touched)."""
 from __future__ import annotations
 
 import math
@@ -119,3 +119,151 @@ def comparison_bars(labels: Sequence[str], means: Sequence[float], half_widths: 
     figure.savefig(tmp, format="png")
     os.replace(tmp, path)
     return path
+
+
+def _save_png_and_svg(figure, path: str | Path) -> tuple[Path, Path]:
+    """Write ``figure`` as ``<path>.png`` and ``<path>.svg`` (any suffix of ``path`` is replaced), each atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in ("png", "svg"):
+        target = path.with_suffix(f".{fmt}")
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            figure.savefig(partial, format=fmt)
+            os.replace(partial, target)
+        finally:
+            if partial.exists():
+                partial.unlink()
+        written.append(target)
+    return written[0], written[1]
+
+
+def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Sequence[Sequence[float]],
+                     path: str | Path, *, deltas: Sequence[Sequence[float]] | None = None,
+                     baseline: Sequence[float] | None = None, metric: str = "test/acc",
+                     title: str | None = None) -> tuple[Path, Path]:
+    """Write a teachers (rows) × students (columns) heatmap of the students' mean ``metric``.
+
+    ``means[i][j]`` is student ``j`` distilled from teacher ``i`` (NaN: no such
+    run, drawn blank); ``deltas[i][j]``, if given, its gain over scratch, written
+    under the mean in each cell. ``baseline[j]``, if given, adds a last row with
+    each student's scratch value. Colours follow the value (one scale for all
+    cells). Writes ``path`` with suffixes ``.png`` and ``.svg``, atomically;
+    returns both paths.
+    """
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [list(map(float, row)) for row in means]
+    if not teachers or not students or len(rows) != len(teachers) or any(len(r) != len(students) for r in rows):
+        raise ValueError("capacity_heatmap: means must be a non-empty len(teachers) × len(students) matrix")
+    row_labels = list(teachers)
+    delta_rows = [list(map(float, row)) for row in deltas] if deltas is not None else None
+    if baseline is not None:
+        rows.append([float(v) for v in baseline])
+        row_labels.append("scratch (no teacher)")
+        if delta_rows is not None:
+            delta_rows.append([math.nan] * len(students))
+    matrix = np.ma.masked_invalid(np.array(rows, dtype=float))
+    figure = Figure(figsize=(max(4.5, 1.9 * len(students) + 3.0), max(3.0, 0.75 * len(row_labels) + 1.8)), dpi=100,
+                    constrained_layout=True)
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    cmap = colormaps["viridis"].copy()
+    cmap.set_bad("white")
+    finite = matrix.compressed()
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.01, hi + 0.01
+    image = ax.imshow(matrix, cmap=cmap, vmin=lo, vmax=hi, aspect="auto")
+    figure.colorbar(image, ax=ax, label=f"student {metric} (mean over seeds)")
+    for i in range(len(row_labels)):
+        for j in range(len(students)):
+            value = rows[i][j]
+            if not math.isfinite(value):
+                ax.text(j, i, "-", ha="center", va="center", fontsize=9, color="black")
+                continue
+            text = f"{value:.3f}"
+            if delta_rows is not None and math.isfinite(delta_rows[i][j]):
+                text += f"\nΔ {delta_rows[i][j]:+.3f}"
+            elif baseline is not None and i == len(row_labels) - 1:
+                text += "\n(scratch)"
+            shade = (value - lo) / (hi - lo)
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if shade > 0.55 else "white")
+    if baseline is not None:
+        ax.axhline(len(row_labels) - 1.5, color="black", linewidth=1.5)
+    ax.set_xticks(range(len(students)), list(students), fontsize=8)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+    ax.set_xlabel("student")
+    ax.set_ylabel("teacher (by size)")
+    caption = "cell: mean over seeds" + ("; Δ: paired gain over scratch" if delta_rows is not None else "")
+    ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=10)
+    return _save_png_and_svg(figure, path)
+
+
+def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                   path: str | Path, *, baselines: Mapping[str, float] | None = None,
+                   teacher_labels: Sequence[str] | None = None, teacher_metric: Sequence[float] | None = None,
+                   metric: str = "test/acc", confidence: float = 0.95,
+                   title: str | None = None) -> tuple[Path, Path]:
+    """Write a plot of student ``metric`` against teacher size, one line per student.
+
+    x is ``teacher_params`` (log scale; one entry per teacher, > 0);
+    ``series[student] = (means, half_widths)`` aligned with it (NaN mean: no
+    point; NaN half width: no error bar). ``baselines[student]`` draws a dashed
+    horizontal line in the student's colour at its scratch value;
+    ``teacher_metric`` draws the teachers' own values as a grey dotted line;
+    ``teacher_labels`` name the teachers under the x ticks. Writes ``path``
+    with suffixes ``.png`` and ``.svg``, atomically; returns both paths.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullLocator
+
+    xs = [float(x) for x in teacher_params]
+    if not xs or not series or any(not (math.isfinite(x) and x > 0) for x in xs):
+        raise ValueError("capacity_lines: need at least one teacher with a positive parameter count and one series")
+    figure = Figure(figsize=(7.5, 5.0), dpi=100, constrained_layout=True)
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    colours = [f"C{i % 10}" for i in range(len(series))]
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    for colour, (student, (means, half_widths)) in zip(colours, series.items()):
+        points = [(xs[i], float(means[i]), float(half_widths[i])) for i in order if math.isfinite(float(means[i]))]
+        if points:
+            ax.errorbar([p[0] for p in points], [p[1] for p in points],
+                        yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in points], color=colour, marker="o",
+                        linewidth=1.5, capsize=3, label=student)
+        base = (baselines or {}).get(student)
+        if base is not None and math.isfinite(base):
+            ax.axhline(base, color=colour, linestyle="--", linewidth=1.0, alpha=0.8, label=f"{student}: scratch")
+    if teacher_metric is not None:
+        points = [(xs[i], float(teacher_metric[i])) for i in order if math.isfinite(float(teacher_metric[i]))]
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], color="grey", linestyle=":", marker="s",
+                    markersize=4, linewidth=1.0, label="teacher itself")
+    ax.set_xscale("log")
+    ticks = sorted(set(xs))
+    if teacher_labels is not None:
+        names: dict[float, list[str]] = {}
+        for x, label in zip(xs, teacher_labels):
+            names.setdefault(x, []).append(str(label))
+        labels = [" / ".join(names[x]) + f"\n({int(round(x)):,})" for x in ticks]
+    else:
+        labels = [f"{int(round(x)):,}" for x in ticks]
+    ax.set_xticks(ticks, labels, fontsize=7, rotation=20, ha="right")
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) == 1:
+        ax.set_xlim(ticks[0] / 2.0, ticks[0] * 2.0)
+    else:
+        ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
+    ax.grid(True, linewidth=0.3, alpha=0.5)
+    ax.set_xlabel("teacher size (parameters, log scale)")
+    ax.set_ylabel(f"student {metric} (mean ± {confidence * 100:g}% CI over seeds)")
+    ax.legend(fontsize=7, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_png_and_svg(figure, path)

@@ -369,12 +369,17 @@ class Store:
         seed: int | None,
         group_key: str,
         config: Mapping[str, Any],
+        take_failed_before: float = math.inf,
     ) -> str | None:
         """Atomically take run ``run_id`` for this process.
 
         Returns ``"finished"`` (done; skip it) or ``"running"`` (another live
         process has it, or a process on another host, whose liveness cannot be
-        checked; skip it) without changing anything. Otherwise the run is new,
+        checked; skip it) without changing anything. A 'failed' run is taken
+        only if its last attempt started before ``take_failed_before`` (default:
+        always; ``-math.inf``: never); otherwise ``"failed_kept"`` is returned
+        and nothing changes (skip it), so a run that failed during a study is
+        not retried by another process of the same study. Otherwise the run is new,
         failed, interrupted, pending or held by a dead process: it becomes
         'running' with this pid/host, its folder is created, and the previous
         status is returned: ``None`` for a new run, and ``"interrupted"`` for a
@@ -389,11 +394,13 @@ class Store:
             if db.execute("SELECT 1 FROM experiments WHERE name = ?", (experiment,)).fetchone() is None:
                 raise ValueError(f"experiment {experiment!r} is not in the store; call ensure_experiment first")
             row = db.execute(
-                "SELECT status, pid, pid_start, host FROM runs WHERE run_id = ?", (run_id,)
+                "SELECT status, pid, pid_start, host, started_at FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
             if row is not None:
                 if row["status"] == "finished":
                     return "finished"
+                if row["status"] == "failed" and not (row["started_at"] or -math.inf) < take_failed_before:
+                    return "failed_kept"
                 if row["status"] == "running" and (
                     row["host"] != self.host or _process_alive(row["pid"], row["pid_start"])
                 ):

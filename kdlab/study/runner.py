@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
 import platform
 import socket
@@ -24,7 +25,8 @@ from typing import Callable
 import torch
 import yaml
 
-from kdlab.config import ExperimentConfig, RunSpec, teacher_run_spec, to_dict
+from kdlab.config import (ExperimentConfig, ModelConfig, RunSpec, assistant_run_spec, recipe_run_spec,
+                          to_dict)
 from kdlab.data import Splits, build_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
 from kdlab.engine.checkpoint import save_model
@@ -36,6 +38,11 @@ from kdlab.store import Store, atomic_write_json, atomic_write_text, append_json
 
 TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
+
+
+def kept_model_file(epoch: int) -> str:
+    """Where a run keeps its weights after ``epoch`` (train.keep_epochs), relative to its folder."""
+    return f"epochs/model-epoch-{epoch:04d}.safetensors"
 
 
 @dataclass
@@ -62,6 +69,24 @@ def environment() -> dict:
             "argv": sys.argv}
 
 
+def _untrained_network(t: ModelConfig, splits: Splits):
+    """The teacher section's network shape without training anything (files are loaded and checked)."""
+    from kdlab.engine.build import build_model
+    from kdlab.models.ensemble import TeacherEnsemble
+    from kdlab.models.trajectory import TeacherTrajectory
+
+    if t.members:
+        return TeacherEnsemble([_untrained_network(member, splits) for member in t.members])
+    if t.checkpoint is not None:
+        return load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
+    if t.assistants:
+        return _untrained_network(t.assistants[-1], splits)
+    if t.trajectory:
+        stages = [e for e in t.train.keep_epochs if e < t.train.epochs] + [t.train.epochs]
+        return TeacherTrajectory([build_model(t.model, t.options, splits) for _ in stages])
+    return build_model(t.model, t.options, splits)
+
+
 def _architecture_key(spec: RunSpec) -> str:
     cfg = spec.config
     return json.dumps([to_dict(cfg.data), to_dict(cfg.teacher), to_dict(cfg.student), to_dict(cfg.method)],
@@ -78,6 +103,7 @@ class Runner:
         self.cache_dir = self.workspace / "cache"
         self.resume = resume
         self.retry_failed = retry_failed  # failed runs are retried only when asked: never in a loop
+        self.since = time.time()  # runs that fail after this are not retried by this runner (see Store.claim)
         self.progress = progress
         self.out = out
 
@@ -95,22 +121,46 @@ class Runner:
             return None
 
     def teacher(self, cfg: ExperimentConfig, splits: Splits):
-        """The trained teacher network of ``cfg`` (None without one), training its recipe if needed."""
-        t = cfg.teacher
-        if t is None:
+        """The trained teacher network of ``cfg`` (None without one), training what it needs first."""
+        if cfg.teacher is None:
             return None
+        return self._network(cfg.teacher, cfg, splits)
+
+    def _network(self, t: ModelConfig, cfg: ExperimentConfig, splits: Splits):
+        """A teacher section as a network: a file, a recipe run (at an epoch, or its trajectory),
+        the end of an assistant chain, or an ensemble of members (each one of these)."""
+        from kdlab.models.ensemble import TeacherEnsemble
+        from kdlab.models.trajectory import TeacherTrajectory
+
+        if t.members:
+            return TeacherEnsemble([self._network(member, cfg, splits) for member in t.members])
         if t.checkpoint is not None:
             return load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
-        spec = teacher_run_spec(cfg)
-        self.execute(spec, role="teacher", experiment=TEACHER_EXPERIMENT)
+        if t.assistants:
+            return self._load_run_model(assistant_run_spec(t, cfg.data, cfg.method), "assistant", splits)
+        spec = recipe_run_spec(t, cfg.data)
+        if t.trajectory:  # the kept checkpoints in order, then the final weights; the final one answers by default
+            epochs = sorted(t.train.keep_epochs)
+            stages = [self._load_run_model(spec, "teacher", splits, epoch=e) for e in epochs if e < t.train.epochs]
+            stages.append(self._load_run_model(spec, "teacher", splits))
+            return TeacherTrajectory(stages)
+        return self._load_run_model(spec, "teacher", splits, epoch=t.epoch)
+
+    def _load_run_model(self, spec: RunSpec, role: str, splits: Splits, *, epoch: int | None = None):
+        """Train ``spec`` as a run of experiment "teachers" unless done, then load its final (or kept) weights."""
+        self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT)
         deadline = time.monotonic() + 24 * 3600
-        while (status := self._status(spec.run_id)) == "running" and time.monotonic() < deadline:
-            time.sleep(2.0)  # another process is training this teacher; wait for it
+        while self._status(spec.run_id) == "running" and time.monotonic() < deadline:
+            time.sleep(2.0)  # another process is training it; wait
         record = self.store.run(spec.run_id)
         if record.status != "finished":
-            raise KdlabError(f"teacher run {spec.run_id} is {record.status}: {record.error or 'no error recorded'}; "
+            raise KdlabError(f"{role} run {spec.run_id} is {record.status}: {record.error or 'no error recorded'}; "
                              f"see `kdlab show {spec.run_id}`")
-        return load_model_file(Path(record.run_dir) / MODEL_FILE, splits, key=f"teacher run {spec.run_id}")[0]
+        path = Path(record.run_dir) / (MODEL_FILE if epoch is None else kept_model_file(epoch))
+        if epoch is not None and not path.is_file():
+            raise KdlabError(f"teacher.epoch: {role} run {spec.run_id} kept no weights for epoch {epoch} ({path}); "
+                             "add the epoch to teacher.train.keep_epochs")
+        return load_model_file(path, splits, key=f"{role} run {spec.run_id}")[0]
 
     # ------------------------------------------------------------------ one run
 
@@ -128,9 +178,12 @@ class Runner:
         teacher = self.teacher(cfg, splits)
         self.store.ensure_experiment(experiment, {} if role == "teacher" else to_dict(cfg))
         previous = self.store.claim(run_id, experiment=experiment, role=role, label=spec.label, seed=spec.seed,
-                                    group_key=spec.group_key, config=spec.resolved())
+                                    group_key=spec.group_key, config=spec.resolved(),
+                                    take_failed_before=self.since if self.retry_failed else -math.inf)
         if previous in ("finished", "running"):
             return "skipped"
+        if previous == "failed_kept":  # failed meanwhile (another process of this study): not retried now
+            return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +200,13 @@ class Runner:
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
 
+            spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits)
+
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 self.store.log_epoch(run_id, epoch, metrics)
                 append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, **metrics})
+                if epoch in cfg.train.keep_epochs:  # saved before this epoch's checkpoint, so never lost on resume
+                    save_model(run_dir / kept_model_file(epoch), student, spec_of_model)
 
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
@@ -158,7 +215,7 @@ class Runner:
             final = dict(result.final)
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
-            save_model(run_dir / MODEL_FILE, student, model_spec(cfg.student.model, cfg.student.options, splits))
+            save_model(run_dir / MODEL_FILE, student, spec_of_model)
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
         except KeyboardInterrupt:
@@ -177,12 +234,7 @@ class Runner:
     def run(self, base: ExperimentConfig, specs: list[RunSpec]) -> StudySummary:
         """Run every spec; data and teacher checkpoints are checked before any run starts."""
         self.store.ensure_experiment(base.name, to_dict(base))
-        checked: set[str] = set()
-        for spec in specs:  # preflight: bad data, checkpoints, taps and shapes fail before any run is claimed
-            key = _architecture_key(spec)
-            if key not in checked:
-                checked.add(key)
-                self._assemble_untrained(spec)
+        self.preflight(specs)
         summary = StudySummary()
         for spec in specs:
             try:
@@ -198,23 +250,25 @@ class Runner:
                 (summary.ran if outcome == "ran" else summary.skipped).append(spec.run_id)
         return summary
 
+    def preflight(self, specs: list[RunSpec]) -> None:
+        """Build each distinct data/teacher/student/method untrained: bad data, checkpoints, taps and
+        shapes raise ``KdlabError`` here, before any run is claimed."""
+        checked: set[str] = set()
+        for spec in specs:
+            key = _architecture_key(spec)
+            if key not in checked:
+                checked.add(key)
+                self._assemble_untrained(spec)
+
     def _assemble_untrained(self, spec: RunSpec):
         """Data, teacher (its checkpoint, or its untrained architecture), student and method of ``spec``.
 
         Building them checks everything that can be wrong before training:
         data files, checkpoints, class counts, tap names and adapter shapes.
         """
-        from kdlab.engine.build import build_model
-
         cfg = spec.config
         splits = self.splits(cfg)
-        t = cfg.teacher
-        teacher = None
-        if t is not None:
-            if t.checkpoint is not None:
-                teacher = load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
-            else:
-                teacher = build_model(t.model, t.options, splits)  # architecture only: nothing is trained
+        teacher = _untrained_network(cfg.teacher, splits) if cfg.teacher is not None else None
         student = build_student(cfg.student, splits)
         check_class_counts(student, teacher, splits)
         method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))

@@ -56,6 +56,18 @@ def test_scratch_is_cross_entropy_with_label_smoothing():
     assert terms["ce"].item() == pytest.approx(expected.item(), abs=1e-6)
 
 
+def _teacher_for(method_name, make):
+    """Methods that distil from several networks get them in the module they expect."""
+    from kdlab.models.ensemble import TeacherEnsemble
+    from kdlab.models.trajectory import TeacherTrajectory
+
+    if method_name == "multi_teacher":
+        return TeacherEnsemble([make(16), make(12)])
+    if method_name == "route_constrained":
+        return TeacherTrajectory([make(16), make(16)])
+    return make(16)
+
+
 @pytest.mark.parametrize("name", registry.names("method"))
 def test_method_contract(name):
     """Every registered method: a docstring, typed hyperparameters with defaults, finite terms that backprop."""
@@ -67,7 +79,8 @@ def test_method_contract(name):
     torch.manual_seed(0)
     mlp = registry.get("model", "mlp")
     student = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=6)
-    teacher = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=16) if cls.needs_teacher else None
+    teacher = _teacher_for(name, lambda width: mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,),
+                                                    width=width)) if cls.needs_teacher else None
     method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5))
     inputs = torch.rand(8, 1, 5)
     labels = torch.randint(0, 3, (8,))

@@ -1,0 +1,306 @@
+"""Running the runs of a study in several worker processes (``kdlab run --workers N``).
+
+Each worker is a fresh process (the multiprocessing "spawn" context) with its
+own :class:`~kdlab.study.runner.Runner` and so its own store connection. Every
+worker walks the whole spec list, from its own start offset, calling
+``Runner.execute``; the store's atomic claims split the work (a run held by a
+live process is skipped by the others), a shared teacher is trained by the
+first worker that reaches it while the others wait for it, and a run that
+fails during the study is not retried by another worker (``Store.claim``'s
+``take_failed_before``).
+
+Because a run claimed by one worker is "skipped" by the others, the outcome of
+the study is read from the store at the end, not from what the workers return.
+The parent process only preflights, starts the workers, relays their messages,
+prints a progress line and stops them on Ctrl-C (SIGTERM, then SIGKILL): their
+runs become 'interrupted' (or, if killed, are taken over from their dead pid)
+and resume on the next ``kdlab run``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Callable
+
+from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab.errors import KdlabError
+from kdlab.store import RunRecord, Store
+from kdlab.study.runner import Runner, StudySummary
+
+STOP_SECONDS = 10.0  # how long stopped workers get to mark their runs interrupted before SIGKILL
+INTERRUPTED = 130  # a worker's exit code after SIGINT/SIGTERM
+
+
+# ---------------------------------------------------------------------------- the worker process
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    # One-shot: a second signal must not break the store write that marks the run interrupted.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _worker(index: int, workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
+            threads: int, conn: Connection) -> None:
+    """One worker: execute every spec (from this worker's offset on), reporting to the parent via ``conn``."""
+    def send(*message: Any) -> None:
+        try:
+            conn.send(message)
+        except (OSError, ValueError):  # the parent is gone: the runs still go on and land in the store
+            pass
+
+    try:
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGINT, _interrupt)
+        import torch
+
+        torch.set_num_threads(threads)  # oversubscribed threads make CPU training collapse
+        runner = Runner(workspace, resume=resume, retry_failed=retry_failed, progress=False,
+                        out=lambda text: send("out", text))
+        runner.since = since  # a run that fails in this study (in any worker) is not retried by this one
+        for spec in specs:
+            try:
+                runner.execute(spec)
+            except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
+                send("failed", spec.run_id, spec.label, str(exc))
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)  # Runner.execute has marked the run interrupted; no traceback
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------------------- the parent
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60:02d}:{seconds % 60:02d}"
+
+
+class _Display:
+    """Worker messages and the progress line; on a terminal the line is rewritten in place."""
+
+    def __init__(self, out: Callable[[str], None], enabled: bool):
+        self.out = out
+        self.enabled = enabled
+        self.tty = enabled and out is print and sys.stdout.isatty()
+        self.line: str | None = None
+
+    def progress(self, line: str) -> None:
+        if not self.enabled or line == self.line:
+            return
+        self.line = line
+        if self.tty:
+            sys.stdout.write(f"\r{line}\033[K")
+            sys.stdout.flush()
+        else:
+            self.out(line)
+
+    def message(self, text: str) -> None:
+        if self.tty and self.line is not None:
+            sys.stdout.write("\r\033[K")
+        self.out(text)
+        if self.tty and self.line is not None:
+            sys.stdout.write(self.line)
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        if self.tty and self.line is not None:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+
+
+def _records(store: Store, specs: list[RunSpec]) -> dict[str, RunRecord]:
+    """The store's record of each spec's run (absent: never claimed)."""
+    wanted = {spec.run_id for spec in specs}
+    records: dict[str, RunRecord] = {}
+    for experiment in dict.fromkeys(spec.config.name for spec in specs):
+        for record in store.runs(experiment=experiment):
+            if record.run_id in wanted:
+                records[record.run_id] = record
+    return records
+
+
+def progress_line(records: dict[str, RunRecord], specs: list[RunSpec], *, since: float, workers: int) -> str:
+    """``runs: D done, R running, F failed, P pending of T; ETA mm:ss`` from the store's records.
+
+    The ETA is the mean wall time of the runs finished since ``since`` × pending / workers.
+    """
+    done = running = failed = 0
+    durations = []
+    for spec in specs:
+        record = records.get(spec.run_id)
+        status = record.status if record is not None else "pending"
+        if status == "finished":
+            done += 1
+            if record.finished_at is not None and record.started_at is not None and record.finished_at >= since:
+                durations.append(record.finished_at - record.started_at)
+        elif status == "running":
+            running += 1
+        elif status == "failed":
+            failed += 1
+    total = len(specs)
+    pending = total - done - running - failed
+    if durations:
+        eta = f"ETA {_format_eta(sum(durations) / len(durations) * pending / workers)}"
+    else:
+        eta = "ETA unknown"
+    return f"runs: {done} done, {running} running, {failed} failed, {pending} pending of {total}; {eta}"
+
+
+def summarize(records: dict[str, RunRecord], specs: list[RunSpec], *, since: float,
+              reported: dict[str, str] | None = None) -> StudySummary:
+    """The outcome of a study from the store: ran (finished since ``since``), skipped, failed.
+
+    ``reported`` holds the errors workers reported for runs the store cannot
+    explain (a run whose teacher failed is never claimed).
+    """
+    reported = reported or {}
+    summary = StudySummary()
+    for spec in specs:
+        run_id = spec.run_id
+        record = records.get(run_id)
+        status = record.status if record is not None else None
+        if status == "finished":
+            ran = record.finished_at is not None and record.finished_at >= since
+            (summary.ran if ran else summary.skipped).append(run_id)
+        elif status == "running":  # after the workers ended: another live process holds it
+            summary.skipped.append(run_id)
+        elif status == "failed":
+            if record.started_at is not None and record.started_at >= since:
+                summary.failed.append((run_id, record.error or reported.get(run_id) or "no error recorded"))
+            else:
+                summary.failed.append((run_id, f"failed earlier ({record.error}); --retry-failed runs it again"))
+        elif run_id in reported:
+            summary.failed.append((run_id, reported[run_id]))
+        elif record is None:
+            summary.failed.append((run_id, "not started: every worker ended before reaching it"))
+        else:
+            summary.failed.append((run_id, f"{status} ({record.error or 'its worker ended before finishing it'}); "
+                                           "`kdlab run` resumes it"))
+    return summary
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
+    """SIGTERM every live worker, wait for them, SIGKILL the ones that do not end."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str | Path, workers: int,
+                 resume: bool = True, retry_failed: bool = False, out: Callable[[str], None] = print,
+                 poll_seconds: float = 2.0, progress: bool = True) -> StudySummary:
+    """Run ``specs`` in ``workers`` processes; the summary is read from the store at the end.
+
+    Bad input fails in the preflight, before any worker starts or any run is
+    claimed. ``progress=False`` prints the workers' messages but no progress
+    line. Ctrl-C stops the workers and re-raises ``KeyboardInterrupt``.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise KdlabError(f"--workers: expected a whole number ≥ 1, got {workers!r}")
+    runner = Runner(workspace, resume=resume, retry_failed=retry_failed, out=out)
+    store = runner.store
+    try:
+        store.ensure_experiment(base.name, to_dict(base))
+        runner.preflight(specs)
+        since = time.time()
+        display = _Display(out, progress)
+        before = _records(store, specs)
+        todo = [spec for spec in specs if spec.run_id not in before
+                or before[spec.run_id].status not in ("finished", "failed")
+                or (retry_failed and before[spec.run_id].status == "failed")]
+        if not todo:  # nothing to run: start no process
+            display.progress(progress_line(before, specs, since=since, workers=workers))
+            display.close()
+            return summarize(before, specs, since=since)
+        workers = max(1, min(workers, len(todo)))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")
+        processes, readers, numbers = [], [], {}
+        try:
+            for index in range(workers):
+                offset = index * len(todo) // workers  # start apart, so the workers do not queue on one run
+                order = todo[offset:] + todo[:offset]
+                reader, writer = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
+                                          args=(index, str(runner.workspace), order, resume, retry_failed, since,
+                                                threads, writer))
+                process.start()
+                writer.close()
+                processes.append(process)
+                readers.append(reader)
+                numbers[process.sentinel] = (index + 1, process)
+            reported = _supervise(processes, readers, numbers, store, specs, display, since=since,
+                                  workers=workers, poll_seconds=poll_seconds)
+        except BaseException:  # Ctrl-C (or a bug here): no worker outlives the parent
+            display.close()
+            _stop(processes)
+            raise
+        finally:
+            for reader in readers:
+                reader.close()
+        display.close()
+        store.mark_dead_runs_interrupted()  # a killed worker's run: 'interrupted', resumed by the next run
+        return summarize(_records(store, specs), specs, since=since, reported=reported)
+    finally:
+        store.close()
+
+
+def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], display: _Display, *,
+               since: float, workers: int, poll_seconds: float) -> dict[str, str]:
+    """Relay worker messages and print progress until every worker has ended; return reported failures."""
+    reported: dict[str, str] = {}
+    live = dict(numbers)
+    open_readers = list(readers)
+    next_poll = 0.0
+    while live or open_readers:
+        timeout = max(0.0, next_poll - time.monotonic())
+        changed = False
+        for ready in wait(open_readers + list(live), timeout=timeout):
+            if ready in live:  # a process sentinel: that worker has ended
+                number, process = live.pop(ready)
+                process.join()
+                if process.exitcode:
+                    display.message(f"worker {number} (pid {process.pid}) {_exit_reason(process.exitcode)}; "
+                                    "its run is recorded as failed or interrupted; the other workers go on")
+                changed = True
+                continue
+            try:
+                message = ready.recv()
+            except (EOFError, OSError):
+                open_readers.remove(ready)
+                continue
+            if message[0] == "out":
+                display.message(message[1])
+            elif message[0] == "failed":
+                _, run_id, label, text = message
+                reported[run_id] = text
+                display.message(f"  FAILED {run_id} [{label}]: {text}")
+            changed = True  # a run started, finished or failed: show the counts now
+        if changed or time.monotonic() >= next_poll:
+            display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
+            next_poll = time.monotonic() + poll_seconds
+    return reported
