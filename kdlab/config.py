@@ -326,17 +326,40 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KdlabError(f"config file {path} does not exist; pass the path of a YAML config (see configs/)")
+    documents = load_yaml_documents(path)
+    if len(documents) > 1:
+        raise KdlabError(f"config file {path} holds {len(documents)} YAML documents; `kdlab run` reads those "
+                         "(each later document extends the first)")
+    return documents[0]
+
+
+def load_yaml_documents(path: str | Path) -> list[dict]:
+    """All YAML documents of a config file (``---`` separated), each a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdlabError(f"config file {path} does not exist; pass the path of a YAML config (see configs/)")
     try:
-        raw = yaml.load(path.read_text(), Loader=_YamlLoader)
+        documents = list(yaml.load_all(path.read_text(), Loader=_YamlLoader))
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""
         raise KdlabError(f"config file {path} is not valid YAML{line}; fix the syntax") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise KdlabError(f"config file {path} must hold a mapping at the top level, got {type(raw).__name__}")
-    return raw
+    documents = [{} if doc is None else doc for doc in documents] or [{}]
+    for doc in documents:
+        if not isinstance(doc, dict):
+            raise KdlabError(f"config file {path} must hold a mapping at the top level, got {type(doc).__name__}")
+    return documents
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, merging nested mappings (lists and values are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "grid":
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def set_path(raw: dict, dotted: str, value: Any) -> None:
@@ -740,12 +763,38 @@ def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None,
                     seeds: list[int] | None = None) -> tuple[ExperimentConfig, list[RunSpec]]:
-    """YAML file (or the built-in quickstart when ``path`` is None) + overrides → validated runs."""
-    raw = load_yaml(path) if path is not None else quickstart_raw()
-    raw = apply_overrides(raw, overrides or [])
-    if seeds is not None:
-        raw["seeds"] = list(seeds)
-    return parse_experiment(raw)
+    """YAML file (or the built-in quickstart when ``path`` is None) + overrides → validated runs.
+
+    A file may hold several YAML documents: the first is the study, each later
+    one extends it (deep-merged over the first, with a grid of its own or none),
+    so arms that are not a full grid product (e.g. remedies for one teacher–student
+    pair) join the same experiment; ``variant: NAME`` in a later document labels its
+    runs. Overrides and ``seeds`` apply to every document.
+    """
+    documents = load_yaml_documents(path) if path is not None else [quickstart_raw()]
+    first = documents[0]
+    base, specs = None, []
+    for index, doc in enumerate(documents):
+        doc = dict(doc)
+        variant = doc.pop("variant", None)  # a later document's name, shown in its runs' labels
+        raw = first if index == 0 else deep_merge({k: v for k, v in first.items() if k not in ("grid", "variant")}, doc)
+        raw = apply_overrides(raw, overrides or [])
+        if seeds is not None:
+            raw["seeds"] = list(seeds)
+        try:
+            doc_base, doc_specs = parse_experiment(raw)
+        except ConfigError as exc:
+            if len(documents) == 1:
+                raise
+            raise ConfigError([f"(document {index + 1}) {problem}" for problem in exc.problems]) from None
+        base = base or doc_base
+        if variant is not None:
+            for spec in doc_specs:
+                spec.point = {"variant": variant, **spec.point}
+                spec.point_names = {"variant": str(variant), **spec.point_names}
+        known = {spec.run_id for spec in specs}
+        specs.extend(spec for spec in doc_specs if spec.run_id not in known)
+    return base, specs
 
 
 QUICKSTART_PATH = Path(__file__).parent / "configs" / "quickstart.yaml"

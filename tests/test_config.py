@@ -494,3 +494,22 @@ def test_named_grid_values_label_the_runs():
     assert [s.label for s in specs] == ["method.terms=plain_kl seed=0", "method.terms=tvd seed=0"]
     assert specs[1].resolved()["method"]["terms"] == {"ce": 0.1, "tvd": {"weight": 0.9}}
     assert specs[0].run_id != specs[1].run_id
+
+
+def test_later_yaml_documents_extend_the_first(tmp_path):
+    path = tmp_path / "study.yaml"
+    path.write_text(
+        "name: multi\nteacher: {model: cnn1d, width: 16}\nstudent: {model: cnn1d, width: 4}\n"
+        "seeds: [0, 1]\ngrid: {method.name: [scratch, kd]}\n"
+        "---\n"
+        "variant: wide\nmethod: {name: kd, temperature: 2.0}\nteacher: {width: 32}\n"
+    )
+    base, specs = load_experiment(path, seeds=[0])
+    assert base.name == "multi"
+    assert [s.label for s in specs] == ["method.name=scratch seed=0", "method.name=kd seed=0", "variant=wide seed=0"]
+    extra = specs[-1].config
+    assert extra.teacher.options["width"] == 32 and extra.method.options["temperature"] == 2.0
+    assert extra.student.options["width"] == 4 and extra.name == "multi"
+    path.write_text("name: multi\nmethod: {name: scratch}\n---\ntrain: {epochs: zero}\n")
+    with pytest.raises(ConfigError, match=r"\(document 2\) train.epochs"):
+        load_experiment(path)

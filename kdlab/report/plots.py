@@ -10,6 +10,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+DODGE_DECADES = 0.012  # horizontal offset between students' points in capacity_lines (log10 units)
 MAX_POINTS_PER_PANEL = 20_000  # scatter points drawn per panel (a fixed random subset beyond it); fits use all
 
 
@@ -172,8 +173,7 @@ def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Se
                     constrained_layout=True)
     FigureCanvasAgg(figure)
     ax = figure.subplots()
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = colormaps["viridis"].with_extremes(bad="white")
     finite = matrix.compressed()
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     if hi - lo < 1e-9:
@@ -188,7 +188,8 @@ def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Se
                 continue
             text = f"{value:.3f}"
             if delta_rows is not None and math.isfinite(delta_rows[i][j]):
-                text += f"\nΔ {delta_rows[i][j]:+.3f}"
+                delta = f"{delta_rows[i][j]:+.3f}"
+                text += f"\nΔ {'+' + delta[1:] if float(delta) == 0.0 else delta}"  # no "-0.000"
             elif baseline is not None and i == len(row_labels) - 1:
                 text += "\n(scratch)"
             shade = (value - lo) / (hi - lo)
@@ -213,7 +214,9 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
 
     x is ``teacher_params`` (log scale; one entry per teacher, > 0);
     ``series[student] = (means, half_widths)`` aligned with it (NaN mean: no
-    point; NaN half width: no error bar). ``baselines[student]`` draws a dashed
+    point; NaN half width: no error bar); the students' points at one teacher
+    are set slightly apart (``DODGE_DECADES``) so their error bars stay
+    readable. ``baselines[student]`` draws a dashed
     horizontal line in the student's colour at its scratch value;
     ``teacher_metric`` draws the teachers' own values as a grey dotted line;
     ``teacher_labels`` name the teachers under the x ticks. Writes ``path``
@@ -231,8 +234,10 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
     ax = figure.subplots()
     colours = [f"C{i % 10}" for i in range(len(series))]
     order = sorted(range(len(xs)), key=lambda i: xs[i])
-    for colour, (student, (means, half_widths)) in zip(colours, series.items()):
-        points = [(xs[i], float(means[i]), float(half_widths[i])) for i in order if math.isfinite(float(means[i]))]
+    for k, (colour, (student, (means, half_widths))) in enumerate(zip(colours, series.items())):
+        dodge = 10.0 ** ((k - (len(series) - 1) / 2.0) * DODGE_DECADES)  # students side by side at each teacher
+        points = [(xs[i] * dodge, float(means[i]), float(half_widths[i])) for i in order
+                  if math.isfinite(float(means[i]))]
         if points:
             ax.errorbar([p[0] for p in points], [p[1] for p in points],
                         yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in points], color=colour, marker="o",

@@ -531,7 +531,8 @@ def _gain(gain: PairedDifference | None, digits: int) -> str:
     if gain is None:
         return MISSING
     half = "n/a" if math.isnan(gain.half_width) else f"{gain.half_width:.{digits}f}"
-    return f"{gain.mean:+.{digits}f} ± {half}"
+    mean = f"{gain.mean:+.{digits}f}"
+    return f"{'+' + mean[1:] if float(mean) == 0.0 else mean} ± {half}"  # no "-0.0000"
 
 
 def render_capacity(table: CapacityTable, *, fmt: str = "text", digits: int = 4) -> str:
