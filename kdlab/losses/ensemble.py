@@ -175,7 +175,9 @@ def _log_weights(log_p: torch.Tensor, raw: torch.Tensor, *, rule, weights, label
     if labels is None:
         raise KdlabError("teacher combination rule 'confidence' needs the labels: pass labels=")
     _check_labels(labels, raw[0])
-    labels = _clean_labels(labels, None, raw.shape[-1])
+    if labels.device.type == "cpu":  # as cross_entropy: no per-step device sync on an accelerator
+        _clean_labels(labels, None, raw.shape[-1])
+    labels = labels.long()
     log_p1 = torch.log_softmax(raw, dim=-1)
     ce = -log_p1.gather(-1, labels.view(1, n, 1).expand(num_teachers, n, 1)).squeeze(-1)  # (K, N)
     if num_teachers == 1:

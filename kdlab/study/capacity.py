@@ -144,6 +144,13 @@ class CapacityTable:
         used = {teacher for (m, teacher, _) in self.cells if m == method}
         return tuple(info for info in self.teachers if info.name in used)
 
+    def students_of(self, method: str) -> tuple[StudentInfo, ...]:
+        """The students with a cell in block ``method`` (with a scratch value, if it has no cell), in table order."""
+        used = {student for (m, _, student) in self.cells if m == method}
+        if not used:
+            used = {student for (m, student) in self.scratch if m == method}
+        return tuple(info for info in self.students if info.name in used)
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -548,8 +555,7 @@ def render_capacity(table: CapacityTable, *, fmt: str = "text", digits: int = 4)
     out = [f"## {title}" if fmt == "markdown" else title, ""]
     for method in table.methods:
         teachers = table.teachers_of(method)
-        students = [s for s in table.students
-                    if (method, s.name) in table.scratch or any((method, t.name, s.name) in table.cells for t in teachers)]
+        students = table.students_of(method)
         headers = ["teacher", f"teacher {table.metric}", "teacher params"]
         headers += [f"{s.name} ({_params(s.params)} params)" for s in students]
         numeric = [False, True, True] + [True] * len(students)
@@ -613,8 +619,7 @@ def plot_capacity(table: CapacityTable, out_dir: str | Path, *, method: str | No
     method = pick_method(table, method)
     out_dir = Path(out_dir)
     teachers = table.teachers_of(method)
-    students = [s for s in table.students
-                if (method, s.name) in table.scratch or any((method, t.name, s.name) in table.cells for t in teachers)]
+    students = table.students_of(method)
     if not teachers or not students:
         raise KdlabError(f"method {method!r} of experiment {table.experiment!r} has no teacher × student cell to plot")
     nan = math.nan

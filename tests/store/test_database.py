@@ -176,6 +176,21 @@ def test_failed_and_interrupted_runs_are_reclaimable(store):
     assert new_run(store, "r1") == "interrupted"
 
 
+def test_failed_runs_are_taken_only_if_they_failed_before_the_given_time(store):
+    def claim(before: float) -> str | None:
+        return store.claim("r1", experiment="exp", role="student", label="x", seed=0, group_key="g", config={},
+                           take_failed_before=before)
+
+    new_run(store, "r1")
+    store.fail("r1", "boom")
+    started = store.run("r1").started_at
+    assert claim(-math.inf) == "failed_kept" and claim(started) == "failed_kept"  # a study's own failure
+    record = store.run("r1")
+    assert record.status == "failed" and record.error == "boom" and record.started_at == started  # untouched
+    assert claim(started + 1.0) == "failed"  # failed before this study began: retried
+    assert store.run("r1").status == "running"
+
+
 def test_fail_and_interrupt_never_undo_finished(store):
     new_run(store, "r1")
     store.finish("r1", {"test/acc": 0.5})
