@@ -208,7 +208,7 @@ def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Se
 def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
                    path: str | Path, *, baselines: Mapping[str, float] | None = None,
                    teacher_labels: Sequence[str] | None = None, teacher_metric: Sequence[float] | None = None,
-                   metric: str = "test/acc", confidence: float = 0.95,
+                   joined: Sequence[bool] | None = None, metric: str = "test/acc", confidence: float = 0.95,
                    title: str | None = None) -> tuple[Path, Path]:
     """Write a plot of student ``metric`` against teacher size, one line per student.
 
@@ -219,7 +219,10 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
     readable. ``baselines[student]`` draws a dashed
     horizontal line in the student's colour at its scratch value;
     ``teacher_metric`` draws the teachers' own values as a grey dotted line;
-    ``teacher_labels`` name the teachers under the x ticks. Writes ``path``
+    ``teacher_labels`` name the teachers under the x ticks. Teachers with
+    ``joined[i]`` False (e.g. an early-stopped teacher, an assistant chain, of
+    the same size as a plain one) are drawn as hollow diamonds, not joined by
+    the student's line. Writes ``path``
     with suffixes ``.png`` and ``.svg``, atomically; returns both paths.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -234,14 +237,20 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
     ax = figure.subplots()
     colours = [f"C{i % 10}" for i in range(len(series))]
     order = sorted(range(len(xs)), key=lambda i: xs[i])
+    joined = [True] * len(xs) if joined is None else [bool(j) for j in joined]
+    any_apart = False
     for k, (colour, (student, (means, half_widths))) in enumerate(zip(colours, series.items())):
         dodge = 10.0 ** ((k - (len(series) - 1) / 2.0) * DODGE_DECADES)  # students side by side at each teacher
-        points = [(xs[i] * dodge, float(means[i]), float(half_widths[i])) for i in order
-                  if math.isfinite(float(means[i]))]
-        if points:
+        for on_line in (True, False):
+            points = [(xs[i] * dodge, float(means[i]), float(half_widths[i])) for i in order
+                      if joined[i] == on_line and math.isfinite(float(means[i]))]
+            if not points:
+                continue
+            any_apart = any_apart or not on_line
+            style = dict(marker="o", linewidth=1.5, label=student) if on_line else \
+                dict(marker="D", linestyle="none", markerfacecolor="none")
             ax.errorbar([p[0] for p in points], [p[1] for p in points],
-                        yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in points], color=colour, marker="o",
-                        linewidth=1.5, capsize=3, label=student)
+                        yerr=[p[2] if math.isfinite(p[2]) else 0.0 for p in points], color=colour, capsize=3, **style)
         base = (baselines or {}).get(student)
         if base is not None and math.isfinite(base):
             ax.axhline(base, color=colour, linestyle="--", linewidth=1.0, alpha=0.8, label=f"{student}: scratch")
@@ -250,6 +259,9 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
         if points:
             ax.plot([p[0] for p in points], [p[1] for p in points], color="grey", linestyle=":", marker="s",
                     markersize=4, linewidth=1.0, label="teacher itself")
+    if any_apart:
+        ax.plot([], [], marker="D", linestyle="none", markerfacecolor="none", color="black",
+                label="teacher variant (not joined)")
     ax.set_xscale("log")
     ticks = sorted(set(xs))
     if teacher_labels is not None:

@@ -88,6 +88,7 @@ class TeacherInfo:
     accuracy: float | None
     params: float | None
     run_id: str | None  # the teacher's recipe run, when found
+    variant: bool = False  # not the plain recipe teacher: an epoch, assistants, a trajectory or members
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,7 @@ def _teacher_info(store: Store, finder: _TeacherFinder, key: str, name: str, sec
     chain); an ensemble has no accuracy of its own and the summed size of its members."""
     if not isinstance(section, dict):
         return TeacherInfo(key=key, name=name, accuracy=None, params=None, run_id=None)
+    variant = any(section.get(extra) for extra in TEACHER_EXTRAS) or section.get("epoch") is not None
     members = _members(section)
     if members and section.get("model") is None:
         sizes = []
@@ -366,11 +368,12 @@ def _teacher_info(store: Store, finder: _TeacherFinder, key: str, name: str, sec
             run = finder.find(member, data) if isinstance(member, dict) else None
             sizes.append(run.final.get("params") if run is not None else None)
         total = float(sum(sizes)) if sizes and all(s is not None for s in sizes) else None
-        return TeacherInfo(key=key, name=name, accuracy=None, params=total, run_id=None)
+        return TeacherInfo(key=key, name=name, accuracy=None, params=total, run_id=None, variant=True)
     run = finder.find(section, data)
     params = run.final.get("params") if run is not None else None
     return TeacherInfo(key=key, name=name, accuracy=_teacher_accuracy(store, run, section, metric),
-                       params=None if params is None else float(params), run_id=run.run_id if run else None)
+                       params=None if params is None else float(params), run_id=run.run_id if run else None,
+                       variant=variant)
 
 
 def _teacher_accuracy(store: Store, run: RunRecord | None, teacher: dict, metric: str) -> float | None:
@@ -644,5 +647,6 @@ def plot_capacity(table: CapacityTable, out_dir: str | Path, *, method: str | No
     paths += capacity_lines([teachers[i].params for i in sized], series, out_dir / "capacity_gap_lines",
                             baselines={s.name: baseline[j] for j, s in enumerate(students)},
                             teacher_labels=[teachers[i].name for i in sized],
+                            joined=[not teachers[i].variant for i in sized],
                             metric=table.metric, confidence=table.confidence, title=title)
     return paths
