@@ -38,8 +38,10 @@ Descriptors name a model by its zoo name plus the options that vary among the
 teachers (or students) of the study, e.g. ``cnn1d width=64``,
 ``cnn1d width=128 epoch=10``, ``cnn1d width=128 → TA cnn1d width=32``; when
 no option varies the first size option present (``width``, ...) is shown.
-Recipe keys that vary (``train.epochs=3``, ``seed=1``) are appended, so two
-different teacher sections never share a descriptor.
+Recipe keys that vary (``train.epochs=3``, ``seed=1``) are appended, and so
+are the ``data`` keys that tell apart one teacher section trained on different
+data; a descriptor still shared gets ``[2]``, ``[3]``... Teachers are keyed by
+(teacher section, data); students by their section.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ import difflib
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -232,7 +234,7 @@ def _members(section: dict) -> list:
 
 
 def _describe_teachers(sections: dict[str, dict | None]) -> dict[str, str]:
-    """Descriptor per teacher key; unique across distinct sections."""
+    """Descriptor per teacher key (not yet made unique: see :func:`_with_data`)."""
     real = {key: section for key, section in sections.items()
             if isinstance(section, dict) and not (_members(section) and section.get("model") is None)}
     base = _describe_models(real)
@@ -253,7 +255,7 @@ def _describe_teachers(sections: dict[str, dict | None]) -> dict[str, str]:
                 items = assistants if isinstance(assistants, (list, tuple)) else [assistants]
                 text += "".join(f" → TA {_describe_assistant(a)}" for a in items)
             out[key] = text
-    return _unique(out)
+    return out
 
 
 def _unique(names: dict[str, str]) -> dict[str, str]:
@@ -411,7 +413,8 @@ def capacity_table(store: Store, experiment: str, *, metric: str = "test/acc",
         keys = sorted({key for run in runs for key in run.final})
         raise KdlabError(f"no finished run of {experiment!r} has metric {metric!r}; metrics: {', '.join(keys)}")
 
-    teacher_sections: dict[str, dict | None] = {}
+    teacher_sections: dict[str, dict | None] = {}  # by teacher key: the teacher section and the data it trains on
+    teacher_data: dict[str, dict] = {}
     student_sections: dict[str, dict] = {}
     placed = []  # (run, method section, context key, teacher key, student key)
     contexts: dict[str, dict] = {}
@@ -425,9 +428,11 @@ def capacity_table(store: Store, experiment: str, *, metric: str = "test/acc",
         contexts[context_key] = context
         student_key = _canonical(student)
         student_sections.setdefault(student_key, student)
-        teacher_key = _canonical(teacher)
+        data = config.get("data") or {}
+        teacher_key = _canonical([teacher, data]) if teacher is not None else _canonical(None)
         if method.get("name") != SCRATCH:
             teacher_sections.setdefault(teacher_key, teacher)
+            teacher_data.setdefault(teacher_key, data)
         placed.append((run, method, context_key, teacher_key, student_key))
 
     notes: list[str] = []
@@ -438,11 +443,13 @@ def capacity_table(store: Store, experiment: str, *, metric: str = "test/acc",
             scratch_variants.setdefault(_canonical(method), method)
     baseline_key = next((key for key, section in scratch_variants.items() if _is_default_scratch(section)),
                         next(iter(scratch_variants), None))
+    def hparams(section: dict) -> str:
+        return " ".join(f"{k}={_short(v)}" for k, v in section.items() if k != "name") or "no hyperparameters"
+
     for key, section in scratch_variants.items():
         if key != baseline_key:
-            extra = " ".join(f"{k}={_short(v)}" for k, v in section.items() if k != "name")
-            notes.append(f"scratch runs with {extra} are not the baseline (the baseline uses "
-                         f"{' '.join(f'{k}={_short(v)}' for k, v in scratch_variants[baseline_key].items() if k != 'name') or 'the defaults'})")
+            notes.append(f"scratch runs with {hparams(section)} are not the baseline "
+                         f"(the baseline has {hparams(scratch_variants[baseline_key])})")
     scratch_runs: dict[tuple[str, str], list[RunRecord]] = {}
     for run, method, context_key, _, student_key in placed:
         if method.get("name") == SCRATCH and _canonical(method) == baseline_key:
@@ -458,17 +465,16 @@ def capacity_table(store: Store, experiment: str, *, metric: str = "test/acc",
         block = (_canonical(method), context_key)
         blocks.setdefault(block, []).append((run, teacher_key, student_key))
         block_sections[block] = (method, contexts[context_key])
+    if not blocks:  # scratch runs only: one block per context, holding just the scratch row
+        for context_key, _ in scratch_runs:
+            block_sections[(baseline_key, context_key)] = (scratch_variants[baseline_key], contexts[context_key])
     labels = _block_labels(block_sections)
-    if not blocks and scratch_runs:
-        labels = {}
-        for context_key in dict.fromkeys(c for (c, _) in scratch_runs):
-            labels[(SCRATCH, context_key)] = SCRATCH
 
-    teacher_names = _describe_teachers(teacher_sections)
+    teacher_names = _with_data(_describe_teachers(teacher_sections), teacher_data)
     student_names = _unique(_describe_models(student_sections))
 
     finder = _TeacherFinder(store)
-    teachers = [_teacher_info(store, finder, key, teacher_names[key], section, _data_of(placed, key), metric)
+    teachers = [_teacher_info(store, finder, key, teacher_names[key], section, teacher_data.get(key, {}), metric)
                 for key, section in teacher_sections.items()]
     teachers.sort(key=lambda t: (t.params is None, t.params or 0.0, t.name))
 
@@ -507,11 +513,21 @@ def capacity_table(store: Store, experiment: str, *, metric: str = "test/acc",
                          students=tuple(students), cells=cells, scratch=scratch, notes=tuple(notes))
 
 
-def _data_of(placed, teacher_key: str) -> dict:
-    for run, _, _, key, _ in placed:
-        if key == teacher_key:
-            return run.config.get("data") or {}
-    return {}
+def _with_data(names: dict[str, str], data: dict[str, dict]) -> dict[str, str]:
+    """One teacher section trained on different data (a grid over ``data.*``) is several teachers:
+    their descriptors gain the data keys that tell them apart."""
+    by_name: dict[str, list[str]] = {}
+    for key, name in names.items():
+        by_name.setdefault(name, []).append(key)
+    out = dict(names)
+    for name, keys in by_name.items():
+        if len(keys) > 1 and all(key in data for key in keys):
+            leaves = {key: _leaves(data[key], "data") for key in keys}
+            varying = _varying(leaves.values())
+            for key in keys:
+                extra = [f"{k}={_short(v)}" for k, v in leaves[key].items() if k in varying]
+                out[key] = " ".join([name, *extra])
+    return _unique(out)
 
 
 def _block_labels(block_sections: dict[tuple[str, str], tuple[dict, dict]]) -> dict[tuple[str, str], str]:

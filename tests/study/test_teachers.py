@@ -130,3 +130,18 @@ def test_members_train_each_teacher_once_and_feed_multi_teacher(tmp_path):
     store = Store(tmp_path)
     assert len(store.runs(role="teacher")) == 2  # one run per member, shared by both seeds
     assert {r.status for r in store.runs(experiment="teachers-test")} == {"finished"}
+
+
+@pytest.mark.parametrize("student", [{"model": "mlp", "width": 8},
+                                     {"model": "vit_tiny", "dim": 16, "depth": 1, "heads": 2, "patch_size": 4}])
+def test_heterogeneous_pairs_distil_through_logits_and_adapters(tmp_path, student):
+    terms = {"ce": 0.1, "kl": {"weight": 0.9, "temperature": 2.0},
+             "hint": {"loss": "fitnet", "weight": 1.0, "student": "pool", "teacher": "pool"}}
+    cfg = _cfg(teacher={"model": "cnn1d", "width": 16, "train": {"epochs": 1, "batch_size": 50, "device": "cpu"}},
+               student=student, method={"name": "distill", "terms": terms}, train={"epochs": 1, "batch_size": 50,
+                                                                                 "device": "cpu"})
+    base, specs = parse_experiment(cfg)
+    summary = Runner(tmp_path, out=lambda line: None).run(base, specs)
+    assert not summary.failed and len(summary.ran) == 1
+    (run,) = Store(tmp_path).runs(experiment="teachers-test")
+    assert "test/agreement" in run.final
