@@ -148,10 +148,11 @@ class Runner:
 
     def _load_run_model(self, spec: RunSpec, role: str, splits: Splits, *, epoch: int | None = None):
         """Train ``spec`` as a run of experiment "teachers" unless done, then load its final (or kept) weights."""
-        self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT)
         deadline = time.monotonic() + 24 * 3600
-        while self._status(spec.run_id) == "running" and time.monotonic() < deadline:
-            time.sleep(2.0)  # another process is training it; wait
+        # Another live process training it: wait, and take it over (execute claims it) if that process dies.
+        while (self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT) == "skipped"
+               and self._status(spec.run_id) == "running" and time.monotonic() < deadline):
+            time.sleep(2.0)
         record = self.store.run(spec.run_id)
         if record.status != "finished":
             raise KdlabError(f"{role} run {spec.run_id} is {record.status}: {record.error or 'no error recorded'}; "

@@ -46,7 +46,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker(index: int, workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
+def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
             threads: int, conn: Connection) -> None:
     """One worker: execute every spec (from this worker's offset on), reporting to the parent via ``conn``."""
     def send(*message: Any) -> None:
@@ -246,7 +246,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
                 order = todo[offset:] + todo[:offset]
                 reader, writer = context.Pipe(duplex=False)
                 process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
-                                          args=(index, str(runner.workspace), order, resume, retry_failed, since,
+                                          args=(str(runner.workspace), order, resume, retry_failed, since,
                                                 threads, writer))
                 process.start()
                 writer.close()

@@ -190,3 +190,35 @@ def test_ctrl_c_stops_the_workers_and_their_runs_resume(tmp_path):
     for record in stopped:
         if record.experiment == "sweep":
             assert f"resuming student {record.run_id}" in out
+
+
+def test_a_worker_waiting_for_a_teacher_takes_it_over_when_its_holder_dies(tmp_path):
+    """The holder of the teacher run dies mid-wait (e.g. an OOM-killed worker): the waiter trains it itself."""
+    import threading
+
+    from kdlab.config import teacher_run_spec
+    from kdlab.study.runner import TEACHER_EXPERIMENT, Runner
+
+    base, specs = parse_experiment(TINY)
+    teacher = teacher_run_spec(specs[0].config)
+    holder = (f"import sys, time; from kdlab.store import Store; s = Store(sys.argv[1]); "
+              f"s.ensure_experiment({TEACHER_EXPERIMENT!r}, {{}}); "
+              f"print(s.claim({teacher.run_id!r}, experiment={TEACHER_EXPERIMENT!r}, role='teacher', label='x', "
+              f"seed=0, group_key='g', config={{}}), flush=True); time.sleep(3)")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "ws")], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.stdout.readline().strip() == "None"  # claimed; alive for 3 s, then gone without finishing
+    lines: list[str] = []
+    got = []
+
+    def wait_for_teacher() -> None:  # a Store belongs to the thread that opened it
+        runner = Runner(tmp_path / "ws", out=lines.append)
+        got.append(runner.teacher(specs[0].config, runner.splits(base)))
+
+    waiter = threading.Thread(target=wait_for_teacher, daemon=True)
+    waiter.start()
+    waiter.join(60)
+    proc.wait()
+    assert got and got[0] is not None, "still waiting for a teacher whose process is dead"
+    assert lines[0] == f"resuming teacher {teacher.run_id}  [seed=0]"
+    assert Store(tmp_path / "ws").run(teacher.run_id).status == "finished"
