@@ -191,6 +191,8 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert "resuming" in done.stdout
     record = Store(tmp_path / "ws").run(record.run_id)
     assert record.status == "finished" and record.final["selected_epoch"] == 400
+    epochs = [json.loads(line)["epoch"] for line in (Path(record.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 401))  # lines after the checkpoint were dropped before resuming
 
 
 def test_run_from_python_with_a_dict_config(tmp_path):

@@ -34,7 +34,7 @@ from kdlab.engine.loop import fit
 from kdlab.engine.seed import seed_everything
 from kdlab.errors import KdlabError
 from kdlab.models import parameter_count, tap_shapes
-from kdlab.store import Store, atomic_write_json, atomic_write_text, append_jsonl
+from kdlab.store import Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
@@ -67,6 +67,19 @@ def environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "host": socket.gethostname(), "user": getpass.getuser(), "git_revision": revision, "git_dirty": dirty,
             "argv": sys.argv}
+
+
+def _trim_metrics_after_checkpoint(run_dir: Path) -> None:
+    """Before resuming, drop metric lines of epochs after the last checkpoint: they are trained again."""
+    pointer = run_dir / "checkpoints" / "latest.json"
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return
+    last = json.loads(pointer.read_text())["epoch"] if pointer.is_file() else 0
+    rows = read_jsonl(metrics)
+    kept = [row for row in rows if row.get("epoch", 0) <= last]
+    if len(kept) != len(rows):
+        atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
 
 
 def _untrained_network(t: ModelConfig, splits: Splits):
@@ -194,6 +207,7 @@ class Runner:
                 import shutil
 
                 shutil.rmtree(run_dir / "checkpoints")
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits)
             method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
@@ -209,6 +223,8 @@ class Runner:
                 if epoch in cfg.train.keep_epochs:  # saved before this epoch's checkpoint, so never lost on resume
                     save_model(run_dir / kept_model_file(epoch), student, spec_of_model)
 
+            if self.resume:
+                _trim_metrics_after_checkpoint(run_dir)
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
                          seed=spec.seed, run_dir=run_dir, resume=self.resume, augment=cfg.data.augment,
