@@ -699,6 +699,14 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
         if getattr(method_cls, "needs_teacher", False):
             errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
                           "(teacher.model + teacher.train, or teacher.checkpoint)")
+    if isinstance(cfg.method.name, str) and cfg.teacher is not None:
+        try:
+            method_cls = registry.get("method", cfg.method.name)
+        except KdlabError:
+            return
+        if getattr(method_cls, "refuses_teacher", False):
+            errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
+                          "set teacher: null (e.g. in its own YAML document)")
 
 
 def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:

@@ -59,12 +59,16 @@ def build_student(cfg: ModelConfig, splits: Splits) -> nn.Module:
 
 
 def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None,
-                 input_shape: tuple[int, ...] | None = None) -> Method:
+                 input_shape: tuple[int, ...] | None = None, train_size: int | None = None) -> Method:
     """Build the method; bad hyperparameters, tap names or shapes fail here, before training."""
     method_cls = registry.get("method", cfg.name, key="method.name")
     if method_cls.needs_teacher and teacher is None:
         raise KdlabError(f"method.name: {cfg.name!r} needs a teacher; add a teacher section")
-    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape)
+    if method_cls.refuses_teacher and teacher is not None:
+        raise KdlabError(f"method.name: {cfg.name!r} distils the student from itself; remove the teacher section "
+                         "(teacher: null)")
+    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape,
+                      train_size=train_size)
 
 
 def check_class_counts(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:

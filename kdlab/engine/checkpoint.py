@@ -33,23 +33,23 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
 
 
-def flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split ``optimizer.state_dict()`` into tensors (per-parameter buffers) and JSON."""
+def flatten_optimizer(state_dict: dict, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (per-parameter buffers, keys ``prefix.i.name``) and JSON."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, buffers in state_dict["state"].items():
         for name, value in buffers.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value
+                tensors[f"{prefix}.{index}.{name}"] = value
             else:
                 scalars.setdefault(str(index), {})[name] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optimizer") -> dict:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        if key.startswith("optimizer."):
+        if key.startswith(prefix + "."):
             _, index, name = key.split(".", 2)
             state.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():

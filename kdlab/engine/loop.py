@@ -10,6 +10,7 @@ would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import operator
@@ -95,6 +96,23 @@ class _Progress:
             sys.stderr.flush()
 
 
+def _adversary_step(method: Method, optimizer, batch: Batch, student_out: Outputs, teacher_out: Outputs | None,
+                    sums: dict[str, list[float]]) -> None:
+    """``method.adversary_steps`` optimiser steps on ``method.adversary_loss`` (the student's outputs detached)."""
+    detached = Outputs(student_out.logits.detach(), {k: v.detach() for k, v in student_out.features.items()})
+    for _ in range(method.adversary_steps):
+        terms = method.adversary_loss(batch, detached, teacher_out)
+        loss = functools.reduce(operator.add, terms.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"adversary loss became non-finite ({ {k: float(v.detach()) for k, v in terms.items()} }); "
+                                     "lower the method's adversary learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {**{k: float(v.detach()) for k, v in terms.items()}, **method.adversary_metrics}.items():
+            sums.setdefault(name, []).append(value)
+
+
 def _state_tensors(student: nn.Module, method: Method) -> dict[str, torch.Tensor]:
     out = {f"student.{k}": v for k, v in student.state_dict().items()}
     out.update({f"method.{k}": v for k, v in method.state_dict().items()})
@@ -141,7 +159,16 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
 
-    optimizer = build_optimizer(list(student.parameters()) + list(method.parameters()), train)
+    # An adversary (discriminator / generator) owned by the method gets its own optimiser: the main
+    # one never touches it, and its step never moves the student.
+    adversary = list(method.adversary_parameters())
+    adversary_ids = {id(p) for p in adversary}
+    main_parameters = list(student.parameters()) + [p for p in method.parameters() if id(p) not in adversary_ids]
+    optimizer = build_optimizer(main_parameters, train)
+    adversary_optimizer = None
+    if adversary:
+        adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)
+        adversary_optimizer = build_optimizer(adversary, adversary_train)
     scheduler = build_scheduler(optimizer, train, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
     ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
@@ -152,6 +179,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
         tensors, state = loaded
         _load_state_tensors(tensors, student, method)
         optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        if adversary_optimizer is not None:
+            adversary_optimizer.load_state_dict(unflatten_optimizer(tensors, state["adversary_optimizer"],
+                                                                    prefix="adversary_optimizer"))
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -181,14 +211,16 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             generator = epoch_generator(seed, epoch)
             order = torch.randperm(num_train, generator=generator).to(device)
             sums = bad_steps = None
+            adversary_sums: dict[str, list[float]] = {}
             steps_this_epoch = min(steps_per_epoch, total_steps - step)
             for i in range(steps_this_epoch):
                 index = order[i * train.batch_size:(i + 1) * train.batch_size]
                 inputs, labels = x_train[index], y_train[index]
                 if augment != "none":
                     inputs = augment_batch(inputs, kind=augment, generator=generator)
-                batch = Batch(inputs=inputs, labels=labels)
                 method.set_progress(step, total_steps)
+                batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
+                inputs = batch.inputs
                 with autocast:
                     teacher_out = None
                     if uses_teacher:
@@ -199,6 +231,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                     student_logits_batch = student(inputs)
                     student_out = Outputs(student_logits_batch,
                                           dict(student_taps.captured) if student_taps is not None else {})
+                    if adversary_optimizer is not None and step % method.adversary_every == 0:
+                        _adversary_step(method, adversary_optimizer, batch, student_out, teacher_out,
+                                        adversary_sums)
                     terms = method.loss_terms(batch, student_out, teacher_out)
                 loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
                 optimizer.zero_grad(set_to_none=True)
@@ -238,6 +273,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             metrics = {f"train/loss/{k}": v for k, v in means.items()}
             metrics["train/loss"] = sum(means.values())
             metrics["lr"] = optimizer.param_groups[0]["lr"]
+            metrics.update({f"adv/{k}": sum(v) / len(v) for k, v in adversary_sums.items() if v})
             last = epoch + 1 == epochs
             if (epoch + 1) % train.eval_every == 0 or last:
                 val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
@@ -257,7 +293,12 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
                 rng_tensors, rng_meta = rng_state()
                 tensors = {**_state_tensors(student, method), **opt_tensors, **rng_tensors}
+                if adversary_optimizer is not None:
+                    adv_tensors, adv_meta = flatten_optimizer(adversary_optimizer.state_dict(),
+                                                              prefix="adversary_optimizer")
+                    tensors.update(adv_tensors)
                 state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                         "adversary_optimizer": adv_meta if adversary_optimizer is not None else None,
                          "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta,
                          "best": best, "best_epoch": best_epoch}
                 save_checkpoint(ckpt_root, epoch + 1, tensors, state)

@@ -17,10 +17,11 @@ from torch import nn
 
 @dataclass
 class Batch:
-    """One training batch: inputs in [0, 1] and integer class labels."""
+    """One training batch: inputs in [0, 1], integer class labels and the samples' train-split indices."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    indices: torch.Tensor | None = None  # positions in the train split (per-sample memories, e.g. PS-KD)
 
 
 @dataclass
@@ -46,16 +47,23 @@ class Method(nn.Module):
 
     Hparams: ClassVar[type] = NoHparams
     needs_teacher: ClassVar[bool] = True
+    refuses_teacher: ClassVar[bool] = False  # self-distillation methods: a teacher section is an error
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
+    # The adversary extension point (see ``adversary_loss``): how often and how many adversary steps.
+    adversary_every: int = 1  # run the adversary before every k-th student step
+    adversary_steps: int = 1  # adversary optimiser steps each time it runs
+    adversary_lr: float | None = None  # its learning rate; None = train.lr
 
     def __init__(self, hparams, *, student: nn.Module, teacher: nn.Module | None,
-                 input_shape: tuple[int, ...] | None = None):
-        """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters."""
+                 input_shape: tuple[int, ...] | None = None, train_size: int | None = None):
+        """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters;
+        ``train_size`` sizes per-sample memories indexed by ``Batch.indices``."""
         super().__init__()
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
+        self.adversary_metrics: dict[str, float] = {}  # set by adversary_loss; logged as adv/<name>
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Extension point, called by the loop before every step: schedules read ``self.progress``."""
@@ -65,6 +73,27 @@ class Method(nn.Module):
     def progress(self) -> float:
         """Fraction of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
+
+    def make_batch(self, batch: Batch) -> Batch:
+        """Extension point, called before the forwards: replace or augment the batch.
+
+        Default: the data batch unchanged. Data-free methods return generated
+        inputs here; adversarial-robustness methods return perturbed ones.
+        """
+        return batch
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        """Extension point: parameters of an adversary (discriminator, generator) that the main
+        optimiser must not touch; a second optimiser minimises ``adversary_loss`` over them."""
+        return []
+
+    def adversary_loss(self, batch: Batch, student_out: Outputs, teacher_out: Outputs | None) -> dict[str, torch.Tensor]:
+        """Terms the adversary minimises, run before ``loss_terms`` on each adversary step.
+
+        ``student_out.logits`` are detached (the student is not moved by this step);
+        a method that needs fresh forwards (e.g. through a generator) runs them here.
+        """
+        raise NotImplementedError
 
     def loss_terms(self, batch: Batch, student_out: Outputs, teacher_out: Outputs | None) -> dict[str, torch.Tensor]:
         """Named scalar loss terms for this batch; the loop sums them and logs each.

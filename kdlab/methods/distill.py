@@ -138,8 +138,8 @@ class Distill(Method):
 
     Hparams = DistillHparams
 
-    def __init__(self, hparams, *, student, teacher, input_shape=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape)
+    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if not isinstance(hparams.terms, dict) or not hparams.terms:
             raise KdlabError("method.terms: give at least one term, e.g. terms: {ce: 0.1, kl: {weight: 0.9}}")
         self.terms = [_parse_term(str(name), spec) for name, spec in hparams.terms.items()]

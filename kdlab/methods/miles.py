@@ -49,8 +49,8 @@ class Miles(Method):
 
     Hparams = MilesHparams
 
-    def __init__(self, hparams, *, student, teacher, input_shape=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape)
+    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         self.student_taps = (hparams.student_tap,)
         self.teacher_taps = (hparams.teacher_tap,)
         if input_shape is None:

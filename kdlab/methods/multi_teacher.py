@@ -42,8 +42,8 @@ class MultiTeacher(Method):
 
     Hparams = MultiTeacherHparams
 
-    def __init__(self, hparams, *, student, teacher, input_shape=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape)
+    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if not isinstance(teacher, TeacherEnsemble):
             raise KdlabError("method multi_teacher needs several teachers: give teacher.members")
         try:

@@ -47,8 +47,8 @@ class RouteConstrained(Method):
 
     Hparams = RouteHparams
 
-    def __init__(self, hparams, *, student, teacher, input_shape=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape)
+    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if not isinstance(teacher, TeacherTrajectory):
             raise KdlabError("method route_constrained needs the teacher's trajectory: set teacher.trajectory: true "
                              "and teacher.train.keep_epochs (e.g. [5, 10, 20])")

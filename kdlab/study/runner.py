@@ -210,7 +210,8 @@ class Runner:
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits)
-            method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
+            method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
+                                  train_size=len(splits.train[0]))
             check_class_counts(student, teacher, splits)
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
@@ -288,7 +289,8 @@ class Runner:
         teacher = _untrained_network(cfg.teacher, splits) if cfg.teacher is not None else None
         student = build_student(cfg.student, splits)
         check_class_counts(student, teacher, splits)
-        method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape))
+        method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
+                                  train_size=len(splits.train[0]))
         return splits, teacher, student, method
 
     def dry_run(self, specs: list[RunSpec]) -> list[str]:

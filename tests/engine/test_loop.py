@@ -159,3 +159,66 @@ def test_teacher_agreement_metrics_and_train_terms_are_reported(tmp_path):
     assert {"test/acc", "test/nll", "test/ece", "test/brier", "test/agreement", "test/kl_ts"} <= set(result.final)
     assert not any(p.requires_grad for p in teacher.parameters())
     assert not teacher.training
+
+
+class _ToyAdversary(Method):
+    """CE for the student plus a discriminator on its logits; records which parameters each step moved."""
+
+    needs_teacher = False
+
+    def __init__(self, hparams=None, *, student=None, teacher=None, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher)
+        self.discriminator = torch.nn.Linear(3, 1)
+        self.seen_indices = []
+
+    def make_batch(self, batch):
+        self.seen_indices.append(batch.indices.clone())
+        return batch
+
+    def adversary_parameters(self):
+        return list(self.discriminator.parameters())
+
+    def adversary_loss(self, batch, student_out, teacher_out):
+        assert not student_out.logits.requires_grad  # the student's outputs arrive detached
+        real = self.discriminator(torch.nn.functional.one_hot(batch.labels, 3).float())
+        fake = self.discriminator(student_out.logits.softmax(-1))
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        self.adversary_metrics = {"disc_acc": float(((real > 0).float().mean() + (fake < 0).float().mean()) / 2)}
+        return {"disc": bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))}
+
+    def loss_terms(self, batch, student_out, teacher_out):
+        fake = self.discriminator(student_out.logits.softmax(-1))
+        fool = torch.nn.functional.binary_cross_entropy_with_logits(fake, torch.ones_like(fake))
+        return {"ce": torch.nn.functional.cross_entropy(student_out.logits, batch.labels), "fool": 0.1 * fool}
+
+
+def test_adversary_extension_point_moves_only_its_own_parameters(tmp_path, monkeypatch):
+    splits = _splits(tmp_path)
+    _, student = _models(splits)
+    method = _ToyAdversary(student=student)
+    moved = []
+    original_step = torch.optim.Adam.step
+
+    def recording_step(self, *args, **kwargs):
+        ids = {id(p) for group in self.param_groups for p in group["params"]}
+        everything = {id(p): p for p in list(student.parameters()) + list(method.parameters())}
+        before = {pid: p.detach().clone() for pid, p in everything.items()}
+        out = original_step(self, *args, **kwargs)
+        changed = {pid for pid, old in before.items() if not torch.equal(old, everything[pid])}
+        moved.append((ids, changed))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recording_step)
+    epochs = {}
+    fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=1), seed=0,
+        on_epoch=lambda e, m: epochs.__setitem__(e, m))
+    disc_ids = {id(p) for p in method.discriminator.parameters()}
+    student_ids = {id(p) for p in student.parameters()}
+    adversary_steps = [changed for ids, changed in moved if ids == disc_ids]
+    student_steps = [changed for ids, changed in moved if ids == student_ids]
+    assert adversary_steps and student_steps and len(adversary_steps) == len(student_steps)
+    assert all(changed <= disc_ids for changed in adversary_steps)  # the discriminator step never moves the student
+    assert all(changed <= student_ids for changed in student_steps)  # the student step never moves the discriminator
+    assert 0.0 <= epochs[1]["adv/disc_acc"] <= 1.0 and "adv/disc" in epochs[1]
+    seen = torch.cat(method.seen_indices)
+    assert sorted(seen.tolist()) == list(range(len(splits.train[0])))  # every train sample once, by index
