@@ -158,6 +158,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     steps_per_epoch = math.ceil(num_train / train.batch_size)
     total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
+    method.steps_per_epoch = steps_per_epoch
 
     # An adversary (discriminator / generator) owned by the method gets its own optimiser: the main
     # one never touches it, and its step never moves the student.

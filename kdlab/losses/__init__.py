@@ -5,6 +5,13 @@ KL, DKD, DIST, logit standardization, hinge, LogSum): ``kdlab.losses.logit``;
 feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
 """
 from kdlab.losses import divergences, features, logit  # noqa: F401  (registration)
+from kdlab.losses.adversarial import (  # GAN losses for discriminators (not registered: not teacher/student losses)
+    GAN_LOSSES,
+    discriminator_accuracy,
+    discriminator_loss,
+    generator_loss,
+    gradient_penalty,
+)
 from kdlab.losses.divergences import REDUCTIONS, cross_entropy, generalized_jsd, kl, mse_logits, reverse_kl, tvd
 from kdlab.losses.ensemble import combine_teacher_probs, multi_teacher_kl, teacher_weights
 from kdlab.losses.features import (
@@ -33,17 +40,22 @@ from kdlab.losses.logit import (
 
 __all__ = [
     "FEATURE_LOSSES",
+    "GAN_LOSSES",
     "REDUCTIONS",
     "attention_map",
     "attention_transfer",
     "batchnorm_standardize",
     "combine_teacher_probs",
     "cross_entropy",
+    "discriminator_accuracy",
+    "discriminator_loss",
     "dist",
     "dkd",
     "dkd_parts",
     "fitnet",
     "generalized_jsd",
+    "generator_loss",
+    "gradient_penalty",
     "hinge_logits",
     "kl",
     "logit_standardization",

@@ -63,6 +63,7 @@ class Method(nn.Module):
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
+        self.steps_per_epoch: int | None = None  # set by the loop before training (per-epoch schedules)
         self.adversary_metrics: dict[str, float] = {}  # set by adversary_loss; logged as adv/<name>
 
     def set_progress(self, step: int, total_steps: int) -> None:

@@ -65,6 +65,8 @@ def _teacher_for(method_name, make):
         return TeacherEnsemble([make(16), make(12)])
     if method_name == "route_constrained":
         return TeacherTrajectory([make(16), make(16)])
+    if method_name == "aikd":
+        return make(6)  # a pre-trained model of the student's own architecture
     return make(16)
 
 
@@ -81,9 +83,10 @@ def test_method_contract(name):
     student = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=6)
     teacher = _teacher_for(name, lambda width: mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,),
                                                     width=width)) if cls.needs_teacher else None
-    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5))
+    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5), train_size=8)
     inputs = torch.rand(8, 1, 5)
     labels = torch.randint(0, 3, (8,))
+    indices = torch.arange(8)  # train-split positions (per-sample memories, e.g. PS-KD)
     from kdlab.models import Taps
 
     with Taps(student, method.student_taps) as s_taps:
@@ -92,7 +95,7 @@ def test_method_contract(name):
     if teacher is not None:
         with Taps(teacher, method.teacher_taps, detach=True) as t_taps, torch.no_grad():
             teacher_out = Outputs(teacher(inputs), dict(t_taps.captured))
-    terms = method.loss_terms(Batch(inputs, labels), student_out, teacher_out)
+    terms = method.loss_terms(Batch(inputs, labels, indices), student_out, teacher_out)
     assert terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
     grads = [p.grad for p in student.parameters()]
