@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.methods.base import Batch, Method
+from kdlab.models.common import Normalize
 from kdlab.models.generators import build_generator
 from kdlab.registry import register
 
@@ -50,6 +51,14 @@ class DFADHparams:
     generator_lr: float = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
     student_steps_per_generator_step: int = 5  # k: imitation steps per generation step (official: 5)
     discrepancy: Literal["l1_logits", "kl"] = "l1_logits"  # l1_logits: the paper's MAE; kl: KL(T‖S) at T = 1
+
+
+def teacher_statistics(teacher) -> tuple[list[float] | None, list[float] | None]:
+    """Per-channel mean and std of the teacher's input normalisation (its first ``Normalize``); None if it has none."""
+    norm = next((m for m in teacher.modules() if isinstance(m, Normalize)), None) if teacher is not None else None
+    if norm is None:
+        return None, None
+    return norm.mean.flatten().tolist(), norm.std.flatten().tolist()
 
 
 def discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -79,8 +88,11 @@ class DFAD(Method):
             raise KdlabError(f"method.student_steps_per_generator_step: {k!r} must be a positive integer; use e.g. 5")
         if not h.generator_lr > 0:
             raise KdlabError(f"method.generator_lr: {h.generator_lr!r} must be positive; use e.g. 0.001")
-        # build_generator checks that its output shape is input_shape.
-        self.generator = build_generator(tuple(input_shape), latent_dim=h.latent_dim, width=h.generator_width)
+        # Generated batches get the statistics the teacher normalises with (the official generator's last
+        # BatchNorm does the same in normalised space); build_generator checks its output shape.
+        mean, std = teacher_statistics(teacher)
+        self.generator = build_generator(tuple(input_shape), latent_dim=h.latent_dim, width=h.generator_width,
+                                         mean=mean, std=std)
         self.adversary_every = int(k)
         self.adversary_steps = 1
         self.adversary_lr = float(h.generator_lr)

@@ -11,10 +11,15 @@ DCGAN/DAFL layout:
 
 with ``w`` = ``width`` (the official ``ngf`` = 64). Two deliberate differences:
 
-* **Output range.** The official code ends in ``tanh`` followed by a non-affine
-  BatchNorm, because its networks take mean/std-normalised inputs. kdlab models
-  take inputs in [0, 1] and normalise inside ``forward``, so the output here is a
-  ``sigmoid`` into [0, 1] and the teacher's own normalisation does the rest.
+* **Output range.** The official code ends in ``tanh`` and a non-affine
+  BatchNorm, because its networks take mean/std-normalised inputs: every
+  generated batch has, per channel, the normalised data's mean 0 and variance 1.
+  kdlab models take inputs in [0, 1] and normalise inside ``forward``, so here
+  the last conv is followed by the same non-affine BatchNorm and then by
+  ``sigmoid(a_c + b_c · h)``, with ``(a_c, b_c)`` solved once so that for
+  ``h ~ N(0, 1)`` the output has the data's per-channel mean and std
+  (``logit_normal_params``): the [0, 1] analogue of the official tail. Without
+  statistics (``mean``/``std`` None) it is ``sigmoid(h)`` (mean 0.5, std ≈ 0.21).
 * **Any spatial size.** The official code needs H = W divisible by 4 (``img_size // 4``
   then two ×2 upsamplings). Here the seed map is ``ceil(H/4) × ceil(W/4)`` and each
   nearest-neighbour upsampling goes to an explicit size (``ceil(H/2)``, then ``H``),
@@ -33,12 +38,69 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
 
 LEAKY_SLOPE = 0.2  # LeakyReLU slope of the official GeneratorA (and DCGAN)
+
+
+def _logit_normal_moments(shift: float, scale: float, nodes: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    y = 0.5 * (1.0 + np.tanh(0.5 * (shift + scale * nodes)))  # sigmoid, without overflow
+    mean = float(weights @ y)
+    return mean, math.sqrt(max(float(weights @ (y - mean) ** 2), 0.0))
+
+
+def logit_normal_params(mean: float, std: float) -> tuple[float, float]:
+    """``(a, b)`` such that ``sigmoid(a + b·ε)``, ``ε ~ N(0, 1)``, has mean ``mean`` and std ``std``.
+
+    The moments are Gauss–Hermite integrals (80 nodes, float64); for a fixed b the
+    mean rises with a, and at the matched mean the std rises with b, so two nested
+    bisections solve it. A std at or above the [0, 1] bound ``sqrt(mean·(1 − mean))``
+    is capped just below it, and the mean is kept in [0.01, 0.99].
+    """
+    nodes, weights = np.polynomial.hermite_e.hermegauss(80)
+    weights = weights / weights.sum()
+    mean = min(max(float(mean), 0.01), 0.99)
+    std = min(max(float(std), 1e-4), 0.99 * math.sqrt(mean * (1.0 - mean)))
+
+    def shift_for(scale: float) -> float:
+        low, high = -10.0 - 10.0 * scale, 10.0 + 10.0 * scale  # beyond ±(10 + 10·b) the mean is saturated
+        for _ in range(100):
+            middle = (low + high) / 2
+            low, high = (middle, high) if _logit_normal_moments(middle, scale, nodes, weights)[0] < mean else (low, middle)
+        return (low + high) / 2
+
+    low, high = 0.0, 50.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        below = _logit_normal_moments(shift_for(middle), middle, nodes, weights)[1] < std
+        low, high = (middle, high) if below else (low, middle)
+    scale = (low + high) / 2
+    return shift_for(scale), scale
+
+
+class _MatchedSigmoid(nn.Module):
+    """``sigmoid(a_c + b_c · h)`` per channel: standardised ``h`` -> [0, 1] with the data's mean and std."""
+
+    def __init__(self, input_shape: tuple[int, ...], mean: Sequence[float] | None, std: Sequence[float] | None):
+        super().__init__()
+        channels = input_shape[0]
+        if mean is None or std is None:
+            params = [(0.0, 1.0)] * channels
+        else:
+            if len(mean) != channels or len(std) != channels:
+                raise KdlabError(f"generator: {len(mean)} means and {len(std)} stds for {channels} channels; "
+                                 "give one per channel")
+            params = [logit_normal_params(m, s) for m, s in zip(mean, std)]
+        view = (channels,) + (1,) * (len(input_shape) - 1)  # broadcasts over (N, C, *spatial)
+        self.register_buffer("shift", torch.tensor([a for a, _ in params], dtype=torch.float32).view(view))
+        self.register_buffer("scale", torch.tensor([b for _, b in params], dtype=torch.float32).view(view))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return torch.sigmoid(self.shift + self.scale * h)
 
 
 def _up_sizes(size: int) -> tuple[int, int, int]:
@@ -49,7 +111,8 @@ def _up_sizes(size: int) -> tuple[int, int, int]:
 class ConvGenerator(nn.Module):
     """DFAD's GeneratorA for ``(C, L)`` or ``(C, H, W)`` outputs in [0, 1] (see the module docstring)."""
 
-    def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int, width: int):
+    def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int, width: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = int(latent_dim)
@@ -71,30 +134,33 @@ class ConvGenerator(nn.Module):
             batch_norm(width),
             nn.LeakyReLU(LEAKY_SLOPE),
             conv(width, channels, 3, padding=1),
-            batch_norm(channels, affine=False) if not __import__("os").environ.get("GEN_NOBN") else nn.Identity(),
+            batch_norm(channels, affine=False),  # the official tail's standardisation ...
+            _MatchedSigmoid(self.input_shape, mean, std),  # ... mapped into [0, 1] with the data's statistics
         )
-        import os
-        mu, sd = float(os.environ.get("GEN_MU", "0.5")), float(os.environ.get("GEN_SD", "0"))
-        self.register_buffer("out_shift", torch.tensor(math.log(mu / (1 - mu))))
-        self.register_buffer("out_scale", torch.tensor(sd / (mu * (1 - mu)) if sd > 0 else 1.0))
 
     def forward(self, z: Tensor) -> Tensor:
         """``z (N, latent_dim)`` -> inputs ``(N, *input_shape)`` in [0, 1]."""
         seed = self.project(z.flatten(1))
         seed = seed.view(z.shape[0], -1, *self.seed_size)  # (N, 2w, H/4, W/4) or (N, 2w, L/4)
-        return torch.sigmoid(self.out_shift + self.out_scale * self.body(seed))
+        return self.body(seed)
 
 
 class MLPGenerator(nn.Module):
-    """Flat ``(F,)`` outputs in [0, 1]: Linear -> BN -> LeakyReLU -> Linear -> sigmoid."""
+    """Flat ``(F,)`` outputs in [0, 1]: Linear -> BN -> LeakyReLU -> Linear -> BN (no affine) -> matched sigmoid.
 
-    def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int, width: int):
+    A flat input's "channels" are its F features (as in kdlab's ``Normalize``), so
+    the statistics and the final standardisation are per feature.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], *, latent_dim: int, width: int,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         self.input_shape = tuple(input_shape)
         self.latent_dim = int(latent_dim)
         self.net = nn.Sequential(
             nn.Linear(latent_dim, 2 * width), nn.BatchNorm1d(2 * width), nn.LeakyReLU(LEAKY_SLOPE),
-            nn.Linear(2 * width, self.input_shape[0]), nn.Sigmoid(),
+            nn.Linear(2 * width, self.input_shape[0]), nn.BatchNorm1d(self.input_shape[0], affine=False),
+            _MatchedSigmoid(self.input_shape, mean, std),
         )
 
     def forward(self, z: Tensor) -> Tensor:
@@ -120,12 +186,15 @@ def check_generator_output(generator: nn.Module, input_shape: Sequence[int], *, 
                          f"{tuple(input_shape)}; build the generator for the dataset's input_shape")
 
 
-def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: int = 64) -> nn.Module:
+def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: int = 64,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """A generator of inputs in [0, 1] of ``input_shape`` (channel first, no batch dim) from ``latent_dim`` noise.
 
     ``(C, H, W)`` and ``(C, L)``: DFAD's GeneratorA with 2-D / 1-D convolutions
-    (``width`` = its ``ngf``); ``(F,)``: a two-layer MLP. The output shape is
-    checked against ``input_shape`` before the generator is returned.
+    (``width`` = its ``ngf``); ``(F,)``: a two-layer MLP. ``mean``/``std`` (one per
+    channel, or one for all) are the data statistics a batch of outputs should
+    have — those the teacher normalises with; None gives ``sigmoid`` of a
+    standardised map. The output shape is checked against ``input_shape``.
     """
     shape = tuple(input_shape) if isinstance(input_shape, Sequence) else (input_shape,)
     if (not 1 <= len(shape) <= 3
@@ -136,7 +205,15 @@ def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: 
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise KdlabError(f"generator: {key}={value!r} must be a positive integer; set e.g. {key}: 64")
     shape = tuple(int(d) for d in shape)
+    if (mean is None) != (std is None):
+        raise KdlabError("generator: give both mean and std (the data statistics), or neither")
+    if mean is not None:
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        mean, std = (mean * shape[0] if len(mean) == 1 else mean), (std * shape[0] if len(std) == 1 else std)
+        if not all(0.0 <= m <= 1.0 for m in mean) or not all(s > 0 for s in std):
+            raise KdlabError(f"generator: mean {mean} must be in [0, 1] and std {std} positive (statistics of "
+                             "[0, 1] inputs)")
     cls = MLPGenerator if len(shape) == 1 else ConvGenerator
-    generator = cls(shape, latent_dim=int(latent_dim), width=int(width))
+    generator = cls(shape, latent_dim=int(latent_dim), width=int(width), mean=mean, std=std)
     check_generator_output(generator, shape, latent_dim=int(latent_dim))
     return generator

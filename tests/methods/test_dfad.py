@@ -109,6 +109,19 @@ def test_adversary_parameters_are_the_generator_and_live_in_the_method_state():
     assert method.adversary_every == 5 and method.adversary_steps == 1 and method.adversary_lr == 1e-3
 
 
+def test_generated_batches_take_the_statistics_the_teacher_normalises_with():
+    from kdlab.models.generators import logit_normal_params
+
+    teacher, student = _cnn_pair()  # Normalize(mean 0.5, std 0.25)
+    tail = _dfad(student, teacher).generator.body[-1]
+    a, b = logit_normal_params(0.5, 0.25)
+    assert tail.shift.item() == pytest.approx(a, abs=1e-6) and tail.scale.item() == pytest.approx(b, abs=1e-6)
+    # A teacher without kdlab's Normalize (any nn.Module returning logits): a plain sigmoid of the standardised map.
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 4)).requires_grad_(False)
+    tail = _dfad(student, bare).generator.body[-1]
+    assert tail.shift.item() == 0.0 and tail.scale.item() == 1.0
+
+
 # ---------------------------------------------------------------- (b) no real input, no label
 
 

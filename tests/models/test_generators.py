@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kdlab.errors import KdlabError
-from kdlab.models.generators import ConvGenerator, MLPGenerator, build_generator, check_generator_output
+from kdlab.models.generators import (ConvGenerator, MLPGenerator, build_generator, check_generator_output,
+                                     logit_normal_params)
 
 
 @pytest.mark.parametrize("shape", [(1, 40), (1, 8, 8), (3, 32, 32), (2, 5), (1, 7, 9), (12,)])
@@ -20,6 +21,43 @@ def test_output_shape_and_range_in_train_and_eval_mode(shape):
         out = generator(z)
         assert out.shape == (6, *shape)
         assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize("mean,std", [(0.547, 0.0997), (0.3055, 0.376), (0.5, 0.2), (0.1, 0.05), (0.8, 0.15)])
+def test_logit_normal_params_hit_the_requested_moments(mean, std):
+    # Independent check: a fine trapezoid rule over ε in [−12, 12] (float64), not the solver's Gauss–Hermite nodes.
+    a, b = logit_normal_params(mean, std)
+    eps = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
+    density = torch.exp(-eps**2 / 2) / (2 * torch.pi) ** 0.5
+    y = torch.sigmoid(a + b * eps)
+    m = torch.trapezoid(density * y, eps)
+    s = torch.trapezoid(density * (y - m) ** 2, eps).sqrt()
+    assert m.item() == pytest.approx(mean, abs=1e-4) and s.item() == pytest.approx(std, abs=1e-4)
+
+
+def test_generated_batches_have_about_the_data_statistics_per_channel():
+    # The last non-affine BatchNorm standardises each channel over the batch (train mode), then the
+    # matched sigmoid maps it to the data's mean/std: exact for a Gaussian pre-activation, close here.
+    torch.manual_seed(0)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)  # CIFAR-10-like
+    generator = build_generator((3, 32, 32), latent_dim=32, width=16, mean=mean, std=std)
+    out = generator(torch.randn(64, 32))
+    per_channel = out.transpose(0, 1).flatten(1)  # (C, N·H·W)
+    assert per_channel.mean(1).tolist() == pytest.approx(mean, abs=0.03)
+    assert per_channel.std(1).tolist() == pytest.approx(std, abs=0.03)
+    # One value is broadcast to every channel; the parameters sit in persistent buffers.
+    single = build_generator((2, 8), latent_dim=4, width=4, mean=(0.5,), std=(0.2,))
+    assert single.body[-1].scale.flatten().tolist() == pytest.approx([0.9459] * 2, abs=1e-3)
+    assert "body.11.shift" in single.state_dict()
+
+
+@pytest.mark.parametrize("options,match", [({"mean": (0.5,)}, "both mean and std"),
+                                           ({"mean": (1.5,), "std": (0.1,)}, "must be in"),
+                                           ({"mean": (0.5,), "std": (0.0,)}, "positive"),
+                                           ({"mean": (0.5, 0.5), "std": (0.1, 0.1)}, "per channel")])
+def test_bad_statistics_are_refused(options, match):
+    with pytest.raises(KdlabError, match=match):
+        build_generator((3, 8, 8), **options)
 
 
 def test_image_generator_follows_dfad_generator_a_layout():
