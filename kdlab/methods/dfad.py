@@ -13,6 +13,10 @@ batch's size: the inputs are replaced by G(z) and the labels by −1 placeholder
 (the generated inputs have no labels; a loss that tried to use them would fail
 loudly instead of silently learning from the real ones).
 
+The generator is DFAD's GeneratorA (``kdlab.models.generators``); its batches get,
+per channel, the mean and std the teacher normalises with — the [0, 1] analogue
+of the official generator's final non-affine BatchNorm in normalised space.
+
 Mapping onto kdlab's loop: the generator is this method's adversary (its own
 optimiser, at ``generator_lr``, never touched by the main one); it steps once
 every ``student_steps_per_generator_step`` student steps, *before* that step's
@@ -27,6 +31,7 @@ the student's own backward.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Literal
@@ -51,14 +56,22 @@ class DFADHparams:
     generator_lr: float = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
     student_steps_per_generator_step: int = 5  # k: imitation steps per generation step (official: 5)
     discrepancy: Literal["l1_logits", "kl"] = "l1_logits"  # l1_logits: the paper's MAE; kl: KL(T‖S) at T = 1
+    adversarial: bool = True  # False: a control — the generator stays at its random initialisation
 
 
 def teacher_statistics(teacher) -> tuple[list[float] | None, list[float] | None]:
-    """Per-channel mean and std of the teacher's input normalisation (its first ``Normalize``); None if it has none."""
+    """Per-channel mean and std of the teacher's input normalisation (its first ``Normalize``).
+
+    None when it has none, or when they are not statistics of [0, 1] data (e.g. an
+    identity ``Normalize(0, 1)``): the generator then ends in a plain sigmoid.
+    """
     norm = next((m for m in teacher.modules() if isinstance(m, Normalize)), None) if teacher is not None else None
     if norm is None:
         return None, None
-    return norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    mean, std = norm.mean.flatten().tolist(), norm.std.flatten().tolist()
+    if not all(0.0 < m < 1.0 and 0.0 < s < math.sqrt(m * (1.0 - m)) for m, s in zip(mean, std)):
+        return None, None
+    return mean, std
 
 
 def discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -93,6 +106,8 @@ class DFAD(Method):
         mean, std = teacher_statistics(teacher)
         self.generator = build_generator(tuple(input_shape), latent_dim=h.latent_dim, width=h.generator_width,
                                          mean=mean, std=std)
+        if not h.adversarial:
+            self.generator.requires_grad_(False)  # no adversary optimiser is built, and no gradient reaches it
         self.adversary_every = int(k)
         self.adversary_steps = 1
         self.adversary_lr = float(h.generator_lr)
@@ -116,7 +131,7 @@ class DFAD(Method):
         return Batch(inputs=inputs, labels=placeholder, indices=None)
 
     def adversary_parameters(self):
-        return list(self.generator.parameters())
+        return list(self.generator.parameters()) if self.hparams.adversarial else []
 
     def adversary_loss(self, batch, student_out, teacher_out):
         x = self._generate(batch.inputs.shape[0])  # fresh z, with grad

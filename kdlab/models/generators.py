@@ -30,7 +30,7 @@ Sequences ``(C, L)`` (MNIST-1D ``(1, 40)``) use the same stack with 1-D
 convolutions and BatchNorm1d (40: 10 -> 20 -> 40): it keeps DFAD's design
 (local structure from convolutions, BN in every block) rather than an MLP, so one
 family covers both. Flat vectors ``(F,)`` have no locality to exploit and get a
-two-layer MLP (Linear -> BN -> LeakyReLU -> Linear -> sigmoid).
+two-layer MLP with the same tail (Linear -> BN -> LeakyReLU -> Linear -> BN -> matched sigmoid).
 """
 from __future__ import annotations
 
@@ -47,37 +47,41 @@ from kdlab.errors import KdlabError
 LEAKY_SLOPE = 0.2  # LeakyReLU slope of the official GeneratorA (and DCGAN)
 
 
-def _logit_normal_moments(shift: float, scale: float, nodes: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    y = 0.5 * (1.0 + np.tanh(0.5 * (shift + scale * nodes)))  # sigmoid, without overflow
-    mean = float(weights @ y)
-    return mean, math.sqrt(max(float(weights @ (y - mean) ** 2), 0.0))
+def _logit_normal_moments(shift: np.ndarray, scale: np.ndarray, nodes: np.ndarray,
+                          weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of ``sigmoid(shift + scale·ε)`` by Gauss–Hermite quadrature; arrays ``(K,)``."""
+    y = 0.5 * (1.0 + np.tanh(0.5 * (shift[:, None] + scale[:, None] * nodes)))  # (K, Q); sigmoid without overflow
+    mean = y @ weights
+    return mean, np.sqrt(np.maximum(((y - mean[:, None]) ** 2) @ weights, 0.0))
 
 
-def logit_normal_params(mean: float, std: float) -> tuple[float, float]:
+def logit_normal_params(mean, std) -> tuple[np.ndarray, np.ndarray]:
     """``(a, b)`` such that ``sigmoid(a + b·ε)``, ``ε ~ N(0, 1)``, has mean ``mean`` and std ``std``.
 
-    The moments are Gauss–Hermite integrals (80 nodes, float64); for a fixed b the
-    mean rises with a, and at the matched mean the std rises with b, so two nested
-    bisections solve it. A std at or above the [0, 1] bound ``sqrt(mean·(1 − mean))``
-    is capped just below it, and the mean is kept in [0.01, 0.99].
+    Elementwise over scalars or sequences (float64 arrays out). The moments are
+    Gauss–Hermite integrals (80 nodes); for a fixed b the mean rises with a, and at
+    the matched mean the std rises with b, so two nested bisections solve it.
+    Feasible targets have 0 < mean < 1 and std < sqrt(mean·(1 − mean)) (the
+    Bernoulli bound); others are clipped to mean ∈ [0.01, 0.99] and 0.99 × the bound.
     """
     nodes, weights = np.polynomial.hermite_e.hermegauss(80)
     weights = weights / weights.sum()
-    mean = min(max(float(mean), 0.01), 0.99)
-    std = min(max(float(std), 1e-4), 0.99 * math.sqrt(mean * (1.0 - mean)))
+    mean = np.clip(np.atleast_1d(np.asarray(mean, dtype=np.float64)), 0.01, 0.99)
+    std = np.clip(np.atleast_1d(np.asarray(std, dtype=np.float64)), 1e-4, 0.99 * np.sqrt(mean * (1.0 - mean)))
 
-    def shift_for(scale: float) -> float:
+    def shift_for(scale: np.ndarray) -> np.ndarray:
         low, high = -10.0 - 10.0 * scale, 10.0 + 10.0 * scale  # beyond ±(10 + 10·b) the mean is saturated
-        for _ in range(100):
+        for _ in range(80):
             middle = (low + high) / 2
-            low, high = (middle, high) if _logit_normal_moments(middle, scale, nodes, weights)[0] < mean else (low, middle)
+            below = _logit_normal_moments(middle, scale, nodes, weights)[0] < mean
+            low, high = np.where(below, middle, low), np.where(below, high, middle)
         return (low + high) / 2
 
-    low, high = 0.0, 50.0
-    for _ in range(60):
+    low, high = np.zeros_like(mean), np.full_like(mean, 50.0)
+    for _ in range(50):
         middle = (low + high) / 2
         below = _logit_normal_moments(shift_for(middle), middle, nodes, weights)[1] < std
-        low, high = (middle, high) if below else (low, middle)
+        low, high = np.where(below, middle, low), np.where(below, high, middle)
     scale = (low + high) / 2
     return shift_for(scale), scale
 
@@ -89,15 +93,15 @@ class _MatchedSigmoid(nn.Module):
         super().__init__()
         channels = input_shape[0]
         if mean is None or std is None:
-            params = [(0.0, 1.0)] * channels
+            shift, scale = np.zeros(channels), np.ones(channels)
         else:
             if len(mean) != channels or len(std) != channels:
                 raise KdlabError(f"generator: {len(mean)} means and {len(std)} stds for {channels} channels; "
                                  "give one per channel")
-            params = [logit_normal_params(m, s) for m, s in zip(mean, std)]
+            shift, scale = logit_normal_params(mean, std)
         view = (channels,) + (1,) * (len(input_shape) - 1)  # broadcasts over (N, C, *spatial)
-        self.register_buffer("shift", torch.tensor([a for a, _ in params], dtype=torch.float32).view(view))
-        self.register_buffer("scale", torch.tensor([b for _, b in params], dtype=torch.float32).view(view))
+        self.register_buffer("shift", torch.tensor(shift, dtype=torch.float32).view(view))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).view(view))
 
     def forward(self, h: Tensor) -> Tensor:
         return torch.sigmoid(self.shift + self.scale * h)
@@ -210,9 +214,9 @@ def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: 
     if mean is not None:
         mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         mean, std = (mean * shape[0] if len(mean) == 1 else mean), (std * shape[0] if len(std) == 1 else std)
-        if not all(0.0 <= m <= 1.0 for m in mean) or not all(s > 0 for s in std):
-            raise KdlabError(f"generator: mean {mean} must be in [0, 1] and std {std} positive (statistics of "
-                             "[0, 1] inputs)")
+        if not all(0.0 < m < 1.0 and 0.0 < s < math.sqrt(m * (1.0 - m)) for m, s in zip(mean, std)):
+            raise KdlabError(f"generator: mean {mean} and std {std} are not statistics of inputs in [0, 1] "
+                             "(need 0 < mean < 1 and 0 < std < sqrt(mean·(1 − mean))); pass the dataset's")
     cls = MLPGenerator if len(shape) == 1 else ConvGenerator
     generator = cls(shape, latent_dim=int(latent_dim), width=int(width), mean=mean, std=std)
     check_generator_output(generator, shape, latent_dim=int(latent_dim))

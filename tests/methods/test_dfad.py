@@ -117,9 +117,14 @@ def test_generated_batches_take_the_statistics_the_teacher_normalises_with():
     a, b = logit_normal_params(0.5, 0.25)
     assert tail.shift.item() == pytest.approx(a, abs=1e-6) and tail.scale.item() == pytest.approx(b, abs=1e-6)
     # A teacher without kdlab's Normalize (any nn.Module returning logits): a plain sigmoid of the standardised map.
+    # So does one whose Normalize is not [0, 1] data statistics (the identity, mean 0 and std 1).
+    from kdlab import registry
+
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 4)).requires_grad_(False)
-    tail = _dfad(student, bare).generator.body[-1]
-    assert tail.shift.item() == 0.0 and tail.scale.item() == 1.0
+    identity = registry.get("model", "mlp")(input_shape=(1, 40), num_classes=4, mean=(0.0,), std=(1.0,))
+    for plain in (bare, identity):
+        tail = _dfad(student, plain).generator.body[-1]
+        assert tail.shift.item() == 0.0 and tail.scale.item() == 1.0
 
 
 # ---------------------------------------------------------------- (b) no real input, no label
@@ -267,6 +272,23 @@ def test_the_student_update_is_the_discrepancy_gradient_alone(toy_teacher, monke
     assert len(checked) == 8 and all(checked)  # 8 steps, generator steps at 0 and 5 included
 
 
+def test_the_frozen_generator_control_never_moves_the_generator(toy_teacher, tmp_path):
+    splits, teacher = toy_teacher
+    logged = {}
+    torch.manual_seed(0)
+    student = build_model("mlp", {"width": 32}, splits)
+    method = build_method(MethodConfig("dfad", {"adversarial": False}), student=student, teacher=teacher,
+                          input_shape=tuple(splits.input_shape))
+    assert method.adversary_parameters() == []
+    before = {k: v.clone() for k, v in method.generator.named_parameters()}
+    fit(student=student, method=method, teacher=teacher, splits=splits, train=_train(epochs=2), seed=0,
+        run_dir=tmp_path, on_epoch=lambda e, m: logged.__setitem__(e, m))
+    assert all(torch.equal(v, before[k]) for k, v in method.generator.named_parameters())
+    assert not any(k.startswith("adv/") for k in logged[2]) and "train/loss/discrepancy" in logged[2]
+    folder = tmp_path / "checkpoints" / json.loads((tmp_path / "checkpoints/latest.json").read_text())["dir"]
+    assert not any(k.startswith("adversary_optimizer") for k in load_file(str(folder / "weights.safetensors")))
+
+
 # ---------------------------------------------------------------- (d) checkpoint and resume
 
 
@@ -303,24 +325,22 @@ def test_generator_and_its_optimiser_are_checkpointed_and_a_resume_replays_the_r
 
 
 @pytest.mark.integration
-def test_the_adversarial_generator_beats_a_frozen_one_on_digits(tmp_path):
-    """Digits (10 classes, 1×8×8): the min-max game, not merely random generated inputs, transfers the teacher.
+def test_a_data_free_student_learns_digits(tmp_path):
+    """Digits (10 classes, 1×8×8), mlp 128 teacher (test acc 0.97) -> mlp 32 student, 40 epochs, no data.
 
-    Observed (seeds 0, 1): DFAD 0.78 / 0.75 test accuracy, the same run with the generator frozen
-    (generator_lr 1e-12) 0.34 / 0.33; the teacher 0.97.
+    Observed (seeds 0, 1): 0.84 / 0.85 test accuracy. Control, not asserted: the same runs with the
+    generator frozen at its random initialisation (``adversarial: false``) reach 0.89 / 0.89 — see
+    docs/methods.md: on these small tasks the adversarial game does not beat random data-like inputs.
     """
     splits = build_splits("digits", {}, root=None, cache_dir=tmp_path, val_fraction=0.1, split_seed=0)
     torch.manual_seed(0)
     teacher = build_model("mlp", {"width": 128}, splits)
     fit(student=teacher, method=build_method(MethodConfig("scratch", {}), student=teacher, teacher=None),
         teacher=None, splits=splits, train=_train(lr=0.003), seed=0)
-    train = _train(epochs=40, batch_size=128, lr=0.003)
-    accuracy = {}
-    for name, options in (("adversarial", {}), ("frozen", {"generator_lr": 1e-12})):
-        torch.manual_seed(0)
-        student = build_model("mlp", {"width": 32}, splits)
-        method = build_method(MethodConfig("dfad", options), student=student, teacher=teacher,
-                              input_shape=tuple(splits.input_shape))
-        accuracy[name] = fit(student=student, method=method, teacher=teacher, splits=splits, train=train,
-                             seed=0).final["test/acc"]
-    assert accuracy["adversarial"] > 0.6 and accuracy["adversarial"] > accuracy["frozen"] + 0.2, accuracy
+    torch.manual_seed(0)
+    student = build_model("mlp", {"width": 32}, splits)
+    method = build_method(MethodConfig("dfad", {}), student=student, teacher=teacher,
+                          input_shape=tuple(splits.input_shape))
+    result = fit(student=student, method=method, teacher=teacher, splits=splits,
+                 train=_train(epochs=40, batch_size=128, lr=0.003), seed=0)
+    assert result.final["test/acc"] > 0.7, result.final  # chance: 0.1

@@ -27,12 +27,20 @@ def test_output_shape_and_range_in_train_and_eval_mode(shape):
 def test_logit_normal_params_hit_the_requested_moments(mean, std):
     # Independent check: a fine trapezoid rule over ε in [−12, 12] (float64), not the solver's Gauss–Hermite nodes.
     a, b = logit_normal_params(mean, std)
+    assert a.shape == b.shape == (1,)
+    a, b = float(a[0]), float(b[0])
     eps = torch.linspace(-12, 12, 200_001, dtype=torch.float64)
     density = torch.exp(-eps**2 / 2) / (2 * torch.pi) ** 0.5
     y = torch.sigmoid(a + b * eps)
     m = torch.trapezoid(density * y, eps)
     s = torch.trapezoid(density * (y - m) ** 2, eps).sqrt()
     assert m.item() == pytest.approx(mean, abs=1e-4) and s.item() == pytest.approx(std, abs=1e-4)
+
+
+def test_logit_normal_params_is_elementwise():
+    a, b = logit_normal_params([0.547, 0.3055], [0.0997, 0.376])
+    a0, b0 = logit_normal_params(0.3055, 0.376)
+    assert a.shape == (2,) and a[1] == pytest.approx(a0[0]) and b[1] == pytest.approx(b0[0])
 
 
 def test_generated_batches_have_about_the_data_statistics_per_channel():
@@ -52,8 +60,10 @@ def test_generated_batches_have_about_the_data_statistics_per_channel():
 
 
 @pytest.mark.parametrize("options,match", [({"mean": (0.5,)}, "both mean and std"),
-                                           ({"mean": (1.5,), "std": (0.1,)}, "must be in"),
-                                           ({"mean": (0.5,), "std": (0.0,)}, "positive"),
+                                           ({"mean": (1.5,), "std": (0.1,)}, "not statistics of inputs in"),
+                                           ({"mean": (0.5,), "std": (0.0,)}, "not statistics"),
+                                           ({"mean": (0.0,), "std": (1.0,)}, "not statistics"),
+                                           ({"mean": (0.5,), "std": (0.5,)}, "not statistics"),
                                            ({"mean": (0.5, 0.5), "std": (0.1, 0.1)}, "per channel")])
 def test_bad_statistics_are_refused(options, match):
     with pytest.raises(KdlabError, match=match):
