@@ -83,7 +83,7 @@ def discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind
 
 @register("method", "dfad")
 class DFAD(Method):
-    """DFAD (Fang et al. 2019): data-free; a generator maximises the teacher-student logit MAE that the student minimises."""
+    """DFAD (Fang et al. 2019), data-free: a generator maximises the logit MAE that the student minimises."""
 
     Hparams = DFADHparams
 
