@@ -691,22 +691,18 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append("train.selection: best_val needs a validation split; set data.val_fraction > 0")
     if isinstance(cfg.seeds, list) and not cfg.seeds:
         errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
-    if isinstance(cfg.method.name, str) and cfg.teacher is None:
-        try:
-            method_cls = registry.get("method", cfg.method.name)
-        except KdlabError:
-            return
-        if getattr(method_cls, "needs_teacher", False):
-            errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
-                          "(teacher.model + teacher.train, or teacher.checkpoint)")
-    if isinstance(cfg.method.name, str) and cfg.teacher is not None:
-        try:
-            method_cls = registry.get("method", cfg.method.name)
-        except KdlabError:
-            return
-        if getattr(method_cls, "refuses_teacher", False):
-            errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
-                          "set teacher: null (e.g. in its own YAML document)")
+    if not isinstance(cfg.method.name, str):
+        return
+    try:
+        method_cls = registry.get("method", cfg.method.name)
+    except KdlabError:
+        return  # reported where the method section is parsed
+    if cfg.teacher is None and getattr(method_cls, "needs_teacher", False):
+        errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
+                      "(teacher.model + teacher.train, or teacher.checkpoint)")
+    if cfg.teacher is not None and getattr(method_cls, "refuses_teacher", False):
+        errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
+                      "set teacher: null (e.g. in its own YAML document)")
 
 
 def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
