@@ -13,14 +13,6 @@ from kdlab.methods.adapters import Adapter, GlobalAvgPool
 from kdlab.models import Taps, tap_shapes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

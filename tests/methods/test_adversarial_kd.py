@@ -20,14 +20,6 @@ from kdlab.methods.base import Batch, Outputs
 N, CLASSES, INPUT_SHAPE = 10, 4, (1, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

@@ -17,15 +17,6 @@ from kdlab.methods.base import Batch, Outputs
 from kdlab.methods.dfad import DFAD, discrepancy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models: one intra-op thread is faster on a busy 2-core machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _cnn_pair(shape=(1, 40)):
     """A BatchNorm teacher (frozen and in eval mode, as ``fit`` leaves it) and a BatchNorm student."""
     mlp_like = dict(input_shape=shape, num_classes=4, mean=(0.5,), std=(0.25,))

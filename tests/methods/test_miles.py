@@ -19,14 +19,6 @@ N, CLASSES, D_S, D_T = 8, 3, 6, 10
 INPUT_SHAPE = (1, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

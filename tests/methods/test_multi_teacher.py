@@ -15,15 +15,6 @@ from kdlab.models import Taps, TeacherEnsemble
 RULES = ("fixed", "mean_probs", "mean_logits", "entropy", "confidence")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster on a busy 2-core machine. Restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def mlp(width):
     return registry.get("model", "mlp")(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=width)
 
