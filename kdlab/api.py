@@ -59,7 +59,8 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Any, method: st
     splits = _as_splits(data, val_fraction=val_fraction, split_seed=seed)
     torch.manual_seed(seed)
     built = build_method(method_cfg, student=student, teacher=teacher,
-                         input_shape=tuple(splits.train[0].shape[1:]), train_size=len(splits.train[0]))
+                         input_shape=tuple(splits.train[0].shape[1:]), train_size=len(splits.train[0]),
+                         sequence=splits.sequence)
     check_class_counts(student, teacher, splits)
     result = fit(student=student, method=built, teacher=teacher, splits=splits, train=train, seed=seed,
                  run_dir=Path(run_dir) if run_dir is not None else None)

@@ -20,11 +20,12 @@ import torch
 
 from kdlab import registry
 from kdlab.data.augment import AUGMENTATIONS, augment_batch
+from kdlab.data.sequence import SequenceArrays, SequenceInfo, check_sequence_arrays, split_sequences
 from kdlab.data.stats import channel_mean_std
 from kdlab.data.stratify import holdout_size, stratified_holdout
 from kdlab.errors import KdlabError
 
-__all__ = ["AUGMENTATIONS", "DatasetArrays", "Splits", "augment_batch", "build_splits", "make_splits"]
+__all__ = ["AUGMENTATIONS", "DatasetArrays", "SequenceArrays", "SequenceInfo", "Splits", "augment_batch", "build_splits", "make_splits"]
 
 # Distinct (dataset, options, root) loads kept, and distinct splits of them.
 _ARRAYS_CACHE_SIZE = 2
@@ -64,6 +65,9 @@ class Splits:
     input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Set for sequence tasks (kdlab.data.sequence): inputs are token ids (N, L) and labels the
+    # response targets (N, L), -100 elsewhere; num_classes is the vocabulary, input_shape (context,).
+    sequence: "SequenceInfo | None" = None
 
 
 def check_arrays(name: str, arrays: Any) -> None:
@@ -117,6 +121,8 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
     mean/std: per channel over the final train split (population std).
     """
     _check_split_arguments(val_fraction, split_seed)
+    if isinstance(arrays, SequenceArrays):
+        return split_sequences(name, arrays, val_fraction=val_fraction, split_seed=split_seed)
     check_arrays(name, arrays)
     x_train, y_train = arrays.x_train, arrays.y_train
     if val_fraction > 0 and x_train.shape[0] < 2:
@@ -191,7 +197,10 @@ def _cached_arrays(dataset: str, options: tuple, root: str | None, cache_dir: st
     kwargs = dict(options)
     _check_options(dataset, factory, kwargs)
     arrays = factory(root=None if root is None else Path(root), cache_dir=Path(cache_dir), **kwargs)
-    check_arrays(dataset, arrays)
+    if isinstance(arrays, SequenceArrays):
+        check_sequence_arrays(dataset, arrays)
+    else:
+        check_arrays(dataset, arrays)
     return arrays
 
 

@@ -59,32 +59,65 @@ def build_student(cfg: ModelConfig, splits: Splits) -> nn.Module:
 
 
 def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None,
-                 input_shape: tuple[int, ...] | None = None, train_size: int | None = None) -> Method:
-    """Build the method; bad hyperparameters, tap names or shapes fail here, before training."""
+                 input_shape: tuple[int, ...] | None = None, train_size: int | None = None,
+                 sequence=None) -> Method:
+    """Build the method; bad hyperparameters, tap names or shapes fail here, before training.
+
+    ``sequence`` is the dataset's ``SequenceInfo`` for sequence tasks (None for classification).
+    """
     method_cls = registry.get("method", cfg.name, key="method.name")
+    if sequence is not None and "sequence" not in method_cls.data_kinds:
+        raise KdlabError(f"method.name: {cfg.name!r} is a classification method but the dataset is the sequence "
+                         f"task {sequence.task!r}; use a sequence method ({', '.join(_sequence_methods())})")
+    if sequence is None and "classification" not in method_cls.data_kinds:
+        raise KdlabError(f"method.name: {cfg.name!r} trains on sequence tasks; use a sequence dataset "
+                         "(e.g. data.dataset: addition)")
     if method_cls.needs_teacher and teacher is None:
         raise KdlabError(f"method.name: {cfg.name!r} needs a teacher; add a teacher section")
     if method_cls.refuses_teacher and teacher is not None:
         raise KdlabError(f"method.name: {cfg.name!r} distils the student from itself; remove the teacher section "
                          "(teacher: null)")
-    return method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape,
-                      train_size=train_size)
+    method = method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape,
+                        train_size=train_size)
+    method.sequence = sequence
+    return method
+
+
+def _sequence_methods() -> list[str]:
+    return [name for name in registry.names("method") if "sequence" in registry.get("method", name).data_kinds]
+
+
+def check_sequence_models(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:
+    """Token models must cover the task's vocabulary and context (one line naming the fix otherwise)."""
+    info = splits.sequence
+    for role, net in (("student", student), ("teacher", teacher)):
+        context = getattr(net, "context_length", None)
+        if net is not None and context is not None and context < info.context_length:
+            raise KdlabError(f"{role}.context_length: {context} tokens is shorter than task {info.task!r} needs "
+                             f"({info.context_length}: longest prompt + response + generation room); raise it or "
+                             "leave it unset")
 
 
 def check_class_counts(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:
     """Teacher and student must predict the same classes (one line naming both counts otherwise)."""
     import torch
 
+    if splits.sequence is not None:
+        check_sequence_models(student, teacher, splits)
     if teacher is None:
         return
     outs = []
+    example = splits.train[0][:1]  # a real input: token ids for sequence tasks, an image otherwise
     for net in (student, teacher):
         device = next(iter(net.parameters()), torch.zeros(())).device
         was = net.training
         net.eval()
         with torch.no_grad():
-            outs.append(net(torch.zeros(1, *splits.input_shape, device=device)).shape[-1])
+            outs.append(net(example.to(device)).shape[-1])
         net.train(was)
+    if outs[0] != outs[1] and splits.sequence is not None:
+        raise KdlabError(f"teacher vocabulary {outs[1]} != student vocabulary {outs[0]}; distil between models that "
+                         "share the task's tokenizer")
     if outs[0] != outs[1]:
         raise KdlabError(f"teacher predicts {outs[1]} classes but the student predicts {outs[0]}; "
                          "distil between models trained for the same classes")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data import Splits, augment_batch
+from kdlab.data import SequenceInfo, Splits, augment_batch
 from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
 from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
@@ -68,10 +68,23 @@ def predict(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, pre
 
 
 def evaluate(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], *, prefix: str, device: torch.device,
-             precision: str, teacher_logits: torch.Tensor | None = None) -> dict[str, float]:
+             precision: str, teacher_logits=None, sequence: SequenceInfo | None = None,
+             final: bool = False) -> dict[str, float]:
+    """Metrics of ``model`` on one split, keyed ``<prefix>/<name>``.
+
+    Sequence tasks (``sequence`` set) are scored by generation (kdlab.seq.evaluate), where
+    ``teacher_logits`` holds the teacher's greedy responses; ``final`` adds the sampled exact match.
+    """
     inputs, labels = split
     if len(inputs) == 0:
         return {}
+    if sequence is not None:
+        from kdlab.seq.evaluate import sequence_metrics
+
+        with _autocast(device, precision):
+            metrics = sequence_metrics(model, split, sequence, device=device, teacher_responses=teacher_logits,
+                                       sampled=final)
+        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
     logits = predict(model, inputs, device=device, precision=precision)
     metrics = classification_metrics(logits, labels, teacher_logits=teacher_logits)
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -147,7 +160,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     device = resolve_device(train.device)
     student.to(device)
     method.to(device)
-    uses_teacher = teacher is not None and method.needs_teacher
+    uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
     if teacher is not None:
         teacher.to(device).eval()
         teacher.requires_grad_(False)
@@ -191,11 +204,22 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
         best, best_epoch = state["best"], state["best_epoch"]
 
     # The teacher is fixed: its val/test logits are computed once for agreement metrics.
+    # For sequence tasks, the teacher's greedy responses instead (agreement = same response).
     teacher_logits = {}
+    sequence = splits.sequence
+    if sequence is not None and augment != "none":
+        raise KdlabError(f"data.augment: {augment!r} applies to images, not to the token sequences of "
+                         f"{splits.name!r}; set data.augment: none")
     if teacher is not None:
         for name in ("val", "test"):
             inputs = getattr(splits, name)[0]
-            if len(inputs):
+            if len(inputs) and sequence is not None:
+                from kdlab.seq.evaluate import generate_responses
+
+                with _autocast(device, train.precision):
+                    teacher_logits[name] = generate_responses(teacher, inputs, getattr(splits, name)[1], sequence,
+                                                              device=device)
+            elif len(inputs):
                 teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
 
     # Hooks only when a method asks for features: an empty Taps would still put both models on
@@ -278,7 +302,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             last = epoch + 1 == epochs
             if (epoch + 1) % train.eval_every == 0 or last:
                 val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
-                               teacher_logits=teacher_logits.get("val"))
+                               teacher_logits=teacher_logits.get("val"), sequence=sequence)
                 metrics.update(val)
                 if train.selection == "best_val" and val and _better(val, best):
                     best, best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch + 1
@@ -318,8 +342,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
         else:
             _load_state_tensors(best_state, student, method)
     final = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
-                     teacher_logits=teacher_logits.get("val"))
+                     teacher_logits=teacher_logits.get("val"), sequence=sequence)
     final.update(evaluate(student, splits.test, prefix="test", device=device, precision=train.precision,
-                          teacher_logits=teacher_logits.get("test")))
+                          teacher_logits=teacher_logits.get("test"), sequence=sequence, final=True))
     final["selected_epoch"] = float(selected_epoch)
     return FitResult(final=final, epochs_run=epochs_run)

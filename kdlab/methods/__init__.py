@@ -2,6 +2,7 @@
 from kdlab.methods import dfad, distill, kd, miles, multi_teacher, route_constrained, scratch, takd  # noqa: F401
 from kdlab.methods import adversarial_kd  # noqa: F401  (registration)
 from kdlab.methods import aikd, pskd  # noqa: F401  (self-distillation: PS-KD, AI-KD)
+from kdlab.methods import gkd  # noqa: F401  (sequence models)
 from kdlab.methods.adapters import Adapter, make_adapter
 from kdlab.methods.base import Batch, Method, NoHparams, Outputs
 

@@ -22,6 +22,9 @@ class Batch:
     inputs: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor | None = None  # positions in the train split (per-sample memories, e.g. PS-KD)
+    # What ``make_batch`` computed beside the inputs (clean inputs, teacher outputs on them, a response
+    # mask, ...), read back by the same method's ``loss_terms``.
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +51,13 @@ class Method(nn.Module):
     Hparams: ClassVar[type] = NoHparams
     needs_teacher: ClassVar[bool] = True
     refuses_teacher: ClassVar[bool] = False  # self-distillation methods: a teacher section is an error
+    # False: the loop runs no teacher forward (``teacher_out`` is None); the method queries the teacher
+    # itself, e.g. on the clean inputs while the student sees adversarial ones (ARD, RSLAD, MTARD).
+    teacher_in_loop: ClassVar[bool] = True
+    # The kinds of data a method trains on: "classification" (inputs → class logits) and/or "sequence"
+    # (token ids in, (B, L, V) next-token logits out); the builder refuses the others before training.
+    data_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+    sequence = None  # the task's SequenceInfo (EOS/pad ids, decoding), set by the builder for sequence methods
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
     # The adversary extension point (see ``adversary_loss``): how often and how many adversary steps.

@@ -211,7 +211,7 @@ class Runner:
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits)
             method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
-                                  train_size=len(splits.train[0]))
+                              train_size=len(splits.train[0]), sequence=splits.sequence)
             check_class_counts(student, teacher, splits)
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
@@ -290,7 +290,7 @@ class Runner:
         student = build_student(cfg.student, splits)
         check_class_counts(student, teacher, splits)
         method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
-                                  train_size=len(splits.train[0]))
+                              train_size=len(splits.train[0]), sequence=splits.sequence)
         return splits, teacher, student, method
 
     def dry_run(self, specs: list[RunSpec]) -> list[str]:

@@ -79,6 +79,8 @@ def test_method_contract(name):
     params = entry_parameters("method", name)
     assert all(annotation is not None for annotation, _ in params.values())
     torch.manual_seed(0)
+    if "classification" not in cls.data_kinds:
+        return _sequence_contract(cls)
     mlp = registry.get("model", "mlp")
     student = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=6)
     teacher = _teacher_for(name, lambda width: mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,),
@@ -100,3 +102,24 @@ def test_method_contract(name):
     sum(terms.values()).backward()
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def _sequence_contract(cls):
+    """A sequence method on tinygpt models and a canonical-layout batch (prompt, response, EOS, pad)."""
+    from kdlab.data import build_splits
+
+    splits = build_splits("reverse", {"num_train": 16, "num_test": 4}, root=None, cache_dir="/tmp",
+                          val_fraction=0.0, split_seed=0)
+    tinygpt = registry.get("model", "tinygpt")
+    student = tinygpt(input_shape=splits.input_shape, num_classes=splits.num_classes, layers=1, width=16, heads=2)
+    teacher = tinygpt(input_shape=splits.input_shape, num_classes=splits.num_classes, layers=1, width=24,
+                      heads=2) if cls.needs_teacher else None
+    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=splits.input_shape, train_size=16)
+    method.sequence = splits.sequence
+    tokens, labels = splits.train
+    batch = method.make_batch(Batch(tokens[:8], labels[:8], torch.arange(8)))
+    teacher_out = Outputs(teacher(batch.inputs).detach()) if teacher is not None else None
+    terms = method.loss_terms(batch, Outputs(student(batch.inputs)), teacher_out)
+    assert terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
