@@ -7,8 +7,11 @@
     kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
     kdlab show RUN
     kdlab runs [EXPERIMENT]
+    kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
+               [--faithfulness] [--no-sanity-checks]
     kdlab analyze deviations RUN [--out DIR]
     kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
+    kdlab plot gkd-grid EXPERIMENT [--out DIR] [--metric test/acc]
 """
 from __future__ import annotations
 
@@ -144,8 +147,16 @@ def cmd_plot(args) -> int:
     from kdlab.study.capacity import capacity_table, plot_capacity, safe_name
 
     workspace = _workspace(args)
-    table = capacity_table(Store(workspace), args.experiment, metric=args.metric)
     out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
+    if args.what == "gkd-grid":
+        from kdlab.study.gkd_grid import gkd_grid, plot_gkd_grid, render_gkd_grid
+
+        grid = gkd_grid(Store(workspace), args.experiment, metric=args.metric)
+        print(render_gkd_grid(grid, fmt="markdown"), end="")
+        for path in plot_gkd_grid(grid, out):
+            print(path)
+        return 0
+    table = capacity_table(Store(workspace), args.experiment, metric=args.metric)
     for path in plot_capacity(table, out, method=args.method):
         print(path)
     return 0
@@ -189,6 +200,76 @@ def cmd_runs(args) -> int:
         acc = record.final.get("test/acc")
         shown = f"{acc:.4f}" if acc is not None else "-"
         print(f"{record.run_id:<32} {record.status:<11} {record.experiment:<16} acc {shown:<7} {record.label}")
+    return 0
+
+
+_EVAL_FLAGS = (("robust.attacks[0].eps", "--eps"), ("robust.eps", "--eps"), ("robust.attacks[0].steps", "--steps"),
+               ("robust.attacks[0].step_size", "--step-size"), ("robust.attacks[0].restarts", "--restarts"),
+               ("robust.attacks[0]", "--attack"), ("robust.subset", "--subset"),
+               ("robust.faithfulness_steps", "--faithfulness-steps"), ("robust.delta", "--delta"))
+
+
+def cmd_eval(args) -> int:
+    """Attack a finished run's model on its test split; print, and keep the numbers with their settings."""
+    import datetime
+
+    from kdlab.config import AttackConfig, RobustConfig, _check_robust
+    from kdlab.engine.build import load_model_file
+    from kdlab.engine.optim import resolve_device
+    from kdlab.store import Store, append_jsonl
+    from kdlab.study.deviations import run_config
+    from kdlab.study.robust_eval import EVALS_FILE, format_report, robust_report
+    from kdlab.study.runner import MODEL_FILE, Runner
+
+    eps = args.eps.strip()  # kept as written ("8/255"), parsed and range-checked by _check_robust below
+    attack = AttackConfig(name=args.attack, eps=eps, norm=args.norm, steps=args.steps, step_size=args.step_size,
+                          restarts=args.restarts, loss=args.loss, seed=args.seed)
+    robust = RobustConfig(eps=eps, attacks=[attack], subset=args.subset if args.subset > 0 else None,
+                          subset_seed=args.subset_seed, faithfulness=args.faithfulness,
+                          faithfulness_steps=args.faithfulness_steps, delta=args.delta,
+                          sanity_checks=args.sanity_checks)
+    problems: list[str] = []
+    if args.subset < 0:
+        problems.append(f"--subset {args.subset}: give a number of test samples >= 1, or 0 for the whole split")
+    _check_robust(robust, problems)
+    if problems:
+        first = problems[0]
+        for key, flag in _EVAL_FLAGS:
+            if first.startswith(key):
+                first = flag + first[len(key):]
+                break
+        raise KdlabError(first)
+
+    workspace = _workspace(args)
+    store = Store(workspace)
+    matches = store.find(args.run)
+    if len(matches) != 1:
+        ids = ", ".join(r.run_id for r in matches[:5])
+        raise KdlabError(f"{args.run!r} matches {len(matches)} runs ({ids}); give one run id")
+    record = matches[0]
+    if record.status != "finished":
+        raise KdlabError(f"run {record.run_id} is {record.status}, not finished; finish it with `kdlab run` first")
+    cfg = run_config(record)
+    runner = Runner(workspace, out=lambda text: None, train_teachers=False)
+    splits = runner.splits(cfg)
+    model_file = record.run_dir / MODEL_FILE
+    if not model_file.is_file():
+        raise KdlabError(f"run {record.run_id}: {model_file} is missing; re-run it with `kdlab run --no-resume`")
+    student, _ = load_model_file(model_file, splits, key=f"run {record.run_id}")
+    teacher = runner.teacher(cfg, splits) if (args.faithfulness and cfg.teacher is not None) else None
+    report = robust_report(student, teacher, splits, robust, device=resolve_device(cfg.train.device))
+    report["run_id"] = record.run_id
+    report["time"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    label = next(iter(report["attacks"]))
+    append_jsonl(record.run_dir / EVALS_FILE, report)  # written before printing: a closed pipe loses nothing
+    keep = {f"eval/{key.removeprefix('robust/')}": value for key, value in report["metrics"].items()
+            if key.startswith((f"robust/{label}/", "robust/clean/", "robust/faith/"))}
+    store.add_final(record.run_id, keep)
+    print(f"run {record.run_id}  [{record.label}]  experiment {record.experiment}")
+    for line in format_report(report):
+        print(line)
+    print(f"written: {record.run_dir / EVALS_FILE} (settings and numbers); final metrics eval/{label}/... "
+          "in the store (`kdlab compare --metrics`)")
     return 0
 
 
@@ -244,6 +325,29 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("experiment", nargs="?", help="only this experiment")
     runs.set_defaults(func=cmd_runs)
 
+    ev = sub.add_parser("eval", help="attack a finished run's model on its test split (robust accuracy, "
+                                     "faithfulness to its teacher)")
+    ev.add_argument("run", help="run id or unique prefix of a finished run (student or teacher)")
+    ev.add_argument("--attack", choices=["fgsm", "pgd", "apgd"], default="pgd", help="attack (default pgd)")
+    ev.add_argument("--eps", default="8/255", help="radius in [0, 1] input units, as a fraction or a decimal: "
+                                                    "8/255 or 0.031 (default 8/255)")
+    ev.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model (default linf)")
+    ev.add_argument("--steps", type=int, help="iterations (default: pgd 10, apgd 100; fgsm takes none)")
+    ev.add_argument("--step-size", type=float, help="pgd step (default 2.5·eps/steps)")
+    ev.add_argument("--restarts", type=int, default=1, help="random restarts, the strongest kept (default 1)")
+    ev.add_argument("--loss", choices=["ce", "cw"], default="ce", help="attack loss (default ce)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    ev.add_argument("--subset", type=int, default=500, help="test samples attacked, a fixed random subset; "
+                                                            "0 = all (default 500)")
+    ev.add_argument("--subset-seed", type=int, default=0, help="which subset (default 0)")
+    ev.add_argument("--faithfulness", action="store_true", help="also agreement, adversarial disagreement and "
+                                                                "relative calibration against the run's teacher")
+    ev.add_argument("--faithfulness-steps", type=int, default=20, help="PGD steps of the faithfulness attacks")
+    ev.add_argument("--delta", type=float, default=0.1, help="relative-calibration tolerance (default 0.1)")
+    ev.add_argument("--sanity-checks", action=argparse.BooleanOptionalAction, default=True,
+                    help="gradient-masking checks (more steps, FGSM, eps curve, large eps, transfer); default on")
+    ev.set_defaults(func=cmd_eval)
+
     analyze = sub.add_parser("analyze", help="analyses of a finished run (deviations: does the student "
                                              "exaggerate its teacher's confidence?)")
     analyze.add_argument("what", choices=["deviations"], help="which analysis")
@@ -251,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="folder for deviations.json and deviations.png (default: the run folder)")
     analyze.set_defaults(func=cmd_analyze)
 
-    plot = sub.add_parser("plot", help="figures of a study (capacity-gap: heatmap and accuracy vs teacher size)")
-    plot.add_argument("what", choices=["capacity-gap"], help="which figure")
+    plot = sub.add_parser("plot", help="figures of a study (capacity-gap: heatmap and accuracy vs teacher size; "
+                                       "gkd-grid: λ × divergence heatmap and table)")
+    plot.add_argument("what", choices=["capacity-gap", "gkd-grid"], help="which figure")
     plot.add_argument("experiment", help="experiment name")
     plot.add_argument("--out", help="folder for the PNG and SVG files (default: <workspace>/plots/<experiment>)")
     plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")

@@ -42,6 +42,11 @@ RESERVED_MODEL_ARGS = frozenset({"input_shape", "num_classes", "mean", "std"})
 RESERVED_DATASET_ARGS = frozenset({"root", "cache_dir"})
 
 
+# Field metadata of keys added after run ids were in use: left out of the resolved config (and so of the
+# run id's content hash) while they hold their default, so configs that do not set them keep their ids.
+OMIT_DEFAULT = {"omit_default": True}
+
+
 class _YamlLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also reads ``1e-3`` / ``3E4`` as floats (PyYAML's YAML 1.1 needs ``1.0e-3``)."""
 
@@ -87,6 +92,11 @@ class DataConfig:
     val_fraction: float = 0.1  # carved from train; the test split is never touched
     split_seed: int = 0  # fixed across run seeds so every run (and the teacher) sees the same splits
     augment: Literal["none", "crop_flip"] = "none"  # train-time augmentation of images
+    # Low-label regime: keep this many train labels per class (chosen by split_seed), hide the rest as -1.
+    # Val and test keep every label. Only methods that use unlabelled samples (awr_kd) accept -1 labels.
+    labels_per_class: Optional[int] = field(default=None, metadata=OMIT_DEFAULT)
+    # With labels_per_class: drop the unlabelled train samples instead (supervised training on the labelled ones).
+    drop_unlabelled: bool = field(default=False, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # dataset factory keyword arguments
 
 
@@ -106,6 +116,9 @@ class ModelConfig:
     trajectory: bool = False  # teacher only: expose the recipe's kept checkpoints, in order (route_constrained)
     assistants: list = field(default_factory=list)  # teacher only: chain teacher → assistants → student (TAKD)
     members: list = field(default_factory=list)  # teacher only: several teachers (multi_teacher)
+    # Teacher recipe only: the method that trains it (no teacher of its own), e.g. adversarial_training for a
+    # robust teacher; null = scratch.
+    method: Optional["MethodConfig"] = field(default=None, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
 
@@ -115,6 +128,40 @@ class MethodConfig:
 
     name: str = "kd"
     options: dict = field(default_factory=dict)
+
+
+ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+
+
+@dataclass
+class AttackConfig:
+    """One attack run on the test subset after training (``kdlab.robust.protocol.AttackSpec``)."""
+
+    name: Literal["fgsm", "pgd", "apgd"] = "pgd"
+    eps: Optional[Union[float, str]] = None  # radius in input units ([0, 1]): 0.1 or "8/255"; null = robust.eps
+    norm: Literal["linf", "l2"] = "linf"
+    steps: Optional[int] = None  # null: the attack's default (fgsm 1, pgd 10, apgd 100)
+    step_size: Optional[float] = None  # null: the attack's default (pgd 2.5·ε/steps; apgd adaptive)
+    restarts: int = 1  # random restarts; the per-sample strongest point is kept
+    loss: Literal["ce", "cw"] = "ce"  # cross-entropy or Carlini–Wagner margin
+    seed: int = 0  # seeds the attack's random start
+    label: Optional[str] = None  # metric key (robust/<label>/acc); null: e.g. pgd_linf_0.1000
+
+
+@dataclass
+class RobustConfig:
+    """Robust and faithfulness metrics computed on the test split after training (``robust/...`` metrics)."""
+
+    eps: Union[float, str] = "8/255"  # default radius of the attacks and of the faithfulness metrics
+    attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig(name="pgd", steps=20)])
+    eps_curve: list[Union[float, str]] = field(default_factory=list)  # robust accuracy of the first attack at these ε
+    subset: Optional[int] = 500  # test samples attacked: a fixed random subset (subset_seed); null = all
+    subset_seed: int = 0
+    faithfulness: bool = False  # agreement, adversarial disagreement, relative calibration (needs a teacher)
+    faithfulness_steps: int = 20  # PGD steps of the disagreement and relative-calibration attacks
+    delta: float = 0.1  # relative-calibration tolerance: a confidence gap above δ is a violation
+    sanity_checks: bool = True  # gradient-masking checks on the first attack (a few extra attack runs)
+    batch_size: int = 500  # samples attacked at once
 
 
 @dataclass
@@ -129,6 +176,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     grid: dict[str, Any] = field(default_factory=dict)  # key.path -> [values] or {name: value}; product × seeds
+    robust: Optional[RobustConfig] = field(default=None, metadata=OMIT_DEFAULT)  # null: no robust evaluation
 
 
 # Sections whose ``options`` are the keyword arguments of a registry entry.
@@ -466,6 +514,8 @@ def to_dict(cfg: Any) -> Any:
         out = {}
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue  # a later-added key at its default: not part of the resolved config (run ids unchanged)
             if f.name == "options":
                 out.update({k: to_dict(v) for k, v in value.items()})
             else:
@@ -563,8 +613,12 @@ def _parse_model_list(items: Any, path: str, errors: list[str]) -> list:
         if not isinstance(item, dict):
             errors.append(f"{where}: expected a mapping like {{model: cnn1d, width: 32}}, got {item!r}")
             continue
-        item = _expand_sized_name(item, where, errors)
+        item = dict(_expand_sized_name(item, where, errors))
+        recipe_method = item.pop("method", None)
         obj = _parse_dataclass(ModelConfig, item, where, errors, extra_ok=True)
+        obj.method = _parse_recipe_method(recipe_method, f"{where}.method", errors)
+        if obj.method is not None and (obj.checkpoint is not None or obj.model is None):
+            errors.append(f"{where}.method: only a recipe teacher (model + train) is trained by a method")
         if obj.model is None and obj.checkpoint is None:
             errors.append(f"{where}: give a model (and its options) or a checkpoint")
         elif obj.model is not None:
@@ -580,6 +634,33 @@ def _parse_model_list(items: Any, path: str, errors: list[str]) -> list:
             obj.train = TrainConfig()
         out.append(obj)
     return out
+
+
+def _parse_recipe_method(raw: Any, path: str, errors: list[str]) -> Optional[MethodConfig]:
+    """``teacher.method`` (or a member's): the method that trains a recipe teacher, checked like ``method``."""
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        errors.append(f"{path}: expected a method section like {{name: adversarial_training, epsilon: 0.1}}, "
+                      f"got {raw!r}")
+        return None
+    obj = _parse_dataclass(MethodConfig, raw, path, errors, extra_ok=True)
+    if "name" not in raw:
+        errors.append(f"{path}.name: name the method that trains the teacher, e.g. adversarial_training")
+        return None
+    try:
+        method_cls = registry.get("method", obj.name, key=f"{path}.name")
+    except KdlabError as exc:
+        errors.append(str(exc))
+        return None
+    if getattr(method_cls, "needs_teacher", False):
+        errors.append(f"{path}.name: method {obj.name!r} needs a teacher of its own; a recipe teacher trains "
+                      "without one (e.g. scratch, adversarial_training, trades)")
+        return None
+    obj.options = _check_options(path, "method", obj.name, obj.options, set(), errors)
+    return obj
 
 
 def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
@@ -600,10 +681,17 @@ def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         if section == "student" and section_raw is not None and not isinstance(section_raw, dict):
             errors.append(f"student: expected a mapping, got {section_raw!r}")
             continue
+        recipe_method = None
         if cls is ModelConfig and isinstance(section_raw, dict):
             section_raw = _expand_sized_name(section_raw, section, errors)
+            section_raw = dict(section_raw)
+            recipe_method = section_raw.pop("method", None)
+            if recipe_method is not None and section == "student":
+                errors.append("student.method: the student trains with the top-level method section; move it there")
+                recipe_method = None
         obj = _parse_dataclass(cls, section_raw, section, errors, extra_ok=True)
         if section == "teacher":
+            obj.method = _parse_recipe_method(recipe_method, "teacher.method", errors)
             obj.assistants = _parse_model_list(obj.assistants, "teacher.assistants", errors)
             obj.members = _parse_model_list(obj.members, "teacher.members", errors)
         if section == "student" and obj.model is None:
@@ -657,6 +745,8 @@ def _check_teacher(t: ModelConfig, errors: list[str]) -> None:
                           f"teacher.train.keep_epochs (now {list(kept)})")
     if t.trajectory and (t.model is None or t.checkpoint is not None or not kept):
         errors.append("teacher.trajectory: needs a recipe teacher with teacher.train.keep_epochs, e.g. [5, 10, 20]")
+    if t.method is not None and (t.checkpoint is not None or t.model is None):
+        errors.append("teacher.method: only a recipe teacher (teacher.model + teacher.train) is trained by a method")
     if t.members and (t.model is not None or t.checkpoint is not None or t.assistants):
         errors.append("teacher.members: a multi-teacher section holds only members (each a model section)")
     if t.assistants and (t.checkpoint is not None or t.model is None) and not t.members:
@@ -691,18 +781,90 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append("train.selection: best_val needs a validation split; set data.val_fraction > 0")
     if isinstance(cfg.seeds, list) and not cfg.seeds:
         errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
+    lpc = cfg.data.labels_per_class
+    if lpc is not None and isinstance(lpc, int) and lpc < 1:
+        errors.append(f"data.labels_per_class: must be an integer >= 1 or null, got {lpc}")
+    if cfg.data.drop_unlabelled is True and lpc is None:
+        errors.append("data.drop_unlabelled: only applies with data.labels_per_class; set both or neither")
+    if isinstance(cfg.robust, RobustConfig):
+        _check_robust(cfg.robust, errors)
     if not isinstance(cfg.method.name, str):
         return
     try:
         method_cls = registry.get("method", cfg.method.name)
     except KdlabError:
         return  # reported where the method section is parsed
+    if lpc is not None and cfg.data.drop_unlabelled is False and not getattr(method_cls, "uses_unlabelled", False):
+        errors.append(f"data.labels_per_class: method {cfg.method.name!r} cannot use unlabelled samples (their "
+                      "labels are -1); set data.drop_unlabelled: true to train on the labelled ones only, or use "
+                      "a method that uses them (awr_kd)")
     if cfg.teacher is None and getattr(method_cls, "needs_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
                       "(teacher.model + teacher.train, or teacher.checkpoint)")
     if cfg.teacher is not None and getattr(method_cls, "refuses_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
                       "set teacher: null (e.g. in its own YAML document)")
+
+
+def _check_eps(value: Any, norm: str, path: str, errors: list[str]) -> None:
+    """An attack radius: a number or text like "8/255"; L∞ radii lie in [0, 1] (inputs are in [0, 1])."""
+    from kdlab.robust.attacks import parse_eps  # deferred: robust imports torch
+
+    try:
+        eps = parse_eps(value)
+    except KdlabError as exc:
+        errors.append(f"{path}: {str(exc).removeprefix('eps: ')}")
+        return
+    if norm == "linf" and eps > 1:
+        hint = f"{eps:g}/255"
+        errors.append(f"{path}: {value} is outside [0, 1] for norm linf; inputs are in [0, 1], so this looks "
+                      f"like pixel units (0-255): write {hint}")
+
+
+def _check_robust(r: RobustConfig, errors: list[str]) -> None:
+    """The robust section: radii in range, attack settings the attacks accept, distinct metric labels."""
+    from kdlab.robust.protocol import AttackSpec  # deferred: robust imports torch
+
+    before = len(errors)
+    _check_eps(r.eps, "linf" if not r.attacks else r.attacks[0].norm, "robust.eps", errors)
+    section_eps_bad = len(errors) > before
+    for key in ("subset", "faithfulness_steps", "batch_size"):
+        value = getattr(r, key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            errors.append(f"robust.{key}: must be an integer >= 1{' or null (the whole test split)' if key == 'subset' else ''}, got {value}")
+    if isinstance(r.delta, float) and not 0.0 <= r.delta <= 1.0:
+        errors.append(f"robust.delta: a probability gap in [0, 1], got {r.delta}")
+    if not r.attacks and (r.eps_curve or r.sanity_checks):
+        errors.append("robust.attacks: eps_curve and sanity_checks need an attack; add one, e.g. "
+                      "{name: pgd, steps: 20}")
+    labels: dict[str, int] = {}
+    for i, a in enumerate(r.attacks):
+        if not isinstance(a, AttackConfig):
+            continue
+        path = f"robust.attacks[{i}]"
+        eps = a.eps if a.eps is not None else r.eps
+        before = len(errors)
+        if a.eps is not None:
+            _check_eps(a.eps, a.norm, f"{path}.eps", errors)
+        eps_bad = len(errors) > before if a.eps is not None else section_eps_bad
+        if a.label is not None and (not a.label or "/" in a.label or a.label in ("clean", "worst", "faith", "curve")):
+            errors.append(f"{path}.label: {a.label!r} cannot name metrics; use letters, digits, '_' or '-', "
+                          "not clean/worst/faith/curve")
+        try:
+            spec = AttackSpec(a.name, eps=eps, norm=a.norm, steps=a.steps, step_size=a.step_size,
+                              restarts=a.restarts, loss=a.loss, seed=a.seed)
+        except KdlabError as exc:
+            if not eps_bad:
+                errors.append(f"{path}: {str(exc).split(': ', 1)[-1]}")
+            continue
+        label = a.label or spec.label
+        if label in labels:
+            errors.append(f"{path}: same metric label {label!r} as robust.attacks[{labels[label]}]; set "
+                          f"robust.attacks[{i}].label to tell them apart")
+        labels.setdefault(label, i)
+    norm = r.attacks[0].norm if r.attacks and isinstance(r.attacks[0], AttackConfig) else "linf"
+    for i, value in enumerate(r.eps_curve):
+        _check_eps(value, norm, f"robust.eps_curve[{i}]", errors)
 
 
 def parse_experiment(raw: dict) -> tuple[ExperimentConfig, list[RunSpec]]:
@@ -810,20 +972,28 @@ def quickstart_raw() -> dict:
 
 
 def recipe_run_spec(t: ModelConfig, data: DataConfig) -> RunSpec | None:
-    """A recipe teacher (or assistant-chain base) as a run of its own (method ``scratch``), or None.
+    """A recipe teacher (or assistant-chain base) as a run of its own, or None.
 
+    Trained by ``t.method`` (default ``scratch``; e.g. ``adversarial_training`` for
+    a robust teacher). With ``data.labels_per_class`` the teacher trains on the
+    labelled samples only (``drop_unlabelled``), unless its method uses unlabelled ones.
     Its identity depends only on what shapes the network — its model, recipe,
-    seed and the data — so every student of a study shares one teacher run.
+    method, seed and the data — so every student of a study shares one teacher run.
     (``epoch``/``trajectory`` pick files of this run; they do not change it.)
     """
     if t is None or t.checkpoint is not None or t.model is None:
         return None
+    method = copy.deepcopy(t.method) if t.method is not None else MethodConfig(name="scratch")
+    data = copy.deepcopy(data)
+    if data.labels_per_class is not None and not data.drop_unlabelled and \
+            not getattr(registry.get("method", method.name), "uses_unlabelled", False):
+        data.drop_unlabelled = True  # the teacher sees the student's labels only: the labelled samples
     teacher_cfg = ExperimentConfig(
         name="teacher",
-        data=copy.deepcopy(data),
+        data=data,
         teacher=None,
         student=ModelConfig(model=t.model, options=dict(t.options)),
-        method=MethodConfig(name="scratch"),
+        method=method,
         train=copy.deepcopy(t.train) if t.train is not None else TrainConfig(),
         seeds=[t.seed],
     )

@@ -27,7 +27,8 @@ _NAME = re.compile(r"[a-z][a-z0-9_]*")
 KINDS = ("dataset", "model", "loss", "method", "metric", "attack")
 
 # Modules whose import registers the built-in entries of each kind.
-_BUILTIN_MODULES = ("kdlab.data", "kdlab.models", "kdlab.losses", "kdlab.metrics", "kdlab.methods", "kdlab.seq")
+_BUILTIN_MODULES = ("kdlab.data", "kdlab.models", "kdlab.losses", "kdlab.metrics", "kdlab.methods", "kdlab.seq",
+                    "kdlab.robust")
 
 _entries: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _loaded = False

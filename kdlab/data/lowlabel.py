@@ -53,3 +53,29 @@ def keep_labels_per_class(labels: torch.Tensor, labels_per_class: int, seed: int
         keep[chosen] = True
     out = torch.where(keep, cpu, torch.full_like(cpu, HIDDEN))
     return out.to(labels.device)
+
+
+def low_label_splits(splits, labels_per_class: int | None, seed: int, *, drop_unlabelled: bool = False):
+    """``splits`` with only ``labels_per_class`` train labels per class (``data.labels_per_class``).
+
+    The train split's other labels become -1 (:func:`keep_labels_per_class`, chosen by ``seed`` =
+    ``data.split_seed``), or, with ``drop_unlabelled``, those samples are removed and the input
+    statistics (``mean``/``std``, what the models normalise with) are recomputed on the kept ones.
+    Val and test keep every label. ``labels_per_class=None`` returns ``splits`` unchanged.
+    """
+    import dataclasses
+
+    from kdlab.data.stats import channel_mean_std
+
+    if labels_per_class is None:
+        return splits
+    if splits.sequence is not None:
+        raise KdlabError("data.labels_per_class: applies to classification datasets, not to sequence tasks")
+    x_train, y_train = splits.train
+    hidden = keep_labels_per_class(y_train, labels_per_class, seed, num_classes=splits.num_classes)
+    if not drop_unlabelled:
+        return dataclasses.replace(splits, train=(x_train, hidden))
+    kept = hidden != HIDDEN
+    x_kept, y_kept = x_train[kept], hidden[kept]
+    mean, std = channel_mean_std(x_kept)
+    return dataclasses.replace(splits, train=(x_kept, y_kept), mean=mean, std=std)

@@ -2,7 +2,8 @@
 
 Per step, top to bottom: pick the batch → (augment) → teacher forward (eval
 mode, no grad, its taps) → student forward (its taps) → ``method.loss_terms`` →
-sum → backward → clip → optimiser step → schedule step. Per epoch: validate,
+sum → backward → clip → optimiser step → schedule step. Per epoch: the method's
+own ``metrics()`` if it defines one (logged as ``method/<name>``), validate,
 report, checkpoint. Resuming loads the latest checkpoint and replays the same
 data order and random numbers, so a resumed run ends where an uninterrupted one
 would.
@@ -227,6 +228,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     student_taps = Taps(student, method.student_taps) if method.student_taps else None
     teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if (uses_teacher and method.teacher_taps) else None
     bar = _Progress(progress, label)
+    method_metrics = getattr(method, "metrics", None)
+    method_metrics = method_metrics if callable(method_metrics) else None
     autocast = _autocast(device, train.precision)
     epochs_run = 0
     try:
@@ -248,7 +251,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 inputs = batch.inputs
                 with autocast:
                     teacher_out = None
-                    if uses_teacher:
+                    if uses_teacher and method.teacher_needed():
                         with torch.no_grad():
                             teacher_logits_batch = teacher(inputs)
                         teacher_out = Outputs(teacher_logits_batch,
@@ -299,6 +302,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             metrics["train/loss"] = sum(means.values())
             metrics["lr"] = optimizer.param_groups[0]["lr"]
             metrics.update({f"adv/{k}": sum(v) / len(v) for k, v in adversary_sums.items() if v})
+            if method_metrics is not None:  # a method's own state (e.g. MTARD's balance), once per epoch
+                metrics.update({f"method/{k}": float(v) for k, v in method_metrics().items()})
             last = epoch + 1 == epochs
             if (epoch + 1) % train.eval_every == 0 or last:
                 val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,

@@ -80,6 +80,7 @@ class AWRKD(RobustMethod):
 
     Hparams = AWRKDHparams
     teacher_in_loop = False
+    uses_unlabelled = True  # rows with label -1 (data.labels_per_class) feed the robust and KD terms
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

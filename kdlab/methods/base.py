@@ -54,6 +54,9 @@ class Method(nn.Module):
     # False: the loop runs no teacher forward (``teacher_out`` is None); the method queries the teacher
     # itself, e.g. on the clean inputs while the student sees adversarial ones (ARD, RSLAD, MTARD).
     teacher_in_loop: ClassVar[bool] = True
+    # True: the method trains on samples whose label is hidden (-1, ``data.labels_per_class``); the config
+    # refuses labels_per_class (without drop_unlabelled) for every other method.
+    uses_unlabelled: ClassVar[bool] = False
     # The kinds of data a method trains on: "classification" (inputs → class logits) and/or "sequence"
     # (token ids in, (B, L, V) next-token logits out); the builder refuses the others before training.
     data_kinds: ClassVar[tuple[str, ...]] = ("classification",)
@@ -85,6 +88,11 @@ class Method(nn.Module):
         """Fraction of training done, in [0, 1]."""
         return min(1.0, self.step / max(1, self.total_steps))
 
+    def teacher_needed(self) -> bool:
+        """Extension point, asked before each step: False skips this step's teacher forward
+        (``teacher_out`` is None), e.g. during a teacher-free warm-up."""
+        return True
+
     def make_batch(self, batch: Batch) -> Batch:
         """Extension point, called before the forwards: replace or augment the batch.
 
@@ -92,6 +100,11 @@ class Method(nn.Module):
         inputs here; adversarial-robustness methods return perturbed ones.
         """
         return batch
+
+    # Extension point (optional): ``metrics() -> dict[str, float]``, defined by methods with state worth
+    # watching (e.g. MTARD's balanced weights and temperatures). The loop calls it once per epoch, after
+    # the epoch's steps, and logs each value as ``method/<name>``. Not defined here, so other methods
+    # cost nothing.
 
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Extension point: parameters of an adversary (discriminator, generator) that the main

@@ -130,12 +130,21 @@ class GKD(Method):
             raise KdlabError("method.seqkd: needs the batch's train indices to cache teacher responses")
         keys = batch.indices.tolist()
         missing = [i for i, k in enumerate(keys) if k not in self._teacher_cache]
-        if missing:
-            rows = torch.tensor(missing, device=prompts.device)
-            out = self._generate("teacher", prompts[rows], lengths[rows], self.hparams.teacher_sampling_temperature,
-                                 self._generator(prompts.device, 2))
+        temperature = self.hparams.teacher_sampling_temperature
+        # Greedy responses depend on the prompt only: one batched call. Sampled ones are drawn row by
+        # row from a generator seeded by the train index, so a resumed run (whose cache starts empty)
+        # draws the same response for every prompt as an uninterrupted one.
+        groups = [missing] if temperature == 0 else [[i] for i in missing]
+        for group in groups:
+            if not group:
+                continue
+            rows = torch.tensor(group, device=prompts.device)
+            generator = None if temperature == 0 else torch.Generator(device=prompts.device).manual_seed(
+                (self.schedule_seed * 1_000_003 + 7919 * keys[group[0]] + 2) % (2 ** 63))
+            width = int(lengths[rows].max())
+            out = self._generate("teacher", prompts[rows][:, :width], lengths[rows], temperature, generator)
             kept = (lengths[rows] + out.response_lengths.to(lengths.device)).tolist()
-            for i, row, n in zip(missing, out.tokens.tolist(), kept):
+            for i, row, n in zip(group, out.tokens.tolist(), kept):
                 self._teacher_cache[keys[i]] = row[:n]
         sequences = [self._teacher_cache[k] for k in keys]
         width = max(len(s) for s in sequences)
@@ -147,6 +156,10 @@ class GKD(Method):
         device = batch.inputs.device
         return Batch(inputs=tokens.to(device), labels=labels.to(device), indices=batch.indices,
                      extras={"source": "teacher"})
+
+    def teacher_needed(self) -> bool:
+        """No teacher forward during the SFT warm-up, nor for hard-target (``ce``) SeqKD steps."""
+        return self.step >= self.hparams.sft_steps and self.hparams.divergence != "ce"
 
     def make_batch(self, batch: Batch) -> Batch:
         source = self.data_source()

@@ -143,7 +143,8 @@ def _save_png_and_svg(figure, path: str | Path) -> tuple[Path, Path]:
 def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Sequence[Sequence[float]],
                      path: str | Path, *, deltas: Sequence[Sequence[float]] | None = None,
                      baseline: Sequence[float] | None = None, metric: str = "test/acc",
-                     title: str | None = None) -> tuple[Path, Path]:
+                     title: str | None = None, row_label: str = "teacher (by size)",
+                     column_label: str = "student") -> tuple[Path, Path]:
     """Write a teachers (rows) × students (columns) heatmap of the students' mean ``metric``.
 
     ``means[i][j]`` is student ``j`` distilled from teacher ``i`` (NaN: no such
@@ -198,8 +199,8 @@ def capacity_heatmap(teachers: Sequence[str], students: Sequence[str], means: Se
         ax.axhline(len(row_labels) - 1.5, color="black", linewidth=1.5)
     ax.set_xticks(range(len(students)), list(students), fontsize=8)
     ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
-    ax.set_xlabel("student")
-    ax.set_ylabel("teacher (by size)")
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
     caption = "cell: mean over seeds" + ("; Δ: paired gain over scratch" if delta_rows is not None else "")
     ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=10)
     return _save_png_and_svg(figure, path)

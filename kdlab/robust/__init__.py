@@ -1,9 +1,13 @@
-"""Adversarial robustness: attacks (registered under kind "attack") and the robust evaluation protocol.
+"""Adversarial robustness: attacks (registered under kind "attack"), the robust evaluation protocol,
+interval bounds and the faithfulness metrics.
 
 Attacks take inputs in [0, 1] (the model normalises inside ``forward``) and
 return detached adversarial inputs; see ``kdlab.robust.attacks``. The protocol
 (``kdlab.robust.protocol``) turns a list of ``AttackSpec`` into robust and
 worst-case accuracy, calibration under attack and gradient-masking warnings.
+``kdlab.robust.bounds`` propagates intervals (IBP) through chains of layers
+(the zoo's ``mlp`` and ``cnn1d``); ``kdlab.robust.faithfulness`` measures how a
+student agrees with its teacher and shares its confidence inside an ε-ball.
 """
 from kdlab.robust import attacks  # noqa: F401  (registration)
 from kdlab.robust.attacks import (
@@ -18,6 +22,26 @@ from kdlab.robust.attacks import (
     pgd,
     transfer,
 )
+from kdlab.robust.bounds import (
+    check_supported,
+    input_box,
+    interval_bounds,
+    margin_bounds,
+    probability_bounds,
+)
+from kdlab.robust.faithfulness import (
+    CertifiedCalibration,
+    Disagreement,
+    EmpiricalCalibration,
+    adversarial_disagreement_rate,
+    agreement,
+    certified_agreement_rate,
+    certified_relative_calibration,
+    confidence_gap,
+    confidence_gap_bound,
+    maximise_confidence_gap,
+    relative_calibration,
+)
 from kdlab.robust.protocol import (
     AttackSpec,
     eps_curve,
@@ -26,6 +50,10 @@ from kdlab.robust.protocol import (
     sanity_checks,
 )
 
-__all__ = ["AttackSpec", "apgd", "apgd_checkpoints", "attack_loss", "check_model_normalises", "disagreement",
-           "eps_curve", "eval_mode", "fgsm", "gradient_masking_checks", "parse_eps", "pgd", "robust_evaluate",
-           "sanity_checks", "transfer"]
+__all__ = ["AttackSpec", "CertifiedCalibration", "Disagreement", "EmpiricalCalibration",
+           "adversarial_disagreement_rate", "agreement", "apgd", "apgd_checkpoints", "attack_loss",
+           "certified_agreement_rate", "certified_relative_calibration", "check_model_normalises", "check_supported",
+           "confidence_gap", "confidence_gap_bound", "disagreement", "eps_curve", "eval_mode", "fgsm",
+           "gradient_masking_checks", "input_box", "interval_bounds", "margin_bounds", "maximise_confidence_gap",
+           "parse_eps", "pgd", "probability_bounds", "relative_calibration", "robust_evaluate", "sanity_checks",
+           "transfer"]

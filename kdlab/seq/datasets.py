@@ -3,8 +3,9 @@
 Each task of ``kdlab.seq.tasks`` is registered as a dataset whose options are
 ``num_train``, ``num_test``, ``seed``, ``context_length`` and the task's own
 options (e.g. ``digits``). The test set is drawn first from its own seeded
-stream; for deterministic tasks, training examples whose prompt is in the test
-set are skipped, so exact match on test measures generalisation, not recall.
+stream; for deterministic tasks every prompt appears once in train and test
+together, so exact match on test (and on val, carved out of train) measures
+generalisation, not recall.
 (``sum_split`` has a few dozen distinct prompts and several answers each:
 there the prompts are shared and the answers are what is learnt.)
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import inspect
 import random
+from pathlib import Path
+from typing import Optional
 
 from kdlab.data.sequence import SequenceArrays, SequenceInfo
 from kdlab.errors import KdlabError
@@ -24,17 +27,26 @@ from kdlab.seq.tokenizer import CharTokenizer
 SHARED_PROMPTS = {"sum_split"}
 
 
-def _draw(task, n: int, seed: int, exclude: set[str]) -> list[tuple[str, str]]:
-    """``n`` examples whose prompts avoid ``exclude`` (KdlabError if the task has too few distinct prompts)."""
+def _draw(task, n: int, seed: int, exclude: set[str] | None, key: str) -> list[tuple[str, str]]:
+    """``n`` examples with distinct prompts outside ``exclude`` (None: prompts may repeat, as in sum_split).
+
+    Distinct prompts keep the val split (carved out of train) and the test split free of
+    prompts the model was trained on; KdlabError if the task has too few of them.
+    """
     rng = random.Random(seed)
     examples, tries = [], 0
+    seen = set(exclude) if exclude is not None else None
     while len(examples) < n:
         tries += 1
         if tries > 20 * n + 1000:
-            raise KdlabError(f"data.num_train: task {task.name!r} has too few distinct prompts for {n} training "
-                             "examples apart from the test prompts; lower num_train/num_test or widen its options")
+            raise KdlabError(f"data.{key}: task {task.name!r} has too few distinct prompts for {n} examples "
+                             "(train and test prompts are kept distinct); lower num_train/num_test or widen the "
+                             "task's options (e.g. more digits)")
         prompt, response = task.sample(rng)
-        if prompt not in exclude:
+        if seen is None:
+            examples.append((prompt, response))
+        elif prompt not in seen:
+            seen.add(prompt)
             examples.append((prompt, response))
     return examples
 
@@ -46,9 +58,9 @@ def load_task(name: str, *, num_train: int, num_test: int, seed: int, context_le
             raise KdlabError(f"data.{key}: must be an integer >= 1, got {value!r}")
     task = get_task(name, **task_options)
     tokenizer = CharTokenizer()
-    test = task.make(num_test, seed=2 * seed + 1)
-    exclude = set() if name in SHARED_PROMPTS else {prompt for prompt, _ in test}
-    train = _draw(task, num_train, 2 * seed, exclude)
+    shared = name in SHARED_PROMPTS
+    test = _draw(task, num_test, 2 * seed + 1, None if shared else set(), "num_test")
+    train = _draw(task, num_train, 2 * seed, None if shared else {prompt for prompt, _ in test}, "num_train")
     longest_response = max(len(tokenizer.encode(r)) + 1 for _, r in train + test)
     longest = max(len(tokenizer.encode(p)) + len(tokenizer.encode(r)) + 1 for p, r in train + test)
     if context_length is None:
@@ -65,7 +77,7 @@ def _register(name: str) -> None:
     """Register task ``name`` as a dataset whose signature lists its options (checked by the config layer)."""
     builder = TASKS[name]
 
-    def factory(*, root=None, cache_dir=None, num_train: int = 4000, num_test: int = 500, seed: int = 0,
+    def factory(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, num_train: int = 4000, num_test: int = 500, seed: int = 0,
                 context_length: int | None = None, **task_options) -> SequenceArrays:
         return load_task(name, num_train=num_train, num_test=num_test, seed=seed, context_length=context_length,
                          **task_options)
@@ -73,6 +85,9 @@ def _register(name: str) -> None:
     base = [p for p in inspect.signature(factory).parameters.values() if p.kind is not p.VAR_KEYWORD]
     own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in inspect.signature(builder).parameters.values()]
     factory.__signature__ = inspect.Signature(base + own)
+    factory.__annotations__ = {"root": Optional[Path], "cache_dir": Optional[Path], "num_train": int,
+                               "num_test": int, "seed": int, "context_length": Optional[int],
+                               **{p.name: p.annotation for p in own}, "return": SequenceArrays}
     factory.__name__ = name
     factory.__doc__ = f"Sequence task {name}: {(builder.__doc__ or '').strip().splitlines()[0]}"
     register("dataset", name)(factory)

@@ -460,6 +460,22 @@ class Store:
                 (time.time(), run_id),
             )
 
+    def add_final(self, run_id: str, metrics: Mapping[str, Any]) -> None:
+        """Add (or overwrite) final metrics of a *finished* run, e.g. ``eval/...`` from ``kdlab eval``.
+
+        The run's other final metrics and its status are kept; an unfinished run is refused.
+        """
+        rows = _metric_rows(metrics, where=f"run {run_id} final metrics")
+        with self._write() as db:
+            row = self._require_run(db, run_id)
+            if row["status"] != "finished":
+                raise KdlabError(f"run {run_id} is {row['status']}, not finished; finish it with `kdlab run` first")
+            db.executemany(
+                "INSERT INTO final_metrics (run_id, key, value) VALUES (?, ?, ?) "
+                "ON CONFLICT(run_id, key) DO UPDATE SET value = excluded.value",
+                [(run_id, key, value) for key, value in rows],
+            )
+
     def _end(self, run_id: str, status: str, error: str | None) -> bool:
         with self._write() as db:
             self._require_run(db, run_id)

@@ -28,6 +28,7 @@ import yaml
 from kdlab.config import (ExperimentConfig, ModelConfig, RunSpec, assistant_run_spec, recipe_run_spec,
                           to_dict)
 from kdlab.data import Splits, build_splits
+from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
 from kdlab.engine.checkpoint import save_model
 from kdlab.engine.loop import fit
@@ -110,8 +111,10 @@ class Runner:
     """Executes runs against one workspace (its store, run folders and caches)."""
 
     def __init__(self, workspace: str | Path, *, resume: bool = True, progress: bool = False,
-                 retry_failed: bool = False, out: Callable[[str], None] = print):
+                 retry_failed: bool = False, out: Callable[[str], None] = print, train_teachers: bool = True):
         self.workspace = Path(workspace)
+        # False (``kdlab eval``): teacher runs are only loaded, never trained; a missing one is an error.
+        self.train_teachers = train_teachers
         self.store = Store(self.workspace)
         self.cache_dir = self.workspace / "cache"
         self.resume = resume
@@ -123,9 +126,11 @@ class Runner:
     # ------------------------------------------------------------------ helpers
 
     def splits(self, cfg: ExperimentConfig) -> Splits:
+        """The run's data; with ``data.labels_per_class`` the train split keeps that many labels per class."""
         d = cfg.data
-        return build_splits(d.dataset, d.options, root=d.root, cache_dir=self.cache_dir,
-                            val_fraction=d.val_fraction, split_seed=d.split_seed)
+        splits = build_splits(d.dataset, d.options, root=d.root, cache_dir=self.cache_dir,
+                              val_fraction=d.val_fraction, split_seed=d.split_seed)
+        return low_label_splits(splits, d.labels_per_class, d.split_seed, drop_unlabelled=d.drop_unlabelled)
 
     def _status(self, run_id: str) -> str | None:
         try:
@@ -163,9 +168,12 @@ class Runner:
         """Train ``spec`` as a run of experiment "teachers" unless done, then load its final (or kept) weights."""
         deadline = time.monotonic() + 24 * 3600
         # Another live process training it: wait, and take it over (execute claims it) if that process dies.
-        while (self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT) == "skipped"
+        while (self.train_teachers and self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT) == "skipped"
                and self._status(spec.run_id) == "running" and time.monotonic() < deadline):
             time.sleep(2.0)
+        if self._status(spec.run_id) is None:
+            raise KdlabError(f"{role} run {spec.run_id} is not in {self.store.database_path}; train it with "
+                             "`kdlab run` first")
         record = self.store.run(spec.run_id)
         if record.status != "finished":
             raise KdlabError(f"{role} run {spec.run_id} is {record.status}: {record.error or 'no error recorded'}; "
@@ -234,6 +242,15 @@ class Runner:
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
             save_model(run_dir / MODEL_FILE, student, spec_of_model)
+            if cfg.robust is not None:  # on the test split, after training; the settings are kept with the numbers
+                from kdlab.engine.optim import resolve_device
+                from kdlab.study.robust_eval import REPORT_FILE, robust_report
+
+                report = robust_report(student, teacher, splits, cfg.robust, device=resolve_device(cfg.train.device))
+                atomic_write_json(run_dir / REPORT_FILE, report)
+                final.update(report["metrics"])
+                for line in report["warnings"]:
+                    self.out(f"  robust warning {run_id}: {line}")
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
         except KeyboardInterrupt:

@@ -119,8 +119,8 @@ def isolated_registry(monkeypatch):
 
 
 def test_builtin_datasets_are_registered_with_introspectable_options(isolated_registry):
-    assert registry.names("dataset") == BUILTIN
-    for name in BUILTIN:
+    assert set(BUILTIN) <= set(registry.names("dataset"))  # + the sequence tasks once kdlab.seq is imported
+    for name in registry.names("dataset"):
         factory = registry.get("dataset", name)
         assert registry.summary("dataset", name)
         hints = typing.get_type_hints(factory)

@@ -63,6 +63,8 @@ def _teacher_for(method_name, make):
 
     if method_name == "multi_teacher":
         return TeacherEnsemble([make(16), make(12)])
+    if method_name == "mtard":
+        return TeacherEnsemble([make(16), make(12)])  # [clean, robust], in that order
     if method_name == "route_constrained":
         return TeacherTrajectory([make(16), make(16)])
     if method_name == "aikd":
@@ -88,20 +90,33 @@ def test_method_contract(name):
     method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5), train_size=8)
     inputs = torch.rand(8, 1, 5)
     labels = torch.randint(0, 3, (8,))
+    if cls.uses_unlabelled:  # the low-label regime: hidden labels are -1
+        labels[::2] = -1
     indices = torch.arange(8)  # train-split positions (per-sample memories, e.g. PS-KD)
     from kdlab.models import Taps
 
+    # As the loop does: make_batch (adversarial inputs for the robustness methods, generated ones for
+    # DFAD, the data batch for the rest), then the forwards on the batch's inputs.
+    method.set_progress(5, 10)  # mid-training: ramped terms (e.g. faithful_kd's ε and κ) are switched on
+    batch = method.make_batch(Batch(inputs, labels, indices))
+    assert batch.inputs.shape[1:] == inputs.shape[1:]
+    if batch.inputs is not inputs and cls.teacher_in_loop is False:  # adversarial inputs: in [0, 1]
+        assert 0.0 <= float(batch.inputs.min()) and float(batch.inputs.max()) <= 1.0
     with Taps(student, method.student_taps) as s_taps:
-        student_out = Outputs(student(inputs), dict(s_taps.captured))
+        student_out = Outputs(student(batch.inputs), dict(s_taps.captured))
     teacher_out = None
-    if teacher is not None:
+    if teacher is not None and cls.teacher_in_loop:
         with Taps(teacher, method.teacher_taps, detach=True) as t_taps, torch.no_grad():
-            teacher_out = Outputs(teacher(inputs), dict(t_taps.captured))
-    terms = method.loss_terms(Batch(inputs, labels, indices), student_out, teacher_out)
+            teacher_out = Outputs(teacher(batch.inputs), dict(t_taps.captured))
+    for p in student.parameters():  # nothing before the loss may leave gradients behind (attacks use autograd.grad)
+        assert p.grad is None
+    terms = method.loss_terms(batch, student_out, teacher_out)
     assert terms and all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
     grads = [p.grad for p in student.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if callable(getattr(method, "metrics", None)):  # logged by the loop as method/<name>
+        assert all(isinstance(v, float) and math.isfinite(v) for v in method.metrics().values())
 
 
 def _sequence_contract(cls):
