@@ -1,5 +1,6 @@
 """GPU smoke check: the CUDA paths of the loop (fp16 with a gradient scaler, bf16 autocast), an adversary
-optimiser, a generator and feature taps, each through a short real run on the synthetic dataset.
+optimiser, a generator and feature taps, each through a short real run on the synthetic dataset; and GKD
+(KV-cached on-policy sampling, SeqKD generation, chunked divergence under bf16) on the reverse task.
 
     python benchmarks/gpu_smoke.py [WORKSPACE]
 
@@ -35,6 +36,21 @@ ARMS = {
     "miles_fp32": ({"name": "miles"}, "fp32"),
 }
 
+# Sequence distillation on the GPU: tinygpt teacher/student, KV-cached on-policy sampling, SeqKD generation.
+SEQ_BASE = {
+    "data": {"dataset": "reverse", "num_train": 1024, "num_test": 128},
+    "teacher": {"model": "tinygpt", "layers": 2, "width": 64,
+                "train": {"steps": 200, "batch_size": 64, "optimizer": "adamw", "lr": 0.003, "device": "cuda"}},
+    "student": {"model": "tinygpt", "layers": 1, "width": 32},
+    "train": {"steps": 60, "batch_size": 64, "optimizer": "adamw", "lr": 0.003, "device": "cuda"},
+    "seeds": [0],
+}
+SEQ_ARMS = {
+    "gkd_onpolicy_fp32": ({"name": "gkd", "on_policy_fraction": 1.0, "divergence": "reverse_kl"}, "fp32"),
+    "gkd_mixed_bf16": ({"name": "gkd", "on_policy_fraction": 0.5, "chunk_size": 8}, "bf16"),
+    "seqkd_fp32": ({"name": "gkd", "seqkd": True, "divergence": "ce", "on_policy_fraction": 0.0}, "fp32"),
+}
+
 
 def main() -> int:
     if not torch.cuda.is_available():
@@ -43,9 +59,10 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     workspace = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="kdlab-gpu-")
     failed = 0
-    for name, (method, precision) in ARMS.items():
-        cfg = dict(BASE, name=f"gpu-{name}", method=method)
-        cfg["train"] = dict(BASE["train"], precision=precision)
+    arms = [(BASE, name, arm) for name, arm in ARMS.items()] + [(SEQ_BASE, name, arm) for name, arm in SEQ_ARMS.items()]
+    for base, name, (method, precision) in arms:
+        cfg = dict(base, name=f"gpu-{name}", method=method)
+        cfg["train"] = dict(base["train"], precision=precision)
         started = time.perf_counter()
         try:
             (record,) = kdlab.run(cfg, workspace=workspace)

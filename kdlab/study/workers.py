@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import sys
 import time
 from multiprocessing.connection import Connection, wait
@@ -43,6 +44,11 @@ def _interrupt(signum: int, frame: Any) -> None:
     # One-shot: a second signal must not break the store write that marks the run interrupted.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def _parent_terminated(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one-shot, while the workers are being stopped
     raise KeyboardInterrupt
 
 
@@ -240,6 +246,11 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
         processes, readers, numbers = [], [], {}
+        # SIGTERM to the parent (kill, a scheduler's stop) stops the workers like Ctrl-C does,
+        # instead of leaving them orphaned and still training.
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, _parent_terminated)
         try:
             for index in range(workers):
                 offset = index * len(todo) // workers  # start apart, so the workers do not queue on one run
@@ -262,6 +273,8 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
         finally:
             for reader in readers:
                 reader.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         display.close()
         store.mark_dead_runs_interrupted()  # a killed worker's run: 'interrupted', resumed by the next run
         return summarize(_records(store, specs), specs, since=since, reported=reported)

@@ -172,11 +172,12 @@ def test_a_killed_sweep_resumes(tmp_path):
 
 
 @pytest.mark.integration
-def test_ctrl_c_stops_the_workers_and_their_runs_resume(tmp_path):
-    """SIGINT to the parent alone: it stops its workers, exits 130, and the runs resume next time."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_stops_the_workers_and_their_runs_resume(tmp_path, signum):
+    """SIGINT (or SIGTERM) to the parent alone: it stops its workers, exits 130, and the runs resume next time."""
     cmd, env, proc = _start(tmp_path, LONG)
     _wait_for(tmp_path, proc, lambda s: "running" in s)
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err
