@@ -16,11 +16,16 @@ $(BIN)/kdlab: pyproject.toml constraints.txt
 
 setup: $(BIN)/kdlab
 
+# The optional extras the test suite covers (their tests skip cleanly when these are absent).
+$(VENV)/.test-extras: $(BIN)/kdlab
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf]"
+	touch $@
+
 quickstart: setup
 	$(BIN)/kdlab run
 
 # Unit tests, then the integration tier (end-to-end CLI runs, kill-and-resume).
-test: setup
+test: setup $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m integration
 

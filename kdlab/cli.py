@@ -238,6 +238,9 @@ def cmd_eval(args) -> int:
             if first.startswith(key):
                 first = flag + first[len(key):]
                 break
+        for setting in ("steps", "restarts", "step_size", "seed"):  # "--attack: steps=0 ..." names its own flag
+            if first.startswith(f"--attack: {setting}="):
+                first = f"--{setting.replace('_', '-')}: " + first[len("--attack: "):]
         raise KdlabError(first)
 
     workspace = _workspace(args)

@@ -816,9 +816,13 @@ def _check_eps(value: Any, norm: str, path: str, errors: list[str]) -> None:
         errors.append(f"{path}: {str(exc).removeprefix('eps: ')}")
         return
     if norm == "linf" and eps > 1:
-        hint = f"{eps:g}/255"
-        errors.append(f"{path}: {value} is outside [0, 1] for norm linf; inputs are in [0, 1], so this looks "
-                      f"like pixel units (0-255): write {hint}")
+        shown = f"{value:g}" if isinstance(value, float) else value
+        if eps <= 255 and "/" not in str(value):
+            errors.append(f"{path}: {shown} is outside [0, 1] for norm linf; inputs are in [0, 1], so this looks "
+                          f"like pixel units (0-255): write {eps:g}/255")
+        else:
+            errors.append(f"{path}: {shown} is outside [0, 1] for norm linf (inputs are in [0, 1]); "
+                          "give e.g. 8/255 or 0.031")
 
 
 def _check_robust(r: RobustConfig, errors: list[str]) -> None:

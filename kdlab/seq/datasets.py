@@ -65,8 +65,11 @@ def load_task(name: str, *, num_train: int, num_test: int, seed: int, context_le
     longest = max(len(tokenizer.encode(p)) + len(tokenizer.encode(r)) + 1 for p, r in train + test)
     if context_length is None:
         context_length = longest + EXTRA_TOKENS  # room for a model that overshoots a little before EOS
-    tokens_train, labels_train = encode_examples(train, tokenizer, context_length)
-    tokens_test, labels_test = encode_examples(test, tokenizer, context_length)
+    try:
+        tokens_train, labels_train = encode_examples(train, tokenizer, context_length)
+        tokens_test, labels_test = encode_examples(test, tokenizer, context_length)
+    except KdlabError as exc:  # a prompt + response longer than the context: name the key to change
+        raise KdlabError(f"data.context_length: {exc}") from None
     info = SequenceInfo(task=name, pad_id=tokenizer.pad_id, eos_id=tokenizer.eos_id, decode=tokenizer.decode,
                         is_correct=task.is_correct, answer_correct=task.answer_correct,
                         max_response_tokens=longest_response, context_length=context_length)

@@ -80,7 +80,7 @@ def eps_display(text, value: float) -> str:
     return f"{text} ({value:.4f})"
 
 
-def test_subset(splits: Splits, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attack_subset(splits: Splits, subset: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(inputs, labels, indices)`` of ``subset`` test samples, the same for every run: a permutation by
     ``seed`` (a CPU generator), its first ``subset`` indices, sorted. ``None`` or more than the split: all."""
     inputs, labels = splits.test
@@ -113,7 +113,7 @@ def robust_report(student: nn.Module, teacher: nn.Module | None, splits: Splits,
     student.to(device)
     if teacher is not None:
         teacher.to(device)
-    x, y, index = test_subset(splits, robust.subset, robust.subset_seed)
+    x, y, index = attack_subset(splits, robust.subset, robust.subset_seed)
     x, y = x.to(device), y.to(device)
     warning_lines: list[str] = []
     if not check_model_normalises(student, warn=False):

@@ -222,3 +222,59 @@ def test_adversary_extension_point_moves_only_its_own_parameters(tmp_path, monke
     assert 0.0 <= epochs[1]["adv/disc_acc"] <= 1.0 and "adv/disc" in epochs[1]
     seen = torch.cat(method.seen_indices)
     assert sorted(seen.tolist()) == list(range(len(splits.train[0])))  # every train sample once, by index
+
+
+class _Counting(Method):
+    """CE, and a ``metrics()`` reporting how many steps it has seen (the loop logs it per epoch)."""
+
+    needs_teacher = False
+
+    def __init__(self, *, student):
+        super().__init__(None, student=student, teacher=None)
+        self.register_buffer("seen", torch.zeros(()))
+        self.calls = 0
+
+    def loss_terms(self, batch, student_out, teacher_out):
+        self.seen += 1
+        return {"ce": torch.nn.functional.cross_entropy(student_out.logits, batch.labels)}
+
+    def metrics(self):
+        self.calls += 1
+        return {"steps_seen": float(self.seen)}
+
+
+def test_method_metrics_are_logged_once_per_epoch_as_method_keys(tmp_path):
+    splits = _splits(tmp_path)
+    _, student = _models(splits)
+    method = _Counting(student=student)
+    epochs = {}
+    fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=3, batch_size=64), seed=0,
+        on_epoch=lambda e, m: epochs.__setitem__(e, m))
+    per_epoch = math.ceil(len(splits.train[0]) / 64)
+    assert [epochs[e]["method/steps_seen"] for e in (1, 2, 3)] == [per_epoch, 2 * per_epoch, 3 * per_epoch]
+    assert method.calls == 3  # once per epoch, not per step
+    # A method without metrics() logs no method/ keys.
+    plain = build_method(MethodConfig("scratch", {}), student=student, teacher=None)
+    logged = {}
+    fit(student=student, method=plain, teacher=None, splits=splits, train=_train(epochs=1), seed=0,
+        on_epoch=lambda e, m: logged.update(m))
+    assert not any(key.startswith("method/") for key in logged)
+
+
+def test_mtard_balance_state_is_logged(tmp_path):
+    from kdlab.models import TeacherEnsemble
+
+    splits = _splits(tmp_path)
+    teacher, student = _models(splits)
+    torch.manual_seed(7)
+    robust = build_model("mlp", {"width": 16}, splits)
+    ensemble = TeacherEnsemble([teacher, robust])
+    method = build_method(MethodConfig("mtard", {"epsilon": 0.05, "step_size": 0.02, "steps": 2,
+                                                 "temperature_lr": 0.1}), student=student, teacher=ensemble)
+    epochs = {}
+    fit(student=student, method=method, teacher=ensemble, splits=splits, train=_train(epochs=2), seed=0,
+        on_epoch=lambda e, m: epochs.__setitem__(e, m))
+    logged = epochs[2]
+    assert {"method/weight_adv", "method/weight_nat", "method/temperature_adv", "method/temperature_nat"} <= set(logged)
+    assert logged["method/weight_adv"] + logged["method/weight_nat"] == pytest.approx(1.0)
+    assert logged["method/temperature_adv"] != 1.0 or logged["method/temperature_nat"] != 1.0  # balanced, moved
