@@ -10,6 +10,8 @@
     kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
                [--faithfulness] [--no-sanity-checks]
     kdlab analyze deviations RUN [--out DIR]
+    kdlab tune CONFIG [--trials N] [--seed S] [--metric val/acc] [--direction maximize|minimize]
+               [--set key.path=value ...] [--seeds 0,1]
     kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
     kdlab plot gkd-grid EXPERIMENT [--out DIR] [--metric test/acc]
 """
@@ -286,6 +288,32 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    """Run or resume a config's Optuna study (its tune: section) up to --trials finished trials."""
+    from kdlab.study.tune import format_params, import_optuna, render_trials, tune
+
+    import_optuna()  # exit 2 with the install hint before reading anything
+    try:
+        result = tune(args.config, workspace=_workspace(args), trials=args.trials, seed=args.seed,
+                      metric=args.metric, direction=args.direction, overrides=args.set,
+                      seeds=_seeds(args.seeds) if args.seeds else None, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("kdlab: interrupted; the stopped trial is retried and its run resumes on the next `kdlab tune`",
+              file=sys.stderr)
+        return 130
+    print()
+    print(f"study {result.study} ({result.direction} {result.metric}, mean over seeds; on the validation split, "
+          f"never test): {len(result.rows)} trials in {result.database}")
+    print(render_trials(result))
+    if result.best is None:
+        print("no completed trial yet")
+        return 1 if result.rows else 0
+    print(f"best: trial {result.best.number}  {result.metric} {result.best.value:.4f}  "
+          f"{format_params(result.best.params)}")
+    print(f"best config: {result.best_config}  (`kdlab run {result.best_config}` trains it and reports test metrics)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit and laboratory.")
     parser.add_argument("--workspace", help=f"results folder (default $KDLAB_WORKSPACE or ./{DEFAULT_WORKSPACE})")
@@ -331,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="attack a finished run's model on its test split (robust accuracy, "
                                      "faithfulness to its teacher)")
     ev.add_argument("run", help="run id or unique prefix of a finished run (student or teacher)")
+    ev.add_argument("--workspace", default=argparse.SUPPRESS,
+                    help="results folder (as the global --workspace, which it overrides)")
     ev.add_argument("--attack", choices=["fgsm", "pgd", "apgd"], default="pgd", help="attack (default pgd)")
     ev.add_argument("--eps", default="8/255", help="radius in [0, 1] input units, as a fraction or a decimal: "
                                                     "8/255 or 0.031 (default 8/255)")
@@ -366,6 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")
     plot.add_argument("--method", help="method block to plot (default kd when present, else the first)")
     plot.set_defaults(func=cmd_plot)
+
+    tn = sub.add_parser("tune", help="hyperparameter search over a config's tune: space with Optuna "
+                                     "(pip install 'kdlab[tune]'); resumable, the study kept in the results database")
+    tn.add_argument("config", help="YAML experiment config with a tune: section (metric, direction, space)")
+    tn.add_argument("--trials", type=int, help="total number of finished trials of the study (re-running continues "
+                                               "to this total); default tune.trials")
+    tn.add_argument("--seed", type=int, help="seed of the TPE sampler (default tune.seed, else 0)")
+    tn.add_argument("--metric", help="final metric to optimise, on validation (default tune.metric, else val/acc)")
+    tn.add_argument("--direction", choices=["maximize", "minimize"],
+                    help="default tune.direction, else by metric (acc: maximize; nll, ece, loss: minimize)")
+    tn.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
+    tn.add_argument("--seeds", help="comma-separated run seeds of every trial (objective: their mean)")
+    tn.add_argument("--quiet", action="store_true", help="no progress line")
+    tn.set_defaults(func=cmd_tune)
     return parser
 
 

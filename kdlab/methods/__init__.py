@@ -2,7 +2,8 @@
 from kdlab.methods import dfad, distill, kd, miles, multi_teacher, route_constrained, scratch, takd  # noqa: F401
 from kdlab.methods import adversarial_kd  # noqa: F401  (registration)
 from kdlab.methods import aikd, pskd  # noqa: F401  (self-distillation: PS-KD, AI-KD)
-from kdlab.methods import gkd  # noqa: F401  (sequence models)
+from kdlab.methods import gkd, policy_gradient_kd  # noqa: F401  (sequence models)
+from kdlab.methods import annealing_kd, continuation_kd, rl_multi_teacher, rl_schedule  # noqa: F401  (optimising KD over training)
 from kdlab.methods import adversarial_training, ard, awr_kd, mtard, rslad, trades  # noqa: F401  (robustness)
 from kdlab.methods import faithful_kd  # noqa: F401  (faithfulness)
 from kdlab.methods.adapters import Adapter, make_adapter

@@ -61,7 +61,7 @@ def _teacher_for(method_name, make):
     from kdlab.models.ensemble import TeacherEnsemble
     from kdlab.models.trajectory import TeacherTrajectory
 
-    if method_name == "multi_teacher":
+    if method_name in ("multi_teacher", "rl_multi_teacher"):
         return TeacherEnsemble([make(16), make(12)])
     if method_name == "mtard":
         return TeacherEnsemble([make(16), make(12)])  # [clean, robust], in that order

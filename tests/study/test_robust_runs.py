@@ -131,8 +131,9 @@ def test_kdlab_eval_prints_writes_and_stores_the_numbers(tmp_path, capsys):
                 "--no-sanity-checks") == 0
     out = capsys.readouterr().out
     assert "fgsm linf eps 0.031" in out and "40 of 40" in out
-    assert _cli(tmp_path, "eval", run_id, "--attack", "apgd", "--eps", "0.05", "--steps", "3", "--subset", "10",
-                "--no-sanity-checks") == 0
+    # --workspace also after the subcommand.
+    assert main(["eval", run_id, "--workspace", str(tmp_path / "ws"), "--attack", "apgd", "--eps", "0.05",
+                 "--steps", "3", "--subset", "10", "--no-sanity-checks"]) == 0
     assert len((Path(store.run(run_id).run_dir) / "robust_evals.jsonl").read_text().splitlines()) == 2
 
 
@@ -211,3 +212,31 @@ def test_shipped_robust_configs_parse():
     for path in sorted(Path(__file__).parents[2].glob("configs/robust/*.yaml")):
         _, specs = load_experiment(path)
         assert specs and all(spec.config.robust is not None for spec in specs), path
+
+
+@pytest.mark.integration
+def test_shipped_robust_study_runs_end_to_end_shortened(tmp_path, capsys):
+    """configs/robust/digits.yaml through `kdlab run` (students 1 epoch, 1 seed, 40 test samples, short attacks):
+    every arm finishes with robust metrics, the distilled ones with faithfulness, and MTARD logs its balance."""
+    config = Path(__file__).parents[2] / "configs" / "robust" / "digits.yaml"
+    overrides = ["train.epochs=1", "robust.subset=40", "robust.faithfulness_steps=2",
+                 "robust.attacks=[{name: pgd, steps: 3, label: pgd20}, {name: apgd, steps: 4, label: apgd50}]"]
+    args = ["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet", "--seeds", "0"]
+    for override in overrides:
+        args += ["--set", override]
+    assert main(args) == 0
+    capsys.readouterr()
+    store = Store(tmp_path / "ws")
+    runs = store.runs(experiment="robust-digits")
+    assert len(runs) == 10 and all(r.status == "finished" for r in runs)
+    for record in runs:
+        assert {"robust/clean/acc", "robust/pgd20/acc", "robust/apgd50/acc", "robust/worst/acc"} <= set(record.final)
+        has_teacher = record.config["teacher"] is not None
+        assert ("robust/faith/adv_disagreement" in record.final) == has_teacher, record.label
+    mtard = next(r for r in runs if "mtard" in r.label)
+    assert "method/weight_adv" in store.epoch_metrics(mtard.run_id)[1]
+    teachers = store.runs(experiment="teachers")
+    assert sorted(t.config["method"]["name"] for t in teachers) == ["adversarial_training", "scratch"]
+    assert main(["--workspace", str(tmp_path / "ws"), "compare", "robust-digits", "--metrics",
+                 "robust/pgd20/acc,robust/faith/relcal_emp"]) == 0
+    assert "variant=mtard" in capsys.readouterr().out

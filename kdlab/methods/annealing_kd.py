@@ -1,0 +1,108 @@
+"""Annealing-KD: Jafari, Rezagholizadeh, Sharma, Ghodsi, "Annealing Knowledge Distillation" (EACL 2021,
+arXiv 2104.07163), the predecessor of Continuation-KD (``kdlab.methods.continuation_kd``).
+
+Two phases over the n units (epochs) of training, the first n₁ = round(phase1_fraction·n) of them phase 1:
+
+    phase 1 (e < n₁):  L = ‖z_S − φ(T_e)·z_T‖²     φ(T) = 1 − (T − 1)/τ_max,  T_e = max(1, τ_max − ⌊e/k⌋)
+    phase 2 (e ≥ n₁):  L = CE(y, softmax(z_S))       (the teacher is not run)
+
+with e the 0-based unit and k = ⌊n₁/τ_max⌋: the student regresses the teacher's logits scaled by φ, from
+1/τ_max (a heavily annealed, smooth target) up to 1 in τ_max equal stages of k units, then fine-tunes on
+the labels. It is Continuation-KD with margin 0 and ψ a step function.
+
+Verified in the official code (``huawei-noah/Efficient-NLP``, ``Annealing_KD/computer_vision_tasks/
+annealing_kd_train.py`` and ``NLP_glue_tasks/annealing_kd_glue.py``):
+
+* phase 1 is ``F.mse_loss(output, teacher_outputs * T / max_T)`` with the code's T counting *up*
+  1 … max_T: T_code = τ_max + 1 − T, so T/max_T = φ(T). T_code += 1 at each 0-based epoch e > 0 with
+  e mod ⌊epochs₁/max_T⌋ = 0, i.e. each value lasts k epochs; phase 2 is ``F.cross_entropy``.
+* ``F.mse_loss`` averages over batch × classes: the default ``reduction: mean`` here (``mse_logits``);
+  ``reduction: sum`` is the ‖·‖²₂ of the formula above, as Continuation-KD writes its special case
+  (summed over classes, averaged over the batch); the Annealing-KD paper's own text was not retrieved.
+* Code defaults: max_temperature 10 in the vision script, 7 in the README's GLUE command (kdlab's
+  default, which also fits short runs: n₁ ≥ τ_max is required); 200 epochs of phase 1 and 100 of
+  phase 2 (phase1_fraction 2/3); the code asserts epochs₁ ≥ max_T (here a KdlabError).
+* The code trains the phases as two runs (phase 1's best-validation checkpoint starts phase 2 with a
+  fresh optimiser and lr schedule); kdlab runs both inside one ``fit`` under ``train``'s one lr schedule.
+
+kdlab's clamp T ≥ 1: when τ_max does not divide n₁ the official counter overshoots max_T (φ > 1) in the
+last epochs of phase 1; here the target stays φ = 1 there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from kdlab.errors import KdlabError
+from kdlab.losses import cross_entropy, mse_logits
+from kdlab.methods.base import Method
+from kdlab.methods.continuation_kd import UNITS, _check_max_temperature, phi, temperature_at, unit_index
+from kdlab.registry import register
+
+KEY = "annealing_kd"
+REDUCTIONS = ("mean", "sum")
+
+
+def annealing_schedule(e: int, n: int, *, max_temperature: int, phase1_fraction: float) -> tuple[int, int, float]:
+    """``(phase, T, φ)`` at the 0-based unit ``e`` of ``n``: phase 1 for e < round(phase1_fraction·n), else 2
+    (where T = 1 and φ = 1, the last phase-1 values; the teacher is unused)."""
+    if not (math.isfinite(phase1_fraction) and 0 < phase1_fraction <= 1):
+        raise KdlabError(f"method.phase1_fraction ({KEY}): must lie in (0, 1], got {phase1_fraction!r}")
+    phase1 = round(phase1_fraction * n)
+    if e >= phase1:
+        return 2, 1, 1.0
+    temperature = temperature_at(e, phase1, max_temperature, method=KEY)
+    return 1, temperature, phi(temperature, max_temperature, method=KEY)
+
+
+@dataclass
+class AnnealingKDHparams:
+    max_temperature: int = 7  # τ_max: φ = 1 − (T−1)/τ_max steps 1/τ_max → 1 (official: 7 GLUE README, 10 vision)
+    phase1_fraction: float = 2 / 3  # share of training in phase 1 (logit regression); the rest is CE (code: 200+100)
+    reduction: Literal["mean", "sum"] = "mean"  # over classes: mean = the code's F.mse_loss; sum = ‖·‖²₂
+    unit: Literal["epoch", "step"] = "epoch"  # e counts epochs (the paper, the code) or optimiser steps
+
+
+@register("method", KEY)
+class AnnealingKD(Method):
+    """Annealing-KD (Jafari et al. 2021): MSE to φ(T)·teacher logits as T steps down, then cross-entropy."""
+
+    Hparams = AnnealingKDHparams
+
+    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
+        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
+        h = hparams
+        _check_max_temperature(h.max_temperature, KEY)
+        annealing_schedule(0, 1, max_temperature=1, phase1_fraction=h.phase1_fraction)  # validates the fraction
+        if h.reduction not in REDUCTIONS:
+            raise KdlabError(f"method.reduction ({KEY}): {h.reduction!r} is not one of {', '.join(REDUCTIONS)}")
+        if h.unit not in UNITS:
+            raise KdlabError(f"method.unit ({KEY}): {h.unit!r} is not one of {', '.join(UNITS)}")
+
+    def schedule(self) -> tuple[int, int, float]:
+        """``(phase, T, φ)`` at the current step (after ``set_progress``)."""
+        h = self.hparams
+        i, n = unit_index(self.step, self.total_steps, self.steps_per_epoch, h.unit)
+        return annealing_schedule(i - 1, n, max_temperature=h.max_temperature, phase1_fraction=h.phase1_fraction)
+
+    def teacher_needed(self) -> bool:
+        return self.schedule()[0] == 1
+
+    def metrics(self) -> dict[str, float]:
+        phase, temperature, scale = self.schedule()
+        return {"phase": float(phase), "temperature": float(temperature), "phi": scale}
+
+    def loss_terms(self, batch, student_out, teacher_out):
+        phase, _, scale = self.schedule()
+        logits = student_out.logits
+        zero = logits.new_zeros((), dtype=torch.promote_types(torch.float32, logits.dtype))
+        if phase == 2:
+            return {"kd": zero, "ce": cross_entropy(logits, batch.labels)}
+        # mse_logits: mean over classes of (z_S − φ·z_T)², averaged over the batch; × C for the sum.
+        regression = mse_logits(logits, scale * teacher_out.logits)
+        if self.hparams.reduction == "sum":
+            regression = regression * logits.shape[-1]
+        return {"kd": regression, "ce": zero}
