@@ -29,7 +29,6 @@ the subset, the numbers and the warnings; ``report["metrics"]`` is the flat
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 import warnings
 
@@ -247,8 +246,3 @@ def format_report(report: dict) -> list[str]:
     if not report.get("warnings") and "sanity_checks" in report:
         lines.append("sanity checks: no sign of gradient masking")
     return lines
-
-
-def with_attack(robust: RobustConfig, attack: AttackConfig) -> RobustConfig:
-    """``robust`` with ``attack`` as its only attack (``kdlab eval``)."""
-    return dataclasses.replace(robust, attacks=[attack])

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from kdlab.cli import main
-from kdlab.config import RobustConfig, load_experiment, parse_experiment, teacher_run_spec
+from kdlab.config import AttackConfig, RobustConfig, load_experiment, parse_experiment, teacher_run_spec
 from kdlab.data import build_splits
-from kdlab.errors import KdlabError
 from kdlab.store import Store
 from kdlab.study.robust_eval import REPORT_FILE, robust_report, attack_subset
 from kdlab.study.runner import Runner
@@ -95,9 +92,7 @@ def test_a_model_that_does_not_normalise_inside_is_warned_about(tmp_path):
     splits = build_splits("synthetic", {k: v for k, v in DATA.items() if k != "dataset"}, root=None,
                           cache_dir=tmp_path, val_fraction=0.0, split_seed=0)
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    robust = RobustConfig(eps=0.05, attacks=[], eps_curve=[], subset=10, sanity_checks=False)
-    robust.attacks = parse_experiment(_raw(robust={"eps": 0.05, "attacks": [{"name": "fgsm"}], "subset": 10,
-                                               "sanity_checks": False}))[0].robust.attacks
+    robust = RobustConfig(eps=0.05, attacks=[AttackConfig(name="fgsm")], subset=10, sanity_checks=False)
     with pytest.warns(UserWarning, match="normalis"):
         report = robust_report(bare, None, splits, robust)
     assert any("no mean/std normalisation" in line for line in report["warnings"])
@@ -228,7 +223,7 @@ def test_shipped_robust_study_runs_end_to_end_shortened(tmp_path, capsys):
     capsys.readouterr()
     store = Store(tmp_path / "ws")
     runs = store.runs(experiment="robust-digits")
-    assert len(runs) == 10 and all(r.status == "finished" for r in runs)
+    assert len(runs) == 11 and all(r.status == "finished" for r in runs)  # the 11 arms of the config
     for record in runs:
         assert {"robust/clean/acc", "robust/pgd20/acc", "robust/apgd50/acc", "robust/worst/acc"} <= set(record.final)
         has_teacher = record.config["teacher"] is not None
