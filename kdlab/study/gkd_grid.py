@@ -39,6 +39,8 @@ def _cell_key(method: dict) -> tuple[str, float] | str | None:
     if divergence == "jsd":
         beta = float(method.get("beta", 0.5))
         divergence = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else f"jsd({beta:g})"
+        if method.get("scaled_jsd") and 0 < beta < 1:  # a different loss: its own row
+            divergence += " scaled"
     return divergence, float(method.get("on_policy_fraction", 0.5))
 
 
