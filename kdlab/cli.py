@@ -361,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run", help="run id or unique prefix of a finished run (student or teacher)")
     ev.add_argument("--workspace", default=argparse.SUPPRESS,
                     help="results folder (as the global --workspace, which it overrides)")
-    ev.add_argument("--attack", choices=["fgsm", "pgd", "apgd"], default="pgd", help="attack (default pgd)")
+    ev.add_argument("--attack", choices=["fgsm", "pgd", "apgd", "autoattack"], default="pgd",
+                    help="attack (default pgd); autoattack: the standard AutoAttack, per-component accuracies "
+                         "(needs the autoattack extra)")
     ev.add_argument("--eps", default="8/255", help="radius in [0, 1] input units, as a fraction or a decimal: "
                                                     "8/255 or 0.031 (default 8/255)")
     ev.add_argument("--norm", choices=["linf", "l2"], default="linf", help="threat model (default linf)")
-    ev.add_argument("--steps", type=int, help="iterations (default: pgd 10, apgd 100; fgsm takes none)")
+    ev.add_argument("--steps", type=int, help="iterations (default: pgd 10, apgd 100; fgsm, autoattack take none)")
     ev.add_argument("--step-size", type=float, help="pgd step (default 2.5·eps/steps)")
     ev.add_argument("--restarts", type=int, default=1, help="random restarts, the strongest kept (default 1)")
     ev.add_argument("--loss", choices=["ce", "cw"], default="ce", help="attack loss (default ce)")

@@ -130,14 +130,14 @@ class MethodConfig:
     options: dict = field(default_factory=dict)
 
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd")
+ATTACK_NAMES = ("fgsm", "pgd", "apgd", "autoattack")  # autoattack: the standard version, extra "autoattack"
 
 
 @dataclass
 class AttackConfig:
     """One attack run on the test subset after training (``kdlab.robust.protocol.AttackSpec``)."""
 
-    name: Literal["fgsm", "pgd", "apgd"] = "pgd"
+    name: Literal["fgsm", "pgd", "apgd", "autoattack"] = "pgd"
     eps: Optional[Union[float, str]] = None  # radius in input units ([0, 1]): 0.1 or "8/255"; null = robust.eps
     norm: Literal["linf", "l2"] = "linf"
     steps: Optional[int] = None  # null: the attack's default (fgsm 1, pgd 10, apgd 100)
@@ -851,6 +851,11 @@ def _check_robust(r: RobustConfig, errors: list[str]) -> None:
         if a.eps is not None:
             _check_eps(a.eps, a.norm, f"{path}.eps", errors)
         eps_bad = len(errors) > before if a.eps is not None else section_eps_bad
+        if a.name == "autoattack":
+            from kdlab.robust.autoattack import INSTALL_HINT, available
+
+            if not available():
+                errors.append(f"{path}: autoattack needs the pyautoattack package; {INSTALL_HINT}")
         if a.label is not None and (not a.label or "/" in a.label or a.label in ("clean", "worst", "faith", "curve")):
             errors.append(f"{path}.label: {a.label!r} cannot name metrics; use letters, digits, '_' or '-', "
                           "not clean/worst/faith/curve")

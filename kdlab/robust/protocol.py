@@ -41,9 +41,12 @@ from kdlab.robust.attacks import (
     parse_eps,
     transfer,
 )
+from kdlab.robust.autoattack import autoattack
 
 # The attacks' own defaults, so that a spec records the number of steps that actually ran.
 _DEFAULT_STEPS = {"fgsm": 1, "pgd": 10, "apgd": 100}
+# Not a registered attack: robust_evaluate calls kdlab.robust.autoattack.autoattack (standard version) itself.
+AUTOATTACK = "autoattack"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,10 @@ class AttackSpec:
             raise KdlabError(f"{where}: fgsm is one step of size eps; leave steps, restarts and step_size unset")
         if self.name == "apgd" and self.step_size is not None:
             raise KdlabError(f"{where}: apgd chooses its own step size (from 2·eps); leave step_size unset")
+        if self.name == AUTOATTACK and (self.steps is not None or self.step_size is not None or self.restarts != 1
+                                        or self.loss != "ce"):
+            raise KdlabError(f"{where}: the standard AutoAttack fixes its own steps, step sizes, restarts and "
+                             "losses; leave steps, step_size, restarts and loss unset")
 
     @property
     def label(self) -> str:
@@ -106,6 +113,8 @@ class AttackSpec:
             settings["step_size"] = self.eps
         elif self.step_size is None and self.name == "pgd":
             settings["step_size"] = 2.5 * self.eps / self.steps
+        elif self.name == AUTOATTACK:
+            settings["version"] = "standard"  # robust_evaluate adds what ran under "autoattack"
         return settings
 
     def attack_kwargs(self, function, generator: torch.Generator) -> dict:
@@ -190,6 +199,12 @@ def robust_evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, attacks: S
     * ``*/worst_class_acc``: the lowest per-class accuracy over the classes
       present in ``labels``.
     * ``settings``: ``{attack key: spec.to_dict()}``; ``n``, ``num_classes``.
+    * ``AttackSpec("autoattack", ...)`` runs the standard AutoAttack
+      (``kdlab.robust.autoattack``, needs the ``autoattack`` extra) batch by batch
+      and adds ``<attack>/<component>`` (``apgd-ce``, ``apgd-t``, ``fab-t``,
+      ``square``): the robust accuracy after that component and the earlier ones,
+      the last equal to ``<attack>/acc``; its settings gain ``"autoattack"``, the
+      configuration that ran (package version, iterations, target classes).
 
     Attack keys are ``AttackSpec.label`` (``pgd_linf_0.0314``); specs that share
     one get the differing fields appended (``pgd_linf_0.0314_steps20``).
@@ -205,13 +220,16 @@ def robust_evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, attacks: S
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise KdlabError(f"robust_evaluate: batch_size={batch_size!r} must be a positive integer")
     keys = _attack_keys(specs)
-    functions = [registry.get("attack", spec.name, key=f"attacks[{i}].name") for i, spec in enumerate(specs)]
+    functions = [None if spec.name == AUTOATTACK else registry.get("attack", spec.name, key=f"attacks[{i}].name")
+                 for i, spec in enumerate(specs)]
     device = torch.device(device) if device is not None else _model_device(model, x)
     if check_normalisation:
         check_model_normalises(model)
     generators = [torch.Generator(device=device).manual_seed(spec.seed) for spec in specs]
-    kwargs = [spec.attack_kwargs(function, generator)
+    kwargs = [None if function is None else spec.attack_kwargs(function, generator)
               for spec, function, generator in zip(specs, functions, generators)]
+    components: list[dict] = [{} for _ in specs]  # autoattack: component -> samples still robust after it
+    ran: list[dict] = [{} for _ in specs]  # autoattack: the settings that ran
 
     clean_logits, worst_logits = [], []
     adversarial_logits: list[list[Tensor]] = [[] for _ in specs]
@@ -225,8 +243,17 @@ def robust_evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, attacks: S
             # Worst-case logits: the first of (clean, attack 1, attack 2, ...) that fooled the sample.
             worst = logits
             fooled = logits.argmax(dim=1) != target
-            for function, kw, store in zip(functions, kwargs, adversarial_logits):
-                adversarial = function(model, batch, target, **kw)
+            for spec, function, kw, store, counts, setting in zip(specs, functions, kwargs, adversarial_logits,
+                                                                  components, ran):
+                if function is None:  # autoattack
+                    result = autoattack(model, batch, target, eps=spec.eps, norm=spec.norm,
+                                        batch_size=batch_size, seed=spec.seed)
+                    adversarial = result.adversarial
+                    for name, accuracy in result.per_component.items():
+                        counts[name] = counts.get(name, 0) + round(accuracy * batch.shape[0])
+                    setting.update(result.settings)
+                else:
+                    adversarial = function(model, batch, target, **kw)
                 with torch.no_grad():
                     logits = model(adversarial)
                 store.append(logits.cpu())
@@ -247,13 +274,17 @@ def robust_evaluate(model: nn.Module, inputs: Tensor, labels: Tensor, attacks: S
     results: dict = {"n": int(x.shape[0]), "num_classes": num_classes}
     results.update(_summary("clean", clean, clean_correct, labels, num_classes))
     worst_correct = clean_correct.clone()
-    for key, store in zip(keys, adversarial_logits):
+    for key, store, counts in zip(keys, adversarial_logits, components):
         logits = torch.cat(store)
         correct = clean_correct & (logits.argmax(dim=1) == labels)
         worst_correct &= correct
         results.update(_summary(key, logits, correct, labels, num_classes))
+        results.update({f"{key}/{name}": count / x.shape[0] for name, count in counts.items()})
     results.update(_summary("worst", torch.cat(worst_logits), worst_correct, labels, num_classes))
     results["settings"] = {key: spec.to_dict() for key, spec in zip(keys, specs)}
+    for key, setting in zip(keys, ran):
+        if setting:
+            results["settings"][key]["autoattack"] = setting
     return results
 
 
@@ -285,7 +316,7 @@ def _rising(points: Sequence[tuple[float, float]], tolerance: float) -> list[tup
 def _pairs_from_results(results: Mapping) -> list[tuple[str, float, str, float]]:
     """(weaker, acc, stronger, acc) pairs among a ``robust_evaluate`` result's attacks at the same ε and norm.
 
-    fgsm is weaker than pgd and apgd; pgd (apgd) with fewer steps and the same
+    fgsm is weaker than pgd, apgd and autoattack; pgd (apgd) with fewer steps and the same
     restarts and loss is weaker than pgd (apgd) with more.
     """
     settings = results.get("settings", {})
@@ -294,7 +325,7 @@ def _pairs_from_results(results: Mapping) -> list[tuple[str, float, str, float]]
         for strong_key, strong in settings.items():
             if weak_key == strong_key or (weak["eps"], weak["norm"]) != (strong["eps"], strong["norm"]):
                 continue
-            fgsm_vs_iterative = weak["name"] == "fgsm" and strong["name"] in ("pgd", "apgd")
+            fgsm_vs_iterative = weak["name"] == "fgsm" and strong["name"] in ("pgd", "apgd", AUTOATTACK)
             fewer_steps = (weak["name"] == strong["name"] and weak["name"] in ("pgd", "apgd")
                            and weak["steps"] < strong["steps"]
                            and (weak["restarts"], weak["loss"]) == (strong["restarts"], strong["loss"]))
