@@ -132,6 +132,16 @@ class _Folded(nn.Module):
         return self.model(x.reshape(x.shape[0], *self.shape).to(self.dtype))
 
 
+def _rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG the package may reseed (it seeds the current one even for CPU inputs)."""
+    if device.type == "cuda":
+        return sorted({device.index if device.index is not None else torch.cuda.current_device(),
+                       torch.cuda.current_device()})
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return [torch.cuda.current_device()]
+    return []
+
+
 def _components(version: str, attacks) -> tuple[str, ...]:
     if version != "custom":
         if attacks is not None:
@@ -175,8 +185,9 @@ def autoattack(model: nn.Module, inputs: Tensor, labels: Tensor, *, eps, norm: s
     ``version``: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square; the version of
     the paper's leaderboards), ``"plus"``, ``"rand"`` (EOT for randomised
     models) or ``"custom"`` with ``attacks`` a list of ``"apgd-ce"``,
-    ``"apgd-dlr"``, ``"fab"``, ``"square"``, ``"apgd-t"``, ``"fab-t"`` (run in that
-    order, with the package's default settings). ``norm``: ``"linf"`` or ``"l2"``.
+    ``"apgd-dlr"``, ``"fab"``, ``"square"``, ``"apgd-t"``, ``"fab-t"`` (run in the
+    order given, with the package's defaults for a custom run: e.g. APGD with 5
+    restarts). ``norm``: ``"linf"`` or ``"l2"``.
     Each component runs on the still-robust points in batches of ``batch_size``;
     ``seed`` seeds every component as the package does (it reseeds torch's global
     RNG, which is restored afterwards). Shapes: inputs (N, ...) in [0, 1], labels
@@ -197,7 +208,7 @@ def autoattack(model: nn.Module, inputs: Tensor, labels: Tensor, *, eps, norm: s
     folded_shape = package_shape(shape)
     n = x.shape[0]
 
-    with eval_mode(model), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    with eval_mode(model), torch.random.fork_rng(devices=_rng_devices(x.device)):
         net = _Folded(model, shape, x.dtype)
         with torch.no_grad():
             clean_logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, n, batch_size)])
@@ -249,6 +260,7 @@ def autoattack(model: nn.Module, inputs: Tensor, labels: Tensor, *, eps, norm: s
             final = torch.cat([model(adversarial[i:i + batch_size]).argmax(dim=1) == y[i:i + batch_size]
                                for i in range(0, n, batch_size)])
         broken_by = torch.where(clean_correct & final, torch.full_like(broken_by, -1), broken_by)
+        broken_by = torch.where(clean_correct & ~final & (broken_by < 0), len(components) - 1, broken_by)
         per_component = {}
         for k, name in enumerate(components):
             survived = clean_correct & ((broken_by < 0) | (broken_by > k))
