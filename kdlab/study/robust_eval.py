@@ -212,11 +212,18 @@ def format_report(report: dict) -> list[str]:
     lines = []
     subset = report["subset"]
     lines.append(f"test subset: {subset['n']} of {subset['of']} samples (subset_seed {subset['seed']})")
+    results = report.get("results", {})
     for label, s in report.get("attacks", {}).items():
+        if s["name"] == "autoattack":  # an ensemble: its components instead of steps/restarts/loss
+            parts = ", ".join(f"{k.split('/', 1)[1]} {v:.4f}" for k, v in results.items()
+                              if k.startswith(f"{label}/") and k.split("/", 1)[1] not in
+                              ("acc", "worst_class_acc", "nll", "ece"))
+            lines.append(f"attack {label}: autoattack {s['norm']} eps {s['eps_display']}, seed {s['seed']}"
+                         + (f"; robust accuracy after each component: {parts}" if parts else ""))
+            continue
         step = f", step {s['step_size']:.4g}" if s.get("step_size") is not None else ""
         lines.append(f"attack {label}: {s['name']} {s['norm']} eps {s['eps_display']}, {s['steps']} steps{step}, "
                      f"{s['restarts']} restart(s), loss {s['loss']}, seed {s['seed']}")
-    results = report.get("results", {})
     rows = ["clean"] + list(report.get("attacks", {})) + (["worst"] if len(report.get("attacks", {})) > 1 else [])
     if results:
         lines.append(f"{'':<24} {'acc':>7} {'worst-class':>11} {'nll':>8} {'ece':>7}")

@@ -124,8 +124,10 @@ def _start(tmp_path: Path, cfg: dict) -> tuple[list[str], dict, subprocess.Popen
     env = dict(os.environ, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "kdlab.cli", "--workspace", str(tmp_path / "ws"), "run", str(config),
            "--workers", "2", "--quiet"]
+    # A shell that started the suite in the background hands SIGINT down ignored, and Python then
+    # installs no Ctrl-C handler: give the child the default disposition, as a terminal would.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return cmd, env, proc
 
 
