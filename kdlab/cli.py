@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kdlab: interrupted; finished runs are kept and `kdlab run` resumes the rest", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`kdlab ... | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
