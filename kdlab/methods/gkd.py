@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kdlab.data.sequence import prompt_lengths
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
 from kdlab.methods.base import Batch, Method
@@ -106,12 +105,9 @@ class GKD(Method):
         return "teacher" if h.seqkd else "data"
 
     def _prompts(self, batch: Batch):
-        lengths = prompt_lengths(batch.labels)
-        width = int(lengths.max())
-        positions = torch.arange(width, device=batch.inputs.device)
-        prompts = torch.where(positions < lengths[:, None], batch.inputs[:, :width],
-                              torch.full_like(batch.inputs[:, :width], self.sequence.pad_id))
-        return prompts, lengths
+        from kdlab.seq.sampling import prompts_from_canonical
+
+        return prompts_from_canonical(batch.inputs, batch.labels, pad_id=self.sequence.pad_id)
 
     def _generate(self, role: str, prompts, lengths, temperature: float, generator):
         from kdlab.seq.evaluate import max_new_tokens

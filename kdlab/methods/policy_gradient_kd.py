@@ -422,12 +422,9 @@ class PolicyGradientKD(Method):
         return torch.Generator(device=device).manual_seed(seed)
 
     def _prompts(self, batch: Batch):
-        lengths = prompt_lengths(batch.labels)
-        width = int(lengths.max())
-        positions = torch.arange(width, device=batch.inputs.device)
-        prompts = torch.where(positions < lengths[:, None], batch.inputs[:, :width],
-                              torch.full_like(batch.inputs[:, :width], self.sequence.pad_id))
-        return prompts, lengths
+        from kdlab.seq.sampling import prompts_from_canonical
+
+        return prompts_from_canonical(batch.inputs, batch.labels, pad_id=self.sequence.pad_id)
 
     def teacher_needed(self) -> bool:
         return self.step >= self.hparams.sft_steps

@@ -28,14 +28,6 @@ from kdlab.data.sequence import IGNORE, SequenceInfo, prompt_lengths
 EXTRA_TOKENS = 4
 
 
-def _prompts(tokens: torch.Tensor, labels: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = prompt_lengths(labels)
-    width = int(lengths.max())
-    positions = torch.arange(width, device=tokens.device)
-    prompts = torch.where(positions < lengths[:, None], tokens[:, :width], torch.full_like(tokens[:, :width], pad_id))
-    return prompts, lengths
-
-
 def max_new_tokens(info: SequenceInfo, prompt_width: int) -> int:
     return max(1, min(info.max_response_tokens + EXTRA_TOKENS, info.context_length - prompt_width))
 
@@ -45,12 +37,13 @@ def generate_responses(model: nn.Module, tokens: torch.Tensor, labels: torch.Ten
                        device: torch.device, batch_size: int = 256, temperature: float = 0.0,
                        generator: torch.Generator | None = None) -> list[str]:
     """The model's responses (decoded text) to the prompts of a split."""
-    from kdlab.seq.sampling import generate
+    from kdlab.seq.sampling import generate, prompts_from_canonical
 
     responses: list[str] = []
     for start in range(0, len(tokens), batch_size):
         chunk_tokens = tokens[start:start + batch_size].to(device)
-        prompts, lengths = _prompts(chunk_tokens, labels[start:start + batch_size].to(device), info.pad_id)
+        prompts, lengths = prompts_from_canonical(chunk_tokens, labels[start:start + batch_size].to(device),
+                                                  pad_id=info.pad_id)
         out = generate(model, prompts, lengths, max_new_tokens=max_new_tokens(info, prompts.shape[1]),
                        eos_id=info.eos_id, pad_id=info.pad_id, temperature=temperature, generator=generator)
         for row, prompt_len in zip(out.tokens.tolist(), lengths.tolist()):
