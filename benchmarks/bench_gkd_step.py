@@ -52,9 +52,6 @@ import functools
 import gc
 import json
 import operator
-import os
-import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -62,6 +59,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchutil import bootstrap_median_ci, load, machine_lines, quantile, sync
 
 from kdlab.config import MethodConfig, TrainConfig
 from kdlab.data import build_splits
@@ -105,57 +104,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available here")
     return args
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def load() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def header(device: torch.device) -> list[str]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    return [
-        f"cpu: {cpu_model()} | logical cores: {os.cpu_count()} (usable by this process: {affinity})",
-        f"torch {torch.__version__} | python {platform.python_version()} | threads {torch.get_num_threads()} "
-        f"(interop {torch.get_num_interop_threads()}) | device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-    ]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def bootstrap_median_ci(values: list[float], *, draws: int = 5000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 # --------------------------------------------------------------------------- one arm
@@ -255,7 +203,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     start_load = load()
-    for line in header(device):
+    for line in machine_lines(device):
         print(line)
     print(f"load average at start (1/5/15 min): {start_load}")
     with tempfile.TemporaryDirectory(prefix="kdlab-bench-") as cache_dir:
@@ -323,7 +271,7 @@ def main(argv=None) -> int:
     print(f"load average at end (1/5/15 min): {end_load}")
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "args": {k: str(v) for k, v in vars(args).items()}, "header": header(device),
+            "args": {k: str(v) for k, v in vars(args).items()}, "header": machine_lines(device),
             "load_start": start_load, "load_end": end_load, "arms": summaries, "lambda1_over_lambda0": overhead,
         }, indent=2))
     return 0

@@ -76,9 +76,7 @@ import io
 import json
 import math
 import os
-import platform
 import pstats
-import random
 import statistics
 import sys
 import tempfile
@@ -86,6 +84,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from benchutil import bootstrap_median_ci, load, machine_lines, quantile, sync
 import torch.nn.functional as F
 
 import kdlab.engine.loop as loop
@@ -133,16 +133,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # --------------------------------------------------------------------------- environment
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def source_fingerprint() -> str:
     """Short hashes of the files whose speed is measured (the working tree may differ from HEAD)."""
     root = Path(loop.__file__).resolve().parents[1]
@@ -156,24 +146,10 @@ def source_fingerprint() -> str:
 
 
 def header(args: argparse.Namespace, device: torch.device) -> list[str]:
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    lines = [
-        f"cpu: {cpu_model()} | logical cores: {os.cpu_count()} (usable by this process: {affinity})",
-        f"torch {torch.__version__} | python {platform.python_version()} | threads {torch.get_num_threads()} "
-        f"(interop {torch.get_num_interop_threads()}) | device {device}"
-        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        f"load average at start (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+    return machine_lines(device) + [
+        f"load average at start (1/5/15 min): {load()}",
         f"kdlab sources: {source_fingerprint()}",
     ]
-    return lines
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- the plain loop
@@ -280,19 +256,6 @@ def kdlab_kd_epochs(student, teacher, splits, *, epochs, batch_size, lr, tempera
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q
-    low, high = math.floor(position), math.ceil(position)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
-def bootstrap_median_ci(values: list[float], *, draws: int = 5000, seed: int = 0) -> tuple[float, float]:
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
-    return medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
 def describe(values: list[float]) -> str:

@@ -50,13 +50,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from benchutil import load, machine_lines
 
 LOSS_RTOL = 1e-4  # float32 sums in a different order (per-chunk pieces)
 LIVE_MMAP_THRESHOLD = 131072  # bytes: glibc's default initial threshold, pinned (no dynamic rise)
@@ -160,30 +160,8 @@ def worker(args) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def header(args) -> list[str]:
-    import torch
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = os.cpu_count()
-    threads = args.threads if args.threads is not None else torch.get_num_threads()
-    return [
-        f"cpu: {cpu_model()} | logical cores: {os.cpu_count()} (usable by this process: {affinity})",
-        f"torch {torch.__version__} | python {platform.python_version()} | threads {threads} | device {args.device}"
-        + (f" ({torch.cuda.get_device_name(0)})" if args.device == "cuda" else ""),
-        f"load average at start (1/5/15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
-    ]
+    return machine_lines(args.device, threads=args.threads) + [f"load average at start (1/5/15 min): {load()}"]
 
 
 def run_config(args, chunk: int, *, live: bool = False) -> dict:
