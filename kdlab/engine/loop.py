@@ -16,7 +16,6 @@ import functools
 import math
 import operator
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

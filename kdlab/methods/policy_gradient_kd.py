@@ -305,7 +305,7 @@ def teacher_mixed_generate(student: nn.Module, teacher: nn.Module, prompts: Tens
     (α = 0 draws exactly what ``generate`` draws from the student with the same generator; α = 1 what it
     draws from the teacher). Runs in eval mode under no_grad and restores every submodule's mode.
     """
-    from kdlab.seq.sampling import Generation, _check_arguments, _response_lengths, left_pad, pack_canonical
+    from kdlab.seq.sampling import Generation, _check_arguments, left_pad
 
     if not 0.0 <= alpha <= 1.0:
         raise KdlabError(f"method.teacher_mix_alpha: {alpha!r} must be in [0, 1]")
@@ -351,9 +351,7 @@ def teacher_mixed_generate(student: nn.Module, teacher: nn.Module, prompts: Tens
     finally:
         for module, training in modes.items():
             module.training = training
-    response_lengths = _response_lengths(responses, eos_id)
-    tokens, labels = pack_canonical(prompts, prompt_lengths, responses, response_lengths, pad_id=pad_id)
-    return Generation(tokens=tokens, labels=labels, prompt_lengths=prompt_lengths, response_lengths=response_lengths)
+    return Generation.from_responses(prompts, prompt_lengths, responses, eos_id=eos_id, pad_id=pad_id)
 
 
 # --------------------------------------------------------------------------- the method

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from kdlab.errors import KdlabError
 from kdlab.registry import register
-from kdlab.seq.sampling import Generation, _check_arguments, _response_lengths, left_pad, pack_canonical
+from kdlab.seq.sampling import Generation, _check_arguments, left_pad
 
 INSTALL_HINT = "install the hf extra: pip install 'kdlab[hf]'"
 
@@ -178,10 +178,7 @@ class HFCausalLM(nn.Module):
                 module.training = training
         sequences = output if isinstance(output, Tensor) else output.sequences
         responses = sequences[:, left.shape[1]:]  # (B, N), N <= max_new_tokens
-        response_lengths = _response_lengths(responses, eos_id)
-        tokens, labels = pack_canonical(prompts, prompt_lengths, responses, response_lengths, pad_id=pad_id)
-        return Generation(tokens=tokens, labels=labels, prompt_lengths=prompt_lengths,
-                          response_lengths=response_lengths)
+        return Generation.from_responses(prompts, prompt_lengths, responses, eos_id=eos_id, pad_id=pad_id)
 
 
 class _seeded_global_rng:

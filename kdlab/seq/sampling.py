@@ -33,6 +33,15 @@ class Generation:
     prompt_lengths: Tensor  # (B,)
     response_lengths: Tensor  # (B,) generated tokens kept, EOS included
 
+    @classmethod
+    def from_responses(cls, prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, *, eos_id: int,
+                       pad_id: int) -> "Generation":
+        """Pack right-padded prompts and raw generated tokens (B, N) into the canonical layout,
+        each response cut after its first EOS (kept)."""
+        response_lengths = _response_lengths(responses, eos_id)
+        tokens, labels = pack_canonical(prompts, prompt_lengths, responses, response_lengths, pad_id=pad_id)
+        return cls(tokens=tokens, labels=labels, prompt_lengths=prompt_lengths, response_lengths=response_lengths)
+
 
 # --------------------------------------------------------------------------- token choice
 
@@ -173,9 +182,7 @@ def generate(model: nn.Module, prompts: Tensor, prompt_lengths: Tensor, *, max_n
     finally:
         for module, training in modes.items():
             module.training = training
-    response_lengths = _response_lengths(responses, eos_id)
-    tokens, labels = pack_canonical(prompts, prompt_lengths, responses, response_lengths, pad_id=pad_id)
-    return Generation(tokens=tokens, labels=labels, prompt_lengths=prompt_lengths, response_lengths=response_lengths)
+    return Generation.from_responses(prompts, prompt_lengths, responses, eos_id=eos_id, pad_id=pad_id)
 
 
 def _decode(model: nn.Module, prompts: Tensor, prompt_lengths: Tensor, *, max_new_tokens: int, eos_id: int,
