@@ -119,6 +119,11 @@ class ModelConfig:
     # Teacher recipe only: the method that trains it (no teacher of its own), e.g. adversarial_training for a
     # robust teacher; null = scratch.
     method: Optional["MethodConfig"] = field(default=None, metadata=OMIT_DEFAULT)
+    # Student only: fake-quantize chosen linear layers for quantization-aware training (keys of
+    # kdlab.quant.QuantSpec: weight_bits, per_channel, activation_bits, activation_mode, layers); null = full precision.
+    quant: Optional[dict] = field(default=None, metadata=OMIT_DEFAULT)
+    # Student only: "teacher" = start from the teacher's weights (same model and options), as QAT of a fine-tuned model.
+    init: Optional[Literal["teacher"]] = field(default=None, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
 
@@ -728,10 +733,29 @@ def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         for key in ("epoch", "trajectory", "assistants", "members"):
             if getattr(cfg.student, key) not in (None, False, []):
                 errors.append(f"student.{key}: only the teacher section takes {key}")
+        _check_quant(cfg.student.quant, errors)
+        if cfg.student.init == "teacher" and cfg.teacher is None:
+            errors.append("student.init: 'teacher' copies the teacher's weights; add a teacher section")
+    if cfg.teacher is not None:
+        for key in ("quant", "init"):
+            if getattr(cfg.teacher, key) is not None:
+                errors.append(f"teacher.{key}: only the student section takes {key}")
     if cfg.teacher is not None:
         _check_teacher(cfg.teacher, errors)
     _check_values(cfg, errors)
     return cfg
+
+
+def _check_quant(quant: Any, errors: list[str]) -> None:
+    """student.quant must build a kdlab.quant.QuantSpec (bit widths, modes, layer patterns)."""
+    if quant is None:
+        return
+    from kdlab.quant.model import quant_spec
+
+    try:
+        quant_spec(quant)
+    except KdlabError as exc:
+        errors.append(str(exc))
 
 
 def _check_teacher(t: ModelConfig, errors: list[str]) -> None:

@@ -126,7 +126,7 @@ def test_integer_for_a_float_is_converted():
     ("method.alpha", "half", ["method.alpha: expected a number, got 'half'"]),
     ("data.num_samples", "many", ["data.num_samples: expected an integer, got 'many'"]),
     ("student.model", "resnet2", ["student.model: unknown model 'resnet2'; did you mean", "resnet20",
-                                  "known models: cnn1d"]),
+                                  "known models: bert_encoder, cnn1d"]),
     ("method.name", "kdd", ["method.name: unknown method 'kdd'; did you mean kd"]),
     ("data.dataset", "mnist1", ["data.dataset: unknown dataset 'mnist1'; did you mean", "mnist1d"]),
     ("student.num_classes", 10, ["student.num_classes: set by kdlab"]),

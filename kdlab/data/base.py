@@ -23,6 +23,7 @@ from kdlab.data.augment import AUGMENTATIONS, augment_batch
 from kdlab.data.sequence import SequenceArrays, SequenceInfo, check_sequence_arrays, split_sequences
 from kdlab.data.stats import channel_mean_std
 from kdlab.data.stratify import holdout_size, stratified_holdout
+from kdlab.data.text import TextInfo
 from kdlab.errors import KdlabError
 
 __all__ = ["AUGMENTATIONS", "DatasetArrays", "SequenceArrays", "SequenceInfo", "Splits", "augment_batch", "build_splits", "make_splits"]
@@ -38,6 +39,7 @@ class DatasetArrays:
 
     x_*: float32 (N, *input_shape), channel first, values in [0, 1];
     y_*: int64 (N,) class indices in [0, num_classes).
+    Text datasets set ``text``: x_* are then int64 token ids (N, L) in [0, vocab_size).
     """
 
     x_train: torch.Tensor
@@ -45,6 +47,7 @@ class DatasetArrays:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    text: TextInfo | None = None
 
 
 @dataclass
@@ -68,6 +71,9 @@ class Splits:
     # Set for sequence tasks (kdlab.data.sequence): inputs are token ids (N, L) and labels the
     # response targets (N, L), -100 elsewhere; num_classes is the vocabulary, input_shape (context,).
     sequence: "SequenceInfo | None" = None
+    # Set for text classification (kdlab.data.text): inputs are padded token ids (N, L), labels classes;
+    # mean/std are (0.0,)/(1.0,) (token ids are not normalised), input_shape (L,).
+    text: TextInfo | None = None
 
 
 def check_arrays(name: str, arrays: Any) -> None:
@@ -78,9 +84,12 @@ def check_arrays(name: str, arrays: Any) -> None:
     num_classes = arrays.num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise KdlabError(f"{where}: num_classes must be an integer >= 2, got {num_classes!r}; fix the dataset factory")
+    text = arrays.text
     for split in ("train", "test"):
         inputs, labels = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
-        if not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.float32 or inputs.dim() < 2:
+        if text is not None:
+            _check_token_ids(where, split, inputs, labels, text)
+        elif not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.float32 or inputs.dim() < 2:
             raise KdlabError(f"{where}: x_{split} must be a float32 tensor (N, C, ...), got {_describe(inputs)}; fix the dataset factory")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != inputs.shape[:1]:
             raise KdlabError(
@@ -88,7 +97,7 @@ def check_arrays(name: str, arrays: Any) -> None:
             )
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise KdlabError(f"{where}: y_{split} has labels outside [0, {num_classes}); fix the dataset factory")
-        if inputs.numel():
+        if inputs.numel() and text is None:
             low, high = torch.aminmax(inputs)
             if not (float(low) >= 0.0 and float(high) <= 1.0):  # also catches NaN
                 raise KdlabError(
@@ -101,6 +110,14 @@ def check_arrays(name: str, arrays: Any) -> None:
             f"{where}: train inputs have shape {tuple(arrays.x_train.shape[1:])} but test inputs "
             f"{tuple(arrays.x_test.shape[1:])}; fix the dataset factory"
         )
+
+
+def _check_token_ids(where: str, split: str, inputs: Any, labels: Any, text: TextInfo) -> None:
+    if not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.int64 or inputs.dim() != 2:
+        raise KdlabError(f"{where}: x_{split} must be an int64 tensor of token ids (N, L), got {_describe(inputs)}; "
+                         "fix the dataset factory")
+    if inputs.numel() and not (0 <= int(inputs.min()) and int(inputs.max()) < text.vocab_size):
+        raise KdlabError(f"{where}: x_{split} has token ids outside [0, {text.vocab_size}); fix the dataset factory")
 
 
 def _describe(value: Any) -> str:
@@ -134,7 +151,7 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
         kept, held = stratified_holdout(y_train, fraction=val_fraction, generator=generator)
         val = (x_train[held], y_train[held])
         x_train, y_train = x_train[kept], y_train[kept]
-    mean, std = channel_mean_std(x_train)
+    mean, std = ((0.0,), (1.0,)) if arrays.text is not None else channel_mean_std(x_train)
     return Splits(
         name=name,
         train=(x_train, y_train),
@@ -144,6 +161,7 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
         input_shape=tuple(x_train.shape[1:]),
         mean=mean,
         std=std,
+        text=arrays.text,
     )
 
 

@@ -1,6 +1,7 @@
 """Building models, methods and teachers from config sections (through the registry)."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from torch import nn
@@ -11,18 +12,28 @@ from kdlab.data import Splits
 from kdlab.engine.checkpoint import load_into, read_model_file
 from kdlab.errors import KdlabError
 from kdlab.methods.base import Method
+from kdlab.quant.model import quant_spec, quantize_model
 
 
-def model_spec(name: str, options: dict, splits: Splits) -> dict:
-    """The architecture record saved in a model file's metadata: enough to rebuild it."""
-    return {"model": name, "options": options, "num_classes": splits.num_classes,
+def model_spec(name: str, options: dict, splits: Splits, *, quant: dict | None = None) -> dict:
+    """The architecture record saved in a model file's metadata: enough to rebuild it (fake-quantized
+    layers included: ``quant`` is the student's ``QuantSpec`` mapping)."""
+    spec = {"model": name, "options": options, "num_classes": splits.num_classes,
             "input_shape": list(splits.input_shape), "dataset": splits.name}
+    if quant is not None:
+        spec["quant"] = quant
+    return spec
 
 
 def build_model(name: str, options: dict, splits: Splits) -> nn.Module:
     factory = registry.get("model", name)
+    extra = {}
+    if splits.text is not None:  # text encoders size their embeddings from the dataset's tokenizer (unless set)
+        accepted = inspect.signature(factory).parameters
+        extra = {key: value for key, value in (("vocab_size", splits.text.vocab_size), ("pad_token_id", splits.text.pad_id))
+                 if key in accepted and options.get(key) is None}
     return factory(input_shape=tuple(splits.input_shape), num_classes=splits.num_classes,
-                   mean=tuple(splits.mean), std=tuple(splits.std), **options)
+                   mean=tuple(splits.mean), std=tuple(splits.std), **{**options, **extra})
 
 
 def load_model_file(path: str | Path, splits: Splits, *, model: str | None = None, options: dict | None = None,
@@ -47,15 +58,37 @@ def load_model_file(path: str | Path, splits: Splits, *, model: str | None = Non
             raise KdlabError(f"{key}: {path} takes inputs of shape {tuple(spec['input_shape'])} but dataset "
                              f"{splits.name!r} gives {tuple(splits.input_shape)}")
     network = build_model(model, options or {}, splits)
+    quant = spec.get("quant") if spec is not None else None
+    if quant is not None:  # the file holds fake-quantized layers (weights, activation ranges or steps)
+        quantize_model(network, quant_spec(quant, key=key))
     load_into(network, tensors, source=str(path))
-    return network, model_spec(model, options or {}, splits)
+    return network, model_spec(model, options or {}, splits, quant=quant)
 
 
-def build_student(cfg: ModelConfig, splits: Splits) -> nn.Module:
+def build_student(cfg: ModelConfig, splits: Splits, teacher: nn.Module | None = None) -> nn.Module:
+    """The student: built or loaded, optionally started from the teacher's weights, then fake-quantized."""
     if cfg.checkpoint is not None:
-        return load_model_file(cfg.checkpoint, splits, model=cfg.model, options=cfg.options,
-                               key="student.checkpoint")[0]
-    return build_model(cfg.model, cfg.options, splits)
+        student = load_model_file(cfg.checkpoint, splits, model=cfg.model, options=cfg.options,
+                                  key="student.checkpoint")[0]
+    else:
+        student = build_model(cfg.model, cfg.options, splits)
+    if cfg.init == "teacher":
+        copy_teacher_weights(student, teacher)
+    if cfg.quant is not None:
+        quantize_model(student, quant_spec(cfg.quant))
+    return student
+
+
+def copy_teacher_weights(student: nn.Module, teacher: nn.Module | None) -> None:
+    """``student.init: teacher``: load the teacher's state into the (same-architecture) student."""
+    if teacher is None:
+        raise KdlabError("student.init: 'teacher' copies the teacher's weights; add a teacher section")
+    own, theirs = student.state_dict(), teacher.state_dict()
+    mismatched = sorted(set(own) ^ set(theirs)) + [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if mismatched:
+        raise KdlabError(f"student.init: the teacher's architecture differs from the student's (first difference: "
+                         f"{mismatched[0]}); give the student the teacher's model and options")
+    student.load_state_dict(theirs)
 
 
 def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | None,

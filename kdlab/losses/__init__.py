@@ -4,7 +4,7 @@ Logit and label losses: ``kdlab.losses.divergences``; more logit losses (skew
 KL, DKD, DIST, logit standardization, hinge, LogSum): ``kdlab.losses.logit``;
 feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
 """
-from kdlab.losses import divergences, features, logit  # noqa: F401  (registration)
+from kdlab.losses import attention, divergences, features, logit  # noqa: F401  (registration)
 from kdlab.losses.adversarial import (  # GAN losses for discriminators (not registered: not teacher/student losses)
     GAN_LOSSES,
     discriminator_accuracy,

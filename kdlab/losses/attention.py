@@ -20,11 +20,12 @@ float32 (float64 stays float64); masked-out entries are replaced by 0
 (``torch.where``) before any arithmetic, so NaN/inf there reaches neither the
 value nor the gradient; an all-padding batch gives 0, not NaN.
 
-These functions are not in the loss registry: the feature-loss registry
-contract (``tests/losses/test_features.py``) requires ``FEATURE_LOSSES`` in
-``kdlab.losses.features`` to list every registered ``"feature"`` loss, and the
-tests looping over that tuple feed student/teacher pairs with different channel
-counts, which none of these losses accept. ``ATTENTION_LOSSES`` names them.
+They are registered with ``loss_kind == "attention"`` (not ``"feature"``: they
+compare token-level tensors of equal shape under a padding mask, which the
+``distill`` method's feature terms do not pass); the ``qat_kd`` method calls
+them per mapped layer. ``ATTENTION_LOSSES`` names them. (The registered
+``attention_map`` is this one; ``kdlab.losses.attention_map`` stays the
+spatial attention map of attention transfer, Zagoruyko & Komodakis.)
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.losses.divergences import _compute_dtype
+from kdlab.registry import register
 
 ATTENTION_LOSSES = ("attention_map", "attention_output", "hidden_mse")
 
@@ -103,7 +105,9 @@ def _attention_log_probs(attn, valid, dtype, *, log_inputs: bool, eps: float) ->
     return torch.where(valid, log_p - log_norm, zero)
 
 
-def attention_map(student_attn, teacher_attn, *, mask=None, log_inputs: bool = False, eps: float = _DEFAULT_EPS):
+@register("loss", "attention_map")
+def attention_map(student_attn, teacher_attn, *, mask=None, log_inputs: bool = False, eps: float = _DEFAULT_EPS,
+                  reduction: str = "token"):
     """Attention-map KD: KL(teacher ‖ student) per attention row, mean over valid query rows and heads.
 
     Kim et al., EMNLP 2022 (attention-map loss, after TinyBERT/MiniLM): for one
@@ -113,8 +117,11 @@ def attention_map(student_attn, teacher_attn, *, mask=None, log_inputs: bool = F
         L = (1 / (H · #valid rows)) Σ_{b, h, q valid} Σ_{k valid} t_bhqk (log t_bhqk − log s_bhqk),
 
     i.e. the mean over the valid ``(b, q)`` query positions of the whole batch
-    (a token-level mean, not a mean of per-sequence means) and the heads.
-    Average over the mapped layers outside.
+    and the heads (``reduction="token"``). ``reduction="sequence"`` is the
+    official code's (``MarsJacobs/kd-qat-large-enc``, ``attnmap_distill``):
+    per (b, h) the mean over that sequence's valid rows, then the mean over
+    batch and heads; the two agree when every sequence has the same length.
+    Sum or average over the mapped layers outside.
 
     Padding: ``mask`` ``(B, L)`` (1 = real token; self-attention, so
     ``Lq == Lk == L``). Padded query rows contribute nothing and are not
@@ -158,6 +165,8 @@ def attention_map(student_attn, teacher_attn, *, mask=None, log_inputs: bool = F
         )
     if not isinstance(log_inputs, bool):
         raise KdlabError(f"loss {loss}: log_inputs must be True or False, got {log_inputs!r}")
+    if reduction not in ("token", "sequence"):
+        raise KdlabError(f"loss {loss}: reduction must be 'token' or 'sequence', got {reduction!r}")
     eps = _check_eps(loss, eps)
     batch, heads, len_q, len_k = student_attn.shape
     dtype = _compute_dtype(student_attn, teacher_attn)
@@ -177,6 +186,11 @@ def attention_map(student_attn, teacher_attn, *, mask=None, log_inputs: bool = F
         return per_row.mean()
     valid_rows = valid[:, None, :].expand(batch, heads, len_q)
     per_row = torch.where(valid_rows, per_row, torch.zeros((), dtype=dtype, device=per_row.device))
+    if reduction == "sequence":
+        lengths = valid.sum(dim=1)  # (B,)
+        per_sequence = per_row.sum(dim=-1) / lengths.clamp(min=1)[:, None]  # (B, H)
+        kept = lengths > 0  # an all-padding sequence has no rows to average
+        return per_sequence[kept].sum() / (kept.sum().clamp(min=1) * heads)
     count = valid_rows.sum().clamp(min=1)
     return per_row.sum() / count
 
@@ -208,6 +222,7 @@ def _masked_token_mse(loss: str, student, teacher, mask) -> torch.Tensor:
     return (s - t).square().sum() / count
 
 
+@register("loss", "attention_output")
 def attention_output(student_out, teacher_out, *, mask=None):
     """Attention-output KD: MSE between the attention blocks' outputs after residual + LayerNorm.
 
@@ -221,6 +236,7 @@ def attention_output(student_out, teacher_out, *, mask=None):
     return _masked_token_mse("attention_output", student_out, teacher_out, mask)
 
 
+@register("loss", "hidden_mse")
 def hidden_mse(student_hidden, teacher_hidden, *, mask=None):
     """Hidden-state KD (TernaryBERT baseline): MSE between transformer-layer outputs.
 
@@ -230,3 +246,7 @@ def hidden_mse(student_hidden, teacher_hidden, *, mask=None):
     ``attention_output``.
     """
     return _masked_token_mse("hidden_mse", student_hidden, teacher_hidden, mask)
+
+
+for _fn in (attention_map, attention_output, hidden_mse):
+    _fn.loss_kind = "attention"

@@ -10,3 +10,4 @@ from kdlab.methods.adapters import Adapter, make_adapter
 from kdlab.methods.base import Batch, Method, NoHparams, Outputs
 
 __all__ = ["Adapter", "Batch", "Method", "NoHparams", "Outputs", "make_adapter"]
+from kdlab.methods import qat_kd  # noqa: F401  (quantization-aware training of transformer encoders)

@@ -12,10 +12,11 @@ from kdlab.quant.export import (clear_exported, dequantized_forward, export, exp
                                 load_exported)
 from kdlab.quant.fake import (LSQActQuant, MinMaxActQuant, fake_quantize_weight, quantize_weight,
                               straight_through, ternary_params, uniform_fake_quant, weight_levels)
-from kdlab.quant.model import BERT_LINEARS, QuantLinear, QuantSpec, linear_names, quant_layers, quantize_model
+from kdlab.quant.model import (BERT_LINEARS, QuantLinear, QuantSpec, linear_names, quant_layers, quant_spec,
+                               quantize_model)
 
 __all__ = [
-    "QuantSpec", "QuantLinear", "quantize_model", "quant_layers", "linear_names", "BERT_LINEARS",
+    "QuantSpec", "QuantLinear", "quantize_model", "quant_layers", "quant_spec", "linear_names", "BERT_LINEARS",
     "export", "load_exported", "clear_exported", "dequantized_forward", "export_max_error",
     "fake_quantize_weight", "quantize_weight", "ternary_params", "uniform_fake_quant",
     "straight_through", "weight_levels", "MinMaxActQuant", "LSQActQuant",

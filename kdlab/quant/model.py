@@ -6,6 +6,7 @@ LayerNorm and every other module stay in full precision.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 
@@ -163,3 +164,18 @@ def quantize_model(model: nn.Module, spec: QuantSpec) -> list[str]:
 def quant_layers(model: nn.Module) -> dict[str, QuantLinear]:
     """Name → ``QuantLinear`` for every quantized layer of ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def quant_spec(options: dict, *, key: str = "student.quant") -> QuantSpec:
+    """A ``QuantSpec`` from a config mapping; errors name ``key`` (e.g. ``student.quant.weight_bits``)."""
+    if not isinstance(options, dict):
+        raise KdlabError(f"{key}: expected a mapping such as {{weight_bits: ternary, activation_bits: 8}}, "
+                         f"got {options!r}")
+    known = [f.name for f in dataclasses.fields(QuantSpec)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise KdlabError(f"{key}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(known)}")
+    try:
+        return QuantSpec(**options)
+    except KdlabError as exc:
+        raise KdlabError(str(exc).replace("quant.", f"{key}.")) from None

@@ -217,14 +217,14 @@ class Runner:
                 shutil.rmtree(run_dir / "checkpoints")
                 (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
             seed_everything(spec.seed)
-            student = build_student(cfg.student, splits)
+            student = build_student(cfg.student, splits, teacher=teacher)
             method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
                               train_size=len(splits.train[0]), sequence=splits.sequence)
             check_class_counts(student, teacher, splits)
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
 
-            spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits)
+            spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits, quant=cfg.student.quant)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 self.store.log_epoch(run_id, epoch, metrics)
@@ -304,7 +304,7 @@ class Runner:
         cfg = spec.config
         splits = self.splits(cfg)
         teacher = _untrained_network(cfg.teacher, splits) if cfg.teacher is not None else None
-        student = build_student(cfg.student, splits)
+        student = build_student(cfg.student, splits, teacher=teacher)
         check_class_counts(student, teacher, splits)
         method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
                               train_size=len(splits.train[0]), sequence=splits.sequence)

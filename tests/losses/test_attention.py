@@ -243,9 +243,40 @@ def test_gradcheck_token_mse_float64(fn):
     assert torch.autograd.gradcheck(lambda a, b: fn(a, b, mask=mask), (s, t), eps=1e-6, atol=1e-7)
 
 
-def test_not_in_the_loss_registry():
-    # Deliberately unregistered (see the module docstring): the feature-loss registry tests require
-    # kdlab.losses.features.FEATURE_LOSSES to list every registered "feature" loss.
-    for name in ATTENTION_LOSSES:
-        fn = registry.get("loss", name) if name in registry.names("loss") else None
-        assert fn not in (attention_map, attention_output, hidden_mse)
+def test_registered_as_attention_losses():
+    # Registered under loss_kind "attention" (not "feature": the feature-loss contract tests feed
+    # different-width pairs these losses refuse).
+    assert [registry.get("loss", n) for n in ATTENTION_LOSSES] == [attention_map, attention_output, hidden_mse]
+    assert all(registry.get("loss", n).loss_kind == "attention" for n in ATTENTION_LOSSES)
+
+
+def reference_sequence_reduction(s, t, mask):
+    """float64 loops, the official code's reduction: per (b, h) mean over valid rows, then mean over b, h."""
+    b_, h_, lq, lk = s.shape
+    per_bh = []
+    for b in range(b_):
+        rows = [q for q in range(lq) if mask[b, q]]
+        keys = [k for k in range(lk) if mask[b, k]]
+        for h in range(h_):
+            total = 0.0
+            for q in rows:
+                zs = sum(float(s[b, h, q, k]) for k in keys)
+                zt = sum(float(t[b, h, q, k]) for k in keys)
+                for k in keys:
+                    pt, ps = float(t[b, h, q, k]) / zt, float(s[b, h, q, k]) / zs
+                    total += pt * (math.log(pt) - math.log(ps))
+            per_bh.append(total / len(rows))
+    return sum(per_bh) / len(per_bh)
+
+
+def test_attention_map_sequence_reduction_matches_reference():
+    s, t = attn_probs(3, 2, 5, seed=11, mask=MASK), attn_probs(3, 2, 5, seed=12, mask=MASK)
+    seq = attention_map(s, t, mask=MASK, reduction="sequence").item()
+    assert seq == pytest.approx(reference_sequence_reduction(s, t, MASK), rel=1e-12)
+    # Unequal lengths: the two reductions weigh sequences differently.
+    assert seq != pytest.approx(attention_map(s, t, mask=MASK).item(), rel=1e-6)
+    full = torch.ones(3, 5, dtype=torch.long)  # equal lengths: they agree
+    assert attention_map(s, t, mask=full, reduction="sequence").item() == pytest.approx(
+        attention_map(s, t, mask=full).item(), rel=1e-12)
+    with pytest.raises(KdlabError, match="reduction"):
+        attention_map(s, t, reduction="batch")

@@ -43,8 +43,9 @@ def is_simple(annotation) -> bool:
 
 
 MODEL_NAMES = registry.names("model")
-# Token models (kdlab.seq) take int64 token ids and are tested in tests/seq; the image-contract tests skip them.
-TOKEN_MODELS = {"tinygpt", "hf_causal_lm"}
+# Token models (kdlab.seq; the text encoders) take int64 token ids and are tested in tests/seq and
+# tests/models/test_encoder.py; the image-contract tests skip them.
+TOKEN_MODELS = {"tinygpt", "hf_causal_lm", "bert_encoder", "minilm", "hf_encoder"}
 IMAGE_MODELS = [name for name in MODEL_NAMES if name not in TOKEN_MODELS]
 
 
