@@ -14,6 +14,7 @@
                [--set key.path=value ...] [--seeds 0,1]
     kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
     kdlab plot gkd-grid EXPERIMENT [--out DIR] [--metric test/acc]
+    kdlab plot qat EXPERIMENT [--out DIR] [--metric test/acc]
 """
 from __future__ import annotations
 
@@ -150,6 +151,14 @@ def cmd_plot(args) -> int:
 
     workspace = _workspace(args)
     out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
+    if args.what == "qat":
+        from kdlab.study.qat_table import plot_qat_table, qat_table, render_qat_table
+
+        qat = qat_table(Store(workspace), args.experiment, metric=args.metric)
+        print(render_qat_table(qat, fmt="markdown"), end="")
+        for path in plot_qat_table(qat, out):
+            print(path)
+        return 0
     if args.what == "gkd-grid":
         from kdlab.study.gkd_grid import gkd_grid, plot_gkd_grid, render_gkd_grid
 
@@ -391,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(func=cmd_analyze)
 
     plot = sub.add_parser("plot", help="figures of a study (capacity-gap: heatmap and accuracy vs teacher size; "
-                                       "gkd-grid: λ × divergence heatmap and table)")
-    plot.add_argument("what", choices=["capacity-gap", "gkd-grid"], help="which figure")
+                                       "gkd-grid: λ × divergence heatmap and table; qat: precision × signals table and bars)")
+    plot.add_argument("what", choices=["capacity-gap", "gkd-grid", "qat"], help="which figure")
     plot.add_argument("experiment", help="experiment name")
     plot.add_argument("--out", help="folder for the PNG and SVG files (default: <workspace>/plots/<experiment>)")
     plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")

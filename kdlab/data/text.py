@@ -119,7 +119,12 @@ class WordPiece:
         except OSError as error:
             raise KdlabError(f"{path}: cannot read the vocabulary ({error.strerror}); pass a BERT vocab.txt") from None
         tokens = raw.decode("utf-8").splitlines()
-        self.vocab = {token: index for index, token in enumerate(tokens)}
+        self.vocab = {}
+        for index, token in enumerate(tokens):
+            if token in self.vocab:  # ids are line numbers: a repeat would leave ids >= the vocabulary size
+                raise KdlabError(f"{path}: token {token!r} appears on lines {self.vocab[token] + 1} and {index + 1}; "
+                                 "a vocab.txt lists each token once")
+            self.vocab[token] = index
         missing = [s for s in _SPECIALS if s not in self.vocab]
         if missing:
             raise KdlabError(f"{path}: vocabulary lacks {', '.join(missing)}; pass a BERT vocab.txt")

@@ -9,7 +9,7 @@ Usage::
     assert export_max_error(model, inputs) <= 1e-6   # the integers reproduce fake-quant outputs
 """
 from kdlab.quant.export import (clear_exported, dequantized_forward, export, export_max_error,
-                                load_exported)
+                                load_exported, read_export, save_export)
 from kdlab.quant.fake import (LSQActQuant, MinMaxActQuant, fake_quantize_weight, quantize_weight,
                               straight_through, ternary_params, uniform_fake_quant, weight_levels)
 from kdlab.quant.model import (BERT_LINEARS, QuantLinear, QuantSpec, linear_names, quant_layers, quant_spec,
@@ -17,7 +17,7 @@ from kdlab.quant.model import (BERT_LINEARS, QuantLinear, QuantSpec, linear_name
 
 __all__ = [
     "QuantSpec", "QuantLinear", "quantize_model", "quant_layers", "quant_spec", "linear_names", "BERT_LINEARS",
-    "export", "load_exported", "clear_exported", "dequantized_forward", "export_max_error",
+    "export", "load_exported", "save_export", "read_export", "clear_exported", "dequantized_forward", "export_max_error",
     "fake_quantize_weight", "quantize_weight", "ternary_params", "uniform_fake_quant",
     "straight_through", "weight_levels", "MinMaxActQuant", "LSQActQuant",
 ]

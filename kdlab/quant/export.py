@@ -113,3 +113,48 @@ def export_max_error(model: nn.Module, *args, **kwargs) -> float:
     finally:
         model.train(was_training)
     return float((reference - rebuilt).abs().max())
+
+
+def save_export(path, exported: dict) -> None:
+    """Write an ``export`` dict as safetensors (no pickle): ``<layer>.weight_int`` (int8 levels),
+    ``<layer>.scale``, ``<layer>.bias``, ``<layer>.act.<key>``; bit widths in the JSON metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for name, entry in exported["layers"].items():
+        tensors[f"{name}.weight_int"] = entry["weight_int"].contiguous()
+        tensors[f"{name}.scale"] = entry["scale"].contiguous()
+        if entry["bias"] is not None:
+            tensors[f"{name}.bias"] = entry["bias"].contiguous()
+        for key, value in (entry["act_quant"] or {}).items():
+            tensors[f"{name}.act.{key}"] = value.contiguous()
+        meta[name] = {"weight_bits": entry["weight_bits"], "per_channel": entry["per_channel"],
+                      "act_quant": entry["act_quant"] is not None}
+    save_file(tensors, str(path), metadata={"format": FORMAT, "layers": json.dumps(meta)})
+
+
+def read_export(path) -> dict:
+    """The ``export`` dict written by ``save_export`` (safetensors; a file of another format is refused)."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise KdlabError(f"{path}: not a {FORMAT} export; write it with kdlab.quant.save_export")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (OSError, RuntimeError, ValueError) as error:
+        raise KdlabError(f"{path}: cannot read the quantized export ({error})") from None
+    layers = {}
+    for name, info in json.loads(meta["layers"]).items():
+        prefix = f"{name}.act."
+        layers[name] = {"weight_int": tensors[f"{name}.weight_int"], "scale": tensors[f"{name}.scale"],
+                        "bias": tensors.get(f"{name}.bias"), "weight_bits": info["weight_bits"],
+                        "per_channel": info["per_channel"],
+                        "act_quant": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                        if info["act_quant"] else None}
+    return {"format": FORMAT, "layers": layers}

@@ -83,6 +83,26 @@ def _trim_metrics_after_checkpoint(run_dir: Path) -> None:
         atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
 
 
+QUANT_EXPORT_FILE = "quantized.safetensors"
+
+
+def _export_quantized(student, splits: Splits, run_dir: Path) -> dict[str, float]:
+    """Write the quantized student's integer weights + scales and check they reproduce its outputs."""
+    from kdlab.quant import export, read_export, save_export
+    from kdlab.quant.export import dequantized_forward
+
+    save_export(run_dir / QUANT_EXPORT_FILE, export(student))
+    device = next(student.parameters()).device
+    inputs = splits.test[0][:64].to(device)
+    was = student.training
+    student.eval()
+    with torch.no_grad():
+        reference = student(inputs)
+        rebuilt = dequantized_forward(student, read_export(run_dir / QUANT_EXPORT_FILE), inputs)
+    student.train(was)
+    return {"quant/export_max_error": float((reference - rebuilt).abs().max())}
+
+
 def _untrained_network(t: ModelConfig, splits: Splits):
     """The teacher section's network shape without training anything (files are loaded and checked)."""
     from kdlab.engine.build import build_model
@@ -242,6 +262,8 @@ class Runner:
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
             save_model(run_dir / MODEL_FILE, student, spec_of_model)
+            if cfg.student.quant is not None:
+                final.update(_export_quantized(student, splits, run_dir))
             if cfg.robust is not None:  # on the test split, after training; the settings are kept with the numbers
                 from kdlab.engine.optim import resolve_device
                 from kdlab.study.robust_eval import REPORT_FILE, robust_report

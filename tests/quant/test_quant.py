@@ -314,3 +314,38 @@ def test_training_through_quantized_model_lowers_loss(spec):
     assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
     if spec.activation_mode == "lsq":
         assert q.act_quant.step.grad is not None
+
+
+# ---------------------------------------------------------------- the kdlab and Hugging Face BERT encoders
+def _bert_linears(prefix, layers):
+    return [f"{prefix}encoder.layer.{i}.{name}" for i in range(layers)
+            for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                         "attention.output.dense", "intermediate.dense", "output.dense")]
+
+
+def test_quantize_bert_encoder_then_export_reproduces_it():
+    from kdlab.models.encoder import BertEncoderClassifier
+
+    torch.manual_seed(0)
+    model = BertEncoderClassifier(vocab_size=30, num_classes=3, hidden=8, layers=2, heads=2, dropout=0.0)
+    swapped = quantize_model(model, QuantSpec(weight_bits=4, per_channel=True, activation_bits=8))
+    assert swapped == _bert_linears("", 2)
+    assert type(model.classifier) is nn.Linear and type(model.embeddings.word_embeddings) is nn.Embedding
+    ids = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 8, 9, 3]])
+    model.train()
+    model(ids)  # calibrate the activation ranges
+    assert export_max_error(model, ids) <= 1e-5
+
+
+def test_quantize_hf_encoder_swaps_the_same_layers():
+    pytest.importorskip("transformers")
+    from kdlab.models.hf_encoder import hf_encoder
+
+    model = hf_encoder(input_shape=(6,), num_classes=3, config=dict(
+        vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+        max_position_embeddings=16))
+    swapped = quantize_model(model, QuantSpec(weight_bits="ternary"))
+    assert swapped == _bert_linears("backbone.", 2)
+    assert type(model.classifier) is nn.Linear
+    out = model(torch.tensor([[2, 5, 6, 3, 0, 0]]))
+    assert out.shape == (1, 3) and torch.isfinite(out).all()

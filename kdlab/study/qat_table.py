@@ -1,0 +1,138 @@
+"""The QAT distillation table of a study: weight precision × distillation signals (Kim et al. 2022).
+
+Reads only the store. Each finished run with a quantized student (``student.quant``)
+sits in the row (weight bits, signals) of its resolved config; signals name the
+``qat_kd`` terms with a nonzero weight (``logits``, ``ce``, ``hidden``, ``map``,
+``output``). Columns: the metric as mean ± 95% t-interval over seeds, the gap to
+the full-precision teacher (teacher − student, the teacher being one run), and the
+paired difference (same seeds) against the baseline row (TernaryBERT's
+logits + hidden at the same precision, when present).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdlab.errors import KdlabError
+from kdlab.store import Store
+from kdlab.study.stats import MeanCI, PairedDifference, format_mean_ci, mean_ci, paired_difference
+
+_SIGNALS = (("logit_weight", "logits", 1.0), ("ce_weight", "ce", 0.0), ("hidden_weight", "hidden", 0.0),
+            ("map_weight", "map", 0.0), ("output_weight", "output", 0.0))
+BASELINE_SIGNALS = "logits+hidden"  # TernaryBERT's recipe
+_BITS_ORDER = {"ternary": 0, 2: 1, 4: 2, 8: 3}
+
+
+@dataclass(frozen=True)
+class QatRow:
+    bits: str
+    signals: str
+    summary: MeanCI
+    gap: MeanCI | None  # teacher − student
+    versus_baseline: PairedDifference | None
+
+
+@dataclass(frozen=True)
+class QatTable:
+    metric: str
+    rows: list[QatRow]
+    teacher: MeanCI | None
+
+
+def signals_of(method: dict) -> str:
+    if method.get("name") != "qat_kd":
+        return method.get("name", "?")
+    used = [label for key, label, default in _SIGNALS if float(method.get(key, default)) > 0]
+    return "+".join(used) or "none"
+
+
+def qat_table(store: Store, experiment: str, *, metric: str = "test/acc") -> QatTable:
+    runs = [r for r in store.runs(experiment=experiment, status="finished")
+            if r.config.get("student", {}).get("quant") and metric in r.final]
+    if not runs:
+        raise KdlabError(f"experiment {experiment!r} has no finished runs with a quantized student (student.quant) "
+                         f"and {metric!r}; run it first (kdlab run CONFIG)")
+    from kdlab.study.capacity import _TeacherFinder
+
+    finder, teacher_values, seen = _TeacherFinder(store), [], set()
+    for run in runs:
+        section = run.config.get("teacher")
+        found = finder.find(section, run.config.get("data", {})) if isinstance(section, dict) else None
+        if found is not None and found.run_id not in seen and metric in found.final:
+            seen.add(found.run_id)
+            teacher_values.append(found.final[metric])
+    teacher = mean_ci(teacher_values) if teacher_values else None
+    by_row: dict[tuple[str, str], dict[int, float]] = {}
+    for run in runs:
+        bits = str(run.config["student"]["quant"].get("weight_bits", "ternary"))
+        by_row.setdefault((bits, signals_of(run.config.get("method", {}))), {})[run.seed] = run.final[metric]
+    order = sorted(by_row, key=lambda k: (_BITS_ORDER.get(int(k[0]) if k[0].isdigit() else k[0], 9),
+                                          k[1].count("+"), k[1]))
+    rows = []
+    for bits, signals in order:
+        values = by_row[(bits, signals)]
+        baseline = by_row.get((bits, BASELINE_SIGNALS))
+        versus = None
+        if baseline is not None and signals != BASELINE_SIGNALS:
+            seeds = sorted(set(values) & set(baseline))
+            if len(seeds) >= 2:
+                versus = paired_difference([values[s] for s in seeds], [baseline[s] for s in seeds])
+        gap = mean_ci([teacher.mean - v for v in values.values()]) if teacher is not None else None
+        rows.append(QatRow(bits, signals, mean_ci(list(values.values())), gap, versus))
+    return QatTable(metric, rows, teacher)
+
+
+def render_qat_table(table: QatTable, *, fmt: str = "text", digits: int = 3) -> str:
+    headers = ["weights", "distillation signals", "n", table.metric, "gap to teacher",
+               f"vs {BASELINE_SIGNALS} (paired)", "p"]
+    rows = []
+    for row in table.rows:
+        versus = row.versus_baseline
+        rows.append([row.bits, row.signals, str(row.summary.n), format_mean_ci(row.summary, digits=digits),
+                     format_mean_ci(row.gap, digits=digits) if row.gap is not None else "-",
+                     f"{versus.mean:+.{digits}f} ± {versus.half_width:.{digits}f}" if versus is not None else "-",
+                     f"{versus.p_value:.3f}" if versus is not None else "-"])
+    if table.teacher is not None:
+        rows.append(["fp32", "teacher", str(table.teacher.n), format_mean_ci(table.teacher, digits=digits), "", "", ""])
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    title = f"{table.metric}: mean ± 95% CI over seeds; gap = teacher − student"
+    return "\n".join([title] + lines) + "\n"
+
+
+def plot_qat_table(table: QatTable, out_dir: str | Path) -> list[Path]:
+    """Bars of the metric per (weights, signals) with 95% CI whiskers and the teacher as a line (PNG + SVG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = [f"{r.bits}\n{r.signals.replace('+', '+ ')}" for r in table.rows]
+    means = [r.summary.mean for r in table.rows]
+    errors = [0.0 if r.summary.half_width != r.summary.half_width else r.summary.half_width for r in table.rows]
+    figure = Figure(figsize=(max(6.0, 1.1 * len(labels)), 4.0))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    axes.bar(range(len(labels)), means, yerr=errors, capsize=3, color="#4c72b0")
+    if table.teacher is not None:
+        axes.axhline(table.teacher.mean, color="#c44e52", linestyle="--", label="full-precision teacher")
+        axes.legend(loc="lower right")
+    axes.set_xticks(range(len(labels)))
+    axes.set_xticklabels(labels, fontsize=7)
+    axes.set_ylabel(table.metric)
+    low = min(m - e for m, e in zip(means, errors))
+    top = max([m + e for m, e in zip(means, errors)] + ([table.teacher.mean] if table.teacher else []))
+    axes.set_ylim(max(0.0, low - 0.05), min(1.0, top + 0.03) if top <= 1 else top * 1.05)
+    axes.set_title("QAT distillation: accuracy by weight precision and signals")
+    figure.tight_layout()
+    paths = []
+    for suffix in ("png", "svg"):
+        path = out / f"qat.{suffix}"
+        figure.savefig(path, dpi=120)
+        paths.append(path)
+    return paths
