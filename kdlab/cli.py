@@ -15,6 +15,7 @@
     kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
     kdlab plot gkd-grid EXPERIMENT [--out DIR] [--metric test/acc]
     kdlab plot qat EXPERIMENT [--out DIR] [--metric test/acc]
+    kdlab report [EXPERIMENT ...] [--out report.html] [--baseline LABEL] [--metrics a,b] [--no-eval]
 """
 from __future__ import annotations
 
@@ -323,6 +324,23 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """One self-contained HTML report (and its Markdown twin) of the named experiments."""
+    from kdlab.store import Store
+    from kdlab.study.compare import DEFAULT_METRICS
+    from kdlab.study.report import write_report
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else DEFAULT_METRICS
+    result = write_report(Store(_workspace(args)), args.experiments, args.out, baseline=args.baseline,
+                          metrics=metrics, evaluate=args.eval)
+    print(f"report: {result.html}")
+    print(f"markdown: {result.markdown}")
+    print(f"figures: {len(result.figures)} files in {result.html.with_name(result.html.stem + '_files')}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit and laboratory.")
     parser.add_argument("--workspace", help=f"results folder (default $KDLAB_WORKSPACE or ./{DEFAULT_WORKSPACE})")
@@ -407,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")
     plot.add_argument("--method", help="method block to plot (default kd when present, else the first)")
     plot.set_defaults(func=cmd_plot)
+
+    rep = sub.add_parser("report", help="one self-contained HTML report (plus Markdown and PNG/SVG figures) of "
+                                        "experiments: config diff, results with CIs, curves, reliability, study plots")
+    rep.add_argument("experiments", nargs="*", help="experiment names (default: every experiment with student runs)")
+    rep.add_argument("--out", default="report.html", help="HTML file (default report.html); report.md and the "
+                                                          "report_files/ folder go beside it")
+    rep.add_argument("--baseline", help="configuration label for the paired comparison (default: the scratch "
+                                        "configuration, else the first)")
+    rep.add_argument("--metrics", help="comma-separated metric keys (default test/acc,test/nll,test/ece,test/agreement)")
+    rep.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                     help="evaluate the saved models for reliability diagrams and the deviation scatter (default on)")
+    rep.set_defaults(func=cmd_report)
 
     tn = sub.add_parser("tune", help="hyperparameter search over a config's tune: space with Optuna "
                                      "(pip install 'kdlab[tune]'); resumable, the study kept in the results database")

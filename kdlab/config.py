@@ -170,6 +170,23 @@ class RobustConfig:
 
 
 @dataclass
+class MlflowConfig:
+    """An MLflow tracking destination (extra ``mlflow``)."""
+
+    uri: Optional[str] = None  # tracking URI; null: a local file store, <workspace>/mlruns
+    experiment: Optional[str] = None  # MLflow experiment name; null: the kdlab experiment's name
+
+
+@dataclass
+class TrackingConfig:
+    """Where per-epoch and final metrics are also sent (``kdlab.study.tracking``). Never changes results,
+    so it is not part of a run's identity: left out of the resolved config and so of run ids."""
+
+    tensorboard: bool = False  # event files in <run folder>/tensorboard (extra ``tensorboard``)
+    mlflow: Union[bool, MlflowConfig] = False  # true or {uri: ..., experiment: ...}: log to MLflow
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: data, teacher, student, method, training, seeds and an optional grid."""
 
@@ -182,6 +199,7 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     grid: dict[str, Any] = field(default_factory=dict)  # key.path -> [values] or {name: value}; product × seeds
     robust: Optional[RobustConfig] = field(default=None, metadata=OMIT_DEFAULT)  # null: no robust evaluation
+    tracking: Optional[TrackingConfig] = field(default=None, metadata=OMIT_DEFAULT)  # null: store only
 
 
 # Sections whose ``options`` are the keyword arguments of a registry entry.
@@ -483,6 +501,7 @@ class RunSpec:
         out = to_dict(self.config)
         out.pop("grid")
         out.pop("seeds")
+        out.pop("tracking", None)  # where metrics are also sent: neither identity nor results of the run
         out["seed"] = self.seed
         return out
 

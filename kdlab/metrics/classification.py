@@ -123,6 +123,27 @@ def ece(logits, labels, *, n_bins=15) -> float:
     return (gap_per_bin.abs().sum() / logits.shape[0]).item()
 
 
+def reliability_bins(logits, labels, *, n_bins=15) -> dict[str, torch.Tensor]:
+    """Per-bin count, accuracy and mean top-1 confidence: the points of a reliability diagram.
+
+    Same bins as :func:`ece` (Guo et al. 2017, §2: B_m = ((m−1)/M, m/M]), so
+    ``Σ_m count_m·|accuracy_m − confidence_m| / N`` is the ECE. Empty bins
+    have count 0 and NaN accuracy and confidence. Returns float64 tensors of
+    shape (n_bins,) under ``count``, ``accuracy``, ``confidence``.
+    """
+    logits = _logits("logits", logits)
+    labels = _labels(labels, logits)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
+        raise KdlabError(f"reliability_bins n_bins: must be an integer >= 1, got {n_bins!r}")
+    confidence, prediction = torch.softmax(logits.double(), dim=-1).max(dim=-1)
+    correct = (prediction == labels).double()
+    bins = _ece_bin_index(confidence, n_bins)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins.cpu(), torch.ones_like(correct).cpu())
+    hits = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins.cpu(), correct.cpu())
+    confidence_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins.cpu(), confidence.cpu())
+    return {"count": count, "accuracy": hits / count, "confidence": confidence_sum / count}
+
+
 @register("metric", "brier")
 def brier(logits, labels) -> float:
     """Multi-class Brier score: (1/N)·Σ_i Σ_c (p_ic − onehot(y_i)_c)², in [0, 2].

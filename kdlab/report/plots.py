@@ -285,3 +285,136 @@ def capacity_lines(teacher_params: Sequence[float], series: Mapping[str, tuple[S
     if title:
         ax.set_title(title, fontsize=10)
     return _save_png_and_svg(figure, path)
+
+
+def _new_figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, constrained_layout=True)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def learning_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
+                    path: str | Path, *, title: str | None = None, columns: int = 3) -> tuple[Path, Path]:
+    """Write one panel per logged key (a loss term, val/acc, ...): value against epoch, one line per config.
+
+    ``panels[key][config] = (epochs, means, half_widths)``: the mean over seeds
+    at each epoch and its CI half width (NaN: no band), drawn as a shaded band.
+    Writes ``path`` with suffixes ``.png`` and ``.svg``; returns both paths.
+    """
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    keys = list(panels)
+    if not keys:
+        raise ValueError("learning_curves: nothing to plot")
+    columns = max(1, min(columns, len(keys)))
+    rows = math.ceil(len(keys) / columns)
+    figure = _new_figure(4.2 * columns, 3.0 * rows + 0.4)
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    configs = list(dict.fromkeys(c for key in keys for c in panels[key]))
+    colours = {c: f"C{i % 10}" for i, c in enumerate(configs)}
+    for ax, key in zip(axes, keys):
+        for config, (epochs, means, half) in panels[key].items():
+            x, m, h = (np.asarray(v, dtype=float) for v in (epochs, means, half))
+            ax.plot(x, m, marker="o", markersize=3, linewidth=1.3, color=colours[config], label=config)
+            band = np.isfinite(h)
+            if band.any():
+                ax.fill_between(x[band], (m - h)[band], (m + h)[band], color=colours[config], alpha=0.15,
+                                linewidth=0)
+        ax.set_title(key, fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)), fontsize=7)
+    caption = "mean over seeds, band: 95% CI"
+    figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
+    return _save_png_and_svg(figure, path)
+
+
+def reliability_diagram(curves: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                        path: str | Path, *, title: str | None = None) -> tuple[Path, Path]:
+    """Write a reliability diagram: accuracy against mean confidence per bin, one line per model.
+
+    ``curves[name] = (confidence, accuracy, count)`` per bin (bins with count 0
+    are skipped; marker area grows with the count), e.g. from
+    :func:`kdlab.metrics.classification.reliability_bins`; the diagonal is
+    perfect calibration. Writes ``.png`` and ``.svg``; returns both paths.
+    """
+    import numpy as np
+
+    if not curves:
+        raise ValueError("reliability_diagram: nothing to plot")
+    figure = _new_figure(5.5, 5.0)
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="black", linewidth=1.0, label="perfect calibration")
+    for i, (name, (confidence, accuracy, count)) in enumerate(curves.items()):
+        conf, acc, n = (np.asarray(v, dtype=float) for v in (confidence, accuracy, count))
+        keep = n > 0
+        sizes = 12 + 120 * n[keep] / max(n[keep].max(), 1.0) if keep.any() else []
+        colour = f"C{i % 10}"
+        ax.plot(conf[keep], acc[keep], color=colour, linewidth=1.2, label=name)
+        ax.scatter(conf[keep], acc[keep], s=sizes, color=colour, alpha=0.7, linewidths=0)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal", adjustable="box")
+    ax.grid(True, linewidth=0.3, alpha=0.5)
+    ax.set_xlabel("mean top-1 confidence in bin")
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(fontsize=7, loc="lower right")
+    caption = "equal-width confidence bins; marker area ∝ samples in bin"
+    ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=9)
+    return _save_png_and_svg(figure, path)
+
+
+def metric_curves(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]], path: str | Path,
+                  *, xlabel: str, ylabel: str, title: str | None = None) -> tuple[Path, Path]:
+    """Write lines of a metric against a swept value (robust accuracy against ε), one per config.
+
+    ``series[config] = (xs, means, half_widths)`` (NaN half width: no error
+    bar). Writes ``.png`` and ``.svg``; returns both paths.
+    """
+    if not series:
+        raise ValueError("metric_curves: nothing to plot")
+    figure = _new_figure(6.5, 4.5)
+    ax = figure.subplots()
+    for i, (config, (xs, means, half)) in enumerate(series.items()):
+        ax.errorbar([float(x) for x in xs], [float(m) for m in means],
+                    yerr=[float(h) if math.isfinite(float(h)) else 0.0 for h in half], marker="o", capsize=3,
+                    linewidth=1.3, color=f"C{i % 10}", label=config)
+    ax.grid(True, linewidth=0.3, alpha=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save_png_and_svg(figure, path)
+
+
+def tradeoff_scatter(points: Mapping[str, tuple[float, float, float, float]], path: str | Path, *, xlabel: str,
+                     ylabel: str, title: str | None = None) -> tuple[Path, Path]:
+    """Write a scatter of two metrics per config with CI error bars on both (accuracy–robustness trade-off).
+
+    ``points[config] = (x_mean, x_half_width, y_mean, y_half_width)``.
+    Writes ``.png`` and ``.svg``; returns both paths.
+    """
+    if not points:
+        raise ValueError("tradeoff_scatter: nothing to plot")
+    figure = _new_figure(6.5, 4.8)
+    ax = figure.subplots()
+    for i, (config, (x, xh, y, yh)) in enumerate(points.items()):
+        ax.errorbar([x], [y], xerr=[xh if math.isfinite(xh) else 0.0], yerr=[yh if math.isfinite(yh) else 0.0],
+                    marker="o", capsize=3, linestyle="none", color=f"C{i % 10}", label=config)
+    ax.grid(True, linewidth=0.3, alpha=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    caption = "mean ± 95% CI over seeds; up and right is better"
+    ax.set_title(f"{title}\n{caption}" if title else caption, fontsize=9)
+    return _save_png_and_svg(figure, path)

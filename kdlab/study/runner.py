@@ -36,6 +36,7 @@ from kdlab.engine.seed import seed_everything
 from kdlab.errors import KdlabError
 from kdlab.models import parameter_count, tap_shapes
 from kdlab.store import Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from kdlab.study.tracking import Sinks, check_available, open_sinks
 
 TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
@@ -227,6 +228,7 @@ class Runner:
         if previous == "failed_kept":  # failed meanwhile (another process of this study): not retried now
             return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
+        sinks = Sinks([])  # replaced by the configured ones once the run folder exists
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
@@ -246,9 +248,13 @@ class Runner:
 
             spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits, quant=cfg.student.quant)
 
+            sinks = open_sinks(cfg.tracking, run_dir=run_dir, workspace=self.workspace, run_id=run_id,
+                               experiment=experiment, label=spec.label, config=spec.resolved(), out=self.out)
+
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 self.store.log_epoch(run_id, epoch, metrics)
                 append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, **metrics})
+                sinks.log_epoch(epoch, metrics)  # after the store: a sink sees only recorded metrics
                 if epoch in cfg.train.keep_epochs:  # saved before this epoch's checkpoint, so never lost on resume
                     save_model(run_dir / kept_model_file(epoch), student, spec_of_model)
 
@@ -275,10 +281,14 @@ class Runner:
                     self.out(f"  robust warning {run_id}: {line}")
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
+            sinks.log_final(final, step=max(self.store.epoch_metrics(run_id), default=0))
+            sinks.close("finished")
         except KeyboardInterrupt:
             self.store.interrupt(run_id)
+            sinks.close("interrupted")
             raise
         except BaseException as exc:
+            sinks.close("failed")
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
             raise
@@ -312,6 +322,7 @@ class Runner:
         shapes raise ``KdlabError`` here, before any run is claimed."""
         checked: set[str] = set()
         for spec in specs:
+            check_available(spec.config.tracking)
             key = _architecture_key(spec)
             if key not in checked:
                 checked.add(key)

@@ -206,3 +206,27 @@ def test_bad_inputs_raise_kdlab_error():
         nll(logits[:0], labels[:0])
     with pytest.raises(KdlabError, match="shape"):
         agreement(logits, logits[:, :2])
+
+
+def test_reliability_bins_hand_worked_and_consistent_with_ece():
+    from kdlab.metrics.classification import reliability_bins
+
+    # The four samples of test_ece_hand_worked_with_a_boundary_confidence, n_bins = 4:
+    # [0, .25]: empty; (.25, .5]: {A} acc 1 conf .5; (.5, .75]: {C, D} acc .5 conf .66; (.75, 1]: {B} acc 1 conf 1.
+    logits = torch.tensor(
+        [[0.0, 0.0], [200.0, 0.0], [math.log(0.6), math.log(0.4)], [math.log(0.28), math.log(0.72)]],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([0, 0, 1, 1])
+    bins = reliability_bins(logits, labels, n_bins=4)
+    assert bins["count"].tolist() == [0.0, 1.0, 2.0, 1.0]
+    assert math.isnan(bins["accuracy"][0]) and math.isnan(bins["confidence"][0])
+    assert bins["accuracy"][1:].tolist() == pytest.approx([1.0, 0.5, 1.0], abs=1e-12)
+    assert bins["confidence"][1:].tolist() == pytest.approx([0.5, 0.66, 1.0], abs=1e-12)
+    logits, labels = random_logits(300, 5, seed=3)
+    bins = reliability_bins(logits, labels, n_bins=10)
+    seen = bins["count"] > 0
+    gap = (bins["count"][seen] * (bins["accuracy"][seen] - bins["confidence"][seen]).abs()).sum() / 300
+    assert gap.item() == pytest.approx(ece(logits, labels, n_bins=10), abs=1e-12)
+    with pytest.raises(KdlabError, match="n_bins"):
+        reliability_bins(logits, labels, n_bins=0)
