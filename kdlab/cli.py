@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -42,12 +44,37 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
+    from kdlab.engine import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _run_study(args)
+    if args.workers > 1 or getattr(args, "executor", "local") != "local":
+        raise KdlabError("--workers/--executor do not combine with torchrun: under torchrun the runs of a study "
+                         "go one after another, each data-parallel over every process; drop the flag")
+    if args.dry_run:
+        raise KdlabError("--dry-run needs no torchrun; run it as plain `kdlab run --dry-run`")
+    ctx = distributed.init_from_environment()
+    try:
+        # Rank 0 creates the workspace and its database before the others open them (read only).
+        if not ctx.is_main:
+            with contextlib.redirect_stdout(io.StringIO()):  # rank 0 alone prints
+                return _run_study(args, before_open=lambda: distributed.barrier(ctx))
+        return _run_study(args, after_open=lambda: distributed.barrier(ctx))
+    finally:
+        distributed.shutdown()
+
+
+def _run_study(args, before_open=None, after_open=None) -> int:
     from kdlab.config import load_experiment
     from kdlab.study.compare import compare_table, render_table
     from kdlab.study.runner import Runner
 
     base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None)
+    if before_open is not None:
+        before_open()
     runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet, retry_failed=args.retry_failed)
+    if after_open is not None:
+        after_open()
     if args.dry_run:
         print(f"experiment {base.name}: {len(specs)} runs (grid × seeds); nothing is trained in a dry run")
         for line in runner.dry_run(specs):
