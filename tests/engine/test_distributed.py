@@ -118,3 +118,28 @@ def test_unreachable_rendezvous_is_a_clear_error_not_a_hang(tmp_path):
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 30
     assert not (tmp_path / "ws" / "kdlab.db").exists()  # nothing written before the group formed
+
+
+@pytest.mark.integration
+def test_torchrun_cli_runs_a_study_and_only_rank_0_writes(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: ddp\ndata: {dataset: synthetic, num_train: 300, num_test: 60}\n"
+                      "teacher: {model: mlp, width: 16, train: {epochs: 1, batch_size: 32, device: cpu}}\n"
+                      "student: {model: mlp, width: 8}\nmethod: {name: kd, temperature: 3.0}\n"
+                      "train: {epochs: 2, batch_size: 32, device: cpu}\nseeds: [0]\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(_free_port()), "-m", "kdlab"]
+    ddp = subprocess.run(base + ["--workspace", str(tmp_path / "ddp"), "run", str(config)], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    assert ddp.stdout.count("ran 1, skipped 0") == 1  # one report, from rank 0
+    from kdlab.store import Store
+
+    records = Store(tmp_path / "ddp").runs()
+    assert sorted((r.role, r.status) for r in records) == [("student", "finished"), ("teacher", "finished")]
+    run_id = next(r.run_id for r in records if r.role == "student")
+    assert (tmp_path / "ddp" / "runs" / run_id / "model.safetensors").is_file()
+    logged = [json.loads(line)["epoch"] for line in
+              (tmp_path / "ddp" / "runs" / run_id / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2]  # one line per epoch: a second writer would have doubled them
