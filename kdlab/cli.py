@@ -1,7 +1,8 @@
 """The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
 
     kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
-              [--workers N] [--retry-failed]
+              [--workers N] [--retry-failed] [--executor local|ray] [--ray-address ADDR]
+    torchrun --nproc_per_node N -m kdlab run CONFIG     (data-parallel runs; see README "Multi-GPU")
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
     kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
     kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
@@ -48,7 +49,7 @@ def cmd_run(args) -> int:
 
     if not distributed.launched_by_torchrun():
         return _run_study(args)
-    if args.workers > 1 or getattr(args, "executor", "local") != "local":
+    if (args.workers or 1) > 1 or args.executor != "local":
         raise KdlabError("--workers/--executor do not combine with torchrun: under torchrun the runs of a study "
                          "go one after another, each data-parallel over every process; drop the flag")
     if args.dry_run:
@@ -80,16 +81,18 @@ def _run_study(args, before_open=None, after_open=None) -> int:
         for line in runner.dry_run(specs):
             print(line)
         return 0
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise KdlabError(f"--workers {args.workers}: expected a whole number ≥ 1, e.g. --workers 2")
     print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
-    if args.workers > 1:
-        from kdlab.study.workers import run_parallel
-
-        summary = run_parallel(base, specs, workspace=runner.workspace, workers=args.workers, resume=args.resume,
-                               retry_failed=args.retry_failed, progress=not args.quiet)
+    if args.executor == "local" and (args.workers or 1) == 1 and args.ray_address is None:
+        summary = runner.run(base, specs)  # in this process, with this runner
     else:
-        summary = runner.run(base, specs)
+        from kdlab.study.executors import make_executor
+
+        executor = make_executor(args.executor, workers=args.workers or 1, ray_address=args.ray_address,
+                                 ray_workers=args.workers)
+        summary = executor.run(base, specs, workspace=runner.workspace, resume=args.resume,
+                               retry_failed=args.retry_failed, progress=not args.quiet, out=print)
     records = [r for spec in specs for r in runner.store.find(spec.run_id)]
     print()
     print(render_table(compare_table(records)))
@@ -355,8 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue unfinished runs from their last checkpoint (default) or restart them")
     run.add_argument("--quiet", action="store_true", help="no progress line")
     run.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="run the runs in N parallel processes (default 1: in this process)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="run the runs in N parallel processes (default 1: in this process); with "
+                          "--executor ray, N Ray tasks (default: one per cluster CPU, at most one per run)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: this machine's processes (default); ray: tasks on a Ray cluster "
+                          "(pip install 'kdlab[ray]'), runs still claimed in the store")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray instance is started)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list registered names with their one-line summaries")
