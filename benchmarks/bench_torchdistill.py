@@ -102,9 +102,9 @@ def torchdistill_box(student, teacher, splits, args, device):
         "train_data_loader": {"dataset_id": "train", "sampler": {"class_or_func": RandomSampler, "kwargs": {}},
                               "kwargs": {"batch_size": args.batch_size, "num_workers": 0, "drop_last": True},
                               "requires_supp": True},
-        "teacher": {"sequential": [], "forward_hook": {"input": [], "output": []}, "wrapper": None,
+        "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "forward_hook": {"input": [], "output": []}, "wrapper": None,
                     "requires_grad": False},
-        "student": {"adaptations": None, "sequential": [], "frozen_modules": [],
+        "student": {"forward_proc": "forward_batch_only", "adaptations": None, "sequential": [], "frozen_modules": [],
                     "forward_hook": {"input": [], "output": []}, "wrapper": None, "requires_grad": True},
         "optimizer": {"key": "SGD", "kwargs": {"lr": args.lr, "momentum": 0.9, "weight_decay": 0.0}},
         "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {

@@ -28,7 +28,7 @@ else
 fi
 # Hold torch where it is: torchdistill and kdlab accept it, and pip must not swap in another build.
 PIN=$(mktemp)
-"$VENV/bin/python" -c 'import torch, torchvision; print(f"torch=={torch.__version__}\ntorchvision=={torchvision.__version__}")' > "$PIN"
+"$VENV/bin/python" -c 'import torch, torchvision; print("torch==" + torch.__version__.split("+")[0]); print("torchvision==" + torchvision.__version__.split("+")[0])' > "$PIN"
 "$VENV/bin/pip" install --quiet -c "$PIN" "$TORCHDISTILL"
 "$VENV/bin/pip" install --quiet -c "$PIN" -e .
 rm -f "$PIN"
