@@ -117,6 +117,25 @@ def torchdistill_box(student, teacher, splits, args, device):
     return DistillationBox(teacher, student, {"train": dataset}, train_config, device, None, False, 1)
 
 
+def check_same_loss(student, teacher, box, splits, args) -> None:
+    """The same KD work: kdlab's kd terms and torchdistill's criterion agree on one batch's outputs."""
+    from kdlab.config import MethodConfig
+    from kdlab.engine.build import build_method
+    from kdlab.methods.base import Batch, Outputs
+
+    x, y = splits.train[0][:args.batch_size], splits.train[1][:args.batch_size]
+    with torch.no_grad():
+        s, t = student(x), teacher(x)
+    method = build_method(MethodConfig("kd", {"temperature": args.temperature, "alpha": args.alpha}),
+                          student=student, teacher=teacher)
+    ours = sum(method.loss_terms(Batch(inputs=x, labels=y), Outputs(s, {}), Outputs(t, {})).values())
+    theirs = box.criterion({"student": {".": {"output": s}}, "teacher": {".": {"output": t}}}, None, y)
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5):
+        raise SystemExit(f"bench: the two KD losses differ on one batch (kdlab {float(ours):.6f}, torchdistill "
+                         f"{float(theirs):.6f}); the arms would not do the same work")
+    print(f"same loss on one batch: kdlab {float(ours):.6f} = torchdistill {float(theirs):.6f}")
+
+
 def run_torchdistill(box, device) -> float:
     benchutil.sync(device)
     t0 = time.perf_counter()
@@ -148,6 +167,7 @@ def main(argv=None) -> int:
     initial = {k: v.clone() for k, v in student.state_dict().items()}
     box = torchdistill_box(student, teacher, splits, args, device)
 
+    check_same_loss(student, teacher, box, splits, args)
     steps = len(splits.train[0]) // args.batch_size
     print(f"kdlab vs torchdistill {torchdistill.__version__}: KD, live teacher {args.teacher} -> student "
           f"{args.student}, CIFAR-shaped synthetic ({args.classes} classes), batch {args.batch_size}, "
