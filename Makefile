@@ -18,7 +18,7 @@ setup: $(BIN)/kdlab
 
 # The optional extras the test suite covers (their tests skip cleanly when these are absent).
 $(VENV)/.test-extras: $(BIN)/kdlab
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf,tune,autoattack,tensorboard,mlflow,browser]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf,tune,autoattack,tensorboard,mlflow,browser,ray]"
 	touch $@
 
 quickstart: setup

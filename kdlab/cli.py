@@ -1,7 +1,8 @@
 """The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
 
     kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
-              [--workers N] [--retry-failed]
+              [--workers N] [--retry-failed] [--executor local|ray] [--ray-address ADDR]
+    torchrun --nproc_per_node N -m kdlab run CONFIG     (data-parallel runs; see README "Multi-GPU")
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
     kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
     kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
@@ -20,6 +21,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import sys
@@ -44,27 +47,54 @@ def _seeds(text: str) -> list[int]:
 
 
 def cmd_run(args) -> int:
+    from kdlab.engine import distributed
+
+    if not distributed.launched_by_torchrun():
+        return _run_study(args)
+    if (args.workers or 1) > 1 or args.executor != "local":
+        raise KdlabError("--workers/--executor do not combine with torchrun: under torchrun the runs of a study "
+                         "go one after another, each data-parallel over every process; drop the flag")
+    if args.dry_run:
+        raise KdlabError("--dry-run needs no torchrun; run it as plain `kdlab run --dry-run`")
+    ctx = distributed.init_from_environment()
+    try:
+        # Rank 0 creates the workspace and its database before the others open them (read only).
+        if not ctx.is_main:
+            with contextlib.redirect_stdout(io.StringIO()):  # rank 0 alone prints
+                return _run_study(args, before_open=lambda: distributed.barrier(ctx))
+        return _run_study(args, after_open=lambda: distributed.barrier(ctx))
+    finally:
+        distributed.shutdown()
+
+
+def _run_study(args, before_open=None, after_open=None) -> int:
     from kdlab.config import load_experiment
     from kdlab.study.compare import compare_table, render_table
     from kdlab.study.runner import Runner
 
     base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None)
+    if before_open is not None:
+        before_open()
     runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet, retry_failed=args.retry_failed)
+    if after_open is not None:
+        after_open()
     if args.dry_run:
         print(f"experiment {base.name}: {len(specs)} runs (grid × seeds); nothing is trained in a dry run")
         for line in runner.dry_run(specs):
             print(line)
         return 0
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise KdlabError(f"--workers {args.workers}: expected a whole number ≥ 1, e.g. --workers 2")
     print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
-    if args.workers > 1:
-        from kdlab.study.workers import run_parallel
-
-        summary = run_parallel(base, specs, workspace=runner.workspace, workers=args.workers, resume=args.resume,
-                               retry_failed=args.retry_failed, progress=not args.quiet)
+    if args.executor == "local" and (args.workers or 1) == 1 and args.ray_address is None:
+        summary = runner.run(base, specs)  # in this process, with this runner
     else:
-        summary = runner.run(base, specs)
+        from kdlab.study.executors import make_executor
+
+        executor = make_executor(args.executor, workers=args.workers or 1, ray_address=args.ray_address,
+                                 ray_workers=args.workers)
+        summary = executor.run(base, specs, workspace=runner.workspace, resume=args.resume,
+                               retry_failed=args.retry_failed, progress=not args.quiet, out=print)
     records = [r for spec in specs for r in runner.store.find(spec.run_id)]
     print()
     print(render_table(compare_table(records)))
@@ -355,8 +385,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue unfinished runs from their last checkpoint (default) or restart them")
     run.add_argument("--quiet", action="store_true", help="no progress line")
     run.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before")
-    run.add_argument("--workers", type=int, default=1, metavar="N",
-                     help="run the runs in N parallel processes (default 1: in this process)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="run the runs in N parallel processes (default 1: in this process); with "
+                          "--executor ray, N Ray tasks (default: one per cluster CPU, at most one per run)")
+    run.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: this machine's processes (default); ray: tasks on a Ray cluster "
+                          "(pip install 'kdlab[ray]'), runs still claimed in the store")
+    run.add_argument("--ray-address", metavar="ADDR",
+                     help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray instance is started)")
     run.set_defaults(func=cmd_run)
 
     lst = sub.add_parser("list", help="list registered names with their one-line summaries")

@@ -25,6 +25,7 @@ from torch import nn
 
 from kdlab.config import TrainConfig
 from kdlab.data import SequenceInfo, Splits, augment_batch
+from kdlab.engine import distributed
 from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
 from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
@@ -121,6 +122,10 @@ def _adversary_step(method: Method, optimizer, batch: Batch, student_out: Output
                                      "lower the method's adversary learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        ctx = distributed.current()
+        if ctx is not None:  # the adversary sees each rank's share: average, so every replica stays equal
+            distributed.average_gradients([p for group in optimizer.param_groups for p in group["params"]],
+                                          ctx.world_size)
         optimizer.step()
         for name, value in {**{k: float(v.detach()) for k, v in terms.items()}, **method.adversary_metrics}.items():
             sums.setdefault(name, []).append(value)
@@ -156,8 +161,20 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     latest checkpoint there is continued. ``on_epoch(epoch, metrics)`` is called
     after each epoch (1-based) with train loss terms and, when evaluated, val
     metrics. The caller seeds the global RNG before building the models.
+
+    Under torchrun (``distributed.current()`` set) every rank calls ``fit`` alike: each takes
+    its share of every global batch, the student trains inside DistributedDataParallel, and
+    only rank 0 evaluates, writes checkpoints, calls ``on_epoch`` and returns final metrics
+    (the other ranks return an empty ``final``).
     """
+    dist_ctx = distributed.current()
+    main_rank = dist_ctx is None or dist_ctx.is_main
     device = resolve_device(train.device)
+    if dist_ctx is not None:
+        device = distributed.device_for(device, dist_ctx)
+        if train.batch_size % dist_ctx.world_size:
+            raise KdlabError(f"train.batch_size: {train.batch_size} does not split over {dist_ctx.world_size} "
+                             "processes; the global batch must be a multiple of torchrun's --nproc_per_node")
     student.to(device)
     method.to(device)
     uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
@@ -210,7 +227,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     if sequence is not None and augment != "none":
         raise KdlabError(f"data.augment: {augment!r} applies to images, not to the token sequences of "
                          f"{splits.name!r}; set data.augment: none")
-    if teacher is not None:
+    if teacher is not None and main_rank:  # for metrics, which only rank 0 computes
         for name in ("val", "test"):
             inputs = getattr(splits, name)[0]
             if len(inputs) and sequence is not None:
@@ -226,7 +243,11 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     # nn.Module's slower hook path every forward.
     student_taps = Taps(student, method.student_taps) if method.student_taps else None
     teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if (uses_teacher and method.teacher_taps) else None
-    bar = _Progress(progress, label)
+    bar = _Progress(progress and main_rank, label)
+    # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
+    forward_student = distributed.wrap_student(student, device) if dist_ctx is not None else student
+    student_ids = {id(p) for p in student.parameters()}
+    outside_ddp = [p for p in main_parameters if id(p) not in student_ids]  # the method's own parameters
     method_metrics = getattr(method, "metrics", None)
     method_metrics = method_metrics if callable(method_metrics) else None
     autocast = _autocast(device, train.precision)
@@ -243,8 +264,13 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             for i in range(steps_this_epoch):
                 index = order[i * train.batch_size:(i + 1) * train.batch_size]
                 inputs, labels = x_train[index], y_train[index]
-                if augment != "none":
+                if augment != "none":  # the whole global batch on every rank: the same random stream as one process
                     inputs = augment_batch(inputs, kind=augment, generator=generator)
+                weight = None
+                if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
+                    positions, weight = distributed.shard(torch.arange(len(index), device=device),
+                                                          dist_ctx.rank, dist_ctx.world_size)
+                    index, inputs, labels = index[positions], inputs[positions], labels[positions]
                 method.set_progress(step, total_steps)
                 batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
                 inputs = batch.inputs
@@ -255,13 +281,15 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                             teacher_logits_batch = teacher(inputs)
                         teacher_out = Outputs(teacher_logits_batch,
                                               dict(teacher_taps.captured) if teacher_taps is not None else {})
-                    student_logits_batch = student(inputs)
+                    student_logits_batch = forward_student(inputs)
                     student_out = Outputs(student_logits_batch,
                                           dict(student_taps.captured) if student_taps is not None else {})
                     if adversary_optimizer is not None and step % method.adversary_every == 0:
                         _adversary_step(method, adversary_optimizer, batch, student_out, teacher_out,
                                         adversary_sums)
                     terms = method.loss_terms(batch, student_out, teacher_out)
+                    if weight is not None and weight != 1.0:
+                        terms = {k: v * weight for k, v in terms.items()}
                 loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -269,6 +297,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                     scaler.unscale_(optimizer)
                 else:
                     loss.backward()
+                if dist_ctx is not None and outside_ddp:
+                    distributed.average_gradients(outside_ddp, dist_ctx.world_size)
                 if train.grad_clip is not None:
                     nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)
                 if scaler is not None:
@@ -288,9 +318,13 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                     sums = sums + stacked
                     bad_steps = bad_steps + ~torch.isfinite(stacked)
                 if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
-                    means = dict(zip(names, (sums / (i + 1)).tolist()))
+                    step_sums, step_bad = sums, bad_steps
+                    if dist_ctx is not None:  # every rank sees the same (global-batch) means and stops alike
+                        reduced = distributed.all_sum(torch.cat([sums, bad_steps.to(sums.dtype)]))
+                        step_sums, step_bad = reduced[:len(names)], reduced[len(names):].long()
+                    means = dict(zip(names, (step_sums / (i + 1)).tolist()))
                     if not all(math.isfinite(v) for v in means.values()):
-                        counts = dict(zip(names, bad_steps.tolist()))
+                        counts = dict(zip(names, step_bad.tolist()))
                         first = max(counts, key=counts.get)
                         raise NonFiniteLossError(
                             f"loss term {first!r} became non-finite in epoch {epoch + 1} (at step "
@@ -304,7 +338,7 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             if method_metrics is not None:  # a method's own state (e.g. MTARD's balance), once per epoch
                 metrics.update({f"method/{k}": float(v) for k, v in method_metrics().items()})
             last = epoch + 1 == epochs
-            if (epoch + 1) % train.eval_every == 0 or last:
+            if main_rank and ((epoch + 1) % train.eval_every == 0 or last):
                 val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
                                teacher_logits=teacher_logits.get("val"), sequence=sequence)
                 metrics.update(val)
@@ -315,10 +349,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                                         keep_last=1)
                     else:
                         best_state = {k: v.detach().clone() for k, v in _state_tensors(student, method).items()}
-            if on_epoch is not None:
+            if on_epoch is not None and main_rank:
                 on_epoch(epoch + 1, metrics)
             epochs_run += 1
-            if ckpt_root is not None and ((epoch + 1) % train.checkpoint_every == 0 or last):
+            if ckpt_root is not None and main_rank and ((epoch + 1) % train.checkpoint_every == 0 or last):
                 opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
                 rng_tensors, rng_meta = rng_state()
                 tensors = {**_state_tensors(student, method), **opt_tensors, **rng_tensors}
@@ -336,6 +370,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
         for tap in (student_taps, teacher_taps):
             if tap is not None:
                 tap.close()
+        del forward_student  # DDP's gradient hooks go with it: later backward passes are plain again
+
+    if not main_rank:
+        return FitResult(final={}, epochs_run=epochs_run)
 
     selected_epoch = epochs
     if train.selection == "best_val" and best_epoch is not None:

@@ -6,6 +6,11 @@ teacher (load its checkpoint, or train its recipe as a run of its own — once,
 shared by every student, found again by its content hash); claim the run;
 train through the one loop; save the model and final metrics; mark it finished
 only then. A run whose loss goes NaN is marked failed and the study goes on.
+
+Under torchrun every rank runs the same study, one run after another, each run
+data-parallel over all ranks. Rank 0 alone touches the store and run folders; its
+decisions (a run's status, its claim) are broadcast so that every rank takes the
+same path through this file.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from kdlab.config import (ExperimentConfig, ModelConfig, RunSpec, assistant_run_
 from kdlab.data import Splits, build_splits
 from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
+from kdlab.engine import distributed
 from kdlab.engine.checkpoint import save_model
 from kdlab.engine.loop import fit
 from kdlab.engine.seed import seed_everything
@@ -143,6 +149,13 @@ class Runner:
         self.since = time.time()  # runs that fail after this are not retried by this runner (see Store.claim)
         self.progress = progress
         self.out = out
+        # Under torchrun: rank 0 reads and writes the store and the run folders; the others follow
+        # its broadcast decisions and train their share of each run (see ``distributed``).
+        self.dist = distributed.current()
+        self.main = self.dist is None or self.dist.is_main
+        if not self.main:
+            self.out = lambda text: None
+            self.progress = False
 
     # ------------------------------------------------------------------ helpers
 
@@ -154,15 +167,21 @@ class Runner:
         return low_label_splits(splits, d.labels_per_class, d.split_seed, drop_unlabelled=d.drop_unlabelled)
 
     def _status(self, run_id: str) -> str | None:
-        try:
-            return self.store.run(run_id).status
-        except KdlabError:
-            return None
+        status = None
+        if self.main:
+            try:
+                status = self.store.run(run_id).status
+            except KdlabError:
+                status = None
+        return distributed.broadcast(status, self.dist)
 
     def teacher(self, cfg: ExperimentConfig, splits: Splits):
         """The trained teacher network of ``cfg`` (None without one), training what it needs first."""
         if cfg.teacher is None:
             return None
+        # Under torchrun every rank holds its own replica of the teacher. A teacher-output cache
+        # belongs here: rank 0 builds (or verifies) it, then distributed.barrier(self.dist), then
+        # every rank opens it read-only.
         return self._network(cfg.teacher, cfg, splits)
 
     def _network(self, t: ModelConfig, cfg: ExperimentConfig, splits: Splits):
@@ -219,10 +238,13 @@ class Runner:
             return "skipped_failed"
         splits = self.splits(cfg)
         teacher = self.teacher(cfg, splits)
-        self.store.ensure_experiment(experiment, {} if role == "teacher" else to_dict(cfg))
-        previous = self.store.claim(run_id, experiment=experiment, role=role, label=spec.label, seed=spec.seed,
-                                    group_key=spec.group_key, config=spec.resolved(),
-                                    take_failed_before=self.since if self.retry_failed else -math.inf)
+        previous = None
+        if self.main:
+            self.store.ensure_experiment(experiment, {} if role == "teacher" else to_dict(cfg))
+            previous = self.store.claim(run_id, experiment=experiment, role=role, label=spec.label, seed=spec.seed,
+                                        group_key=spec.group_key, config=spec.resolved(),
+                                        take_failed_before=self.since if self.retry_failed else -math.inf)
+        previous = distributed.broadcast(previous, self.dist)
         if previous in ("finished", "running"):
             return "skipped"
         if previous == "failed_kept":  # failed meanwhile (another process of this study): not retried now
@@ -230,14 +252,18 @@ class Runner:
         run_dir = self.store.run_dir(run_id)
         sinks = Sinks([])  # replaced by the configured ones once the run folder exists
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
-            atomic_write_json(run_dir / "env.json", environment())
-            if not self.resume and (run_dir / "checkpoints").exists():
-                import shutil
+            if self.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
+                atomic_write_json(run_dir / "env.json", environment())
+                if not self.resume and (run_dir / "checkpoints").exists():
+                    import shutil
 
-                shutil.rmtree(run_dir / "checkpoints")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
+                    shutil.rmtree(run_dir / "checkpoints")
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
+                if self.resume:
+                    _trim_metrics_after_checkpoint(run_dir)
+            distributed.barrier(self.dist)  # the other ranks read the checkpoints only after rank 0 settled them
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits, teacher=teacher)
             method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),
@@ -248,8 +274,9 @@ class Runner:
 
             spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits, quant=cfg.student.quant)
 
-            sinks = open_sinks(cfg.tracking, run_dir=run_dir, workspace=self.workspace, run_id=run_id,
-                               experiment=experiment, label=spec.label, config=spec.resolved(), out=self.out)
+            if self.main:  # under torchrun, rank 0 alone records
+                sinks = open_sinks(cfg.tracking, run_dir=run_dir, workspace=self.workspace, run_id=run_id,
+                                   experiment=experiment, label=spec.label, config=spec.resolved(), out=self.out)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 self.store.log_epoch(run_id, epoch, metrics)
@@ -258,12 +285,12 @@ class Runner:
                 if epoch in cfg.train.keep_epochs:  # saved before this epoch's checkpoint, so never lost on resume
                     save_model(run_dir / kept_model_file(epoch), student, spec_of_model)
 
-            if self.resume:
-                _trim_metrics_after_checkpoint(run_dir)
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
                          seed=spec.seed, run_dir=run_dir, resume=self.resume, augment=cfg.data.augment,
                          on_epoch=on_epoch, progress=self.progress, label=run_id)
+            if not self.main:  # rank 0 saves, evaluates and records the run
+                return "ran"
             final = dict(result.final)
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
@@ -284,11 +311,14 @@ class Runner:
             sinks.log_final(final, step=max(self.store.epoch_metrics(run_id), default=0))
             sinks.close("finished")
         except KeyboardInterrupt:
-            self.store.interrupt(run_id)
+            if self.main:
+                self.store.interrupt(run_id)
             sinks.close("interrupted")
             raise
         except BaseException as exc:
             sinks.close("failed")
+            if not self.main:
+                raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
             raise
@@ -300,7 +330,8 @@ class Runner:
 
     def run(self, base: ExperimentConfig, specs: list[RunSpec]) -> StudySummary:
         """Run every spec; data and teacher checkpoints are checked before any run starts."""
-        self.store.ensure_experiment(base.name, to_dict(base))
+        if self.main:
+            self.store.ensure_experiment(base.name, to_dict(base))
         self.preflight(specs)
         summary = StudySummary()
         for spec in specs:

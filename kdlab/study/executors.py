@@ -1,0 +1,201 @@
+"""Where the runs of a study execute: one protocol, two executors.
+
+* ``LocalExecutor`` (the default): this process (``workers=1``) or N spawned worker
+  processes on this machine (``kdlab run --workers N``, kdlab.study.workers).
+* ``RayExecutor`` (``kdlab run --executor ray [--ray-address ADDR]``, the ``ray`` extra):
+  N Ray tasks on an existing cluster, or on a local Ray instance it starts.
+
+Both hand every worker the whole spec list (each from its own offset) and let
+``Runner.execute`` claim runs in the store, so a run executes once wherever it
+lands, shared teachers are trained once, and run ids and results are the same as
+with the local executor. The outcome is read back from the store
+(``workers.summarize``). Ray workers therefore need the workspace at the same
+path: one machine, or a shared filesystem that SQLite can lock.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab.errors import KdlabError
+from kdlab.study.runner import Runner, StudySummary
+
+EXECUTORS = ("local", "ray")
+
+
+class Executor(Protocol):
+    """Runs the specs of one study against a workspace and returns what happened to each."""
+
+    def run(self, base: ExperimentConfig, specs: list[RunSpec], *, workspace: Path, resume: bool,
+            retry_failed: bool, progress: bool, out: Callable[[str], None]) -> StudySummary: ...
+
+
+@dataclass
+class LocalExecutor:
+    """This process (``workers == 1``) or ``workers`` spawned processes on this machine."""
+
+    workers: int = 1
+
+    def run(self, base, specs, *, workspace, resume, retry_failed, progress, out=print) -> StudySummary:
+        if self.workers > 1:
+            from kdlab.study.workers import run_parallel
+
+            return run_parallel(base, specs, workspace=workspace, workers=self.workers, resume=resume,
+                                retry_failed=retry_failed, progress=progress, out=out)
+        runner = Runner(workspace, resume=resume, progress=progress, retry_failed=retry_failed, out=out)
+        return runner.run(base, specs)
+
+
+def import_ray():
+    """``ray``, or a one-line error with the install hint (the core never needs it)."""
+    try:
+        import ray
+    except ImportError:
+        raise KdlabError("--executor ray needs Ray: pip install 'kdlab[ray]' (or pip install ray), "
+                         "or use the default --executor local") from None
+    return ray
+
+
+def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
+                threads: int) -> list[tuple[str, ...]]:
+    """One Ray task: execute every spec (claims in the store split the work); return its messages."""
+    import torch
+
+    torch.set_num_threads(threads)
+    messages: list[tuple[str, ...]] = []
+    runner = Runner(workspace, resume=resume, retry_failed=retry_failed, progress=False,
+                    out=lambda text: messages.append(("out", text)))
+    runner.since = since  # a run that fails during this study is not retried by another task
+    try:
+        for spec in specs:
+            try:
+                runner.execute(spec)
+            except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
+                messages.append(("failed", spec.run_id, spec.label, str(exc)))
+    finally:
+        runner.store.close()
+    return messages
+
+
+def check_reachable(address: str, *, seconds: float = 5.0) -> None:
+    """A clear error unless ``address`` (``host:port`` or ``ray://host:port``) accepts a TCP connection."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise KdlabError(f"--ray-address {address!r}: expected HOST:PORT (e.g. 10.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        raise KdlabError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); start the "
+                         "cluster with `ray start --head` or give the head node's address") from None
+
+
+def _source_root() -> str:
+    """The folder holding this kdlab package, so a Ray worker started here imports the same code."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+@dataclass
+class RayExecutor:
+    """``workers`` Ray tasks (default: one per run, at most the cluster's CPUs / ``cpus_per_worker``)."""
+
+    address: str | None = None  # None: a running cluster from $RAY_ADDRESS, else a local instance
+    workers: int | None = None
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    poll_seconds: float = 2.0
+
+    def _connect(self, ray) -> bool:
+        """Connect (or reuse a connection); True when this call started it (and so shuts it down)."""
+        if ray.is_initialized():
+            return False
+        if self.address not in (None, "auto", "local"):
+            check_reachable(self.address)  # Ray itself retries an unreachable address for minutes
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (_source_root(), os.environ.get("PYTHONPATH")) if p)}
+        try:
+            ray.init(address=self.address, runtime_env={"env_vars": env}, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise KdlabError(f"--ray-address: cannot connect to Ray at {where}: {detail[:200]}; start the cluster "
+                             "(ray start --head) or give its address, e.g. --ray-address 10.0.0.1:6379") from None
+        return True
+
+    def run(self, base, specs, *, workspace, resume, retry_failed, progress, out=print) -> StudySummary:
+        from kdlab.study.workers import _Display, _records, progress_line, summarize
+
+        ray = import_ray()
+        runner = Runner(workspace, resume=resume, retry_failed=retry_failed, out=out)
+        store = runner.store
+        runner.store.ensure_experiment(base.name, to_dict(base))
+        runner.preflight(specs)  # bad input fails here, before Ray starts or any run is claimed
+        since = time.time()
+        display = _Display(out, progress)
+        before = _records(store, specs)
+        todo = [spec for spec in specs if spec.run_id not in before
+                or before[spec.run_id].status not in ("finished", "failed")
+                or (retry_failed and before[spec.run_id].status == "failed")]
+        if not todo:
+            return summarize(before, specs, since=since)
+        started = self._connect(ray)
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            workers = self.workers or max(1, int(cpus // max(self.cpus_per_worker, 1e-9)))
+            workers = max(1, min(workers, len(todo)))
+            threads = max(1, int(self.cpus_per_worker))
+            task = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)(_ray_worker)
+            refs = []
+            for index in range(workers):
+                offset = index * len(todo) // workers  # start apart, so the tasks do not queue on one run
+                refs.append(task.remote(str(runner.workspace), todo[offset:] + todo[:offset], resume, retry_failed,
+                                        since, threads))
+            reported: dict[str, str] = {}
+            pending = list(refs)
+            try:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_seconds)
+                    for ref in ready:
+                        try:
+                            messages = ray.get(ref)
+                        except ray.exceptions.RayError as exc:  # the task died (node lost, killed): store decides
+                            display.message(f"a Ray worker ended abnormally ({type(exc).__name__}); its run is "
+                                            "recorded as failed or left to resume")
+                            continue
+                        for message in messages:
+                            if message[0] == "out":
+                                display.message(message[1])
+                            else:
+                                _, run_id, label, text = message
+                                reported[run_id] = text
+                                display.message(f"  FAILED {run_id} [{label}]: {text}")
+                    display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
+            except BaseException:  # Ctrl-C: no task outlives the study; their runs resume on the next run
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
+            finally:
+                display.close()
+        finally:
+            if started:
+                ray.shutdown()
+        store.mark_dead_runs_interrupted()  # a cancelled task's run on this host: 'interrupted', resumable
+        return summarize(_records(store, specs), specs, since=since, reported=reported)
+
+
+def make_executor(name: str, *, workers: int = 1, ray_address: str | None = None,
+                  ray_workers: int | None = None) -> Any:
+    """The executor named by ``kdlab run --executor``."""
+    if name == "local":
+        if ray_address is not None:
+            raise KdlabError("--ray-address needs --executor ray")
+        return LocalExecutor(workers=workers)
+    if name == "ray":
+        import_ray()
+        return RayExecutor(address=ray_address, workers=ray_workers)
+    raise KdlabError(f"--executor {name!r}: choose one of {', '.join(EXECUTORS)}")
