@@ -128,7 +128,7 @@ class RayExecutor:
         return True
 
     def run(self, base, specs, *, workspace, resume, retry_failed, progress, out=print) -> StudySummary:
-        from kdlab.study.workers import _Display, _records, progress_line, summarize
+        from kdlab.study.workers import _Display, _records, pending_specs, progress_line, summarize
 
         ray = import_ray()
         runner = Runner(workspace, resume=resume, retry_failed=retry_failed, out=out)
@@ -138,9 +138,7 @@ class RayExecutor:
         since = time.time()
         display = _Display(out, progress)
         before = _records(store, specs)
-        todo = [spec for spec in specs if spec.run_id not in before
-                or before[spec.run_id].status not in ("finished", "failed")
-                or (retry_failed and before[spec.run_id].status == "failed")]
+        todo = pending_specs(specs, before, retry_failed=retry_failed)
         if not todo:
             return summarize(before, specs, since=since)
         started = self._connect(ray)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kdlab.errors import KdlabError
 from kdlab.store import Store
-from kdlab.study.stats import MeanCI, format_mean_ci, mean_ci
+from kdlab.study.stats import MeanCI, format_mean_ci, mean_ci, table_lines
 
 DIVERGENCE_ORDER = ("forward_kl", "jsd(0.1)", "jsd(0.5)", "jsd(0.9)", "reverse_kl")
 
@@ -85,13 +85,7 @@ def render_gkd_grid(grid: GKDGrid, *, fmt: str = "text", digits: int = 3) -> str
                            for lam in grid.lambdas])
     for name, summary in sorted(grid.baselines.items()):
         rows.append([name, format_mean_ci(summary, digits=digits)] + [""] * (len(grid.lambdas) - 1))
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = table_lines(headers, rows, fmt=fmt)
     return "\n".join([f"{grid.metric} (mean ± 95% CI over seeds)"] + lines) + "\n"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kdlab.errors import KdlabError
 from kdlab.store import Store
-from kdlab.study.stats import MeanCI, PairedDifference, format_mean_ci, mean_ci, paired_difference
+from kdlab.study.stats import MeanCI, PairedDifference, format_mean_ci, mean_ci, paired_difference, table_lines
 
 _SIGNALS = (("logit_weight", "logits", 1.0), ("ce_weight", "ce", 0.0), ("hidden_weight", "hidden", 0.0),
             ("map_weight", "map", 0.0), ("output_weight", "output", 0.0))
@@ -94,13 +94,7 @@ def render_qat_table(table: QatTable, *, fmt: str = "text", digits: int = 3) -> 
                      f"{versus.p_value:.3f}" if versus is not None else "-"])
     if table.teacher is not None:
         rows.append(["fp32", "teacher", str(table.teacher.n), format_mean_ci(table.teacher, digits=digits), "", "", ""])
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-    else:
-        widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-        lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = table_lines(headers, rows, fmt=fmt)
     title = f"{table.metric}: mean ± 95% CI over seeds; gap = teacher − student"
     return "\n".join([title] + lines) + "\n"
 

@@ -27,7 +27,6 @@ embeds the PNGs, the Markdown links them.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -216,6 +216,13 @@ def _exit_reason(code: int) -> str:
     return f"exited with code {code}"
 
 
+def pending_specs(specs, records, *, retry_failed: bool) -> list:
+    """The specs still to run: never recorded, unfinished, or failed when ``retry_failed``."""
+    return [spec for spec in specs if spec.run_id not in records
+            or records[spec.run_id].status not in ("finished", "failed")
+            or (retry_failed and records[spec.run_id].status == "failed")]
+
+
 def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str | Path, workers: int,
                  resume: bool = True, retry_failed: bool = False, out: Callable[[str], None] = print,
                  poll_seconds: float = 2.0, progress: bool = True) -> StudySummary:
@@ -235,9 +242,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
         since = time.time()
         display = _Display(out, progress)
         before = _records(store, specs)
-        todo = [spec for spec in specs if spec.run_id not in before
-                or before[spec.run_id].status not in ("finished", "failed")
-                or (retry_failed and before[spec.run_id].status == "failed")]
+        todo = pending_specs(specs, before, retry_failed=retry_failed)
         if not todo:  # nothing to run: start no process
             display.progress(progress_line(before, specs, since=since, workers=workers))
             display.close()

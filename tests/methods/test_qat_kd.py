@@ -327,3 +327,22 @@ def test_end_to_end_quantized_student_reloads_with_identical_logits(tmp_path, vo
         assert not torch.allclose(plain.eval()(inputs), logits)
     accuracy = float((logits.argmax(1) == labels).double().mean())
     assert accuracy == pytest.approx(runs[0].final["test/acc"], abs=1e-6)
+    # The integer export written after training reproduces the fake-quant student exactly.
+    from kdlab.quant import read_export
+    from kdlab.quant.export import dequantized_forward
+
+    assert runs[0].final["quant/export_max_error"] <= 1e-5
+    exported = read_export(Path(runs[0].run_dir) / "quantized.safetensors")
+    assert sorted(exported["layers"]) == sorted(EXPECTED_SWAPPED)
+    assert {int(v) for v in exported["layers"][EXPECTED_SWAPPED[0]]["weight_int"].unique()} <= {-1, 0, 1}
+    with torch.no_grad():
+        torch.testing.assert_close(dequantized_forward(model, exported, inputs), logits, atol=1e-5, rtol=0)
+    # The study table: one row (ternary, the five signals), the teacher's accuracy and the gap.
+    from kdlab.study.qat_table import qat_table, render_qat_table
+
+    table = qat_table(Store(tmp_path / "ws"), "qat_tiny")
+    assert [(r.bits, r.signals) for r in table.rows] == [("ternary", "logits+ce+hidden+map+output")]
+    assert table.rows[0].summary.mean == pytest.approx(runs[0].final["test/acc"])
+    teacher_acc = table.teacher.mean
+    assert table.rows[0].gap.mean == pytest.approx(teacher_acc - runs[0].final["test/acc"])
+    assert "gap to teacher" in render_qat_table(table, fmt="markdown")
