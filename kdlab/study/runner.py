@@ -35,7 +35,7 @@ from kdlab.engine.loop import fit
 from kdlab.engine.seed import seed_everything
 from kdlab.errors import KdlabError
 from kdlab.models import parameter_count, tap_shapes
-from kdlab.store import Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
 TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
@@ -207,6 +207,8 @@ class Runner:
         if previous == "failed_kept":  # failed meanwhile (another process of this study): not retried now
             return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
+        # Keeps the claim alive for other hosts sharing the workspace (see kdlab.store.database).
+        beat = Heartbeat(self.workspace, run_id, heartbeat_timeout=self.store.heartbeat_timeout).start()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
@@ -260,6 +262,8 @@ class Runner:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
             raise
+        finally:
+            beat.stop()
         acc = final.get("test/acc")
         self.out(f"  done {run_id}: test acc {acc:.4f}" if acc is not None else f"  done {run_id}")
         return "ran"
