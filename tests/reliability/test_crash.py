@@ -100,6 +100,7 @@ def _hold_claim_elsewhere(workspace: Path, run_id: str, timeout: float) -> subpr
     return proc
 
 
+@pytest.mark.integration  # a child process and a few seconds of waiting
 def test_a_killed_workers_claim_from_another_host_is_reclaimed_after_the_timeout(tmp_path):
     timeout = 1.0
     workspace = tmp_path / "ws"
