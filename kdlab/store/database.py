@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
@@ -345,8 +345,21 @@ class Store:
                 connection.execute("ROLLBACK")
             raise
 
-    def _write(self) -> Any:
-        return self._transaction(self._db, "IMMEDIATE")
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._transaction(self._db, "IMMEDIATE") as db:
+                yield db
+        except sqlite3.OperationalError as error:
+            # SQLite reports a full disk (or a workspace made read-only after opening) only when a write
+            # fails; the transaction was rolled back, so the database is as it was before this write.
+            message = str(error)
+            if "full" in message or "readonly" in message or "disk I/O" in message:
+                raise WorkspaceError(
+                    f"{self.database_path}: cannot write ({message}); free disk space or make the folder "
+                    "writable, or pass --workspace DIR to another folder; stored runs are kept"
+                ) from None
+            raise
 
     def _read(self) -> Any:
         # A deferred transaction gives one consistent snapshot across queries.

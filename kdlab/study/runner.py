@@ -33,7 +33,7 @@ from kdlab.engine.build import build_method, build_student, check_class_counts, 
 from kdlab.engine.checkpoint import save_model
 from kdlab.engine.loop import fit
 from kdlab.engine.seed import seed_everything
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
 from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 
@@ -278,6 +278,8 @@ class Runner:
         for spec in specs:
             try:
                 outcome = self.execute(spec)
+            except WorkspaceError:
+                raise  # a full or read-only disk fails every later run too: stop the study here
             except KdlabError as exc:
                 summary.failed.append((spec.run_id, str(exc)))
                 self.out(f"  FAILED {spec.run_id} [{spec.label}]: {exc}")

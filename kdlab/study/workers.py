@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 
@@ -73,6 +73,9 @@ def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bo
         for spec in specs:
             try:
                 runner.execute(spec)
+            except WorkspaceError as exc:  # a full or read-only disk: every later run would fail too
+                send("fatal", spec.run_id, spec.label, str(exc))
+                return
             except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
                 send("failed", spec.run_id, spec.label, str(exc))
     except KeyboardInterrupt:
@@ -299,6 +302,7 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
     live = dict(numbers)
     open_readers = list(readers)
     restarts_left = workers if restart is not None else 0
+    fatal: list[str] = []
     next_poll = 0.0
     while live or open_readers:
         timeout = max(0.0, next_poll - time.monotonic())
@@ -326,6 +330,11 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
                 continue
             if message[0] == "out":
                 display.message(message[1])
+            elif message[0] == "fatal":
+                _, run_id, label, text = message
+                reported[run_id] = text
+                fatal.append(text)
+                display.message(f"  FAILED {run_id} [{label}]: {text}")
             elif message[0] == "failed":
                 _, run_id, label, text = message
                 reported[run_id] = text
@@ -334,4 +343,6 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
         if changed or time.monotonic() >= next_poll:
             display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
             next_poll = time.monotonic() + poll_seconds
+    if fatal:  # the other workers ran into the same disk, or finished: the study cannot go on
+        raise WorkspaceError(fatal[0])
     return reported
