@@ -556,9 +556,12 @@ class Store:
         """Mark the run 'failed' with ``message``; False if it had already finished."""
         return self._end(run_id, "failed", str(message))
 
-    def interrupt(self, run_id: str) -> bool:
-        """Mark the run 'interrupted' (e.g. Ctrl-C); False if it had already finished."""
-        return self._end(run_id, "interrupted", None)
+    def interrupt(self, run_id: str, message: str | None = None) -> bool:
+        """Mark the run 'interrupted' (Ctrl-C, a full disk: not the run's fault; the next run resumes it).
+
+        False if it had already finished.
+        """
+        return self._end(run_id, "interrupted", message)
 
     def mark_dead_runs_interrupted(self) -> list[str]:
         """Turn abandoned 'running' runs into 'interrupted' and return their ids.

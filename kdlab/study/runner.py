@@ -258,6 +258,9 @@ class Runner:
         except KeyboardInterrupt:
             self.store.interrupt(run_id)
             raise
+        except WorkspaceError as exc:  # the disk, not the run: the next `kdlab run` resumes it without --retry-failed
+            self.store.interrupt(run_id, str(exc))
+            raise
         except BaseException as exc:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
