@@ -757,8 +757,29 @@ def _check_teacher(t: ModelConfig, errors: list[str]) -> None:
             errors.append(f"teacher.train.keep_epochs: {bad} outside 1..{t.train.epochs} (teacher.train.epochs)")
 
 
+def name_problem(value: Any, key: str) -> str | None:
+    """Why ``value`` cannot be a name (of an experiment or a study), else None.
+
+    Names become parts of run ids and folder names in the workspace; they are
+    slugged there, but a name that looks like a path is refused outright, so
+    nobody believes ``name: ../elsewhere`` writes elsewhere.
+    """
+    if not isinstance(value, str):
+        return None  # the type check reports it
+    if not value.strip():
+        return f"{key}: give a non-empty name, e.g. {key}: my-study"
+    if ("/" in value or "\\" in value or ".." in value or value.startswith(("~", "."))
+            or not value.isprintable()):
+        return (f"{key}: {value!r} looks like a path; names may not contain '/', '\\' or '..', start with '.' or "
+                f"'~', or hold control characters; results always go under the workspace (--workspace DIR)")
+    return None
+
+
 def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
     """Range checks the types cannot express."""
+    problem = name_problem(cfg.name, "name")
+    if problem:
+        errors.append(problem)
     trains = [("train", cfg.train)]
     if cfg.teacher is not None and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))
