@@ -305,7 +305,12 @@ def _parse_dataclass(cls: type, raw: Any, path: str, errors: list[str], *, extra
     for key, value in raw.items():
         key = str(key)
         if key in names:
-            kwargs[key] = _coerce(value, hints[key], _join(path, key), errors)
+            before = len(errors)
+            coerced = _coerce(value, hints[key], _join(path, key), errors)
+            # A wrongly typed value is reported and replaced by the default, so the checks after
+            # parsing (ranges, cross-field rules) only ever see the types they were written for.
+            if len(errors) == before:
+                kwargs[key] = coerced
         elif extra_ok:
             options[key] = value
         else:
@@ -590,8 +595,13 @@ def _drop_knobs_set_by_sized_name(raw: dict, key: str, value: Any) -> None:
 
 def _candidates(raw: dict, grid: dict, section: str, name_key: str, default: Any) -> set:
     """Every entry name section ``section`` can take in this experiment (base value + grid values)."""
-    names = {get_path(raw, f"{section}.{name_key}", default)}
-    names.update(grid.get(f"{section}.{name_key}", []) or [])
+    # A list: the values may be anything (a wrongly typed name is reported elsewhere), hashable or not.
+    names = [get_path(raw, f"{section}.{name_key}", default)]
+    grid_names = grid.get(f"{section}.{name_key}", [])
+    if isinstance(grid_names, dict):
+        names.extend(grid_names.values())
+    elif isinstance(grid_names, (list, tuple)):
+        names.extend(grid_names)
     out = set()
     for n in names:
         if isinstance(n, str):
