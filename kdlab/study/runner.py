@@ -253,6 +253,10 @@ class Runner:
                 final.update(report["metrics"])
                 for line in report["warnings"]:
                     self.out(f"  robust warning {run_id}: {line}")
+            not_a_number = sorted(key for key, value in final.items() if math.isnan(value))
+            if not_a_number:  # never a silent NaN in a results table: the run fails and says which
+                raise KdlabError(f"final metric(s) {', '.join(not_a_number[:5])} are NaN (the model's outputs are "
+                                 "not finite on that split); lower train.lr or set train.grad_clip, and check the data")
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
         except KeyboardInterrupt:
