@@ -254,6 +254,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, _parent_terminated)
+
         def start(index: int) -> tuple[int, Any, Connection]:
             offset = index * len(todo) // workers  # start apart, so the workers do not queue on one run
             order = todo[offset:] + todo[:offset]

@@ -9,6 +9,7 @@ import copy
 import math
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -26,12 +27,16 @@ from reliability_helpers import TINY, write_config  # noqa: E402
 FAULTY = {}  # dataset name -> DatasetArrays, served by the factory registered below
 
 
-def _faulty(*, root, cache_dir, case: str = "clean") -> DatasetArrays:
+def _faulty(*, root: Optional[Path], cache_dir: Path, case: str = "clean") -> DatasetArrays:
+    """Test dataset: one of the broken arrays of FAULTY."""
     return FAULTY[case]()
 
 
-if "reliability_faulty" not in registry.names("dataset"):
-    registry.register("dataset", "reliability_faulty")(_faulty)
+@pytest.fixture(autouse=True)
+def faulty_dataset(monkeypatch):
+    """Registered for each test only: the registry seen by other test modules stays the built-in one."""
+    registry.names("dataset")  # loads the built-ins first
+    monkeypatch.setitem(registry._entries["dataset"], "reliability_faulty", _faulty)
 
 
 def _arrays(n_train=40, n_test=20, classes=3, poison=None) -> DatasetArrays:
