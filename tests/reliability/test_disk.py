@@ -186,3 +186,21 @@ def test_disk_full_mid_run_stops_the_study_with_exit_2_and_the_run_resumes(tmp_p
     runs = Store(workspace).runs(experiment="crash")
     assert [r.status for r in runs] == ["finished", "finished"]
     assert sorted(Store(workspace).epoch_metrics(runs[0].run_id)) == [1, 2, 3, 4]
+
+
+def test_enospc_writing_the_dataset_cache_is_a_workspace_error(tmp_path, monkeypatch):
+    import numpy as np
+
+    from kdlab.data import mnist1d
+
+    real_savez = np.savez
+
+    def savez_on_a_full_disk(handle, **arrays):
+        handle.write(b"PK")  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(mnist1d.np, "savez", savez_on_a_full_disk)
+    with pytest.raises(WorkspaceError, match="cannot write the mnist1d cache \\(No space left on device\\)"):
+        mnist1d._write_cache(tmp_path / "cache" / "x.npz", {"a": np.zeros(3)})
+    assert list((tmp_path / "cache").iterdir()) == []  # no partial file left to be read as a cache
+    monkeypatch.setattr(mnist1d.np, "savez", real_savez)
