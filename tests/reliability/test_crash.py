@@ -189,3 +189,25 @@ def test_a_sigkilled_sweep_worker_is_replaced_and_its_run_finished(tmp_path):
     assert len(runs) == 2 and {r.status for r in runs} == {"finished"}
     for record in runs:
         assert sorted(store.epoch_metrics(record.run_id)) == list(range(1, 41))
+
+
+def test_a_database_from_before_heartbeats_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    store = Store(tmp_path / "ws", heartbeat_timeout=0.1)
+    store.host = "node-b"
+    store.ensure_experiment("e", {})
+    store.claim("old", experiment="e", role="student", label="x", seed=0, group_key="g", config={})
+    store.close()
+    connection = sqlite3.connect(tmp_path / "ws" / "kdlab.db")
+    connection.execute("ALTER TABLE runs DROP COLUMN heartbeat_at")  # the schema a kdlab without heartbeats wrote
+    connection.commit()
+    connection.close()
+    time.sleep(0.2)
+    store = Store(tmp_path / "ws", heartbeat_timeout=0.1)
+    record = store.run("old")
+    assert record.status == "running" and record.heartbeat_at is None
+    # An old holder never beats: its liveness is unknown, so it is never taken over by time.
+    assert store.mark_dead_runs_interrupted() == []
+    assert store.claim("old", experiment="e", role="student", label="x", seed=0, group_key="g",
+                       config={}) == "running"
