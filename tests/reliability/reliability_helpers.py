@@ -17,7 +17,7 @@ TINY = {
     "data": {"dataset": "synthetic", "num_classes": 3, "input_shape": [1, 12], "num_train": 200, "num_test": 60},
     "student": {"model": "mlp", "width": 8, "dropout": 0.1},
     "method": {"name": "scratch"},
-    "train": {"epochs": 40, "batch_size": 10, "checkpoint_every": 1, "device": "cpu"},
+    "train": {"epochs": 20, "batch_size": 10, "checkpoint_every": 1, "device": "cpu"},
     "seeds": [0],
 }
 
