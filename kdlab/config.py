@@ -328,7 +328,12 @@ def _parse_dataclass(cls: type, raw: Any, path: str, errors: list[str], *, extra
     for key, value in raw.items():
         key = str(key)
         if key in names:
-            kwargs[key] = _coerce(value, hints[key], _join(path, key), errors)
+            before = len(errors)
+            coerced = _coerce(value, hints[key], _join(path, key), errors)
+            # A wrongly typed value is reported and replaced by the default, so the checks after
+            # parsing (ranges, cross-field rules) only ever see the types they were written for.
+            if len(errors) == before:
+                kwargs[key] = coerced
         elif extra_ok:
             options[key] = value
         else:
@@ -614,8 +619,13 @@ def _drop_knobs_set_by_sized_name(raw: dict, key: str, value: Any) -> None:
 
 def _candidates(raw: dict, grid: dict, section: str, name_key: str, default: Any) -> set:
     """Every entry name section ``section`` can take in this experiment (base value + grid values)."""
-    names = {get_path(raw, f"{section}.{name_key}", default)}
-    names.update(grid.get(f"{section}.{name_key}", []) or [])
+    # A list: the values may be anything (a wrongly typed name is reported elsewhere), hashable or not.
+    names = [get_path(raw, f"{section}.{name_key}", default)]
+    grid_names = grid.get(f"{section}.{name_key}", [])
+    if isinstance(grid_names, dict):
+        names.extend(grid_names.values())
+    elif isinstance(grid_names, (list, tuple)):
+        names.extend(grid_names)
     out = set()
     for n in names:
         if isinstance(n, str):
@@ -800,8 +810,29 @@ def _check_teacher(t: ModelConfig, errors: list[str]) -> None:
             errors.append(f"teacher.train.keep_epochs: {bad} outside 1..{t.train.epochs} (teacher.train.epochs)")
 
 
+def name_problem(value: Any, key: str) -> str | None:
+    """Why ``value`` cannot be a name (of an experiment or a study), else None.
+
+    Names become parts of run ids and folder names in the workspace; they are
+    slugged there, but a name that looks like a path is refused outright, so
+    nobody believes ``name: ../elsewhere`` writes elsewhere.
+    """
+    if not isinstance(value, str):
+        return None  # the type check reports it
+    if not value.strip():
+        return f"{key}: give a non-empty name, e.g. {key}: my-study"
+    if ("/" in value or "\\" in value or ".." in value or value.startswith(("~", "."))
+            or not value.isprintable()):
+        return (f"{key}: {value!r} looks like a path; names may not contain '/', '\\' or '..', start with '.' or "
+                f"'~', or hold control characters; results always go under the workspace (--workspace DIR)")
+    return None
+
+
 def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
     """Range checks the types cannot express."""
+    problem = name_problem(cfg.name, "name")
+    if problem:
+        errors.append(problem)
     trains = [("train", cfg.train)]
     if cfg.teacher is not None and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))

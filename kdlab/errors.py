@@ -21,3 +21,11 @@ class ConfigError(KdlabError):
 
 class NonFiniteLossError(KdlabError):
     """A loss term became NaN or inf; the last good checkpoint is kept."""
+
+
+class WorkspaceError(KdlabError):
+    """The workspace cannot be written (disk full, read-only, no permission): the study stops.
+
+    Unlike a bad config of one run, this fails every later run too, so the
+    runner re-raises it instead of going on with the next run.
+    """

@@ -97,6 +97,10 @@ def check_arrays(name: str, arrays: Any) -> None:
             )
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise KdlabError(f"{where}: y_{split} has labels outside [0, {num_classes}); fix the dataset factory")
+        bad = int((~torch.isfinite(inputs)).sum()) if inputs.numel() and text is None else 0
+        if bad:  # named before the range check, whose min/max would only print nan
+            raise KdlabError(f"{where}: x_{split} holds {bad} NaN or infinite value(s); drop or repair those "
+                             "samples in the factory")
         if inputs.numel() and text is None:
             low, high = torch.aminmax(inputs)
             if not (float(low) >= 0.0 and float(high) <= 1.0):  # also catches NaN

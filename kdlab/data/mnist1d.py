@@ -5,6 +5,7 @@ with its own seed; its ``get_dataset``/download helpers are never called (they
 fetch a pickle from GitHub). Generation takes under a second for 5000 samples
 but is cached anyway, so every run of a study reads the same bytes.
 """
+import errno
 import hashlib
 import importlib.metadata
 import json
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from kdlab.data.base import DatasetArrays
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.registry import register
 
 # Bump when the cached content changes meaning, so stale caches are not read.
@@ -85,8 +86,11 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         with os.fdopen(descriptor, "wb") as handle:
             np.savez(handle, **arrays)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise WorkspaceError(f"{path}: cannot write the mnist1d cache ({error.strerror}); free disk space or "
+                                 "pass --workspace DIR to another folder") from None
         raise
 
 

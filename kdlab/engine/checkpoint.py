@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from kdlab.errors import KdlabError
-from kdlab.store.files import atomic_write_json
+from kdlab.store.files import atomic_write_bytes, atomic_write_json, workspace_error
 
 MODEL_METADATA_KEY = "kdlab_model"
 
@@ -60,18 +60,27 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict, prefix: st
 def save_checkpoint(root: Path, epoch: int, tensors: dict[str, torch.Tensor], state: dict, *,
                     keep_last: int = 2) -> Path:
     """Write checkpoint ``epoch`` under ``root`` atomically and prune older ones (keeping ``keep_last``)."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"epoch-{epoch:04d}"
     tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_contiguous(tensors), str(tmp / "weights.safetensors"))
-    atomic_write_json(tmp / "state.json", {"epoch": epoch, **state})
-    if final.exists():  # left by a run that crashed before pointing latest.json at it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_json(root / "latest.json", {"epoch": epoch, "dir": final.name})
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        # Each file fsynced before the folder is renamed into place (atomic_write_*), so after a
+        # power loss latest.json never points at a folder whose files are still only in the page cache.
+        atomic_write_bytes(tmp / "weights.safetensors", save(_contiguous(tensors)))
+        atomic_write_json(tmp / "state.json", {"epoch": epoch, **state})
+        if final.exists():  # left by a run that crashed before pointing latest.json at it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_json(root / "latest.json", {"epoch": epoch, "dir": final.name})
+    except BaseException as error:
+        # A full disk or a kill mid-write: drop the half-written folder; latest.json still names the last good one.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and workspace_error(root, error) is not None:
+            raise workspace_error(root, error) from None
+        raise
     kept = sorted(p for p in root.glob("epoch-*") if p.is_dir())
     for old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -94,10 +103,7 @@ def load_latest_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], dict] |
 
 def save_model(path: Path, model: torch.nn.Module, spec: dict) -> None:
     """Save one network's weights with its architecture ``spec`` in the metadata, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    save_file(_contiguous(model.state_dict()), str(tmp), metadata={MODEL_METADATA_KEY: json.dumps(spec)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(_contiguous(model.state_dict()), metadata={MODEL_METADATA_KEY: json.dumps(spec)}))
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:

@@ -20,6 +20,16 @@ Values: metrics are stored as SQLite REAL. ``±inf`` round-trip as REAL; NaN,
 which SQLite cannot store, is written as NULL and read back as ``nan`` (a
 metric row always exists, so NULL unambiguously means NaN). Timestamps are Unix
 seconds (``time.time()``). Configs are stored as JSON text.
+
+Liveness of a 'running' run: the claiming process records its pid, the pid's
+start time and its host, and refreshes ``heartbeat_at`` while it trains (see
+:class:`Heartbeat`). A run is *abandoned* — reclaimable by the next ``claim``
+and shown as 'interrupted' by :meth:`Store.mark_dead_runs_interrupted` (which
+``kdlab runs`` calls) — when, on this host, its pid is gone (SIGKILL, OOM
+kill, power loss), or, on another host (a shared workspace), its heartbeat is
+older than ``heartbeat_timeout`` seconds (``$KDLAB_HEARTBEAT_TIMEOUT``, default
+300). On the same host the pid check decides alone: a live but slow process is
+never robbed of its run.
 """
 from __future__ import annotations
 
@@ -30,18 +40,21 @@ import os
 import socket
 import sqlite3
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
 BUSY_TIMEOUT_SECONDS = 30.0
 DATABASE_NAME = "kdlab.db"
+HEARTBEAT_TIMEOUT_SECONDS = 300.0  # a run of another host with no heartbeat for this long is abandoned
+HEARTBEAT_ENV = "KDLAB_HEARTBEAT_TIMEOUT"
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -100,6 +113,7 @@ class RunRecord:
     final: dict[str, float] = field(default_factory=dict)
     pid: int | None = None
     host: str | None = None
+    heartbeat_at: float | None = None
 
 
 # --- process liveness -------------------------------------------------------
@@ -186,14 +200,32 @@ def _check_run_id(run_id: str) -> None:
         raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-', '_', '.', '=' (no leading '.')")
 
 
+def _heartbeat_timeout(value: float | None) -> float:
+    """The given timeout, else ``$KDLAB_HEARTBEAT_TIMEOUT``, else the default; a bad value is a KdlabError."""
+    source = "heartbeat_timeout"
+    if value is None:
+        text = os.environ.get(HEARTBEAT_ENV)
+        if not text:
+            return HEARTBEAT_TIMEOUT_SECONDS
+        source = f"${HEARTBEAT_ENV}"
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+        raise KdlabError(f"{source}: expected a positive number of seconds, got {value!r}; e.g. {HEARTBEAT_ENV}=300")
+    return float(value)
+
+
 # --- the store ------------------------------------------------------------------
 
 
 class Store:
     """Experiments, runs and metrics of one workspace; see the module docstring."""
 
-    def __init__(self, workspace: str | Path):
+    def __init__(self, workspace: str | Path, *, heartbeat_timeout: float | None = None):
         self.workspace = Path(workspace).expanduser().absolute()
+        self.heartbeat_timeout = _heartbeat_timeout(heartbeat_timeout)
         self.runs_folder = self.workspace / "runs"
         self.cache_folder = self.workspace / "cache"
         self.database_path = self.workspace / DATABASE_NAME
@@ -273,6 +305,10 @@ class Store:
         with self._transaction(connection):
             for statement in _SCHEMA:
                 connection.execute(statement)
+            # Added after schema 1 shipped: a nullable column old readers ignore, so no version bump.
+            columns = {info[1] for info in connection.execute("PRAGMA table_info(runs)")}
+            if "heartbeat_at" not in columns:
+                connection.execute("ALTER TABLE runs ADD COLUMN heartbeat_at REAL")
             row = connection.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -309,8 +345,21 @@ class Store:
                 connection.execute("ROLLBACK")
             raise
 
-    def _write(self) -> Any:
-        return self._transaction(self._db, "IMMEDIATE")
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._transaction(self._db, "IMMEDIATE") as db:
+                yield db
+        except sqlite3.OperationalError as error:
+            # SQLite reports a full disk (or a workspace made read-only after opening) only when a write
+            # fails; the transaction was rolled back, so the database is as it was before this write.
+            message = str(error)
+            if "full" in message or "readonly" in message or "disk I/O" in message:
+                raise WorkspaceError(
+                    f"{self.database_path}: cannot write ({message}); free disk space or make the folder "
+                    "writable, or pass --workspace DIR to another folder; stored runs are kept"
+                ) from None
+            raise
 
     def _read(self) -> Any:
         # A deferred transaction gives one consistent snapshot across queries.
@@ -394,22 +443,20 @@ class Store:
             if db.execute("SELECT 1 FROM experiments WHERE name = ?", (experiment,)).fetchone() is None:
                 raise ValueError(f"experiment {experiment!r} is not in the store; call ensure_experiment first")
             row = db.execute(
-                "SELECT status, pid, pid_start, host, started_at FROM runs WHERE run_id = ?", (run_id,)
+                "SELECT status, pid, pid_start, host, started_at, heartbeat_at FROM runs WHERE run_id = ?", (run_id,)
             ).fetchone()
             if row is not None:
                 if row["status"] == "finished":
                     return "finished"
                 if row["status"] == "failed" and not (row["started_at"] or -math.inf) < take_failed_before:
                     return "failed_kept"
-                if row["status"] == "running" and (
-                    row["host"] != self.host or _process_alive(row["pid"], row["pid_start"])
-                ):
+                if row["status"] == "running" and not self._abandoned(row, now):
                     return "running"
             values = dict(
                 run_id=run_id, experiment=experiment, role=role, label=label, seed=seed,
                 group_key=group_key, config_json=config_json, status="running", pid=os.getpid(),
                 pid_start=_own_start_ticks(), host=self.host, started_at=now, finished_at=None,
-                error=None, run_dir=run_dir.relative_to(self.workspace).as_posix(),
+                heartbeat_at=now, error=None, run_dir=run_dir.relative_to(self.workspace).as_posix(),
             )
             columns = ", ".join(values)
             placeholders = ", ".join(f":{name}" for name in values)
@@ -426,6 +473,23 @@ class Store:
             return None
         # A 'running' row that reached this point belongs to a dead process.
         return "interrupted" if row["status"] == "running" else str(row["status"])
+
+    def _abandoned(self, row: Mapping[str, Any], now: float) -> bool:
+        """Whether a 'running' row's process is gone (see the module docstring)."""
+        if row["host"] == self.host:
+            return not _process_alive(row["pid"], row["pid_start"])
+        beat = row["heartbeat_at"]
+        # No heartbeat at all: written by a kdlab without heartbeats; its liveness is unknown, keep it.
+        return beat is not None and now - beat > self.heartbeat_timeout
+
+    def heartbeat(self, run_id: str) -> bool:
+        """Mark run ``run_id`` alive now; False if this process no longer holds it (it was taken over)."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE runs SET heartbeat_at = ? WHERE run_id = ? AND status = 'running' AND pid = ? AND host = ?",
+                (time.time(), run_id, os.getpid(), self.host),
+            )
+            return cursor.rowcount == 1
 
     def _require_run(self, db: sqlite3.Connection, run_id: str) -> sqlite3.Row:
         row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
@@ -492,30 +556,38 @@ class Store:
         """Mark the run 'failed' with ``message``; False if it had already finished."""
         return self._end(run_id, "failed", str(message))
 
-    def interrupt(self, run_id: str) -> bool:
-        """Mark the run 'interrupted' (e.g. Ctrl-C); False if it had already finished."""
-        return self._end(run_id, "interrupted", None)
+    def interrupt(self, run_id: str, message: str | None = None) -> bool:
+        """Mark the run 'interrupted' (Ctrl-C, a full disk: not the run's fault; the next run resumes it).
+
+        False if it had already finished.
+        """
+        return self._end(run_id, "interrupted", message)
 
     def mark_dead_runs_interrupted(self) -> list[str]:
-        """Turn 'running' runs of this host whose process is gone into 'interrupted'.
+        """Turn abandoned 'running' runs into 'interrupted' and return their ids.
 
-        Returns their run ids. Runs of other hosts are left alone: their
-        processes cannot be checked from here.
+        Abandoned: on this host, the process is gone; on another host, no
+        heartbeat for ``heartbeat_timeout`` seconds (see the module docstring).
         """
         changed = []
         with self._write() as db:
             rows = db.execute(
-                "SELECT run_id, pid, pid_start FROM runs WHERE status = 'running' AND host = ?",
-                (self.host,),
+                "SELECT run_id, pid, pid_start, host, heartbeat_at FROM runs WHERE status = 'running'"
             ).fetchall()
             now = time.time()
             for row in rows:
-                if not _process_alive(row["pid"], row["pid_start"]):
-                    db.execute(
-                        "UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? WHERE run_id = ?",
-                        (now, f"process {row['pid']} on {self.host} ended without finishing the run", row["run_id"]),
-                    )
-                    changed.append(str(row["run_id"]))
+                if not self._abandoned(row, now):
+                    continue
+                if row["host"] == self.host:
+                    why = f"process {row['pid']} on {self.host} ended without finishing the run"
+                else:
+                    why = (f"process {row['pid']} on {row['host']} sent no heartbeat for "
+                           f"{now - row['heartbeat_at']:.0f} s (timeout {self.heartbeat_timeout:g} s)")
+                db.execute(
+                    "UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? WHERE run_id = ?",
+                    (now, why, row["run_id"]),
+                )
+                changed.append(str(row["run_id"]))
         return changed
 
     # -- reads --
@@ -537,6 +609,7 @@ class Store:
             final=final,
             pid=row["pid"],
             host=row["host"],
+            heartbeat_at=row["heartbeat_at"],
         )
 
     def _unknown_run(self, db: sqlite3.Connection, run_id: str) -> KdlabError:
@@ -632,3 +705,52 @@ class Store:
             f"no run id, run-id prefix or experiment named {token!r} in {self.database_path}; "
             f"{hint}list them with `kdlab runs`"
         )
+
+
+class Heartbeat:
+    """While open, refresh run ``run_id``'s heartbeat from a background thread.
+
+    The thread opens its own ``Store`` (a connection belongs to the thread that
+    opened it) and writes every ``heartbeat_timeout / 5`` seconds, so another
+    host sees the run alive with four beats to spare. A failed beat (a locked or
+    full disk) is retried at the next interval: it must never stop training.
+    """
+
+    def __init__(self, workspace: str | Path, run_id: str, *, heartbeat_timeout: float | None = None):
+        self.workspace = workspace
+        self.run_id = run_id
+        self.timeout = _heartbeat_timeout(heartbeat_timeout)
+        self.interval = min(60.0, max(0.05, self.timeout / 5))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _beat(self) -> None:
+        store = None
+        try:
+            while not self._stop.wait(self.interval):
+                try:
+                    if store is None:
+                        store = Store(self.workspace, heartbeat_timeout=self.timeout)
+                    if not store.heartbeat(self.run_id):
+                        return  # taken over or ended: nothing left to keep alive
+                except (sqlite3.Error, KdlabError, OSError):
+                    pass  # retried at the next beat
+        finally:
+            if store is not None:
+                store.close()
+
+    def start(self) -> "Heartbeat":
+        self._thread = threading.Thread(target=self._beat, name=f"kdlab-heartbeat-{self.run_id}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()

@@ -10,16 +10,33 @@ atomic within one filesystem.
 leave the last line cut short; ``read_jsonl`` skips such a line and the next
 ``append_jsonl`` trims it away before writing, so it never ends up glued to a
 new record in the middle of the file.
+
+A write that fails because the disk is full or the folder is read-only (or
+not ours) raises :class:`~kdlab.errors.WorkspaceError`, one line naming the
+file; the target keeps its previous content and no temporary file is left.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
+
+# errno values that mean "this workspace cannot take the write", not "kdlab has a bug".
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def workspace_error(path: str | Path, error: OSError) -> WorkspaceError | None:
+    """The one-line error for a write to ``path`` that failed with a full or unwritable disk, else None."""
+    if error.errno not in DISK_ERRNOS:
+        return None
+    reason = error.strerror or os.strerror(error.errno)
+    return WorkspaceError(f"{path}: cannot write ({reason}); free disk space or make the folder writable, or pass "
+                          "--workspace DIR to another folder; finished runs and the last checkpoint are kept")
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -39,20 +56,25 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically, creating the parent folders."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise workspace_error(path, error) or error from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         # Also on KeyboardInterrupt: leave no temporary file behind.
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+        if isinstance(error, OSError) and workspace_error(path, error) is not None:
+            raise workspace_error(path, error) from None
         raise
     _fsync_folder(path.parent)
 
@@ -101,12 +123,16 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
     by an earlier crash is removed first.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(obj) + "\n").encode("utf-8")
-    with open(path, "a+b") as handle:
-        _trim_partial_last_line(handle)
-        handle.write(line)
-        handle.flush()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+b") as handle:
+            _trim_partial_last_line(handle)
+            handle.write(line)
+            handle.flush()
+    except OSError as error:
+        # A partial line left by a failed write is trimmed by the next append (see the module docstring).
+        raise workspace_error(path, error) or error from None
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

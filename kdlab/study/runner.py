@@ -39,9 +39,9 @@ from kdlab.engine import distributed
 from kdlab.engine.checkpoint import save_model
 from kdlab.engine.loop import fit
 from kdlab.engine.seed import seed_everything
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
-from kdlab.store import Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from kdlab.study.tracking import Sinks, check_available, open_sinks
 
 TEACHER_EXPERIMENT = "teachers"
@@ -251,6 +251,10 @@ class Runner:
             return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
         sinks = Sinks([])  # replaced by the configured ones once the run folder exists
+        # Keeps the claim alive for other hosts sharing the workspace (see kdlab.store.database).
+        # Rank 0 alone under torchrun (the other ranks never write to the store).
+        beat = (Heartbeat(self.workspace, run_id, heartbeat_timeout=self.store.heartbeat_timeout).start()
+                if self.main else None)
         try:
             if self.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -306,6 +310,10 @@ class Runner:
                 final.update(report["metrics"])
                 for line in report["warnings"]:
                     self.out(f"  robust warning {run_id}: {line}")
+            not_a_number = sorted(key for key, value in final.items() if math.isnan(value))
+            if not_a_number:  # never a silent NaN in a results table: the run fails and says which
+                raise KdlabError(f"final metric(s) {', '.join(not_a_number[:5])} are NaN (the model's outputs are "
+                                 "not finite on that split); lower train.lr or set train.grad_clip, and check the data")
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
             sinks.log_final(final, step=max(self.store.epoch_metrics(run_id), default=0))
@@ -315,6 +323,11 @@ class Runner:
                 self.store.interrupt(run_id)
             sinks.close("interrupted")
             raise
+        except WorkspaceError as exc:  # the disk, not the run: the next `kdlab run` resumes it without --retry-failed
+            sinks.close("interrupted")
+            if self.main:
+                self.store.interrupt(run_id, str(exc))
+            raise
         except BaseException as exc:
             sinks.close("failed")
             if not self.main:
@@ -322,6 +335,9 @@ class Runner:
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
             raise
+        finally:
+            if beat is not None:
+                beat.stop()
         acc = final.get("test/acc")
         self.out(f"  done {run_id}: test acc {acc:.4f}" if acc is not None else f"  done {run_id}")
         return "ran"
@@ -337,6 +353,8 @@ class Runner:
         for spec in specs:
             try:
                 outcome = self.execute(spec)
+            except WorkspaceError:
+                raise  # a full or read-only disk fails every later run too: stop the study here
             except KdlabError as exc:
                 summary.failed.append((spec.run_id, str(exc)))
                 self.out(f"  FAILED {spec.run_id} [{spec.label}]: {exc}")

@@ -61,7 +61,7 @@ from typing import Any, Callable
 import yaml
 
 from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides, content_hash, load_yaml_documents,
-                          parse_experiment, set_path, to_dict)
+                          name_problem, parse_experiment, set_path, to_dict)
 from kdlab.errors import KdlabError
 
 INSTALL_HINT = "install the tune extra: pip install 'kdlab[tune]'"
@@ -381,6 +381,8 @@ def load_tune_config(config: str | Path | dict, *, overrides: list[str] | None =
     study = section.get("study") or f"{base.name}-tune"
     if not isinstance(study, str) or study.strip() != study or not study:
         errors.append(f"tune.study: expected a name, got {study!r}")
+    elif name_problem(study, "tune.study"):
+        errors.append(name_problem(study, "tune.study"))
     try:
         check_space(raw, knobs)
     except ConfigError as exc:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 
@@ -73,6 +73,9 @@ def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bo
         for spec in specs:
             try:
                 runner.execute(spec)
+            except WorkspaceError as exc:  # a full or read-only disk: every later run would fail too
+                send("fatal", spec.run_id, spec.label, str(exc))
+                return
             except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
                 send("failed", spec.run_id, spec.label, str(exc))
     except KeyboardInterrupt:
@@ -256,21 +259,26 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGTERM, _parent_terminated)
+
+        def start(index: int) -> tuple[int, Any, Connection]:
+            offset = index * len(todo) // workers  # start apart, so the workers do not queue on one run
+            order = todo[offset:] + todo[:offset]
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
+                                      args=(str(runner.workspace), order, resume, retry_failed, since,
+                                            threads, writer))
+            process.start()
+            writer.close()
+            processes.append(process)
+            readers.append(reader)
+            return index + 1, process, reader
+
         try:
             for index in range(workers):
-                offset = index * len(todo) // workers  # start apart, so the workers do not queue on one run
-                order = todo[offset:] + todo[:offset]
-                reader, writer = context.Pipe(duplex=False)
-                process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
-                                          args=(str(runner.workspace), order, resume, retry_failed, since,
-                                                threads, writer))
-                process.start()
-                writer.close()
-                processes.append(process)
-                readers.append(reader)
-                numbers[process.sentinel] = (index + 1, process)
+                number, process, _ = start(index)
+                numbers[process.sentinel] = (number, process)
             reported = _supervise(processes, readers, numbers, store, specs, display, since=since,
-                                  workers=workers, poll_seconds=poll_seconds)
+                                  workers=workers, poll_seconds=poll_seconds, restart=start)
         except BaseException:  # Ctrl-C (or a bug here): no worker outlives the parent
             display.close()
             _stop(processes)
@@ -288,11 +296,19 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
 
 
 def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], display: _Display, *,
-               since: float, workers: int, poll_seconds: float) -> dict[str, str]:
-    """Relay worker messages and print progress until every worker has ended; return reported failures."""
+               since: float, workers: int, poll_seconds: float, restart: Callable | None = None) -> dict[str, str]:
+    """Relay worker messages and print progress until every worker has ended; return reported failures.
+
+    A worker killed by a signal (SIGKILL, the OOM killer) is replaced by a new
+    one, at most ``workers`` times in all: the new worker reclaims the dead
+    one's run (its pid is gone, see ``Store.claim``) and resumes it from its
+    last checkpoint. A worker that exits with an error code is not replaced.
+    """
     reported: dict[str, str] = {}
     live = dict(numbers)
     open_readers = list(readers)
+    restarts_left = workers if restart is not None else 0
+    fatal: list[str] = []
     next_poll = 0.0
     while live or open_readers:
         timeout = max(0.0, next_poll - time.monotonic())
@@ -301,7 +317,14 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
             if ready in live:  # a process sentinel: that worker has ended
                 number, process = live.pop(ready)
                 process.join()
-                if process.exitcode:
+                if process.exitcode and process.exitcode < 0 and restarts_left > 0:
+                    restarts_left -= 1
+                    new_number, new_process, reader = restart(number - 1)
+                    live[new_process.sentinel] = (new_number, new_process)
+                    open_readers.append(reader)
+                    display.message(f"worker {number} (pid {process.pid}) {_exit_reason(process.exitcode)}; "
+                                    f"started pid {new_process.pid} in its place, which resumes its run")
+                elif process.exitcode:
                     display.message(f"worker {number} (pid {process.pid}) {_exit_reason(process.exitcode)}; "
                                     "its run is recorded as failed or interrupted; the other workers go on")
                 changed = True
@@ -313,6 +336,11 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
                 continue
             if message[0] == "out":
                 display.message(message[1])
+            elif message[0] == "fatal":
+                _, run_id, label, text = message
+                reported[run_id] = text
+                fatal.append(text)
+                display.message(f"  FAILED {run_id} [{label}]: {text}")
             elif message[0] == "failed":
                 _, run_id, label, text = message
                 reported[run_id] = text
@@ -321,4 +349,6 @@ def _supervise(processes, readers, numbers, store: Store, specs: list[RunSpec], 
         if changed or time.monotonic() >= next_poll:
             display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
             next_poll = time.monotonic() + poll_seconds
+    if fatal:  # the other workers ran into the same disk, or finished: the study cannot go on
+        raise WorkspaceError(fatal[0])
     return reported
