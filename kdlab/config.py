@@ -81,6 +81,14 @@ class TrainConfig:
     keep_epochs: tuple[int, ...] = ()  # keep the model's weights after these epochs (early-stopped teachers)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 needs CUDA
+    # Speed (kdlab.engine.speed; each off by default, so existing run ids are kept):
+    # the teacher's train-split outputs computed once and read from a verified on-disk cache.
+    teacher_cache: bool = field(default=False, metadata=OMIT_DEFAULT)
+    compile: bool = field(default=False, metadata=OMIT_DEFAULT)  # torch.compile the student and teacher forwards
+    channels_last: bool = field(default=False, metadata=OMIT_DEFAULT)  # NHWC memory format (image conv nets)
+    fused_optimizer: bool = field(default=False, metadata=OMIT_DEFAULT)  # fused optimiser kernel where available
+    # The teacher's weights: "same" as the student (float32; autocast applies), or held in bfloat16.
+    teacher_dtype: Literal["same", "bf16"] = field(default="same", metadata=OMIT_DEFAULT)
 
 
 @dataclass

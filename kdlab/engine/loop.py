@@ -24,14 +24,16 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data import SequenceInfo, Splits, augment_batch
+from kdlab.data import SequenceInfo, Splits
+from kdlab.data.resident import ResidentData
 from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
 from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
+from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
+                                default_cache_root, teacher_network, use_channels_last)
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method, Outputs
 from kdlab.metrics import classification_metrics
-from kdlab.models import Taps
 
 # How often (in steps) the accumulated loss terms are read back: each read is a
 # device sync, and a NaN is caught at the latest this many steps after it appears.
@@ -149,23 +151,31 @@ def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
 def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits: Splits, train: TrainConfig,
         seed: int, run_dir: Path | None = None, resume: bool = True, augment: str = "none",
         on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False,
-        label: str = "") -> FitResult:
+        label: str = "", teacher_cache_dir: Path | None = None) -> FitResult:
     """Train ``student`` (and ``method``'s own parameters) with ``method``; return the selected metrics.
 
     ``run_dir`` receives checkpoints (none when it is None); with ``resume`` the
     latest checkpoint there is continued. ``on_epoch(epoch, metrics)`` is called
     after each epoch (1-based) with train loss terms and, when evaluated, val
     metrics. The caller seeds the global RNG before building the models.
+    ``teacher_cache_dir`` holds the teacher-output cache (``train.teacher_cache``; default
+    ``kdlab.engine.speed.default_cache_root()``).
     """
     device = resolve_device(train.device)
+    check_device_options(train, device)
     student.to(device)
     method.to(device)
     uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
     if teacher is not None:
         teacher.to(device).eval()
         teacher.requires_grad_(False)
-    x_train, y_train = (t.to(device) for t in splits.train)
-    num_train = len(x_train)
+    if train.teacher_cache:
+        check_teacher_cache(method, teacher, splits, train)
+    # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
+    # per epoch from its own seed (the cached views' key), else per batch as always (same results as before).
+    data = ResidentData(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
+                        per_sample=train.teacher_cache, seed=seed)
+    num_train = len(data)
     if num_train == 0:
         raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
     steps_per_epoch = math.ceil(num_train / train.batch_size)
@@ -222,10 +232,36 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             elif len(inputs):
                 teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
 
-    # Hooks only when a method asks for features: an empty Taps would still put both models on
-    # nn.Module's slower hook path every forward.
-    student_taps = Taps(student, method.student_taps) if method.student_taps else None
-    teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if (uses_teacher and method.teacher_taps) else None
+    # The forwards the step runs: features come back beside the logits (taps), optionally compiled.
+    channels_last = train.channels_last and use_channels_last(student, tuple(splits.input_shape), role="student")
+    student_forward = TappedForward(student, method.student_taps, channels_last=channels_last)
+    teacher_forward = cached = cache = None
+    if uses_teacher:
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        teacher_net, teacher_input_dtype = teacher_network(teacher, train, device)
+        teacher_forward = TappedForward(teacher_net, method.teacher_taps, detach=True,
+                                        input_dtype=teacher_input_dtype, channels_last=channels_last)
+    student_step = compile_forward(student_forward) if train.compile else student_forward
+    teacher_step = compile_forward(teacher_forward) if (train.compile and teacher_forward is not None) else teacher_forward
+
+    def run_teacher(inputs: torch.Tensor):
+        """The teacher's (logits, features) on a batch: eval mode, no autograd; plain tensors out."""
+        if train.compile:  # a compiled graph is traced under no_grad (inference mode would add a guard)
+            with torch.no_grad(), _autocast(device, train.precision):
+                return teacher_step(inputs)
+        with torch.inference_mode(), _autocast(device, train.precision):
+            logits, features = teacher_step(inputs)
+        # Inference tensors cannot be saved for the student's backward (e.g. as an MSE target): clone out.
+        return logits.clone(), {name: value.clone() for name, value in features.items()}
+
+    if train.teacher_cache and uses_teacher:
+        from kdlab.engine.teacher_cache import TeacherCache, view_name
+
+        transform = "none" if augment == "none" else f"{augment}/per_sample"
+        cache = TeacherCache(teacher_cache_dir or default_cache_root(), teacher=teacher, inputs=splits.train[0],
+                             transform=transform, precision=f"{train.precision}/{train.teacher_dtype}",
+                             taps=tuple(method.teacher_taps))
     bar = _Progress(progress, label)
     method_metrics = getattr(method, "metrics", None)
     method_metrics = method_metrics if callable(method_metrics) else None
@@ -236,28 +272,30 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             student.train()
             method.train()
             generator = epoch_generator(seed, epoch)
-            order = torch.randperm(num_train, generator=generator).to(device)
+            data.start_epoch(epoch, generator)
+            if cache is not None and (cached is None or data.view_seed is not None):
+                view_seed = data.view_seed
+                cached, _ = cache.get(view_name(view_seed), rows=num_train,
+                                      render=lambda index: data.render(index, view_seed), run_teacher=run_teacher,
+                                      generator=torch.Generator().manual_seed(seed))
+                cached = cached.to(device)
             sums = bad_steps = None
             adversary_sums: dict[str, list[float]] = {}
             steps_this_epoch = min(steps_per_epoch, total_steps - step)
             for i in range(steps_this_epoch):
-                index = order[i * train.batch_size:(i + 1) * train.batch_size]
-                inputs, labels = x_train[index], y_train[index]
-                if augment != "none":
-                    inputs = augment_batch(inputs, kind=augment, generator=generator)
+                index, inputs, labels = data.batch(i)
                 method.set_progress(step, total_steps)
                 batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
                 inputs = batch.inputs
                 with autocast:
                     teacher_out = None
                     if uses_teacher and method.teacher_needed():
-                        with torch.no_grad():
-                            teacher_logits_batch = teacher(inputs)
-                        teacher_out = Outputs(teacher_logits_batch,
-                                              dict(teacher_taps.captured) if teacher_taps is not None else {})
-                    student_logits_batch = student(inputs)
-                    student_out = Outputs(student_logits_batch,
-                                          dict(student_taps.captured) if student_taps is not None else {})
+                        if cached is not None:  # float16 on disk, float32 to the method
+                            teacher_out = Outputs(cached.logits[index].float(),
+                                                  {k: v[index].float() for k, v in cached.features.items()})
+                        else:
+                            teacher_out = Outputs(*run_teacher(inputs))
+                    student_out = Outputs(*student_step(inputs))
                     if adversary_optimizer is not None and step % method.adversary_every == 0:
                         _adversary_step(method, adversary_optimizer, batch, student_out, teacher_out,
                                         adversary_sums)
@@ -333,9 +371,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 save_checkpoint(ckpt_root, epoch + 1, tensors, state)
     finally:
         bar.close()
-        for tap in (student_taps, teacher_taps):
-            if tap is not None:
-                tap.close()
+        for forward in (student_forward, teacher_forward):
+            if forward is not None:
+                forward.close()
 
     selected_epoch = epochs
     if train.selection == "best_val" and best_epoch is not None:
