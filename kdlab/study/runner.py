@@ -237,7 +237,8 @@ class Runner:
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
                          seed=spec.seed, run_dir=run_dir, resume=self.resume, augment=cfg.data.augment,
-                         on_epoch=on_epoch, progress=self.progress, label=run_id)
+                         on_epoch=on_epoch, progress=self.progress, label=run_id,
+                         teacher_cache_dir=self.cache_dir / "teacher_outputs")
             final = dict(result.final)
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
