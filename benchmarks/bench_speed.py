@@ -265,6 +265,11 @@ def main(argv=None) -> int:
                 common = dict(splits=splits, teacher=teacher, student=student, args=args, precision=precision,
                               compiled=mode == "compiled", channels_last=channels_last, optimizer=optimizer,
                               device=device)
+                if mode == "compiled":
+                    # Each arm compiles fresh modules; without a reset their guards pile up in dynamo's
+                    # per-code cache until it falls back to eager (recompile_limit). The on-disk
+                    # inductor cache keeps the second compile of the same graph cheap.
+                    torch._dynamo.reset()
                 memory.start()
                 if arm.startswith("plain"):
                     times, first_loss = plain_arm(arm, **common)
