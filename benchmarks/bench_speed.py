@@ -19,7 +19,8 @@ Arms, each under every ``--configs`` entry (``PRECISION:MODE``, e.g. ``fp32:eage
 Timing: every arm trains ``--epochs`` epochs of ``--steps`` steps (the train split is cut to
 ``steps × batch`` samples). The first epoch is warm-up (compilation, cudnn autotuning, the cache
 build); the last is dropped too (kdlab evaluates the tiny val split in it); the epochs between are
-timed with a device sync at each epoch boundary, and the median ms/step is reported. Peak memory:
+timed with a device sync at each epoch boundary, and the median ms/step is reported (over all
+``--rounds``, which repeat every arm in alternating order). Peak memory:
 CUDA ``max_memory_allocated`` (reset before each arm); on the CPU the process's peak resident set
 (``VmHWM``, reset through ``/proc/self/clear_refs`` before each arm) above its resident set at the
 arm's start. Sanity: the plain and kdlab KD loops must give the same mean loss in the first epoch.
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", nargs="+", default=["fp32:eager", "bf16:eager"],
                    help="PRECISION:MODE entries, precision fp32|bf16|fp16, mode eager|compiled")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every arm this many times per config, in alternating order (medians over all)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -259,7 +262,10 @@ def main(argv=None) -> int:
         results = {}
         for entry in args.configs:
             precision, _, mode = entry.partition(":")
-            for arm in args.arms:
+            # Rounds alternate the arms' order (forward, backward, ...) so a drift of the machine's load
+            # biases no arm; a later round of a compiled arm reuses nothing but the on-disk inductor cache.
+            runs = [arm for r in range(args.rounds) for arm in (args.arms if r % 2 == 0 else args.arms[::-1])]
+            for arm in runs:
                 student = copy.deepcopy(student0)
                 student.load_state_dict(init)
                 common = dict(splits=splits, teacher=teacher, student=student, args=args, precision=precision,
@@ -275,10 +281,12 @@ def main(argv=None) -> int:
                     times, first_loss = plain_arm(arm, **common)
                 else:
                     times, first_loss = kdlab_arm(arm, cache_dir=Path(tmp) / "teacher_cache", **common)
-                results[(entry, arm)] = {"ms": 1000 * statistics.median(times), "spread": times,
-                                         "mem": memory.peak_mib(), "loss": first_loss}
-                print(f"  {entry:<14} {arm:<14} {results[(entry, arm)]['ms']:9.2f} ms/step  "
-                      f"peak {results[(entry, arm)]['mem']:8.1f} MiB  first-epoch loss {first_loss:.4f}")
+                entry_result = results.setdefault((entry, arm), {"spread": [], "mem": 0.0, "loss": first_loss})
+                entry_result["spread"] += times
+                entry_result["ms"] = 1000 * statistics.median(entry_result["spread"])
+                entry_result["mem"] = max(entry_result["mem"], memory.peak_mib())
+                print(f"  {entry:<14} {arm:<14} {1000 * statistics.median(times):9.2f} ms/step  "
+                      f"peak {memory.peak_mib():8.1f} MiB  first-epoch loss {first_loss:.4f}")
                 sys.stdout.flush()
                 del student
         print(f"load average at end (1/5/15 min): {load()}")
