@@ -809,6 +809,11 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
     if cfg.teacher is None and getattr(method_cls, "needs_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
                       "(teacher.model + teacher.train, or teacher.checkpoint)")
+    if cfg.train.teacher_cache is True and hasattr(method_cls, "can_cache_teacher") and \
+            not method_cls.can_cache_teacher():
+        errors.append(f"train.teacher_cache: method {cfg.method.name!r} gives its teacher inputs it makes during "
+                      "training (generated, adversarial or sampled) or a changing teacher, so its outputs cannot "
+                      "be cached per sample; set train.teacher_cache: false")
     if cfg.teacher is not None and getattr(method_cls, "refuses_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
                       "set teacher: null (e.g. in its own YAML document)")

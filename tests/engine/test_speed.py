@@ -180,3 +180,13 @@ def test_speed_keys_keep_run_ids(tmp_path):
     assert plain.run_id == explicit.run_id and "teacher_cache" not in plain.resolved()["train"]
     _, [cached] = load_experiment(path, overrides=["train.teacher_cache=true"])
     assert cached.run_id != plain.run_id
+
+
+def test_config_refuses_teacher_cache_for_methods_that_make_teacher_inputs(tmp_path):
+    from kdlab.errors import ConfigError
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: t\ndata: {dataset: synthetic}\nteacher: {model: mlp}\nstudent: {model: mlp}\n"
+                    "method: {name: ard}\ntrain: {teacher_cache: true}\n")
+    with pytest.raises(ConfigError, match="train.teacher_cache: method 'ard'"):
+        load_experiment(path)
