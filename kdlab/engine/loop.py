@@ -245,13 +245,15 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     student_step = compile_forward(student_forward) if train.compile else student_forward
     teacher_step = compile_forward(teacher_forward) if (train.compile and teacher_forward is not None) else teacher_forward
 
-    def run_teacher(inputs: torch.Tensor):
-        """The teacher's (logits, features) on a batch: eval mode, no autograd; plain tensors out."""
-        if train.compile:  # a compiled graph is traced under no_grad (inference mode would add a guard)
+    def run_teacher(inputs: torch.Tensor, *, compiled: bool = train.compile):
+        """The teacher's (logits, features) on a batch: eval mode, no autograd; plain tensors out.
+
+        ``compiled=False`` runs the eager forward (the cache's one pass over the data is not worth a compile)."""
+        if compiled:  # a compiled graph is traced under no_grad (inference mode would add a guard)
             with torch.no_grad(), _autocast(device, train.precision):
                 return teacher_step(inputs)
         with torch.inference_mode(), _autocast(device, train.precision):
-            logits, features = teacher_step(inputs)
+            logits, features = teacher_forward(inputs)
         # Inference tensors cannot be saved for the student's backward (e.g. as an MSE target): clone out.
         return logits.clone(), {name: value.clone() for name, value in features.items()}
 
@@ -276,7 +278,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             if cache is not None and (cached is None or data.view_seed is not None):
                 view_seed = data.view_seed
                 cached, _ = cache.get(view_name(view_seed), rows=num_train,
-                                      render=lambda index: data.render(index, view_seed), run_teacher=run_teacher,
+                                      render=lambda index: data.render(index, view_seed),
+                                      run_teacher=functools.partial(run_teacher, compiled=False),
                                       generator=torch.Generator().manual_seed(seed))
                 cached = cached.to(device)
             sums = bad_steps = None
