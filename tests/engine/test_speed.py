@@ -190,3 +190,11 @@ def test_config_refuses_teacher_cache_for_methods_that_make_teacher_inputs(tmp_p
                     "method: {name: ard}\ntrain: {teacher_cache: true}\n")
     with pytest.raises(ConfigError, match="train.teacher_cache: method 'ard'"):
         load_experiment(path)
+
+
+def test_compile_unavailable_is_a_clear_error(monkeypatch):
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
+    with pytest.raises(KdlabError, match="train.compile: torch.compile is not supported"):
+        compile_forward(torch.nn.Linear(2, 2))
