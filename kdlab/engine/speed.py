@@ -30,16 +30,18 @@ class TappedForward(nn.Module):
     """``model``'s forward returning ``(logits, {tap: feature})``.
 
     ``input_dtype`` casts the inputs first (a teacher held in bfloat16) and its outputs back
-    to float32; ``channels_last`` hands 4-d inputs over in NHWC memory format.
+    to float32; ``channels_last`` hands 4-d inputs over in NHWC memory format. ``tap_model``: the
+    module whose paths ``names`` are, when ``model`` wraps it (DistributedDataParallel); default ``model``.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...] = (), *, detach: bool = False,
-                 input_dtype: torch.dtype | None = None, channels_last: bool = False):
+                 input_dtype: torch.dtype | None = None, channels_last: bool = False,
+                 tap_model: nn.Module | None = None):
         super().__init__()
         self.model = model
         # Hooks only when features are asked for: an empty Taps would still put the model on nn.Module's
         # slower hook path every forward.
-        self.taps = Taps(model, names, detach=detach) if names else None
+        self.taps = Taps(tap_model if tap_model is not None else model, names, detach=detach) if names else None
         self.input_dtype, self.channels_last = input_dtype, channels_last
 
     def forward(self, inputs: torch.Tensor):

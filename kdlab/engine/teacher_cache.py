@@ -192,10 +192,12 @@ class TeacherCache:
         del arrays
         (tmp / "done.json").write_text(json.dumps({"rows": rows}))
         final = self.path / view
-        if final.exists():  # a concurrent builder finished first: theirs is as good as ours
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
+        try:
             os.replace(tmp, final)
+        except OSError:  # a concurrent builder (another run, another rank) finished first: theirs is as good
+            if not (final / "done.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
         return self.load(view)
 
     def get(self, view: str, *, rows: int, render: Callable[[torch.Tensor], torch.Tensor], run_teacher: Callable,

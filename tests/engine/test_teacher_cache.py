@@ -183,3 +183,14 @@ def test_fit_refuses_cache_for_adversarial_method(tmp_path):
     with pytest.raises(KdlabError, match="train.teacher_cache: method ARD"):
         fit(student=student, method=method, teacher=teacher, splits=splits,
             train=TrainConfig(epochs=1, device="cpu", teacher_cache=True), seed=0, teacher_cache_dir=tmp_path)
+
+
+def test_second_builder_of_a_view_keeps_the_first(tmp_path):
+    splits = _splits(tmp_path)
+    x = splits.train[0]
+    teacher = _teacher(splits)
+    first = _open(tmp_path, teacher, x).build("plain", rows=len(x), render=lambda i: x[i], run_teacher=_live(teacher))
+    # Another process that missed the view meanwhile builds it too: its copy is dropped, the view stays whole.
+    second = _open(tmp_path, teacher, x).build("plain", rows=len(x), render=lambda i: x[i], run_teacher=_live(teacher))
+    assert torch.equal(first.logits, second.logits)
+    assert sorted(p.name for p in (_open(tmp_path, teacher, x).path).iterdir()) == ["meta.json", "plain"]
