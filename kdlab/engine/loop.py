@@ -1,7 +1,9 @@
 """The one training loop. Every method trains through ``fit``.
 
-Per step, top to bottom: pick the batch → (augment) → teacher forward (eval
-mode, no grad, its taps) → student forward (its taps) → ``method.loss_terms`` →
+Per step, top to bottom: pick the batch (device-resident, ``data/resident.py``) →
+(augment) → teacher forward (eval and inference mode, its taps; or its verified
+cached outputs, ``train.teacher_cache``) → student forward (its taps; both optionally
+compiled, ``engine/speed.py``) → ``method.loss_terms`` →
 sum → backward → clip → optimiser step → schedule step. Per epoch: the method's
 own ``metrics()`` if it defines one (logged as ``method/<name>``), validate,
 report, checkpoint. Resuming loads the latest checkpoint and replays the same
