@@ -81,6 +81,14 @@ class TrainConfig:
     keep_epochs: tuple[int, ...] = ()  # keep the model's weights after these epochs (early-stopped teachers)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 needs CUDA
+    # Speed (kdlab.engine.speed; each off by default, so existing run ids are kept):
+    # the teacher's train-split outputs computed once and read from a verified on-disk cache.
+    teacher_cache: bool = field(default=False, metadata=OMIT_DEFAULT)
+    compile: bool = field(default=False, metadata=OMIT_DEFAULT)  # torch.compile the student and teacher forwards
+    channels_last: bool = field(default=False, metadata=OMIT_DEFAULT)  # NHWC memory format (image conv nets)
+    fused_optimizer: bool = field(default=False, metadata=OMIT_DEFAULT)  # fused optimiser kernel where available
+    # The teacher's weights: "same" as the student (float32; autocast applies), or held in bfloat16.
+    teacher_dtype: Literal["same", "bf16"] = field(default="same", metadata=OMIT_DEFAULT)
 
 
 @dataclass
@@ -875,6 +883,11 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
     if cfg.teacher is None and getattr(method_cls, "needs_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} needs a teacher; add a teacher section "
                       "(teacher.model + teacher.train, or teacher.checkpoint)")
+    if cfg.train.teacher_cache is True and hasattr(method_cls, "can_cache_teacher") and \
+            not method_cls.can_cache_teacher():
+        errors.append(f"train.teacher_cache: method {cfg.method.name!r} gives its teacher inputs it makes during "
+                      "training (generated, adversarial or sampled) or a changing teacher, so its outputs cannot "
+                      "be cached per sample; set train.teacher_cache: false")
     if cfg.teacher is not None and getattr(method_cls, "refuses_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
                       "set teacher: null (e.g. in its own YAML document)")

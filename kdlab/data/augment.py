@@ -35,12 +35,28 @@ def augment_batch(
             f"data.augment: crop_flip needs image inputs (C, H, W) but this dataset's inputs have shape {shape}; "
             "set data.augment: none"
         )
-    count, channels, height, width = inputs.shape
-    draw = {"generator": generator, "device": generator.device}
-    top = torch.randint(0, 2 * padding + 1, (count,), **draw).to(inputs.device)
-    left = torch.randint(0, 2 * padding + 1, (count,), **draw).to(inputs.device)
-    flip = (torch.rand(count, **draw) < 0.5).to(inputs.device)
+    top, left, flip = crop_flip_params(len(inputs), generator=generator, padding=padding)
+    return apply_crop_flip(inputs, top.to(inputs.device), left.to(inputs.device), flip.to(inputs.device),
+                           padding=padding)
 
+
+def crop_flip_params(count: int, *, generator: torch.Generator, padding: int = 4):
+    """Random crop offsets ``top``, ``left`` (int64 in [0, 2·padding]) and ``flip`` (bool), each ``(count,)``.
+
+    Drawn from ``generator`` on its own device, in this order (top, left, flip).
+    """
+    draw = {"generator": generator, "device": generator.device}
+    top = torch.randint(0, 2 * padding + 1, (count,), **draw)
+    left = torch.randint(0, 2 * padding + 1, (count,), **draw)
+    flip = torch.rand(count, **draw) < 0.5
+    return top, left, flip
+
+
+def apply_crop_flip(inputs: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor, *,
+                    padding: int = 4) -> torch.Tensor:
+    """Zero-pad ``inputs`` (N, C, H, W) by ``padding``, crop H x W at (top, left) per sample, then flip
+    the samples where ``flip``; one gather on the inputs' device (parameters on the same device)."""
+    count, channels, height, width = inputs.shape
     padded = F.pad(inputs, (padding, padding, padding, padding))
     rows = top[:, None] + torch.arange(height, device=inputs.device)  # (N, H)
     columns = torch.arange(width, device=inputs.device).expand(count, width)

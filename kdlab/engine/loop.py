@@ -1,7 +1,9 @@
 """The one training loop. Every method trains through ``fit``.
 
-Per step, top to bottom: pick the batch → (augment) → teacher forward (eval
-mode, no grad, its taps) → student forward (its taps) → ``method.loss_terms`` →
+Per step, top to bottom: pick the batch (device-resident, ``data/resident.py``) →
+(augment) → teacher forward (eval and inference mode, its taps; or its verified
+cached outputs, ``train.teacher_cache``) → student forward (its taps; both optionally
+compiled, ``engine/speed.py``) → ``method.loss_terms`` →
 sum → backward → clip → optimiser step → schedule step. Per epoch: the method's
 own ``metrics()`` if it defines one (logged as ``method/<name>``), validate,
 report, checkpoint. Resuming loads the latest checkpoint and replays the same
@@ -24,15 +26,17 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data import SequenceInfo, Splits, augment_batch
+from kdlab.data import SequenceInfo, Splits
+from kdlab.data.resident import ResidentData
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
 from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
+from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
+                                default_cache_root, teacher_network, use_channels_last)
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method, Outputs
 from kdlab.metrics import classification_metrics
-from kdlab.models import Taps
 
 # How often (in steps) the accumulated loss terms are read back: each read is a
 # device sync, and a NaN is caught at the latest this many steps after it appears.
@@ -154,7 +158,7 @@ def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
 def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits: Splits, train: TrainConfig,
         seed: int, run_dir: Path | None = None, resume: bool = True, augment: str = "none",
         on_epoch: Callable[[int, dict[str, float]], None] | None = None, progress: bool = False,
-        label: str = "") -> FitResult:
+        label: str = "", teacher_cache_dir: Path | None = None) -> FitResult:
     """Train ``student`` (and ``method``'s own parameters) with ``method``; return the selected metrics.
 
     ``run_dir`` receives checkpoints (none when it is None); with ``resume`` the
@@ -166,6 +170,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     its share of every global batch, the student trains inside DistributedDataParallel, and
     only rank 0 evaluates, writes checkpoints, calls ``on_epoch`` and returns final metrics
     (the other ranks return an empty ``final``).
+    ``teacher_cache_dir`` holds the teacher-output cache (``train.teacher_cache``; default
+    ``kdlab.engine.speed.default_cache_root()``).
     """
     dist_ctx = distributed.current()
     main_rank = dist_ctx is None or dist_ctx.is_main
@@ -175,14 +181,20 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
         if train.batch_size % dist_ctx.world_size:
             raise KdlabError(f"train.batch_size: {train.batch_size} does not split over {dist_ctx.world_size} "
                              "processes; the global batch must be a multiple of torchrun's --nproc_per_node")
+    check_device_options(train, device)
     student.to(device)
     method.to(device)
     uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
     if teacher is not None:
         teacher.to(device).eval()
         teacher.requires_grad_(False)
-    x_train, y_train = (t.to(device) for t in splits.train)
-    num_train = len(x_train)
+    if train.teacher_cache:
+        check_teacher_cache(method, teacher, splits, train)
+    # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
+    # per epoch from its own seed (the cached views' key), else per batch as always (same results as before).
+    data = ResidentData(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
+                        per_sample=train.teacher_cache, seed=seed)
+    num_train = len(data)
     if num_train == 0:
         raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
     steps_per_epoch = math.ceil(num_train / train.batch_size)
@@ -239,15 +251,44 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             elif len(inputs):
                 teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
 
-    # Hooks only when a method asks for features: an empty Taps would still put both models on
-    # nn.Module's slower hook path every forward.
-    student_taps = Taps(student, method.student_taps) if method.student_taps else None
-    teacher_taps = Taps(teacher, method.teacher_taps, detach=True) if (uses_teacher and method.teacher_taps) else None
-    bar = _Progress(progress and main_rank, label)
+    # The forwards the step runs: features come back beside the logits (taps), optionally compiled.
+    channels_last = train.channels_last and use_channels_last(student, tuple(splits.input_shape), role="student")
     # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
     forward_student = distributed.wrap_student(student, device) if dist_ctx is not None else student
     student_ids = {id(p) for p in student.parameters()}
     outside_ddp = [p for p in main_parameters if id(p) not in student_ids]  # the method's own parameters
+    student_forward = TappedForward(forward_student, method.student_taps, tap_model=student,
+                                    channels_last=channels_last)
+    teacher_forward = cached = cache = None
+    if uses_teacher:
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        teacher_net, teacher_input_dtype = teacher_network(teacher, train, device)
+        teacher_forward = TappedForward(teacher_net, method.teacher_taps, detach=True,
+                                        input_dtype=teacher_input_dtype, channels_last=channels_last)
+    student_step = compile_forward(student_forward) if train.compile else student_forward
+    teacher_step = compile_forward(teacher_forward) if (train.compile and teacher_forward is not None) else teacher_forward
+
+    def run_teacher(inputs: torch.Tensor, *, compiled: bool = train.compile):
+        """The teacher's (logits, features) on a batch: eval mode, no autograd; plain tensors out.
+
+        ``compiled=False`` runs the eager forward (the cache's one pass over the data is not worth a compile)."""
+        if compiled:  # a compiled graph is traced under no_grad (inference mode would add a guard)
+            with torch.no_grad(), _autocast(device, train.precision):
+                return teacher_step(inputs)
+        with torch.inference_mode(), _autocast(device, train.precision):
+            logits, features = teacher_forward(inputs)
+        # Inference tensors cannot be saved for the student's backward (e.g. as an MSE target): clone out.
+        return logits.clone(), {name: value.clone() for name, value in features.items()}
+
+    if train.teacher_cache and uses_teacher:
+        from kdlab.engine.teacher_cache import TeacherCache, view_name
+
+        transform = "none" if augment == "none" else f"{augment}/per_sample"
+        cache = TeacherCache(teacher_cache_dir or default_cache_root(), teacher=teacher, inputs=splits.train[0],
+                             transform=transform, precision=f"{train.precision}/{train.teacher_dtype}",
+                             taps=tuple(method.teacher_taps))
+    bar = _Progress(progress and main_rank, label)
     method_metrics = getattr(method, "metrics", None)
     method_metrics = method_metrics if callable(method_metrics) else None
     autocast = _autocast(device, train.precision)
@@ -257,15 +298,19 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             student.train()
             method.train()
             generator = epoch_generator(seed, epoch)
-            order = torch.randperm(num_train, generator=generator).to(device)
+            data.start_epoch(epoch, generator)
+            if cache is not None and (cached is None or data.view_seed is not None):
+                view_seed = data.view_seed
+                cached, _ = cache.get(view_name(view_seed), rows=num_train,
+                                      render=lambda index: data.render(index, view_seed),
+                                      run_teacher=functools.partial(run_teacher, compiled=False),
+                                      generator=torch.Generator().manual_seed(seed))
+                cached = cached.to(device)
             sums = bad_steps = None
             adversary_sums: dict[str, list[float]] = {}
             steps_this_epoch = min(steps_per_epoch, total_steps - step)
             for i in range(steps_this_epoch):
-                index = order[i * train.batch_size:(i + 1) * train.batch_size]
-                inputs, labels = x_train[index], y_train[index]
-                if augment != "none":  # the whole global batch on every rank: the same random stream as one process
-                    inputs = augment_batch(inputs, kind=augment, generator=generator)
+                index, inputs, labels = data.batch(i)
                 weight = None
                 if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
                     positions, weight = distributed.shard(torch.arange(len(index), device=device),
@@ -277,13 +322,12 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 with autocast:
                     teacher_out = None
                     if uses_teacher and method.teacher_needed():
-                        with torch.no_grad():
-                            teacher_logits_batch = teacher(inputs)
-                        teacher_out = Outputs(teacher_logits_batch,
-                                              dict(teacher_taps.captured) if teacher_taps is not None else {})
-                    student_logits_batch = forward_student(inputs)
-                    student_out = Outputs(student_logits_batch,
-                                          dict(student_taps.captured) if student_taps is not None else {})
+                        if cached is not None:  # float16 on disk, float32 to the method
+                            teacher_out = Outputs(cached.logits[index].float(),
+                                                  {k: v[index].float() for k, v in cached.features.items()})
+                        else:
+                            teacher_out = Outputs(*run_teacher(inputs))
+                    student_out = Outputs(*student_step(inputs))
                     if adversary_optimizer is not None and step % method.adversary_every == 0:
                         _adversary_step(method, adversary_optimizer, batch, student_out, teacher_out,
                                         adversary_sums)
@@ -367,10 +411,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 save_checkpoint(ckpt_root, epoch + 1, tensors, state)
     finally:
         bar.close()
-        for tap in (student_taps, teacher_taps):
-            if tap is not None:
-                tap.close()
-        del forward_student  # DDP's gradient hooks go with it: later backward passes are plain again
+        for forward in (student_forward, teacher_forward):
+            if forward is not None:
+                forward.close()
+        del student_forward, student_step, forward_student  # DDP's gradient hooks go with them
 
     if not main_rank:
         return FitResult(final={}, epochs_run=epochs_run)

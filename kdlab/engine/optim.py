@@ -1,6 +1,7 @@
 """Optimisers and learning-rate schedules (schedules are pure functions of the step)."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,12 +16,26 @@ def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
     follow (CRD, DKD); use ``weight_decay: 0`` to switch it off.
     """
     params = [p for p in params if p.requires_grad]
+    # train.fused_optimizer: one fused kernel for the whole update (CUDA, and the CPU since torch 2.4);
+    # where this torch has none for the parameters' device, the default (foreach) path, with a warning.
+    kernel = {"fused": True} if getattr(train, "fused_optimizer", False) and params else {}
+    try:
+        return _optimizer(params, train, kernel)
+    except RuntimeError as exc:
+        if not kernel:
+            raise
+        logging.getLogger(__name__).warning("train.fused_optimizer: no fused %s here (%s); using the default "
+                                            "kernel", train.optimizer, str(exc).splitlines()[0])
+        return _optimizer(params, train, {})
+
+
+def _optimizer(params, train: TrainConfig, kernel: dict) -> torch.optim.Optimizer:
     if train.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum, nesterov=train.nesterov,
-                               weight_decay=train.weight_decay)
+                               weight_decay=train.weight_decay, **kernel)
     if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay, **kernel)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, **kernel)
 
 
 def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, train: TrainConfig) -> float:

@@ -54,6 +54,11 @@ class Method(nn.Module):
     # False: the loop runs no teacher forward (``teacher_out`` is None); the method queries the teacher
     # itself, e.g. on the clean inputs while the student sees adversarial ones (ARD, RSLAD, MTARD).
     teacher_in_loop: ClassVar[bool] = True
+    # Whether the teacher's outputs depend only on the data sample, so ``train.teacher_cache`` may serve
+    # them from disk. None = decide from the class: a teacher run by the loop on unchanged inputs
+    # (``teacher_in_loop`` and ``make_batch`` not overridden). Set False where the teacher itself changes
+    # during training (route_constrained's checkpoint sequence).
+    teacher_cacheable: ClassVar[bool | None] = None
     # True: the method trains on samples whose label is hidden (-1, ``data.labels_per_class``); the config
     # refuses labels_per_class (without drop_unlabelled) for every other method.
     uses_unlabelled: ClassVar[bool] = False
@@ -92,6 +97,13 @@ class Method(nn.Module):
         """Extension point, asked before each step: False skips this step's teacher forward
         (``teacher_out`` is None), e.g. during a teacher-free warm-up."""
         return True
+
+    @classmethod
+    def can_cache_teacher(cls) -> bool:
+        """True when the loop may replace this method's teacher forward by cached outputs (see ``teacher_cacheable``)."""
+        if cls.teacher_cacheable is not None:
+            return cls.teacher_cacheable
+        return cls.needs_teacher and cls.teacher_in_loop and cls.make_batch is Method.make_batch
 
     def make_batch(self, batch: Batch) -> Batch:
         """Extension point, called before the forwards: replace or augment the batch.

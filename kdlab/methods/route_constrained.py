@@ -47,6 +47,8 @@ class RouteConstrained(Method):
 
     Hparams = RouteHparams
 
+    teacher_cacheable = False  # the teacher moves along its trajectory during training
+
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if not isinstance(teacher, TeacherTrajectory):

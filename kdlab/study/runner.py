@@ -292,7 +292,8 @@ class Runner:
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
                          seed=spec.seed, run_dir=run_dir, resume=self.resume, augment=cfg.data.augment,
-                         on_epoch=on_epoch, progress=self.progress, label=run_id)
+                         on_epoch=on_epoch, progress=self.progress, label=run_id,
+                         teacher_cache_dir=self.cache_dir / "teacher_outputs")
             if not self.main:  # rank 0 saves, evaluates and records the run
                 return "ran"
             final = dict(result.final)
