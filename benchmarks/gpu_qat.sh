@@ -9,9 +9,9 @@ mkdir -p "$OUT"
 python3 -c "import torch, sys; print(torch.__version__, sys.version.split()[0], torch.cuda.get_device_name(0))"
 python3 -c "from kdlab.data.docstrings import docstring_texts; t,l,h=docstring_texts(); print('docstrings', len(t), h[:16])"
 start=$(date +%s)
-python3 -m kdlab --workspace /tmp/ws run configs/qat/minilm.yaml --quiet 2>&1 | grep -v "^running" | tail -40
+python3 -m kdlab --workspace /tmp/ws run "${CONFIG:-configs/qat/minilm.yaml}" --quiet 2>&1 | grep -v "^running" | tail -40
 echo "wall $(( $(date +%s) - start )) s"
-python3 -m kdlab --workspace /tmp/ws plot qat qat-minilm --out "$OUT"
+python3 -m kdlab --workspace /tmp/ws plot qat "${NAME:-qat-minilm}" --out "$OUT"
 python3 - <<'PY'
 import glob, json, os
 rows = []
