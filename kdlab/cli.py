@@ -182,20 +182,16 @@ def cmd_plot(args) -> int:
 
     workspace = _workspace(args)
     out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
-    if args.what == "qat":
-        from kdlab.study.qat_table import plot_qat_table, qat_table, render_qat_table
+    tabled = {"qat": ("kdlab.study.qat_table", "qat_table", "render_qat_table", "plot_qat_table"),
+              "gkd-grid": ("kdlab.study.gkd_grid", "gkd_grid", "render_gkd_grid", "plot_gkd_grid")}
+    if args.what in tabled:  # a study table printed as Markdown, then its figures
+        import importlib
 
-        qat = qat_table(Store(workspace), args.experiment, metric=args.metric)
-        print(render_qat_table(qat, fmt="markdown"), end="")
-        for path in plot_qat_table(qat, out):
-            print(path)
-        return 0
-    if args.what == "gkd-grid":
-        from kdlab.study.gkd_grid import gkd_grid, plot_gkd_grid, render_gkd_grid
-
-        grid = gkd_grid(Store(workspace), args.experiment, metric=args.metric)
-        print(render_gkd_grid(grid, fmt="markdown"), end="")
-        for path in plot_gkd_grid(grid, out):
+        module_name, build, render, draw = tabled[args.what]
+        module = importlib.import_module(module_name)
+        result = getattr(module, build)(Store(workspace), args.experiment, metric=args.metric)
+        print(getattr(module, render)(result, fmt="markdown"), end="")
+        for path in getattr(module, draw)(result, out):
             print(path)
         return 0
     table = capacity_table(Store(workspace), args.experiment, metric=args.metric)
