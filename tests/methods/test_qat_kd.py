@@ -346,3 +346,9 @@ def test_end_to_end_quantized_student_reloads_with_identical_logits(tmp_path, vo
     teacher_acc = table.teacher.mean
     assert table.rows[0].gap.mean == pytest.approx(teacher_acc - runs[0].final["test/acc"])
     assert "gap to teacher" in render_qat_table(table, fmt="markdown")
+    # And through the CLI: the Markdown table, then the figures.
+    capsys.readouterr()
+    assert main(["--workspace", str(tmp_path / "ws"), "plot", "qat", "qat_tiny", "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "| ternary | logits+ce+hidden+map+output | 1 |" in printed
+    assert (tmp_path / "plots" / "qat.png").stat().st_size > 0 and (tmp_path / "plots" / "qat.svg").exists()
