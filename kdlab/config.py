@@ -773,6 +773,8 @@ def _parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         _check_quant(cfg.student.quant, errors)
         if cfg.student.init == "teacher" and cfg.teacher is None:
             errors.append("student.init: 'teacher' copies the teacher's weights; add a teacher section")
+        if cfg.student.init == "teacher" and cfg.student.checkpoint is not None:
+            errors.append("student.init: 'teacher' and student.checkpoint both set the starting weights; keep one")
     if cfg.teacher is not None:
         for key in ("quant", "init"):
             if getattr(cfg.teacher, key) is not None:

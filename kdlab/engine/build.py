@@ -66,16 +66,29 @@ def load_model_file(path: str | Path, splits: Splits, *, model: str | None = Non
 
 
 def build_student(cfg: ModelConfig, splits: Splits, teacher: nn.Module | None = None) -> nn.Module:
-    """The student: built or loaded, optionally started from the teacher's weights, then fake-quantized."""
+    """The student: built or loaded, optionally started from the teacher's weights, then fake-quantized.
+
+    ``student.quant_options`` records the quantization actually applied (the config's, or the one a
+    loaded model file carries); the runner saves it with the model and exports the integers from it.
+    """
+    quant = cfg.quant
     if cfg.checkpoint is not None:
-        student = load_model_file(cfg.checkpoint, splits, model=cfg.model, options=cfg.options,
-                                  key="student.checkpoint")[0]
+        student, spec = load_model_file(cfg.checkpoint, splits, model=cfg.model, options=cfg.options,
+                                        key="student.checkpoint")
+        if spec.get("quant") is not None:  # the file is already quantized: its spec is the student's
+            if quant is not None and quant_spec(quant) != quant_spec(spec["quant"], key="student.checkpoint"):
+                raise KdlabError(f"student.quant: {cfg.checkpoint} already holds a model quantized as {spec['quant']}; "
+                                 "remove student.quant or give the same settings")
+            quant = spec["quant"]
+        elif quant is not None:
+            quantize_model(student, quant_spec(quant))
     else:
         student = build_model(cfg.model, cfg.options, splits)
-    if cfg.init == "teacher":
-        copy_teacher_weights(student, teacher)
-    if cfg.quant is not None:
-        quantize_model(student, quant_spec(cfg.quant))
+        if cfg.init == "teacher":
+            copy_teacher_weights(student, teacher)
+        if quant is not None:
+            quantize_model(student, quant_spec(quant))
+    student.quant_options = quant
     return student
 
 

@@ -177,6 +177,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     main_rank = dist_ctx is None or dist_ctx.is_main
     device = resolve_device(train.device)
     if dist_ctx is not None:
+        if method.per_sample_state:
+            raise KdlabError(f"method {type(method).__name__} keeps per-sample state that torchrun's processes would "
+                             "split between them; run it in one process (kdlab run without torchrun)")
         device = distributed.device_for(device, dist_ctx)
         if train.batch_size % dist_ctx.world_size:
             raise KdlabError(f"train.batch_size: {train.batch_size} does not split over {dist_ctx.world_size} "
@@ -301,10 +304,14 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             data.start_epoch(epoch, generator)
             if cache is not None and (cached is None or data.view_seed is not None):
                 view_seed = data.view_seed
+                if dist_ctx is not None and not main_rank:
+                    distributed.barrier(dist_ctx)  # rank 0 builds the view first; the others then find a hit
                 cached, _ = cache.get(view_name(view_seed), rows=num_train,
                                       render=lambda index: data.render(index, view_seed),
                                       run_teacher=functools.partial(run_teacher, compiled=False),
                                       generator=torch.Generator().manual_seed(seed))
+                if dist_ctx is not None and main_rank:
+                    distributed.barrier(dist_ctx)
                 cached = cached.to(device)
             sums = bad_steps = None
             adversary_sums: dict[str, list[float]] = {}
@@ -364,8 +371,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
                 if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
                     step_sums, step_bad = sums, bad_steps
                     if dist_ctx is not None:  # every rank sees the same (global-batch) means and stops alike
-                        reduced = distributed.all_sum(torch.cat([sums, bad_steps.to(sums.dtype)]))
-                        step_sums, step_bad = reduced[:len(names)], reduced[len(names):].long()
+                        # Rank terms carry the shard weights (mean over ranks = the global batch's loss): divide
+                        # the sums by the world size; a NaN reaches every rank's weights, so the counts agree.
+                        reduced = distributed.all_sum(torch.cat([sums, bad_steps.to(sums.dtype)])) / dist_ctx.world_size
+                        step_sums, step_bad = reduced[:len(names)], reduced[len(names):].ceil().long()
                     means = dict(zip(names, (step_sums / (i + 1)).tolist()))
                     if not all(math.isfinite(v) for v in means.values()):
                         counts = dict(zip(names, step_bad.tolist()))
@@ -415,6 +424,8 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             if forward is not None:
                 forward.close()
         del student_forward, student_step, forward_student  # DDP's gradient hooks go with them
+        if train.compile:  # compiled code keeps its modules (a DDP wrapper too) alive and shares one
+            torch._dynamo.reset()  # recompile limit across runs in this process: start the next run afresh
 
     if not main_rank:
         return FitResult(final={}, epochs_run=epochs_run)

@@ -94,6 +94,7 @@ def check_same_architecture(student: torch.nn.Module, teacher: torch.nn.Module) 
 class AIKD(Method):
     """AI-KD: PS-KD + KL to a pre-trained same-architecture model + a discriminator the student fools."""
 
+    per_sample_state = True  # past predictions per train sample
     Hparams = AIKDHparams
     needs_teacher = True
 

@@ -62,6 +62,9 @@ class Method(nn.Module):
     # True: the method trains on samples whose label is hidden (-1, ``data.labels_per_class``); the config
     # refuses labels_per_class (without drop_unlabelled) for every other method.
     uses_unlabelled: ClassVar[bool] = False
+    # True: the method keeps per-sample state indexed by ``Batch.indices`` (PS-KD's past predictions), which
+    # DDP would split between processes; refused under torchrun.
+    per_sample_state: ClassVar[bool] = False
     # The kinds of data a method trains on: "classification" (inputs → class logits) and/or "sequence"
     # (token ids in, (B, L, V) next-token logits out); the builder refuses the others before training.
     data_kinds: ClassVar[tuple[str, ...]] = ("classification",)

@@ -159,6 +159,7 @@ class PSKDHparams:
 class PSKD(Method):
     """PS-KD: cross-entropy to (1−α_t)·onehot + α_t·(own softmax of the previous epoch), α_t = α_T·(t+1)/E."""
 
+    per_sample_state = True  # past predictions per train sample
     Hparams = PSKDHparams
     needs_teacher = False
     refuses_teacher = True

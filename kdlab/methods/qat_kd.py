@@ -20,6 +20,7 @@ Padding (token id ``pad_token_id``) is masked in every term; ``layer_reduction``
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,8 +57,9 @@ def _encoder_layers(net, role: str) -> int:
 
 def resolve_layer_map(layer_map: dict | None, student_layers: int, teacher_layers: int) -> dict[int, int]:
     """Student layer → teacher layer, checked; the default is identity or the uniform (TinyBERT) map."""
-    if layer_map is None:
-        return {i: round((i + 1) * teacher_layers / student_layers) - 1 for i in range(student_layers)}
+    if layer_map is None:  # m(l) = round((l+1)·L_T/L_S) − 1, halves up; a deeper student reuses teacher layer 0
+        return {i: max(0, math.floor((i + 1) * teacher_layers / student_layers + 0.5) - 1)
+                for i in range(student_layers)}
     if not isinstance(layer_map, dict) or not layer_map:
         raise KdlabError(f"method.layer_map: expected a mapping student layer -> teacher layer, e.g. {{0: 1, 1: 3}}, "
                          f"got {layer_map!r}")
@@ -103,6 +105,10 @@ class QatKD(Method):
         if self.kinds:
             s_layers, t_layers = _encoder_layers(student, "student"), _encoder_layers(teacher, "teacher")
             self.layer_map = resolve_layer_map(h.layer_map, s_layers, t_layers)
+            if "attention_probs" in self.kinds and getattr(student, "probs_dropout", 0.0) > 0:
+                raise KdlabError(f"method.map_weight: the student returns attention probabilities after dropout "
+                                 f"(p = {student.probs_dropout}), so the map loss would compare dropped maps; set "
+                                 "the student's attention_probs_dropout_prob to 0 (hf_encoder config)")
             if "attention_probs" in self.kinds and student.num_heads != teacher.num_heads:
                 raise KdlabError(f"method.map_weight: the attention-map loss compares heads one by one but the student "
                                  f"has {student.num_heads} heads and the teacher {teacher.num_heads}; use equal head "

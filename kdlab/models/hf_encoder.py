@@ -44,6 +44,8 @@ class HFEncoderClassifier(nn.Module):
         self.pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
+        # Hugging Face returns the probabilities after attention dropout (qat_kd refuses a map loss on those).
+        self.probs_dropout = float(getattr(config, "attention_probs_dropout_prob", 0.0) or 0.0)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(config.hidden_size, num_classes)
         self.attention_probs = nn.ModuleList([_ProbsProbe() for _ in range(self.num_layers)])
@@ -78,7 +80,8 @@ class HFEncoderClassifier(nn.Module):
             raise KdlabError(f"hf_encoder takes (batch, length) int64 token ids, got {ids.dtype} {tuple(ids.shape)}; "
                              "use a text dataset (e.g. data.dataset: stdlib_docstrings)")
         valid = ids != self.pad_token_id
-        hidden = self.backbone(input_ids=ids, attention_mask=valid.long()).last_hidden_state
+        # output_attentions: older BERT attention modules return the probabilities only when asked.
+        hidden = self.backbone(input_ids=ids, attention_mask=valid.long(), output_attentions=True).last_hidden_state
         weights = valid.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
         return self.classifier(self.dropout(pooled))
@@ -113,6 +116,10 @@ def hf_encoder(*, input_shape: tuple[int, ...], num_classes: int, mean: Optional
             hf_config.num_hidden_layers = layers
         hf_config._attn_implementation = "eager"
         backbone = transformers.AutoModel.from_config(hf_config, add_pooling_layer=False)
+    model_pad = backbone.config.pad_token_id if backbone.config.pad_token_id is not None else 0
+    if pad_token_id is not None and pad_token_id != model_pad:
+        raise KdlabError(f"data.tokenizer: the dataset pads with id {pad_token_id} but the Hugging Face model with "
+                         f"{model_pad}; tokenize with the model's vocabulary")
     if vocab_size is not None and backbone.config.vocab_size != vocab_size:
         raise KdlabError(f"data.tokenizer: the dataset's vocabulary has {vocab_size} tokens but the Hugging Face "
                          f"model has {backbone.config.vocab_size}; tokenize with the model's vocabulary")

@@ -103,13 +103,13 @@ def dequantized_forward(model: nn.Module, exported: dict, *args, **kwargs):
 
 
 @torch.no_grad()
-def export_max_error(model: nn.Module, *args, **kwargs) -> float:
-    """Max |fake-quant output − output rebuilt from ``export(model)``|, both in eval mode."""
+def export_max_error(model: nn.Module, *args, exported: dict | None = None, **kwargs) -> float:
+    """Max |fake-quant output − output rebuilt from ``exported`` (default ``export(model)``)|, both in eval mode."""
     was_training = model.training
     model.eval()
     try:
         reference = model(*args, **kwargs)
-        rebuilt = dequantized_forward(model, export(model), *args, **kwargs)
+        rebuilt = dequantized_forward(model, export(model) if exported is None else exported, *args, **kwargs)
     finally:
         model.train(was_training)
     return float((reference - rebuilt).abs().max())
@@ -120,7 +120,9 @@ def save_export(path, exported: dict) -> None:
     ``<layer>.scale``, ``<layer>.bias``, ``<layer>.act.<key>``; bit widths in the JSON metadata."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from kdlab.store.files import atomic_write_bytes
 
     tensors, meta = {}, {}
     for name, entry in exported["layers"].items():
@@ -132,7 +134,8 @@ def save_export(path, exported: dict) -> None:
             tensors[f"{name}.act.{key}"] = value.contiguous()
         meta[name] = {"weight_bits": entry["weight_bits"], "per_channel": entry["per_channel"],
                       "act_quant": entry["act_quant"] is not None}
-    save_file(tensors, str(path), metadata={"format": FORMAT, "layers": json.dumps(meta)})
+    # Atomic (temp file + fsync + rename): a full disk leaves the previous file, never a truncated one.
+    atomic_write_bytes(path, save(tensors, metadata={"format": FORMAT, "layers": json.dumps(meta)}))
 
 
 def read_export(path) -> dict:

@@ -722,6 +722,7 @@ class Heartbeat:
         self.timeout = _heartbeat_timeout(heartbeat_timeout)
         self.interval = min(60.0, max(0.05, self.timeout / 5))
         self._stop = threading.Event()
+        self.lost = threading.Event()  # set when a beat finds the run no longer ours (taken over or ended)
         self._thread: threading.Thread | None = None
 
     def _beat(self) -> None:
@@ -732,7 +733,8 @@ class Heartbeat:
                     if store is None:
                         store = Store(self.workspace, heartbeat_timeout=self.timeout)
                     if not store.heartbeat(self.run_id):
-                        return  # taken over or ended: nothing left to keep alive
+                        self.lost.set()  # the trainer checks this after each epoch and stops writing
+                        return
                 except (sqlite3.Error, KdlabError, OSError):
                     pass  # retried at the next beat
         finally:

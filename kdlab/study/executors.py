@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.study.runner import Runner, StudySummary
 
 EXECUTORS = ("local", "ray")
@@ -74,6 +74,9 @@ def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed
         for spec in specs:
             try:
                 runner.execute(spec)
+            except WorkspaceError as exc:  # a full or read-only disk: every later run would fail too
+                messages.append(("fatal", spec.run_id, spec.label, str(exc)))
+                break
             except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
                 messages.append(("failed", spec.run_id, spec.label, str(exc)))
     finally:
@@ -154,6 +157,7 @@ class RayExecutor:
                 refs.append(task.remote(str(runner.workspace), todo[offset:] + todo[:offset], resume, retry_failed,
                                         since, threads))
             reported: dict[str, str] = {}
+            fatal: list[str] = []
             pending = list(refs)
             try:
                 while pending:
@@ -171,6 +175,8 @@ class RayExecutor:
                             else:
                                 _, run_id, label, text = message
                                 reported[run_id] = text
+                                if message[0] == "fatal":
+                                    fatal.append(text)
                                 display.message(f"  FAILED {run_id} [{label}]: {text}")
                     display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
             except BaseException:  # Ctrl-C: no task outlives the study; their runs resume on the next run
@@ -183,6 +189,8 @@ class RayExecutor:
             if started:
                 ray.shutdown()
         store.mark_dead_runs_interrupted()  # a cancelled task's run on this host: 'interrupted', resumable
+        if fatal:  # as with local workers: the disk, not a run, so the study stops (exit 2)
+            raise WorkspaceError(fatal[0])
         return summarize(_records(store, specs), specs, since=since, reported=reported)
 
 

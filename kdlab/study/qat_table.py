@@ -65,7 +65,12 @@ def qat_table(store: Store, experiment: str, *, metric: str = "test/acc") -> Qat
     by_row: dict[tuple[str, str], dict[int, float]] = {}
     for run in runs:
         bits = str(run.config["student"]["quant"].get("weight_bits", "ternary"))
-        by_row.setdefault((bits, signals_of(run.config.get("method", {}))), {})[run.seed] = run.final[metric]
+        row = by_row.setdefault((bits, signals_of(run.config.get("method", {}))), {})
+        if run.seed in row:  # two configurations share a row: a table keyed by bits and signals would mix them
+            raise KdlabError(f"experiment {experiment!r}: two runs with seed {run.seed} have {bits} weights and "
+                             f"signals {signals_of(run.config.get('method', {}))} but differ elsewhere; compare them "
+                             "with `kdlab compare` (the qat table keys rows by weight precision and signals only)")
+        row[run.seed] = run.final[metric]
     order = sorted(by_row, key=lambda k: (_BITS_ORDER.get(int(k[0]) if k[0].isdigit() else k[0], 9),
                                           k[1].count("+"), k[1]))
     rows = []

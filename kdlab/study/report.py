@@ -35,6 +35,7 @@ from typing import Sequence
 from kdlab.errors import KdlabError
 from kdlab.report.document import Block, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from kdlab.store import RunRecord, Store, atomic_write_text
+from kdlab.study.capacity import safe_name
 from kdlab.study.compare import DEFAULT_METRICS, CompareRow, compare_table, _headers_and_cells, _footnote
 from kdlab.study.stats import mean_ci
 
@@ -52,8 +53,11 @@ class ReportResult:
     notes: tuple[str, ...]  # parts left out and why (also in the report)
 
 
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("._") or "experiment"
+def _canonical(value) -> str:
+    """The whole value as sorted JSON: two configs are the same exactly when these are."""
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _short(value) -> str:
@@ -298,8 +302,8 @@ def study_blocks(store: Store, experiment: str, folder: Path, *, baseline: str |
                                       title=f"{experiment}: {metric} per configuration")
         study.append(_figure([paths], f"{metric} per configuration (loss/method ablation), mean ± 95% CI; "
                                       f"baseline {chosen} in orange"))
-    teachers = {_short(r.config.get("teacher")) for r in finished if r.config.get("teacher")}
-    students = {_short(r.config.get("student")) for r in finished}
+    teachers = {_canonical(r.config.get("teacher")) for r in finished if r.config.get("teacher")}
+    students = {_canonical(r.config.get("student")) for r in finished}
     if teachers and (len(teachers) > 1 or len(students) > 1):
         from kdlab.study.capacity import capacity_table, plot_capacity
 

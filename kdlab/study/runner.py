@@ -94,20 +94,14 @@ QUANT_EXPORT_FILE = "quantized.safetensors"
 
 
 def _export_quantized(student, splits: Splits, run_dir: Path) -> dict[str, float]:
-    """Write the quantized student's integer weights + scales and check they reproduce its outputs."""
-    from kdlab.quant import export, read_export, save_export
-    from kdlab.quant.export import dequantized_forward
+    """Write the quantized student's integer weights + scales and check, from the file, that they
+    reproduce its outputs on the first 64 test inputs."""
+    from kdlab.quant import export, export_max_error, read_export, save_export
 
     save_export(run_dir / QUANT_EXPORT_FILE, export(student))
-    device = next(student.parameters()).device
-    inputs = splits.test[0][:64].to(device)
-    was = student.training
-    student.eval()
-    with torch.no_grad():
-        reference = student(inputs)
-        rebuilt = dequantized_forward(student, read_export(run_dir / QUANT_EXPORT_FILE), inputs)
-    student.train(was)
-    return {"quant/export_max_error": float((reference - rebuilt).abs().max())}
+    inputs = splits.test[0][:64].to(next(student.parameters()).device)
+    error = export_max_error(student, inputs, exported=read_export(run_dir / QUANT_EXPORT_FILE))
+    return {"quant/export_max_error": error}
 
 
 def _untrained_network(t: ModelConfig, splits: Splits):
@@ -179,9 +173,8 @@ class Runner:
         """The trained teacher network of ``cfg`` (None without one), training what it needs first."""
         if cfg.teacher is None:
             return None
-        # Under torchrun every rank holds its own replica of the teacher. A teacher-output cache
-        # belongs here: rank 0 builds (or verifies) it, then distributed.barrier(self.dist), then
-        # every rank opens it read-only.
+        # Under torchrun every rank holds its own replica of the teacher. The teacher-output cache is
+        # built inside fit on every rank: its writes are race-safe (a second builder drops its copy).
         return self._network(cfg.teacher, cfg, splits)
 
     def _network(self, t: ModelConfig, cfg: ExperimentConfig, splits: Splits):
@@ -251,6 +244,7 @@ class Runner:
             return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
         sinks = Sinks([])  # replaced by the configured ones once the run folder exists
+        outcome = "failed"  # what the sinks are closed with
         # Keeps the claim alive for other hosts sharing the workspace (see kdlab.store.database).
         # Rank 0 alone under torchrun (the other ranks never write to the store).
         beat = (Heartbeat(self.workspace, run_id, heartbeat_timeout=self.store.heartbeat_timeout).start()
@@ -276,13 +270,19 @@ class Runner:
             verb = "resuming" if previous in ("failed", "interrupted") else "running"
             self.out(f"{verb} {role} {run_id}  [{spec.label}]")
 
-            spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits, quant=cfg.student.quant)
+            quant = getattr(student, "quant_options", None)  # the config's, or a loaded quantized file's
+            spec_of_model = model_spec(cfg.student.model, cfg.student.options, splits, quant=quant)
 
+            last_epoch = [0]  # the latest epoch recorded (the final metrics' step in the sinks)
             if self.main:  # under torchrun, rank 0 alone records
                 sinks = open_sinks(cfg.tracking, run_dir=run_dir, workspace=self.workspace, run_id=run_id,
                                    experiment=experiment, label=spec.label, config=spec.resolved(), out=self.out)
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+                if beat is not None and beat.lost.is_set():  # another process owns the run now: write nothing
+                    raise KdlabError(f"run {run_id} was taken over by another process (no heartbeat seen for "
+                                     f"{beat.timeout:g} s); this process stops")
+                last_epoch[0] = epoch
                 self.store.log_epoch(run_id, epoch, metrics)
                 append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, **metrics})
                 sinks.log_epoch(epoch, metrics)  # after the store: a sink sees only recorded metrics
@@ -300,7 +300,7 @@ class Runner:
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
             save_model(run_dir / MODEL_FILE, student, spec_of_model)
-            if cfg.student.quant is not None:
+            if quant is not None:
                 final.update(_export_quantized(student, splits, run_dir))
             if cfg.robust is not None:  # on the test split, after training; the settings are kept with the numbers
                 from kdlab.engine.optim import resolve_device
@@ -317,26 +317,27 @@ class Runner:
                                  "not finite on that split); lower train.lr or set train.grad_clip, and check the data")
             atomic_write_json(run_dir / "final.json", final)
             self.store.finish(run_id, final)
-            sinks.log_final(final, step=max(self.store.epoch_metrics(run_id), default=0))
-            sinks.close("finished")
+            sinks.log_final(final, step=last_epoch[0] or max(self.store.epoch_metrics(run_id), default=0))
+            outcome = "finished"
         except KeyboardInterrupt:
+            outcome = "interrupted"
             if self.main:
                 self.store.interrupt(run_id)
-            sinks.close("interrupted")
             raise
         except WorkspaceError as exc:  # the disk, not the run: the next `kdlab run` resumes it without --retry-failed
-            sinks.close("interrupted")
+            outcome = "interrupted"
             if self.main:
                 self.store.interrupt(run_id, str(exc))
             raise
         except BaseException as exc:
-            sinks.close("failed")
+            outcome = "failed"
             if not self.main:
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")
             raise
         finally:
+            sinks.close(outcome)  # once, whatever happened (a store error above must not leave a sink open)
             if beat is not None:
                 beat.stop()
         acc = final.get("test/acc")
@@ -357,6 +358,10 @@ class Runner:
             except WorkspaceError:
                 raise  # a full or read-only disk fails every later run too: stop the study here
             except KdlabError as exc:
+                if self.dist is not None:
+                    # Under torchrun the other ranks may be waiting in a collective this rank left: end the
+                    # study on every rank (torchrun stops the others when one exits with an error).
+                    raise
                 summary.failed.append((spec.run_id, str(exc)))
                 self.out(f"  FAILED {spec.run_id} [{spec.label}]: {exc}")
                 continue

@@ -65,8 +65,10 @@ _CHILD = textwrap.dedent("""
     student = build_model("mlp", {"width": 8}, splits)
     method = build_method(MethodConfig("kd", {"temperature": 3.0, "alpha": 0.7}), student=student, teacher=teacher)
     train = TrainConfig(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", momentum=0.9, device="cpu")
-    result = fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5)
-    print("TRAIN", len(splits.train[0]), "FINAL", len(result.final))
+    logged = []
+    result = fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5,
+                 on_epoch=lambda epoch, metrics: logged.append(metrics["train/loss"]))
+    print("TRAIN", len(splits.train[0]), "FINAL", len(result.final), "LOSS", *logged)
     save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out)
     distributed.shutdown()
 """)
@@ -94,6 +96,11 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     for p, (_, err) in zip(ranks, outputs):
         assert p.returncode == 0, err
     assert "FINAL 0" in outputs[1][0] and "FINAL 0" not in outputs[0][0]  # only rank 0 evaluates
+    # The logged train loss is the global batch's (not the sum over ranks).
+    single_loss = [float(v) for v in single.stdout.split("LOSS")[1].split()]
+    ddp_loss = [float(v) for v in outputs[0][0].split("LOSS")[1].split()]
+    assert len(ddp_loss) == len(single_loss) == 2
+    assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
 
     reference = _weights(tmp_path / "single.st")
     for r in range(2):

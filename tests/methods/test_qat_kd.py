@@ -161,6 +161,9 @@ def test_uniform_default_layer_map():
     assert resolve_layer_map(None, 2, 4) == {0: 1, 1: 3}
     assert resolve_layer_map(None, 3, 3) == {0: 0, 1: 1, 2: 2}
     assert resolve_layer_map(None, 3, 6) == {0: 1, 1: 3, 2: 5}
+    # A deeper student: never a layer below 0 (the uniform map would give teacher layer -1); halves round up.
+    assert resolve_layer_map(None, 4, 2) == {0: 0, 1: 0, 2: 1, 3: 1}
+    assert resolve_layer_map(None, 4, 6) == {0: 1, 1: 2, 2: 4, 3: 5}
 
 
 @pytest.mark.parametrize("layer_map, fragment", [
@@ -234,6 +237,35 @@ def test_build_student_from_teacher_then_quantize():
         copy_teacher_weights(encoder(1, seed=0), teacher)
 
 
+def test_a_quantized_model_file_as_student_checkpoint_is_not_quantized_twice(tmp_path):
+    from kdlab.engine.build import model_spec
+    from kdlab.engine.checkpoint import save_model
+
+    splits = _FakeSplits()
+    options = dict(hidden=HIDDEN, layers=2, heads=4, dropout=0.0)
+    quant = {"weight_bits": "ternary", "per_channel": True}
+    built = build_student(ModelConfig(model="bert_encoder", options=options, quant=quant), splits)
+    path = tmp_path / "student.safetensors"
+    save_model(path, built, model_spec("bert_encoder", options, splits, quant=quant))
+    for config_quant in (None, quant):  # the file's spec is used whether or not the config repeats it
+        loaded = build_student(ModelConfig(model="bert_encoder", options=options, checkpoint=str(path),
+                                           quant=config_quant), splits)
+        assert loaded.quant_options == quant and sorted(quant_layers(loaded)) == sorted(EXPECTED_SWAPPED)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(IDS), built.eval()(IDS), atol=0, rtol=0)
+    with pytest.raises(KdlabError, match="student.quant: .* already holds a model quantized"):
+        build_student(ModelConfig(model="bert_encoder", options=options, checkpoint=str(path),
+                                  quant={"weight_bits": 4}), splits)
+
+
+def test_map_loss_refuses_a_student_whose_probabilities_come_after_dropout():
+    teacher, student = encoder(2, seed=0), encoder(2, seed=1)
+    student.probs_dropout = 0.1  # as an hf_encoder student with attention_probs_dropout_prob 0.1 reports
+    with pytest.raises(KdlabError, match="method.map_weight: .*after dropout"):
+        qat(student, teacher, map_weight=1.0)
+    qat(student, teacher, output_weight=1.0)  # other terms are fine
+
+
 class _FakeSplits:
     """What build_model reads from a text dataset's Splits."""
     from kdlab.data.text import TextInfo
@@ -282,6 +314,13 @@ def test_cli_refuses_unsupported_bit_width(tmp_path, vocab, capsys):
     assert run_cli(tmp_path, cfg) == 2
     err = capsys.readouterr().err
     assert "student.quant.weight_bits" in err and "3" in err
+
+
+def test_cli_refuses_init_teacher_with_a_student_checkpoint(tmp_path, vocab, capsys):
+    cfg = tiny_config(vocab)
+    cfg["student"]["checkpoint"] = str(tmp_path / "student.safetensors")
+    assert run_cli(tmp_path, cfg) == 2
+    assert "both set the starting weights" in capsys.readouterr().err
 
 
 def test_cli_refuses_init_teacher_without_a_teacher(tmp_path, vocab, capsys):

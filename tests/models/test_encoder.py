@@ -335,6 +335,8 @@ def test_hf_encoder_refuses_non_eager_attention_and_bad_options():
         hf_encoder(input_shape=(7,), num_classes=3, config=HF_CONFIG, vocab_size=100)
     with pytest.raises(KdlabError, match="no config.json"):
         hf_encoder(input_shape=(7,), num_classes=3, path="/nonexistent-kdlab-folder")
+    with pytest.raises(KdlabError, match="pads with id 5"):  # the mask comes from the model's pad id
+        hf_encoder(input_shape=(7,), num_classes=3, config=HF_CONFIG, pad_token_id=5)
 
 
 def test_hf_encoder_loads_a_saved_folder_with_its_layers(hf_bert):
