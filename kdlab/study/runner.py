@@ -93,6 +93,10 @@ def _trim_metrics_after_checkpoint(run_dir: Path) -> None:
 QUANT_EXPORT_FILE = "quantized.safetensors"
 
 
+class RunTakenOver(KdlabError):
+    """Another process claimed this run (its heartbeat went unseen): stop without touching its row."""
+
+
 def _export_quantized(student, splits: Splits, run_dir: Path) -> dict[str, float]:
     """Write the quantized student's integer weights + scales and check, from the file, that they
     reproduce its outputs on the first 64 test inputs."""
@@ -280,8 +284,8 @@ class Runner:
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 if beat is not None and beat.lost.is_set():  # another process owns the run now: write nothing
-                    raise KdlabError(f"run {run_id} was taken over by another process (no heartbeat seen for "
-                                     f"{beat.timeout:g} s); this process stops")
+                    raise RunTakenOver(f"run {run_id} was taken over by another process (no heartbeat seen for "
+                                       f"{beat.timeout:g} s); this process stops and leaves it to the new owner")
                 last_epoch[0] = epoch
                 self.store.log_epoch(run_id, epoch, metrics)
                 append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, **metrics})
@@ -331,7 +335,7 @@ class Runner:
             raise
         except BaseException as exc:
             outcome = "failed"
-            if not self.main:
+            if not self.main or isinstance(exc, RunTakenOver):  # the row is not this process's to write
                 raise
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self.store.fail(run_id, message if isinstance(exc, KdlabError) else f"{type(exc).__name__}: {message}")

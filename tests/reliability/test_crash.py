@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,3 +212,30 @@ def test_a_database_from_before_heartbeats_is_upgraded_in_place(tmp_path):
     assert store.mark_dead_runs_interrupted() == []
     assert store.claim("old", experiment="e", role="student", label="x", seed=0, group_key="g",
                        config={}) == "running"
+
+
+def test_a_run_taken_over_stops_after_its_epoch_and_leaves_the_row_to_the_new_owner(tmp_path, monkeypatch):
+    # The heartbeat thread found the row no longer ours (another host claimed it): the trainer stops at the
+    # next epoch boundary and writes neither metrics nor a failure over the new owner's row.
+    from kdlab.config import parse_experiment
+    from kdlab.study import runner as runner_module
+
+    class LostHeartbeat:
+        def __init__(self, *args, **kwargs):
+            self.lost, self.timeout = threading.Event(), 300.0
+            self.lost.set()
+
+        def start(self):
+            return self
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(runner_module, "Heartbeat", LostHeartbeat)
+    base, specs = parse_experiment(dict(TINY, train=dict(TINY["train"], epochs=2)))
+    run = runner_module.Runner(tmp_path / "ws", progress=False, out=lambda text: None)
+    with pytest.raises(runner_module.RunTakenOver, match="taken over"):
+        run.execute(specs[0])
+    record = run.store.run(specs[0].run_id)
+    assert record.status == "running" and record.error is None  # untouched: the new owner's to write
+    assert run.store.epoch_metrics(specs[0].run_id) == {}
