@@ -57,14 +57,18 @@ def cmd_run(args) -> int:
     if args.dry_run:
         raise KdlabError("--dry-run needs no torchrun; run it as plain `kdlab run --dry-run`")
     ctx = distributed.init_from_environment()
+    finished = False
     try:
-        # Rank 0 creates the workspace and its database before the others open them (read only).
+        # Rank 0 creates the workspace and its database before the others open them.
         if not ctx.is_main:
             with contextlib.redirect_stdout(io.StringIO()):  # rank 0 alone prints
-                return _run_study(args, before_open=lambda: distributed.barrier(ctx))
-        return _run_study(args, after_open=lambda: distributed.barrier(ctx))
+                code = _run_study(args, before_open=lambda: distributed.barrier(ctx))
+        else:
+            code = _run_study(args, after_open=lambda: distributed.barrier(ctx))
+        finished = True
+        return code
     finally:
-        distributed.shutdown()
+        distributed.shutdown(synchronize=finished)
 
 
 def _run_study(args, before_open=None, after_open=None) -> int:

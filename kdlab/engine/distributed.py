@@ -137,12 +137,19 @@ def init_from_environment() -> DistContext:
     return _CONTEXT
 
 
-def shutdown() -> None:
-    """Leave the process group (end of the CLI command)."""
+def shutdown(*, synchronize: bool = True) -> None:
+    """Leave the process group (end of the CLI command).
+
+    ``synchronize``: first wait until every rank got here, so no rank tears gloo down while another is
+    still finishing (seen as "terminate called without an active exception"); False after an error,
+    when the other ranks may never arrive.
+    """
     global _CONTEXT
     import torch.distributed as dist
 
     if _CONTEXT is not None and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
     _CONTEXT = None
 

@@ -202,7 +202,7 @@ def test_without_optuna_exits_2_with_the_install_hint(tmp_path, capsys, monkeypa
 def test_a_killed_tune_resumes_its_trial_from_the_run_checkpoint(tmp_path, optuna):
     """SIGKILL `kdlab tune` inside a trial's run; the next `kdlab tune` retries the trial and the run resumes."""
     cfg = dict(TINY, teacher=None, method={"name": "scratch"},
-               train={"epochs": 40, "batch_size": 10, "checkpoint_every": 1, "device": "cpu"},
+               train={"epochs": 400, "batch_size": 10, "checkpoint_every": 1, "device": "cpu"},
                tune={"space": {"train.lr": {"choices": [0.003, 0.01]}}})
     config = _write(tmp_path, cfg)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), OMP_NUM_THREADS="1")
@@ -215,11 +215,12 @@ def test_a_killed_tune_resumes_its_trial_from_the_run_checkpoint(tmp_path, optun
         pointers = list((tmp_path / "ws").glob("runs/*/checkpoints/latest.json"))
         time.sleep(0.05)
     assert pointers, proc.communicate()
-    time.sleep(0.3)
+    # Kill at once: with device-resident data a tiny epoch takes milliseconds, so a fixed pause could
+    # outlast the whole run (400 epochs keep a margin either way).
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = json.loads(pointers[0].read_text())["epoch"]
-    assert 1 <= killed_at < 40
+    assert 1 <= killed_at < 400
     assert [t.state.name for t in _study(optuna, tmp_path / "ws").get_trials()] == ["RUNNING"]
 
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
@@ -228,4 +229,4 @@ def test_a_killed_tune_resumes_its_trial_from_the_run_checkpoint(tmp_path, optun
     trials = _study(optuna, tmp_path / "ws").get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"] and trials[1].params == trials[0].params
     (record,) = Store(tmp_path / "ws").runs(experiment="tiny-tune")
-    assert record.status == "finished" and record.final["selected_epoch"] == 40
+    assert record.status == "finished" and record.final["selected_epoch"] == 400
