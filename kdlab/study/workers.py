@@ -18,6 +18,7 @@ and resume on the next ``kdlab run``.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -226,6 +227,25 @@ def pending_specs(specs, records, *, retry_failed: bool) -> list:
             or (retry_failed and records[spec.run_id].status == "failed")]
 
 
+def _train_shared_teacher(runner: Runner, todo: list[RunSpec]) -> None:
+    """A study whose runs all share one teacher: train it here first, on every thread.
+
+    Otherwise one worker would train it on its 1/N share of the threads while the others wait for it.
+    Studies with several teachers keep training them in parallel in the workers. A teacher that fails here
+    is recorded failed in this study, so the workers report their runs without training it again.
+    """
+    sections = {json.dumps(to_dict(spec.config).get("teacher"), sort_keys=True, default=str) for spec in todo}
+    if len(sections) != 1 or todo[0].config.teacher is None:
+        return
+    cfg = todo[0].config
+    try:
+        runner.teacher(cfg, runner.splits(cfg))
+    except WorkspaceError:
+        raise
+    except KdlabError:
+        pass  # the store holds the failure; each worker reports it for its runs
+
+
 def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str | Path, workers: int,
                  resume: bool = True, retry_failed: bool = False, out: Callable[[str], None] = print,
                  poll_seconds: float = 2.0, progress: bool = True) -> StudySummary:
@@ -237,7 +257,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise KdlabError(f"--workers: expected a whole number ≥ 1, got {workers!r}")
-    runner = Runner(workspace, resume=resume, retry_failed=retry_failed, out=out)
+    runner = Runner(workspace, resume=resume, retry_failed=retry_failed, out=out, progress=progress)
     store = runner.store
     try:
         store.ensure_experiment(base.name, to_dict(base))
@@ -250,6 +270,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
             display.progress(progress_line(before, specs, since=since, workers=workers))
             display.close()
             return summarize(before, specs, since=since)
+        _train_shared_teacher(runner, todo)
         workers = max(1, min(workers, len(todo)))
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")

@@ -57,6 +57,8 @@ def test_two_workers_run_every_run_exactly_once_and_a_rerun_skips_them(tmp_path)
     (teacher,) = store.runs(role="teacher")  # one teacher run, shared by all six students
     assert teacher.status == "finished" and _epochs_in_file(Path(teacher.run_dir)) == [1, 2, 3]
     assert sum(line.startswith("running teacher") for line in lines) == 1
+    # The one shared teacher is trained by the parent, on every thread, before the workers start.
+    assert teacher.pid == os.getpid()
     assert "runs: 6 done, 0 running, 0 failed, 0 pending of 6; ETA 00:00" in lines
 
     finished_at = {run_id: store.run(run_id).finished_at for run_id in ids + [teacher.run_id]}
