@@ -545,6 +545,17 @@ def content_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def dotted_leaves(obj: Any, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (lists are leaves); ``keep_empty`` keeps an empty
+    mapping as a leaf of its own instead of dropping it."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(dotted_leaves(value, f"{prefix}.{key}" if prefix else str(key), keep_empty=keep_empty))
+        return out or ({prefix: {}} if keep_empty else {})
+    return {prefix: obj}
+
+
 def to_dict(cfg: Any) -> Any:
     """Dataclass → plain dict, with each section's ``options`` flattened back into the section."""
     if dataclasses.is_dataclass(cfg):
@@ -887,9 +898,9 @@ def _check_values(cfg: ExperimentConfig, errors: list[str]) -> None:
                       "(teacher.model + teacher.train, or teacher.checkpoint)")
     if cfg.train.teacher_cache is True and hasattr(method_cls, "can_cache_teacher") and \
             not method_cls.can_cache_teacher():
-        errors.append(f"train.teacher_cache: method {cfg.method.name!r} gives its teacher inputs it makes during "
-                      "training (generated, adversarial or sampled) or a changing teacher, so its outputs cannot "
-                      "be cached per sample; set train.teacher_cache: false")
+        from kdlab.methods.base import teacher_cache_refusal
+
+        errors.append(teacher_cache_refusal(repr(cfg.method.name)))
     if cfg.teacher is not None and getattr(method_cls, "refuses_teacher", False):
         errors.append(f"teacher: method {cfg.method.name!r} distils the student from itself; "
                       "set teacher: null (e.g. in its own YAML document)")

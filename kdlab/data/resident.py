@@ -38,6 +38,9 @@ class ResidentData:
         self.per_sample, self.seed = per_sample, seed
         self.view_seed: int | None = None  # the per-sample augmentation seed of the current epoch
         self._order = self._params = self._generator = None
+        if augment != "none" and per_sample and len(self.inputs):
+            # Checks the kind and the input shape once (a clear error); its random draw is discarded.
+            augment_batch(self.inputs[:1], kind=augment, generator=torch.Generator())
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -47,8 +50,6 @@ class ResidentData:
         self._generator = generator
         self._order = torch.randperm(len(self.inputs), generator=generator).to(self.device)
         if self.augment != "none" and self.per_sample:
-            # Only checks the kind and the input shape (a clear error); its random draw is discarded.
-            augment_batch(self.inputs[:1], kind=self.augment, generator=torch.Generator())
             self.view_seed = augment_seed(self.seed, epoch)
             self._params = tuple(p.to(self.device) for p in self.view_params(self.view_seed))
 
@@ -62,8 +63,11 @@ class ResidentData:
         inputs = self.inputs[index]
         if view_seed is None or self.augment == "none":
             return inputs
-        top, left, flip = (p[index.cpu()].to(self.device) for p in self.view_params(view_seed))
-        return apply_crop_flip(inputs, top, left, flip)
+        if view_seed == self.view_seed and self._params is not None:  # the current epoch's view: drawn already
+            params = tuple(p[index] for p in self._params)
+        else:
+            params = tuple(p[index.cpu()].to(self.device) for p in self.view_params(view_seed))
+        return apply_crop_flip(inputs, *params)
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``i`` of the current epoch: (train-row indices, inputs, labels), all on the device."""

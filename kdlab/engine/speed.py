@@ -109,9 +109,9 @@ def check_teacher_cache(method, teacher, splits, train) -> None:
     if teacher is None or not method.needs_teacher:
         raise KdlabError(f"train.teacher_cache: method {name} runs no teacher; set train.teacher_cache: false")
     if not method.can_cache_teacher():
-        raise KdlabError(f"train.teacher_cache: method {name} gives its teacher inputs it makes during training "
-                         "(generated, adversarial or sampled) or a changing teacher, so its outputs cannot be "
-                         "cached per sample; set train.teacher_cache: false")
+        from kdlab.methods.base import teacher_cache_refusal
+
+        raise KdlabError(teacher_cache_refusal(name))
     if splits.sequence is not None:
         raise KdlabError("train.teacher_cache: sequence tasks are not cached (their teachers score generated "
                          "tokens); set train.teacher_cache: false")

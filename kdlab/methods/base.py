@@ -15,6 +15,13 @@ import torch
 from torch import nn
 
 
+def teacher_cache_refusal(method_name: str) -> str:
+    """The one-line refusal of ``train.teacher_cache`` for a method that cannot use it (config and loop)."""
+    return (f"train.teacher_cache: method {method_name} gives its teacher inputs it makes during training "
+            "(generated, adversarial or sampled) or a changing teacher, so its outputs cannot be cached per "
+            "sample; set train.teacher_cache: false")
+
+
 @dataclass
 class Batch:
     """One training batch: inputs in [0, 1], integer class labels and the samples' train-split indices."""

@@ -154,9 +154,7 @@ class BertEncoderClassifier(nn.Module):
                 "attention_output": f"{prefix}.attention.output"}[kind]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dtype != torch.int64 or ids.dim() != 2:
-            raise KdlabError(f"{type(self).__name__} takes (batch, length) int64 token ids, got {ids.dtype} "
-                             f"{tuple(ids.shape)}; use a text dataset (e.g. data.dataset: stdlib_docstrings)")
+        check_token_ids(ids, type(self).__name__)
         if ids.shape[1] > self.max_positions:
             raise KdlabError(f"data.max_length: {ids.shape[1]} tokens exceed the encoder's {self.max_positions} "
                              "positions; lower data.max_length")
@@ -167,9 +165,20 @@ class BertEncoderClassifier(nn.Module):
         additive = additive.to(x.dtype) if x.dtype != torch.float32 else additive
         for layer in self.encoder.layer:
             x = layer(x, additive)
-        weights = valid.to(x.dtype).unsqueeze(-1)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.classifier(self.dropout(pooled))
+        return self.classifier(self.dropout(masked_mean(x, valid)))
+
+
+def check_token_ids(ids: torch.Tensor, model_name: str) -> None:
+    """Text encoders take (batch, length) int64 ids: anything else is a one-line error naming the fix."""
+    if ids.dtype != torch.int64 or ids.dim() != 2:
+        raise KdlabError(f"{model_name} takes (batch, length) int64 token ids, got {ids.dtype} {tuple(ids.shape)}; "
+                         "use a text dataset (e.g. data.dataset: stdlib_docstrings)")
+
+
+def masked_mean(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` (B, L, D) over the real tokens (``valid`` (B, L)); an all-padding row gives 0."""
+    weights = valid.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def _init_bert(module: nn.Module) -> None:

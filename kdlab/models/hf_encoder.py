@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kdlab.errors import KdlabError
+from kdlab.models.encoder import check_token_ids, masked_mean
 from kdlab.registry import register
 
 
@@ -76,15 +77,11 @@ class HFEncoderClassifier(nn.Module):
                 "attention_output": f"backbone.encoder.layer.{layer}.attention.output"}[kind]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if ids.dtype != torch.int64 or ids.dim() != 2:
-            raise KdlabError(f"hf_encoder takes (batch, length) int64 token ids, got {ids.dtype} {tuple(ids.shape)}; "
-                             "use a text dataset (e.g. data.dataset: stdlib_docstrings)")
+        check_token_ids(ids, "hf_encoder")
         valid = ids != self.pad_token_id
         # output_attentions: older BERT attention modules return the probabilities only when asked.
         hidden = self.backbone(input_ids=ids, attention_mask=valid.long(), output_attentions=True).last_hidden_state
-        weights = valid.to(hidden.dtype).unsqueeze(-1)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-        return self.classifier(self.dropout(pooled))
+        return self.classifier(self.dropout(masked_mean(hidden, valid)))
 
 
 @register("model", "hf_encoder")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from kdlab.config import dotted_leaves
 from kdlab.errors import KdlabError
 from kdlab.store import RunRecord, Store
 from kdlab.study.compare import FORMATS, MISSING, _render_markdown, _render_text
@@ -170,14 +171,6 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def _leaves(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (lists are leaves)."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: obj}
 
 
 def _varying(dicts: Iterable[dict[str, Any]]) -> set[str]:
@@ -205,7 +198,7 @@ def _describe_models(sections: dict[str, dict]) -> dict[str, str]:
     for section in sections.values():
         by_model.setdefault(str(section.get("model")), []).append(_options(section))
     vary_options = {model: _varying(options) for model, options in by_model.items()}
-    recipes = {key: _leaves({k: section.get(k) for k in ("train", "seed", "checkpoint") if k in section})
+    recipes = {key: dotted_leaves({k: section.get(k) for k in ("train", "seed", "checkpoint") if k in section})
                for key, section in sections.items()}
     vary_recipe = _varying(recipes.values())
     out = {}
@@ -522,7 +515,7 @@ def _with_data(names: dict[str, str], data: dict[str, dict]) -> dict[str, str]:
     out = dict(names)
     for name, keys in by_name.items():
         if len(keys) > 1 and all(key in data for key in keys):
-            leaves = {key: _leaves(data[key], "data") for key in keys}
+            leaves = {key: dotted_leaves(data[key], "data") for key in keys}
             varying = _varying(leaves.values())
             for key in keys:
                 extra = [f"{k}={_short(v)}" for k, v in leaves[key].items() if k in varying]
@@ -536,8 +529,8 @@ def _block_labels(block_sections: dict[tuple[str, str], tuple[dict, dict]]) -> d
         by_name.setdefault(str(method.get("name")), []).append(block)
     labels = {}
     for name, members in by_name.items():
-        leaves = {block: {**{k: v for k, v in _leaves(block_sections[block][0]).items() if k != "name"},
-                          **_leaves(block_sections[block][1])} for block in members}
+        leaves = {block: {**{k: v for k, v in dotted_leaves(block_sections[block][0]).items() if k != "name"},
+                          **dotted_leaves(block_sections[block][1])} for block in members}
         varying = _varying(leaves.values()) if len(members) > 1 else set()
         for block in members:
             extra = [f"{k}={_short(v)}" for k, v in leaves[block].items() if k in varying]

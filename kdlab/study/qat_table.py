@@ -10,15 +10,21 @@ logits + hidden at the same precision, when present).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdlab.errors import KdlabError
+from kdlab.methods.qat_kd import QatKdHparams
+from kdlab.quant.model import QuantSpec
 from kdlab.store import Store
 from kdlab.study.stats import MeanCI, PairedDifference, format_mean_ci, mean_ci, paired_difference, table_lines
 
-_SIGNALS = (("logit_weight", "logits", 1.0), ("ce_weight", "ce", 0.0), ("hidden_weight", "hidden", 0.0),
-            ("map_weight", "map", 0.0), ("output_weight", "output", 0.0))
+_SIGNALS = (("logit_weight", "logits"), ("ce_weight", "ce"), ("hidden_weight", "hidden"), ("map_weight", "map"),
+            ("output_weight", "output"))
+# What a resolved config leaves out is the method's / the quantizer's default.
+_WEIGHT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QatKdHparams)}
+_BITS_DEFAULT = QuantSpec.weight_bits
 BASELINE_SIGNALS = "logits+hidden"  # TernaryBERT's recipe
 _BITS_ORDER = {"ternary": 0, 2: 1, 4: 2, 8: 3}
 
@@ -42,7 +48,7 @@ class QatTable:
 def signals_of(method: dict) -> str:
     if method.get("name") != "qat_kd":
         return method.get("name", "?")
-    used = [label for key, label, default in _SIGNALS if float(method.get(key, default)) > 0]
+    used = [label for key, label in _SIGNALS if float(method.get(key, _WEIGHT_DEFAULTS[key])) > 0]
     return "+".join(used) or "none"
 
 
@@ -64,7 +70,7 @@ def qat_table(store: Store, experiment: str, *, metric: str = "test/acc") -> Qat
     teacher = mean_ci(teacher_values) if teacher_values else None
     by_row: dict[tuple[str, str], dict[int, float]] = {}
     for run in runs:
-        bits = str(run.config["student"]["quant"].get("weight_bits", "ternary"))
+        bits = str(run.config["student"]["quant"].get("weight_bits", _BITS_DEFAULT))
         row = by_row.setdefault((bits, signals_of(run.config.get("method", {}))), {})
         if run.seed in row:  # two configurations share a row: a table keyed by bits and signals would mix them
             raise KdlabError(f"experiment {experiment!r}: two runs with seed {run.seed} have {bits} weights and "

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from kdlab.config import dotted_leaves
 from kdlab.errors import KdlabError
 from kdlab.report.document import Block, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from kdlab.store import RunRecord, Store, atomic_write_text
-from kdlab.study.capacity import safe_name
+from kdlab.study.capacity import _canonical, safe_name
 from kdlab.study.compare import DEFAULT_METRICS, CompareRow, compare_table, _headers_and_cells, _footnote
 from kdlab.study.stats import mean_ci
 
@@ -51,13 +52,6 @@ class ReportResult:
     markdown: Path
     figures: tuple[Path, ...]
     notes: tuple[str, ...]  # parts left out and why (also in the report)
-
-
-def _canonical(value) -> str:
-    """The whole value as sorted JSON: two configs are the same exactly when these are."""
-    import json
-
-    return json.dumps(value, sort_keys=True, default=str)
 
 
 def _short(value) -> str:
@@ -98,9 +92,8 @@ def _pick_baseline(rows: Sequence[CompareRow], records: dict[str, RunRecord], wa
 
 def config_diff(rows: Sequence[CompareRow], records: dict[str, RunRecord]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows (one per configuration) of the resolved-config keys that differ between them."""
-    from kdlab.study.capacity import _canonical, _leaves
 
-    leaves = [_leaves(_config_without_seed(records[row.run_ids[0]])) for row in rows]
+    leaves = [dotted_leaves(_config_without_seed(records[row.run_ids[0]])) for row in rows]
     keys = sorted({k for d in leaves for k in d
                    if len({_canonical(other.get(k, "<absent>")) for other in leaves}) > 1})
     body = [[row.label] + [_short(d[k]) if k in d else "(absent)" for k in keys] for row, d in zip(rows, leaves)]

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+from kdlab.config import dotted_leaves
 from kdlab.errors import KdlabError
 
 TENSORBOARD_FOLDER = "tensorboard"
@@ -112,13 +113,6 @@ def mlflow_metric_names(keys: list[str]) -> list[str]:
     return [f"{name}/total" if name in groups else name for name in names]
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, str]:
-    if isinstance(obj, dict):
-        out: dict[str, str] = {}
-        for key, value in obj.items():
-            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: str(obj)[:_MLFLOW_PARAM_CHARS]}
 
 
 class MlflowSink:
@@ -156,7 +150,8 @@ class MlflowSink:
         else:
             run = self.client.create_run(experiment_id, run_name=run_id, tags={RUN_TAG: run_id, "kdlab.label": label})
             self.run_id = run.info.run_id
-            params = [self._entities.Param(mlflow_name(k), v) for k, v in _flatten(config).items()]
+            params = [self._entities.Param(mlflow_name(k), str(v)[:_MLFLOW_PARAM_CHARS])
+                      for k, v in dotted_leaves(config).items()]
             for start in range(0, len(params), _MLFLOW_BATCH):
                 self.client.log_batch(self.run_id, params=params[start:start + _MLFLOW_BATCH])
         self.uri = uri

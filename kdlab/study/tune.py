@@ -60,8 +60,8 @@ from typing import Any, Callable
 
 import yaml
 
-from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides, content_hash, load_yaml_documents,
-                          name_problem, parse_experiment, set_path, to_dict)
+from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides, content_hash, dotted_leaves,
+                          load_yaml_documents, name_problem, parse_experiment, set_path, to_dict)
 from kdlab.errors import KdlabError
 
 INSTALL_HINT = "install the tune extra: pip install 'kdlab[tune]'"
@@ -440,17 +440,10 @@ def _identity(base: ExperimentConfig, settings: TuneSettings) -> dict:
             "direction": settings.direction}
 
 
-def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out or {prefix: {}}
-    return {prefix: obj}
 
 
 def _differences(old: dict, new: dict) -> list[str]:
-    a, b = _flat(old), _flat(new)
+    a, b = dotted_leaves(old, keep_empty=True), dotted_leaves(new, keep_empty=True)
     return [f"{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}"
             for key in sorted(set(a) | set(b)) if a.get(key, "(unset)") != b.get(key, "(unset)")]
 
