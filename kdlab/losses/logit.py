@@ -252,8 +252,16 @@ def pearson_distance(a, b, *, dim=-1, eps=1e-8):
     """Pearson distance d_p(a, b) = 1 − ρ(a, b) along ``dim`` (DIST's relation metric).
 
     ρ(a, b) = Σ a'·b' / (‖a'‖·‖b'‖ + ε), a' = a − mean(a), b' = b − mean(b): the
-    Pearson correlation, with ε in the denominator as in the official DIST code
-    (``cosine_similarity(a - a.mean, b - b.mean, eps=1e-8)``). In [0, 2] (up to ε).
+    Pearson correlation with ε *added to the product of the norms*, exactly as
+    the official DIST code (hunto/DIST_KD ``segmentation/losses/dist_kd.py`` and
+    hunto/image_classification_sota ``lib/models/losses/dist_kd.py``, both
+    defining their own ``cosine_similarity(a, b, eps=1e-8) = (a·b).sum(1) /
+    (a.norm(1)·b.norm(1) + eps)``) and mmrazor's port. It is *not*
+    ``torch.nn.functional.cosine_similarity`` (a·b / (max(‖a‖, ε)·max(‖b‖, ε)),
+    torchdistill's choice): the two differ when ‖a'‖·‖b'‖ is not ≫ ε, e.g. for
+    u = (1e-5, −1e-5) d_p(u, u) is ε/(2e-10 + ε) ≈ 0.980 here (official) and 0
+    under torch's form. ``eps=0`` gives the exact Pearson distance (both forms
+    agree). In [0, 2] (up to ε).
 
     Invariance (the property DIST chooses ρ for, Huang et al. 2022): for ε = 0, d_p(m₁·a + n₁, m₂·b + n₂) =
     d_p(a, b) for any *positive* scales m₁, m₂ and any shifts n₁, n₂ (a negative

@@ -14,8 +14,8 @@ the loss is computed in train mode. (``model.eval()`` ... ``model.train()``
 around the attack is in the later official ``trades_loss(..., distance='l_inf')``,
 the version copied by RSLAD's and MTARD's inner losses; an early snapshot of
 ``trades.py`` attacked in the caller's mode.) Defaults: the paper's CIFAR-10 setting β = 6, ε = 8/255
-(code: 0.031), 10 steps of 2/255 (code: 0.007); the CIFAR script's ``--beta``
-defaults to 1.0, the paper reports β = 6 for its CIFAR-10 results.
+(code: 0.031), 10 steps of 2/255 (code: 0.007); β = 6 is also the default of the CIFAR script's
+``--beta`` (``train_trades_cifar10.py`` at the repository head, 6e8e11b).
 """
 from __future__ import annotations
 

@@ -754,3 +754,45 @@ def test_losses_are_registered_with_their_kinds():
     assert registry.get("loss", "dkd") is dkd and dkd.loss_kind == "logit_label"
     logit_names = [n for n in registry.names("loss") if getattr(registry.get("loss", n), "loss_kind", None) == "logit"]
     assert "dkd" not in logit_names and "dist" in logit_names
+
+
+def _official_dist_pearson(a, b, eps=1e-8):
+    """The official DIST code's ρ, transcribed (hunto/image_classification_sota lib/models/losses/dist_kd.py):
+    its own cosine_similarity adds eps to the product of the norms of the centred rows."""
+    a, b = a - a.mean(1).unsqueeze(1), b - b.mean(1).unsqueeze(1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+def test_pearson_distance_is_the_official_dist_form_not_torch_cosine_similarity():
+    # Issue 17 item 3 asked for torch's cosine_similarity form; the official code (and mmrazor) add ε to
+    # the product of the norms, which is what DIST's published numbers were computed with. Pinned here.
+    u = torch.tensor([1e-5, -1e-5], dtype=torch.float64)
+    official = 1.0 - 2e-10 / (2e-10 + 1e-8)  # ‖u'‖² = 2e-10
+    assert pearson_distance(u, u).item() == pytest.approx(official, rel=1e-14)
+    assert pearson_distance(u, u).item() == pytest.approx(0.980392156862745, rel=1e-12)
+    assert pearson_distance(u, u, eps=0.0).item() == pytest.approx(0.0, abs=1e-15)  # the exact ρ = 1
+    torch_form = 1.0 - torch.nn.functional.cosine_similarity(u, u, dim=0, eps=1e-8)
+    assert torch_form.item() == pytest.approx(0.0, abs=1e-15)  # torchdistill's form: differs, documented
+    # Rows spanning norms from 1e-7 to 1, where the two forms disagree most, against the transcription.
+    gen = torch.Generator().manual_seed(31)
+    scales = torch.logspace(-7, 0, 8, dtype=torch.float64)[:, None]
+    a = torch.randn(8, 5, generator=gen, dtype=torch.float64) * scales
+    b = torch.randn(8, 5, generator=gen, dtype=torch.float64) * scales.flip(0)
+    torch.testing.assert_close(pearson_distance(a, b), 1.0 - _official_dist_pearson(a, b), rtol=1e-13, atol=1e-15)
+
+
+def test_pearson_distance_gradient_matches_the_official_form_and_torch_cosine_at_eps_zero():
+    gen = torch.Generator().manual_seed(32)
+    a = (torch.randn(4, 6, generator=gen, dtype=torch.float64) * 1e-4).requires_grad_(True)
+    b = torch.randn(4, 6, generator=gen, dtype=torch.float64).requires_grad_(True)
+    got = torch.autograd.grad(pearson_distance(a, b).sum(), (a, b))
+    want = torch.autograd.grad((1.0 - _official_dist_pearson(a, b)).sum(), (a, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
+    # With ε = 0 the distance is exactly 1 − cosine of the centred rows, gradients included.
+    got = torch.autograd.grad(pearson_distance(a, b, eps=0.0).sum(), (a, b))
+    centred = [x - x.mean(1, keepdim=True) for x in (a, b)]
+    cosine = torch.nn.functional.cosine_similarity(*centred, dim=1, eps=1e-300)
+    want = torch.autograd.grad((1.0 - cosine).sum(), (a, b))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

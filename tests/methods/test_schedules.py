@@ -52,3 +52,29 @@ def test_cosine_final_weight_defaults_to_zero():
 def test_unknown_schedule_is_a_kdlab_error_listing_the_schedules():
     with pytest.raises(KdlabError, match=r"'cosin'.*constant, linear_warmup, cosine"):
         term_weight(1.0, 0.5, schedule="cosin")
+
+
+def test_linear_warmup_is_the_step_rule_lagging_mdistillers_dkd_warmup_by_half_an_epoch():
+    """docs/methods.md (dkd): kdlab ramps per step, mdistiller's DKD uses min(epoch / 20, 1), epochs from 1."""
+    epochs, warm, steps_per_epoch = 240, 20, 50
+    total = epochs * steps_per_epoch
+    for epoch in (1, 2, 10, 20, 21, 240):  # 1-based, as mdistiller
+        mdistiller = min(epoch / warm, 1.0)
+        weights = [term_weight(1.0, ((epoch - 1) * steps_per_epoch + i) / total, schedule="linear_warmup",
+                               warmup=warm / epochs) for i in range(steps_per_epoch + 1)]
+        assert weights[-1] == pytest.approx(mdistiller, abs=1e-12)  # equal at the epoch's end
+        assert weights[0] == pytest.approx(min((epoch - 1) / warm, 1.0), abs=1e-12)  # one epoch behind at its start
+        if epoch <= warm:  # on average half an epoch behind
+            mean = sum(weights[:-1]) / steps_per_epoch
+            assert mean == pytest.approx((epoch - 0.5 - 0.5 / steps_per_epoch) / warm, abs=1e-12)
+
+
+def test_losslab_dkd_warmup_is_mdistillers_20_of_240():
+    import pathlib
+
+    import yaml
+
+    config = yaml.safe_load((pathlib.Path(__file__).parents[2] / "configs/losslab/mnist1d.yaml").read_text())
+    dkd = config["grid"]["method.terms"]["dkd"]["dkd"]
+    assert dkd["schedule"] == "linear_warmup"
+    assert dkd["warmup"] == pytest.approx(20 / 240, abs=1e-4)
