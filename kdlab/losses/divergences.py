@@ -12,7 +12,19 @@ Shapes: logits are ``(N, C)`` or ``(N, L, C)`` (classes last); a *position* is
 one row ``n`` or one pair ``(n, l)``. ``mask`` (``None`` or a bool / 0-1 tensor
 of shape ``logits.shape[:-1]``, nonzero = valid) selects the positions that count.
 
-Reductions (the same for every loss here):
+The divergence family: every divergence between a teacher's and a student's
+categorical distributions is one per-position function of their
+log-probabilities, ``divergence_per_position(name, log_p, log_q, ...)`` over
+``DIVERGENCES`` (kl, reverse_kl, generalized_jsd, tvd, skew_kl), taken at
+temperatures by ``tempered_log_probs`` and reduced by ``reduce_positions``. The
+registered losses below and ``kdlab.losses.sequence`` (GKD, token/sequence
+reductions, no T², separate student and teacher temperatures, chunking) both
+call these three functions; only their conventions differ, as options:
+registered losses multiply by T² at one shared temperature (not ``tvd``) and
+reduce with "batchmean"/"sum"/"none"; sequences do neither and also reduce per
+sequence ("sequence", "sequence_sum").
+
+Reductions of the registered losses (the same for every loss here):
 
 * ``"batchmean"``: per-position value (already summed or averaged over classes),
   averaged over the valid positions: ``N``, ``N·L``, or the number of valid
@@ -150,17 +162,51 @@ def _clean_labels(labels: torch.Tensor, valid: torch.Tensor | None, num_classes:
     return labels
 
 
-def _reduce(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: str) -> torch.Tensor:
+POSITION_REDUCTIONS = REDUCTIONS + ("sequence", "sequence_sum")
+
+
+def reduce_positions(per_position: torch.Tensor, valid: torch.Tensor | None, reduction: str,
+                     denominator=None) -> torch.Tensor:
+    """Reduce per-position values (0 is forced at invalid positions) to what ``reduction`` asks.
+
+    * ``"none"``: the values; ``"sum"``: their sum over valid positions;
+    * ``"batchmean"`` (sequences call it "token"): sum / number of valid positions;
+    * ``"sequence"``: positions ``(B, T)``; per sequence the mean over its valid positions, then the
+      mean over the sequences with at least one (GKD's Eq. 2);
+    * ``"sequence_sum"``: per sequence the sum, then the mean over the sequences with at least one.
+
+    ``denominator`` (a checked number ≥ 0 or a scalar tensor; the mean reductions only) replaces the
+    final divisor, 0 counting as 1: micro-batches given the full batch's count sum to its loss. An
+    all-masked input gives 0, never NaN.
+    """
     if valid is not None:
         zero = torch.zeros((), dtype=per_position.dtype, device=per_position.device)
         per_position = torch.where(valid, per_position, zero)
     if reduction == "none":
         return per_position
-    total = per_position.sum()
     if reduction == "sum":
-        return total
-    count = per_position.numel() if valid is None else valid.sum().clamp(min=1)
-    return total / count
+        return per_position.sum()
+    if reduction == "batchmean":
+        total = per_position.sum()
+        if denominator is None:
+            count = max(per_position.numel(), 1) if valid is None else valid.sum().clamp(min=1)
+            return total / count
+    else:  # "sequence" / "sequence_sum": positions (B, T)
+        batch, length = per_position.shape
+        counts = torch.full((batch,), length, device=per_position.device) if valid is None else valid.sum(dim=1)
+        per_sequence = per_position.sum(dim=1)
+        if reduction == "sequence":
+            per_sequence = per_sequence / counts.clamp(min=1).to(per_position.dtype)
+        total = per_sequence.sum()
+        if denominator is None:
+            return total / (counts > 0).sum().clamp(min=1)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(device=total.device, dtype=total.dtype)
+        return total / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    return total / (denominator if denominator > 0 else 1.0)
+
+
+_reduce = reduce_positions  # the registered losses' spelling
 
 
 def _checked_logit_pair(student_logits, teacher_logits, temperature, mask):
@@ -183,11 +229,27 @@ def _checked_logit_pair(student_logits, teacher_logits, temperature, mask):
     return _clean(student_logits, valid, dtype), _clean(teacher_logits, valid, dtype), valid
 
 
+def tempered_log_probs(student, teacher, valid, *, student_temperature=1.0, teacher_temperature=1.0,
+                       dtype=None):
+    """(log P, log Q): teacher and student log-softmax at their temperatures, in the compute dtype.
+
+    Masked-out rows are zeroed first (``_clean``), so NaN/inf there reaches nothing. A float
+    temperature of exactly 1 skips its division (x / 1 is x).
+    """
+    dtype = dtype or _compute_dtype(student, teacher)
+    student, teacher = _clean(student, valid, dtype), _clean(teacher, valid, dtype)
+    if isinstance(student_temperature, torch.Tensor) or student_temperature != 1.0:
+        student = student / student_temperature
+    if isinstance(teacher_temperature, torch.Tensor) or teacher_temperature != 1.0:
+        teacher = teacher / teacher_temperature
+    return torch.log_softmax(teacher, dim=-1), torch.log_softmax(student, dim=-1)
+
+
 def _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask):
     """Validated, cleaned log-probabilities at temperature T and the valid-position mask."""
     student, teacher, valid = _checked_logit_pair(student_logits, teacher_logits, temperature, mask)
-    log_q = torch.log_softmax(student / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher / temperature, dim=-1)
+    log_p, log_q = tempered_log_probs(student, teacher, None, student_temperature=temperature,
+                                      teacher_temperature=temperature)
     return log_p, log_q, valid
 
 
@@ -198,6 +260,84 @@ def _kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     difference is then exactly 0, which is the 0·log 0 = 0 convention.
     """
     return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+
+
+def _generalized_jsd_per_position(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, scaled: bool) -> torch.Tensor:
+    """β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q, per position (optionally / β(1−β))."""
+    if scaled and beta == 0.0:
+        return _kl_per_position(log_p, log_q)  # exact β → 0 limit: KL(P‖Q)
+    if scaled and beta == 1.0:
+        return _kl_per_position(log_q, log_p)  # exact β → 1 limit: KL(Q‖P)
+    # log M = logsumexp(log β + log P, log(1−β) + log Q), taken relative to
+    # log Q and log P: near β = 0 or 1, log M − log Q is tiny and subtracting
+    # two separately computed log-probabilities would lose it to cancellation.
+    # β = 0 or 1 give log β or log(1−β) = −inf, which logaddexp handles exactly.
+    log_beta = math.log(beta) if beta > 0.0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1.0 else -math.inf
+    log_ratio = log_p - log_q  # log(P/Q)
+    log_m_over_q = torch.logaddexp(log_ratio + log_beta, torch.full_like(log_ratio, log_rest))
+    log_m_over_p = torch.logaddexp(torch.full_like(log_ratio, log_beta), log_rest - log_ratio)
+    kl_p_m = -(log_p.exp() * log_m_over_p).sum(dim=-1)
+    kl_q_m = -(log_q.exp() * log_m_over_q).sum(dim=-1)
+    value = beta * kl_p_m + (1.0 - beta) * kl_q_m
+    return value / (beta * (1.0 - beta)) if scaled else value
+
+
+def _skew_kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor, skew: float) -> torch.Tensor:
+    """KL(A ‖ α·A + (1−α)·B) per position, from log-probabilities, α = ``skew``.
+
+    The mixture M is taken in log space relative to A,
+    log(M/A) = logaddexp(log α, log(1−α) + log B − log A), so no probability is
+    formed before the log and, near α = 1, the tiny log(M/A) is not lost to the
+    cancellation of two separately computed log-probabilities (the same device
+    as ``generalized_jsd``). The ends are exact: α = 0 is KL(A ‖ B), α = 1 is 0.
+    """
+    if skew == 0.0:
+        return _kl_per_position(log_a, log_b)
+    if skew == 1.0:
+        return torch.zeros_like(log_a[..., 0])
+    log_ratio = log_a - log_b  # log(A/B)
+    log_m_over_a = torch.logaddexp(torch.full_like(log_ratio, math.log(skew)), math.log1p(-skew) - log_ratio)
+    return -(log_a.exp() * log_m_over_a).sum(dim=-1)
+
+
+DIVERGENCES = ("kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl")
+
+
+def divergence_per_position(name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, beta: float = 0.5,
+                            scaled: bool = False, kl_at_ends: bool = False, skew: float = 0.1,
+                            reverse: bool = False) -> torch.Tensor:
+    """D(P ‖ Q) per position (summed over the last dim) for P the teacher, Q the student.
+
+    The one switch of the family (options are checked by the callers):
+
+    * ``kl``: KL(P ‖ Q); ``reverse_kl``: KL(Q ‖ P);
+    * ``generalized_jsd``: β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q (÷ β(1−β) when ``scaled``).
+      Unscaled it is 0 at β = 0 and 1; ``kl_at_ends`` returns KL(P‖Q) at β = 0 and KL(Q‖P) at β = 1
+      instead (TRL's and GKD's ``jsd`` branches);
+    * ``tvd``: ½·Σ|P − Q|;
+    * ``skew_kl``: KL(P ‖ αP + (1−α)Q), or with ``reverse`` KL(Q ‖ αQ + (1−α)P), α = ``skew``.
+    """
+    if name == "kl" or (name == "generalized_jsd" and kl_at_ends and beta == 0.0):
+        return _kl_per_position(log_p, log_q)
+    if name == "reverse_kl" or (name == "generalized_jsd" and kl_at_ends and beta == 1.0):
+        return _kl_per_position(log_q, log_p)
+    if name == "generalized_jsd":
+        return _generalized_jsd_per_position(log_p, log_q, beta, scaled)
+    if name == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    if name == "skew_kl":
+        return _skew_kl_per_position(log_q, log_p, skew) if reverse else _skew_kl_per_position(log_p, log_q, skew)
+    raise KdlabError(f"divergence: unknown name {name!r}; use one of {', '.join(map(repr, DIVERGENCES))}")
+
+
+def logit_divergence(name, student_logits, teacher_logits, *, temperature, mask, reduction, t_squared=True,
+                     **options):
+    """A registered loss's convention of the family: one shared T, × T² (when ``t_squared``), reduced."""
+    _check_reduction(reduction)
+    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
+    per_position = divergence_per_position(name, log_p, log_q, **options)
+    return reduce_positions(temperature**2 * per_position if t_squared else per_position, valid, reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +368,7 @@ def kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction=
         # instead of ~6 small ops: it is most of a small student's step on a GPU.
         positions = max(1, log_p.numel() // log_p.shape[-1])
         return torch.nn.functional.kl_div(log_q, log_p, reduction="sum", log_target=True) * (temperature**2 / positions)
-    return _reduce(temperature**2 * _kl_per_position(log_p, log_q), valid, reduction)
+    return reduce_positions(temperature**2 * divergence_per_position("kl", log_p, log_q), valid, reduction)
 
 
 kl.loss_kind = "logit"
@@ -242,33 +382,11 @@ def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, re
     sequence-level distillation (e.g. MiniLLM, Gu et al. 2024; GKD, Agarwal et
     al. 2024). Same T² factor, shapes, dtypes and reductions as ``kl``.
     """
-    _check_reduction(reduction)
-    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
-    return _reduce(temperature**2 * _kl_per_position(log_q, log_p), valid, reduction)
+    return logit_divergence("reverse_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
+                            reduction=reduction)
 
 
 reverse_kl.loss_kind = "logit"
-
-
-def _generalized_jsd_per_position(log_p: torch.Tensor, log_q: torch.Tensor, beta: float, scaled: bool) -> torch.Tensor:
-    """β·KL(P‖M) + (1−β)·KL(Q‖M), M = βP + (1−β)Q, per position (optionally / β(1−β))."""
-    if scaled and beta == 0.0:
-        return _kl_per_position(log_p, log_q)  # exact β → 0 limit: KL(P‖Q)
-    if scaled and beta == 1.0:
-        return _kl_per_position(log_q, log_p)  # exact β → 1 limit: KL(Q‖P)
-    # log M = logsumexp(log β + log P, log(1−β) + log Q), taken relative to
-    # log Q and log P: near β = 0 or 1, log M − log Q is tiny and subtracting
-    # two separately computed log-probabilities would lose it to cancellation.
-    # β = 0 or 1 give log β or log(1−β) = −inf, which logaddexp handles exactly.
-    log_beta = math.log(beta) if beta > 0.0 else -math.inf
-    log_rest = math.log1p(-beta) if beta < 1.0 else -math.inf
-    log_ratio = log_p - log_q  # log(P/Q)
-    log_m_over_q = torch.logaddexp(log_ratio + log_beta, torch.full_like(log_ratio, log_rest))
-    log_m_over_p = torch.logaddexp(torch.full_like(log_ratio, log_beta), log_rest - log_ratio)
-    kl_p_m = -(log_p.exp() * log_m_over_p).sum(dim=-1)
-    kl_q_m = -(log_q.exp() * log_m_over_q).sum(dim=-1)
-    value = beta * kl_p_m + (1.0 - beta) * kl_q_m
-    return value / (beta * (1.0 - beta)) if scaled else value
 
 
 @register("loss", "generalized_jsd")
@@ -304,9 +422,8 @@ def generalized_jsd(
     """
     _check_reduction(reduction)
     beta = _check_unit_interval("beta", beta)
-    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
-    per_position = _generalized_jsd_per_position(log_p, log_q, beta, bool(scaled))
-    return _reduce(temperature**2 * per_position, valid, reduction)
+    return logit_divergence("generalized_jsd", student_logits, teacher_logits, temperature=temperature, mask=mask,
+                            reduction=reduction, beta=beta, scaled=bool(scaled))
 
 
 generalized_jsd.loss_kind = "logit"
@@ -330,10 +447,8 @@ def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction
     Shapes: logits ``(N, C)`` or ``(N, L, C)``; mask ``logits.shape[:-1]``.
     Dtype: at least float32. Reduction: per-position value, then ``reduction``.
     """
-    _check_reduction(reduction)
-    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
-    per_position = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
-    return _reduce(per_position, valid, reduction)
+    return logit_divergence("tvd", student_logits, teacher_logits, temperature=temperature, mask=mask,
+                            reduction=reduction, t_squared=False)
 
 
 tvd.loss_kind = "logit"

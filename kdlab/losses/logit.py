@@ -35,6 +35,7 @@ from kdlab.losses.divergences import (
     _compute_dtype,
     _kl_per_position,
     _reduce,
+    logit_divergence,
     _teacher_student_log_probs,
     _valid_positions,
 )
@@ -65,24 +66,6 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------
 # Skew KL (DistiLLM)
 # ---------------------------------------------------------------------------
-
-
-def _skew_kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor, skew: float) -> torch.Tensor:
-    """KL(A ‖ α·A + (1−α)·B) per position, from log-probabilities, α = ``skew``.
-
-    The mixture M is taken in log space relative to A,
-    log(M/A) = logaddexp(log α, log(1−α) + log B − log A), so no probability is
-    formed before the log and, near α = 1, the tiny log(M/A) is not lost to the
-    cancellation of two separately computed log-probabilities (the same device
-    as ``generalized_jsd``). The ends are exact: α = 0 is KL(A ‖ B), α = 1 is 0.
-    """
-    if skew == 0.0:
-        return _kl_per_position(log_a, log_b)
-    if skew == 1.0:
-        return torch.zeros_like(log_a[..., 0])
-    log_ratio = log_a - log_b  # log(A/B)
-    log_m_over_a = torch.logaddexp(torch.full_like(log_ratio, math.log(skew)), math.log1p(-skew) - log_ratio)
-    return -(log_a.exp() * log_m_over_a).sum(dim=-1)
 
 
 @register("loss", "skew_kl")
@@ -116,12 +99,8 @@ def skew_kl(
     """
     _check_reduction(reduction)
     skew = _check_unit_interval("skew", skew)
-    log_p, log_q, valid = _teacher_student_log_probs(student_logits, teacher_logits, temperature, mask)
-    if reverse:
-        per_position = _skew_kl_per_position(log_q, log_p, skew)
-    else:
-        per_position = _skew_kl_per_position(log_p, log_q, skew)
-    return _reduce(temperature**2 * per_position, valid, reduction)
+    return logit_divergence("skew_kl", student_logits, teacher_logits, temperature=temperature, mask=mask,
+                            reduction=reduction, skew=skew, reverse=bool(reverse))
 
 
 skew_kl.loss_kind = "logit"

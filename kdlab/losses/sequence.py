@@ -19,8 +19,18 @@ Not registered in ``kdlab.registry`` (the kind "loss" expects the logit-loss
 signature with "batchmean"/"sum"/"none" reductions); import this module
 directly: ``from kdlab.losses.sequence import sequence_divergence``.
 
-Conventions shared with ``kdlab.losses.divergences`` (its per-position helpers
-are reused): compute in at least float32 (float64 stays float64), probabilities
+One divergence family: the per-position divergences, the tempered
+log-probabilities and the reductions are ``kdlab.losses.divergences``'
+``divergence_per_position``, ``tempered_log_probs`` and ``reduce_positions``, the
+functions the registered classification losses call. What is specific here: the
+(B, T, V) layout and its checks, separate student and teacher temperatures with
+no T² factor, the "token"/"sequence" reductions with a micro-batch
+``denominator``, and ``chunk_size``. The ``divergence`` names are GKD's config
+spellings (``method.divergence``), each one member of the family
+(``FAMILY_MEMBERS``): ``forward_kl`` is ``kl``, ``jsd`` is ``generalized_jsd`` with
+KL at β = 0 and 1, ``skew_reverse_kl`` is ``skew_kl`` reversed.
+
+Conventions shared with ``kdlab.losses.divergences``: compute in at least float32 (float64 stays float64), probabilities
 only as ``exp`` of ``log_softmax`` output, mixtures formed in log space, masked
 positions replaced by 0 with ``torch.where`` before any arithmetic (so NaN/inf
 logits there reach neither the value nor the gradient). Errors are
@@ -36,15 +46,25 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from kdlab.errors import KdlabError
-from kdlab.losses.divergences import _clean, _compute_dtype, _generalized_jsd_per_position, _kl_per_position
-from kdlab.losses.logit import _skew_kl_per_position
+from kdlab.losses.divergences import _compute_dtype, divergence_per_position, reduce_positions, tempered_log_probs
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
-SEQUENCE_REDUCTIONS = ("token", "sequence")
+# GKD's spelling of each divergence -> (the family's name, fixed options). One table, read by the checks below.
+FAMILY_MEMBERS = {
+    "forward_kl": ("kl", {}),
+    "reverse_kl": ("reverse_kl", {}),
+    "jsd": ("generalized_jsd", {"kl_at_ends": True}),
+    "tvd": ("tvd", {}),
+    "skew_kl": ("skew_kl", {"reverse": False}),
+    "skew_reverse_kl": ("skew_kl", {"reverse": True}),
+}
+DIVERGENCES = tuple(FAMILY_MEMBERS)
+# The sequence spelling of each reduction -> the family's (``kdlab.losses.divergences.reduce_positions``).
+SEQUENCE_REDUCTIONS = {"token": "batchmean", "sequence": "sequence"}
 IGNORE_INDEX = -100
 
 __all__ = [
     "DIVERGENCES",
+    "FAMILY_MEMBERS",
     "IGNORE_INDEX",
     "SEQUENCE_REDUCTIONS",
     "SequenceDivergenceError",
@@ -229,26 +249,10 @@ def count_denominator(mask: torch.Tensor, reduction: str = "token") -> int:
 def _per_position(student, teacher, valid, *, divergence, beta, scaled, skew, student_temperature,
                   teacher_temperature, dtype):
     """Per-position divergence ``(B, t)`` from logits ``(B, t, V)``; 0 where ``valid`` is False."""
-    student = _clean(student, valid, dtype)
-    teacher = _clean(teacher, valid, dtype)
-    if student_temperature != 1.0:
-        student = student / student_temperature
-    if teacher_temperature != 1.0:
-        teacher = teacher / teacher_temperature
-    log_q = torch.log_softmax(student, dim=-1)  # student Q
-    log_p = torch.log_softmax(teacher, dim=-1)  # teacher P
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        value = _kl_per_position(log_p, log_q)
-    elif divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        value = _kl_per_position(log_q, log_p)
-    elif divergence == "jsd":
-        value = _generalized_jsd_per_position(log_p, log_q, beta, scaled)
-    elif divergence == "tvd":
-        value = 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
-    elif divergence == "skew_kl":
-        value = _skew_kl_per_position(log_p, log_q, skew)
-    else:  # skew_reverse_kl
-        value = _skew_kl_per_position(log_q, log_p, skew)
+    log_p, log_q = tempered_log_probs(student, teacher, valid, student_temperature=student_temperature,
+                                      teacher_temperature=teacher_temperature, dtype=dtype)
+    name, fixed = FAMILY_MEMBERS[divergence]
+    value = divergence_per_position(name, log_p, log_q, beta=beta, scaled=scaled, skew=skew, **fixed)
     if valid is None:
         return value
     return torch.where(valid, value, torch.zeros((), dtype=value.dtype, device=value.device))
@@ -376,19 +380,4 @@ def sequence_divergence(
     else:
         per_position = _chunked_per_position(student_logits, teacher_logits, valid, chunk_size, **options)
 
-    batch, length = per_position.shape
-    if reduction == "token":
-        total = per_position.sum()
-        if denominator is None:
-            count = batch * length if valid is None else valid.sum()
-            return total / (count.clamp(min=1) if isinstance(count, torch.Tensor) else max(count, 1))
-    else:
-        counts = torch.full((batch,), length, device=per_position.device) if valid is None else valid.sum(dim=1)
-        per_sequence = per_position.sum(dim=1) / counts.clamp(min=1).to(per_position.dtype)
-        total = per_sequence.sum()
-        if denominator is None:
-            return total / (counts > 0).sum().clamp(min=1)
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(device=total.device, dtype=total.dtype)
-        return total / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-    return total / (denominator if denominator > 0 else 1.0)
+    return reduce_positions(per_position, valid, SEQUENCE_REDUCTIONS[reduction], denominator)
