@@ -16,7 +16,10 @@ responses, generated once per prompt and cached (SeqKD, Kim & Rush 2016).
 Special cases (paper Table 1): supervised KD = λ 0 + forward KL; on-policy KD =
 λ 1 + forward KL; SeqKD = ``seqkd`` + ``divergence: ce`` (hard targets).
 ``sft_steps`` first fine-tunes the student on the reference responses, since
-the paper starts every student from an SFT checkpoint.
+the paper starts every student from an SFT checkpoint. Prompts, seeded sampling
+and the warm-up are the generation base shared with policy-gradient KD
+(``kdlab.methods.generation``); D is one member of the divergence family
+(``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
-from kdlab.methods.base import Batch, Method
-from kdlab.methods.scratch import sequence_cross_entropy
+from kdlab.methods.base import Batch
+from kdlab.methods.generation import GenerationMethod
 from kdlab.registry import register
 
 
@@ -71,54 +74,32 @@ def _check(h: GKDHparams) -> None:
 
 
 @register("method", "gkd")
-class GKD(Method):
+class GKD(GenerationMethod):
     """GKD (Agarwal et al. 2023): token-level divergence on a seeded mix of fixed and student-sampled responses."""
 
     Hparams = GKDHparams
-    data_kinds = ("sequence",)
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         _check(hparams)
-        # Not submodules: the student is trained by the loop and the teacher is frozen; registering them
-        # here would save them twice in every checkpoint.
-        self._networks = {"student": student, "teacher": teacher}
-        # The data-source schedule draws from its own generator seeded by the run seed and the step, so
-        # it is the same however often sampling consumes random numbers, and on resume.
-        self.schedule_seed = torch.initial_seed()
         self.generation_calls = {"student": 0, "teacher": 0}
         self.last_source = "data"
         self._teacher_cache: dict[int, list[int]] = {}  # train index -> teacher response ids (SeqKD)
 
-    def _generator(self, device: torch.device, stream: int) -> torch.Generator:
-        seed = (self.schedule_seed * 1_000_003 + self.step * 4 + stream) % (2 ** 63)
-        return torch.Generator(device=device).manual_seed(seed)
-
     def data_source(self) -> str:
         """Where this step's responses come from: "student" (on-policy), "teacher" (SeqKD) or "data"."""
         h = self.hparams
-        if self.step < h.sft_steps:
+        if self.in_sft():
             return "data"
-        u = float(torch.rand((), generator=self._generator(torch.device("cpu"), 0)))
+        u = float(torch.rand((), generator=self.step_generator(torch.device("cpu"), 0)))  # Algorithm 1's draw
         if u < h.on_policy_fraction:  # λ = 0 never samples, λ = 1 always does
             return "student"
         return "teacher" if h.seqkd else "data"
 
-    def _prompts(self, batch: Batch):
-        from kdlab.seq.sampling import prompts_from_canonical
-
-        return prompts_from_canonical(batch.inputs, batch.labels, pad_id=self.sequence.pad_id)
-
-    def _generate(self, role: str, prompts, lengths, temperature: float, generator):
-        from kdlab.seq.evaluate import max_new_tokens
-        from kdlab.seq.sampling import generate
-
-        self.generation_calls[role] += 1
+    def _sample(self, role: str, prompts, lengths, temperature: float, generator):
         h = self.hparams
-        return generate(self._networks[role], prompts, lengths,
-                        max_new_tokens=max_new_tokens(self.sequence, prompts.shape[1]), eos_id=self.sequence.eos_id,
-                        pad_id=self.sequence.pad_id, temperature=temperature, top_k=h.top_k, top_p=h.top_p,
-                        generator=generator)
+        return self.generate(role, prompts, lengths, temperature=temperature, generator=generator, top_k=h.top_k,
+                             top_p=h.top_p)
 
     def _teacher_batch(self, batch: Batch, prompts, lengths) -> Batch:
         """SeqKD: the teacher's response to each prompt, generated on first use and cached by train index."""
@@ -138,7 +119,7 @@ class GKD(Method):
             generator = None if temperature == 0 else torch.Generator(device=prompts.device).manual_seed(
                 (self.schedule_seed * 1_000_003 + 7919 * keys[group[0]] + 2) % (2 ** 63))
             width = int(lengths[rows].max())
-            out = self._generate("teacher", prompts[rows][:, :width], lengths[rows], temperature, generator)
+            out = self._sample("teacher", prompts[rows][:, :width], lengths[rows], temperature, generator)
             kept = (lengths[rows] + out.response_lengths.to(lengths.device)).tolist()
             for i, row, n in zip(group, out.tokens.tolist(), kept):
                 self._teacher_cache[keys[i]] = row[:n]
@@ -155,33 +136,32 @@ class GKD(Method):
 
     def teacher_needed(self) -> bool:
         """No teacher forward during the SFT warm-up, nor for hard-target (``ce``) SeqKD steps."""
-        return self.step >= self.hparams.sft_steps and self.hparams.divergence != "ce"
+        return not self.in_sft() and self.hparams.divergence != "ce"
 
     def make_batch(self, batch: Batch) -> Batch:
         source = self.data_source()
         self.last_source = source
         if source == "data":
-            return Batch(batch.inputs, batch.labels, batch.indices, extras={"source": "data"})
-        prompts, lengths = self._prompts(batch)
+            return self.data_batch(batch)
+        prompts, lengths = self.prompts(batch)
         if source == "teacher":
             return self._teacher_batch(batch, prompts, lengths)
-        out = self._generate("student", prompts, lengths, self.hparams.sampling_temperature,
-                             self._generator(prompts.device, 1))
-        return Batch(inputs=out.tokens, labels=out.labels, indices=batch.indices, extras={"source": "student"})
+        out = self._sample("student", prompts, lengths, self.hparams.sampling_temperature,
+                           self.step_generator(prompts.device, 1))
+        return self.generated_batch(batch, out, "student")
 
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams
         zero = student_out.logits.new_zeros(())
-        if self.step < h.sft_steps:  # the SFT warm-up: reference responses, cross-entropy
-            return {"sft": sequence_cross_entropy(student_out.logits, batch.labels, reduction=h.reduction),
-                    "gkd": zero}
+        if self.in_sft():  # the SFT warm-up: reference responses, cross-entropy
+            return {"sft": self.sft_loss(student_out.logits, batch.labels, h.reduction), "gkd": zero}
         if h.divergence == "ce":  # hard targets (SeqKD when the responses are the teacher's)
-            return {"sft": zero, "gkd": sequence_cross_entropy(student_out.logits, batch.labels,
-                                                               reduction=h.reduction)}
+            return {"sft": zero, "gkd": self.sft_loss(student_out.logits, batch.labels, h.reduction)}
+        # D(p_T ‖ p_S^θ)(y|x) of Eq. 2, on the aligned next-token logits of the response positions
         student_logits, mask = shift_logits_and_mask(student_out.logits, batch.labels)
-        teacher_logits = teacher_out.logits[:, :-1]
-        loss = sequence_divergence(student_logits, teacher_logits, mask, divergence=h.divergence, beta=h.beta,
-                                   scaled=h.scaled_jsd, skew=h.skew, student_temperature=h.student_temperature,
+        loss = sequence_divergence(student_logits, teacher_out.logits[:, :-1], mask, divergence=h.divergence,
+                                   beta=h.beta, scaled=h.scaled_jsd, skew=h.skew,
+                                   student_temperature=h.student_temperature,
                                    teacher_temperature=h.teacher_temperature, reduction=h.reduction,
                                    chunk_size=h.chunk_size)
         return {"sft": zero, "gkd": loss}

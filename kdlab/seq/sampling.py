@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from kdlab.errors import KdlabError
+from kdlab.errors import KdlabError, NonFiniteLossError
 
 IGNORE = -100  # label of prompt and padding positions
 
@@ -221,3 +221,70 @@ def _response_lengths(responses: Tensor, eos_id: int) -> Tensor:
     is_eos = responses == eos_id
     first = is_eos.int().argmax(dim=1)
     return torch.where(is_eos.any(dim=1), first + 1, torch.full_like(first, responses.shape[1]))
+
+
+# --------------------------------------------------------------------------- teacher-mixed sampling
+
+
+def _forward(model: nn.Module, tokens: Tensor, mask: Tensor, positions: Tensor, cache, use_cache: bool):
+    if use_cache:
+        return model(tokens, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    return model(tokens, attention_mask=mask, position_ids=positions), None
+
+
+@torch.no_grad()
+def teacher_mixed_generate(student: nn.Module, teacher: nn.Module, prompts: Tensor, prompt_lengths: Tensor, *,
+                           alpha: float, max_new_tokens: int, eos_id: int, pad_id: int,
+                           generator: torch.Generator | None = None, use_cache: bool = True):
+    """Sample each token from p̃ = α·p_T + (1 − α)·p_S (MiniLLM's teacher-mixed sampling).
+
+    Both models run side by side with their own KV caches (``use_cache=False`` recomputes full
+    forwards, the reference path); layout, stopping and padding as ``kdlab.seq.sampling.generate``
+    (α = 0 draws exactly what ``generate`` draws from the student with the same generator; α = 1 what it
+    draws from the teacher). Runs in eval mode under no_grad and restores every submodule's mode.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise KdlabError(f"method.teacher_mix_alpha: {alpha!r} must be in [0, 1]")
+    device = next(iter(student.parameters()), torch.zeros(())).device
+    prompts = torch.as_tensor(prompts, dtype=torch.long).to(device)
+    prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long).to(device)
+    for model in (student, teacher):
+        _check_arguments(model, prompts, prompt_lengths, max_new_tokens=max_new_tokens, temperature=1.0,
+                         top_k=None, top_p=None)
+    modes = {module: module.training for net in (student, teacher) for module in net.modules()}
+    student.eval()
+    teacher.eval()
+    try:
+        sequence, mask = left_pad(prompts, prompt_lengths, pad_id)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        s_logits, s_cache = _forward(student, sequence, mask, positions, None, use_cache)
+        t_logits, t_cache = _forward(teacher, sequence, mask, positions, None, use_cache)
+        done = torch.zeros(prompts.shape[0], dtype=torch.bool, device=device)
+        generated = []
+        for step in range(max_new_tokens):
+            probs = (1.0 - alpha) * s_logits[:, -1].float().softmax(dim=-1) \
+                + alpha * t_logits[:, -1].float().softmax(dim=-1)
+            if not bool(torch.isfinite(probs).all()):
+                raise NonFiniteLossError("policy_gradient_kd: the teacher-mixed sampling distribution became NaN or "
+                                  "infinite, so no reward can be computed for term 'pg': the teacher's or the "
+                                  "student's logits are not finite; the last good checkpoint is kept")
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            generated.append(token)
+            done = done | (token == eos_id)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+            if use_cache:
+                s_logits, s_cache = _forward(student, token[:, None], mask, positions[:, -1:], s_cache, True)
+                t_logits, t_cache = _forward(teacher, token[:, None], mask, positions[:, -1:], t_cache, True)
+            else:
+                sequence = torch.cat([sequence, token[:, None]], dim=1)
+                s_logits, _ = _forward(student, sequence, mask, positions, None, False)
+                t_logits, _ = _forward(teacher, sequence, mask, positions, None, False)
+        responses = torch.stack(generated, dim=1)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    return Generation.from_responses(prompts, prompt_lengths, responses, eos_id=eos_id, pad_id=pad_id)
