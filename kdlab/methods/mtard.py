@@ -19,7 +19,8 @@ batchmean KL); ``batchmean`` sets s = 1. The balance rules below only use loss
 *ratios*, so they do not depend on s.
 
 ``balance`` (per training step, from the step's detached losses; state in buffers,
-so it is checkpointed and resumed):
+so it is checkpointed and resumed; the update rules are the pure functions of
+``kdlab.losses.balancing``):
 
 * ``none``: fixed w_adv, w_nat, τ_adv, τ_nat (the hyperparameters).
 * ``eccv``: Normalization Loss Balance (ECCV code ``mtard_resnet18_cifar10.py``):
@@ -55,6 +56,7 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
+from kdlab.losses.balancing import entropy_balance_step, mean_entropy, normalization_balance_step
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
 from kdlab.models.ensemble import TeacherEnsemble
@@ -78,35 +80,6 @@ class MTARDHparams:
     steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
-
-
-def normalization_balance_step(weights: torch.Tensor, losses: torch.Tensor, initial_losses: torch.Tensor,
-                               lr: float) -> torch.Tensor:
-    """One Normalization Loss Balance update of the weights ``(K,)`` from this step's losses ``(K,)``.
-
-    ℓ̂ = losses / initial_losses; w ← w − lr·(w − ℓ̂/Σℓ̂); clip at 0; renormalise to sum 1.
-    """
-    relative = losses / initial_losses.clamp_min(torch.finfo(losses.dtype).tiny)
-    target = relative / relative.sum()
-    updated = (weights - lr * (weights - target)).clamp_min(0.0)
-    return updated / updated.sum().clamp_min(torch.finfo(updated.dtype).tiny)
-
-
-def entropy_balance_step(temperatures: torch.Tensor, entropies: torch.Tensor, lr: float, low: float,
-                         high: float) -> torch.Tensor:
-    """One Entropy-Based Balance update of ``(τ_adv, τ_nat)`` from the teachers' mean entropies ``(H_adv, H_nat)``.
-
-    The higher-entropy teacher is sharpened (τ − lr), the other softened (τ + lr); equal entropies: no change.
-    """
-    direction = torch.sign(entropies[0] - entropies[1])
-    step = torch.stack([direction, -direction]).to(temperatures.dtype)
-    return (temperatures - lr * step).clamp(low, high)
-
-
-def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy −Σ_c p log p of softmax(logits), averaged over the batch (float32 at least)."""
-    log_p = torch.log_softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
-    return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
 def _check(h: MTARDHparams) -> None:
