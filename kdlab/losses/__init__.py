@@ -3,6 +3,10 @@
 Logit and label losses: ``kdlab.losses.divergences``; more logit losses (skew
 KL, DKD, DIST, logit standardization, hinge, LogSum): ``kdlab.losses.logit``;
 feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
+``kdlab.losses.divergences`` is also the home of the divergence family that
+``kdlab.losses.sequence`` (token-level divergences of sequence models) shares.
+Not registered (not teacher/student losses of the usual signature):
+``policy_gradient`` (MiniLLM's estimator) and ``balancing`` (MTARD's rules).
 """
 from kdlab.losses import attention, divergences, features, logit  # noqa: F401  (registration)
 from kdlab.losses.adversarial import (  # GAN losses for discriminators (not registered: not teacher/student losses)
