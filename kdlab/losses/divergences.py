@@ -15,7 +15,7 @@ of shape ``logits.shape[:-1]``, nonzero = valid) selects the positions that coun
 The divergence family: every divergence between a teacher's and a student's
 categorical distributions is one per-position function of their
 log-probabilities, ``divergence_per_position(name, log_p, log_q, ...)`` over
-``DIVERGENCES`` (kl, reverse_kl, generalized_jsd, tvd, skew_kl), taken at
+``DIVERGENCE_FAMILY`` (kl, reverse_kl, generalized_jsd, tvd, skew_kl), taken at
 temperatures by ``tempered_log_probs`` and reduced by ``reduce_positions``. The
 registered losses below and ``kdlab.losses.sequence`` (GKD, token/sequence
 reductions, no T², separate student and teacher temperatures, chunking) both
@@ -301,7 +301,7 @@ def _skew_kl_per_position(log_a: torch.Tensor, log_b: torch.Tensor, skew: float)
     return -(log_a.exp() * log_m_over_a).sum(dim=-1)
 
 
-DIVERGENCES = ("kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl")
+DIVERGENCE_FAMILY = ("kl", "reverse_kl", "generalized_jsd", "tvd", "skew_kl")
 
 
 def divergence_per_position(name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, beta: float = 0.5,
@@ -328,7 +328,7 @@ def divergence_per_position(name: str, log_p: torch.Tensor, log_q: torch.Tensor,
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
     if name == "skew_kl":
         return _skew_kl_per_position(log_q, log_p, skew) if reverse else _skew_kl_per_position(log_p, log_q, skew)
-    raise KdlabError(f"divergence: unknown name {name!r}; use one of {', '.join(map(repr, DIVERGENCES))}")
+    raise KdlabError(f"divergence: unknown name {name!r}; use one of {', '.join(map(repr, DIVERGENCE_FAMILY))}")
 
 
 def logit_divergence(name, student_logits, teacher_logits, *, temperature, mask, reduction, t_squared=True,

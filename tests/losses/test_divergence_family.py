@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kdlab.losses import divergences, logit
-from kdlab.losses.divergences import DIVERGENCES as FAMILY, reduce_positions
+from kdlab.losses.divergences import DIVERGENCE_FAMILY as FAMILY, reduce_positions
 from kdlab.losses.sequence import DIVERGENCES, FAMILY_MEMBERS, sequence_divergence
 
 SHAPE = (4, 6, 5)

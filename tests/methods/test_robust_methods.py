@@ -594,3 +594,12 @@ def test_mtard_balance_state_resumes_with_the_run(tmp_path):
     assert resumed.metrics() == pytest.approx(straight.metrics(), abs=1e-6)
     for a, b in zip(straight_student.parameters(), resumed_student.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_trades_docstring_states_the_official_scripts_beta_default():
+    """Issue 17 item 4: train_trades_cifar10.py's --beta defaults to 6.0 at the official head (not 1.0)."""
+    from kdlab.methods import trades
+
+    assert trades.TradesHparams().beta == 6.0
+    doc = " ".join(trades.__doc__.split())
+    assert "defaults to 1.0" not in doc and "``--beta`` (``train_trades_cifar10.py``" in doc
