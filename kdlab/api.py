@@ -53,7 +53,8 @@ def _as_splits(data: Any, *, val_fraction: float, test_fraction: float, split_se
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, data: Any, method: str = "kd", *,
-            seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, run_dir: str | Path | None = None, **options) -> dict[str, float]:
+            seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
+            run_dir: str | Path | None = None, **options) -> dict[str, float]:
     """Distil ``teacher`` into ``student`` (in place) with a registered method; return val/test metrics.
 
     ``data``: a tuple ``(x, y)`` (a stratified ``test_fraction`` and then ``val_fraction`` of it are held

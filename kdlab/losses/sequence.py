@@ -30,8 +30,9 @@ spellings (``method.divergence``), each one member of the family
 (``FAMILY_MEMBERS``): ``forward_kl`` is ``kl``, ``jsd`` is ``generalized_jsd`` with
 KL at β = 0 and 1, ``skew_reverse_kl`` is ``skew_kl`` reversed.
 
-Conventions shared with ``kdlab.losses.divergences``: compute in at least float32 (float64 stays float64), probabilities
-only as ``exp`` of ``log_softmax`` output, mixtures formed in log space, masked
+Conventions shared with ``kdlab.losses.divergences``: compute in at least
+float32 (float64 stays float64), probabilities only as ``exp`` of
+``log_softmax`` output, mixtures formed in log space, masked
 positions replaced by 0 with ``torch.where`` before any arithmetic (so NaN/inf
 logits there reach neither the value nor the gradient). Errors are
 ``SequenceDivergenceError``, a ``ValueError`` that is also a ``KdlabError``.
