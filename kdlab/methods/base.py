@@ -69,6 +69,9 @@ class Method(nn.Module):
     # True: the method trains on samples whose label is hidden (-1, ``data.labels_per_class``); the config
     # refuses labels_per_class (without drop_unlabelled) for every other method.
     uses_unlabelled: ClassVar[bool] = False
+    # Hyperparameters an assistant run of a TAKD chain (``teacher.assistants``) takes from this method; every
+    # stage of a chain is trained by KD, so only KD-family methods pass theirs on (kdlab.plan).
+    assistant_hparams: ClassVar[tuple[str, ...]] = ()
     # True: the method keeps per-sample state indexed by ``Batch.indices`` (PS-KD's past predictions), which
     # DDP would split between processes; refused under torchrun.
     per_sample_state: ClassVar[bool] = False

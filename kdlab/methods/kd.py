@@ -25,6 +25,7 @@ class KD(Method):
     """Hinton KD: α·T²·KL(teacher‖student) at temperature T + (1−α)·cross-entropy."""
 
     Hparams = KDHparams
+    assistant_hparams = ("temperature", "alpha")  # a TAKD chain's assistants train with the student's T and α
 
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams
