@@ -17,7 +17,8 @@ asked. Every bad row is one ``KdlabError`` line naming the file and row.
 
 The built-in offline prompt sets are in ``kdlab.data.prompt_sets``; the
 registered ``prompts`` dataset, which ties these together, in
-``kdlab.data.prompt_dataset``.
+``kdlab.seq.prompt_dataset``. Generated responses are masked by the first EOS's
+position (``kdlab.metrics.generation.response_mask``), never by ``!= pad``.
 """
 from __future__ import annotations
 
@@ -307,15 +308,3 @@ def tokenize_records(records: Sequence[PromptRecord], tokenizer: Any, *, eos_id:
     return TokenizedPrompts(tokens=tokens, labels=labels, prompt_lengths=torch.tensor(lengths, dtype=torch.int64),
                             has_reference=torch.tensor(flags), prompts=prompts, references=references)
 
-
-def response_mask(responses: torch.Tensor, *, eos_id: int) -> torch.Tensor:
-    """``(B, N)`` bool: True at each generated token up to and including the row's first EOS.
-
-    Built from the position of the first EOS, never from ``responses != pad``:
-    when pad == EOS (SmolLM2, Llama 3, Qwen) a mask from the pad id would drop
-    the final EOS, so the model would never learn to stop (TRL fixed exactly
-    this; DistiLLM still has it). A row without EOS is all True.
-    """
-    is_eos = responses == eos_id
-    before_first = is_eos.long().cumsum(dim=1) - is_eos.long() == 0  # no EOS strictly before this position
-    return before_first
