@@ -69,10 +69,10 @@ def docstring_prompts() -> tuple[list[PromptRecord], str]:
     for family, modules in FAMILIES.items():
         for module_name in modules:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # deprecated modules still document themselves
+                warnings.simplefilter("ignore")  # deprecated modules (typing.io, ...) still document themselves
                 module = importlib.import_module(module_name)
-            for obj in _documented(module)[1:]:
-                doc = inspect.getdoc(obj)
+                documented = [(obj, inspect.getdoc(obj)) for obj in _documented(module)[1:]]
+            for obj, doc in documented:
                 name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
                 if not doc or not name:
                     continue
