@@ -128,12 +128,15 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike, *, tokenizer: An
         saved = inner.generation_config
         if generation_config is not None:
             inner.generation_config = generation_config
-        try:
-            inner.save_pretrained(temporary, safe_serialization=True)
-        finally:
-            inner.generation_config = saved
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temporary)
+        from kdlab.seq.hf_load import quiet_transformers
+
+        with quiet_transformers():  # no "Writing model shards" bar
+            try:
+                inner.save_pretrained(temporary, safe_serialization=True)
+            finally:
+                inner.generation_config = saved
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temporary)
         if folder.exists():
             shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
         os.replace(temporary, folder)

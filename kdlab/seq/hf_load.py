@@ -107,6 +107,27 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def source_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a model source, for a run's identity (a replaced model at the same path is a new run).
+
+    A file (``.gguf``): its SHA-256. A folder: SHA-256 over the sorted relative
+    names and SHA-256 of its regular files, hidden files (temporary writes,
+    ``.cache``) excluded.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        raise KdlabError(f"hf_causal_lm.path: {str(path)!r} does not exist; give a model folder or .gguf file")
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No progress bars, info lines or warnings from transformers/accelerate/gguf while loading."""

@@ -170,3 +170,19 @@ def test_quiet_loading_prints_nothing_and_restores_the_settings(capfd):
     with hf_load._no_gguf_progress_bar():
         assert list(reader.tqdm([1, 2], desc="Converting")) == [1, 2]
     assert reader.tqdm is original
+
+
+def test_source_sha256_follows_content_not_path(tmp_path, tiny_llama_folder):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_folder, copy)
+    assert hf_load.source_sha256(copy) == hf_load.source_sha256(tiny_llama_folder)
+    (copy / ".partial.tmp").write_bytes(b"ignored")
+    assert hf_load.source_sha256(copy) == hf_load.source_sha256(tiny_llama_folder)
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("256", "257"))
+    assert hf_load.source_sha256(copy) != hf_load.source_sha256(tiny_llama_folder)
+    source = gguf_file(tmp_path)
+    assert hf_load.source_sha256(source) == hf_load.file_sha256(source)
+    with pytest.raises(KdlabError, match="does not exist"):
+        hf_load.source_sha256(tmp_path / "missing")
