@@ -186,3 +186,13 @@ def test_source_sha256_follows_content_not_path(tmp_path, tiny_llama_folder):
     assert hf_load.source_sha256(source) == hf_load.file_sha256(source)
     with pytest.raises(KdlabError, match="does not exist"):
         hf_load.source_sha256(tmp_path / "missing")
+
+
+def test_a_folder_that_is_not_a_causal_lm_is_one_line(tmp_path):
+    config = transformers.ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                    image_size=8, patch_size=4)
+    transformers.ViTModel(config).save_pretrained(tmp_path / "vit")  # weights present: only the kind is wrong
+    with pytest.raises(KdlabError) as error:
+        load_hf_causal_lm(path=tmp_path / "vit")
+    message = str(error.value)
+    assert "cannot load a causal LM from" in message and "ViTConfig" in message and "\n" not in message
