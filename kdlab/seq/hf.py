@@ -86,6 +86,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.source: Optional[Path] = None  # the folder it was loaded from (its tokenizer), set by the loader
         config = model.config
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         weight = getattr(output, "weight", None)

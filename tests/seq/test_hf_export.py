@@ -70,7 +70,7 @@ def test_drop_layers_keeps_those_blocks_and_leaves_the_teacher_alone():
 def test_a_layer_dropped_student_decodes_with_a_kv_cache_as_without():
     """layer_idx renumbered: cached decoding must equal recomputing the whole sequence each step."""
     student = drop_layers(HFCausalLM(make_llama(60, layers=6)), 3)
-    assert isinstance(student, HFCausalLM) and student.config.num_hidden_layers == 3
+    assert isinstance(student, HFCausalLM) and student.config.num_hidden_layers == 3 and student.source is None
     assert len(student.feature_stages) == 3
     prompt = torch.randint(3, 60, (1, 5))
     with torch.no_grad():

