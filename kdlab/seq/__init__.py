@@ -9,7 +9,8 @@ Importing this package registers the ``tinygpt`` and ``hf_causal_lm`` models and
 * ``datasets`` — each task registered as a dataset; ``evaluate`` — exact match, token accuracy, agreement;
 * ``hf`` — any Hugging Face causal LM as teacher or student (optional extra); ``hf_load`` (folders, GGUF,
   the bundled SmolLM2), ``hf_export`` (layer dropping, HF folders, tokenizer check);
-* ``prompt_dataset`` — the ``prompts`` dataset (prompt files or built-in sets, HF tokenizers).
+* ``prompt_dataset`` — the ``prompts`` dataset (prompt files or built-in sets, HF tokenizers);
+  ``generation_eval`` — a student's open-ended generations scored against its teacher's.
 
 The canonical layout everywhere: ``tokens`` (N, L) right-padded (prompt, response,
 EOS, pad) and ``labels`` (N, L) = the token at response positions, -100 elsewhere.

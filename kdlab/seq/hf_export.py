@@ -7,6 +7,8 @@
 * ``save_hf_folder(model, folder, tokenizer=...)`` — weights (safetensors),
   config, generation config and tokenizer, written atomically, loadable by
   ``AutoModelForCausalLM.from_pretrained`` with nothing from kdlab.
+* ``export_student(student, folder, tokenizer_source=teacher.source)`` — the same
+  with the teacher's tokenizer and generation config.
 * ``check_same_tokenizer(a, b)`` — teacher and student must tokenize alike:
   vocabulary, special tokens, chat template; one line naming the first difference.
 """
@@ -143,6 +145,16 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike, *, tokenizer: An
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+def export_student(student: nn.Module, folder: str | os.PathLike, *, tokenizer_source: str | os.PathLike,
+                   overwrite: bool = False) -> Path:
+    """``save_hf_folder`` with the tokenizer and generation config (EOS, pad) of ``tokenizer_source``, the
+    teacher's folder (``HFCausalLM.source``): what a finished run writes to ``runs/<id>/hf/``."""
+    from kdlab.seq.hf_load import load_generation_config, load_tokenizer
+
+    return save_hf_folder(student, folder, tokenizer=load_tokenizer(tokenizer_source),
+                          generation_config=load_generation_config(tokenizer_source), overwrite=overwrite)
 
 
 def _special(tokenizer: Any) -> dict[str, Any]:

@@ -8,8 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from kdlab.errors import KdlabError  # noqa: E402
 from kdlab.seq.hf import HFCausalLM, load_hf_causal_lm  # noqa: E402
-from kdlab.seq.hf_export import (check_same_tokenizer, drop_layers, layers_to_keep, plain_copy,  # noqa: E402
-                                 save_hf_folder, tokenizer_difference)
+from kdlab.seq.hf_export import (check_same_tokenizer, drop_layers, export_student, layers_to_keep,  # noqa: E402
+                                 plain_copy, save_hf_folder, tokenizer_difference)
 
 from .conftest import CHAT_TEMPLATE, make_llama, make_tokenizer  # noqa: E402
 
@@ -147,3 +147,14 @@ def test_load_by_path_records_the_source_folder(tiny_llama_folder):
     model = load_hf_causal_lm(path=tiny_llama_folder, vocab_size=300)
     assert model.source == tiny_llama_folder and model.config.num_hidden_layers == 4
     assert load_hf_causal_lm(config={"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}).source is None
+
+
+def test_export_student_takes_the_teachers_tokenizer_and_generation_config(tiny_llama_folder, tmp_path):
+    teacher = load_hf_causal_lm(path=tiny_llama_folder)
+    generation = transformers.GenerationConfig.from_pretrained(tiny_llama_folder)
+    folder = export_student(drop_layers(teacher, 2), tmp_path / "hf", tokenizer_source=teacher.source)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.config.num_hidden_layers == 2
+    assert loaded.generation_config.eos_token_id == generation.eos_token_id == 2
+    assert tokenizer_difference(transformers.AutoTokenizer.from_pretrained(folder),
+                                transformers.AutoTokenizer.from_pretrained(tiny_llama_folder)) is None
