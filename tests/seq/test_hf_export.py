@@ -158,3 +158,11 @@ def test_export_student_takes_the_teachers_tokenizer_and_generation_config(tiny_
     assert loaded.generation_config.eos_token_id == generation.eos_token_id == 2
     assert tokenizer_difference(transformers.AutoTokenizer.from_pretrained(folder),
                                 transformers.AutoTokenizer.from_pretrained(tiny_llama_folder)) is None
+
+
+def test_loading_and_exporting_print_nothing(tiny_llama_folder, tmp_path, capfd):
+    capfd.readouterr()
+    model = load_hf_causal_lm(path=tiny_llama_folder)
+    export_student(model, tmp_path / "hf", tokenizer_source=tiny_llama_folder)
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""  # no "Loading weights" / "Writing model shards" bars
