@@ -30,6 +30,7 @@ from kdlab.metrics.deviation import (
     logit_confidence,
     teacher_class_probabilities,
 )
+from kdlab.report.table import Table, render
 from kdlab.store import Store, atomic_write_json
 
 MODEL_FILE = "model.safetensors"  # as written by kdlab.study.runner
@@ -220,19 +221,18 @@ def format_report(result: dict) -> list[str]:
     names = list(result["splits"])
     lines.append("fraction of samples where the student is less confident than the teacher, by teacher top-1 "
                  "probability (empty buckets omitted):")
-    header = f"  {'teacher p':<12}" + "".join(f"{name + ' n':>10}{name + ' less':>12}" for name in names)
-    lines.append(header)
-    first = result["splits"][names[0]]["buckets"]
-    for i, bucket in enumerate(first):
+    rows = []
+    for i, bucket in enumerate(result["splits"][names[0]]["buckets"]):
         cells = [result["splits"][name]["buckets"][i] for name in names]
         if all(c["n"] == 0 for c in cells):
             continue
-        opening = "[" if i == 0 else "("
-        row = f"  {opening}{bucket['low']:.2g}, {bucket['high']:.2g}]".ljust(14)
+        row = [f"{'[' if i == 0 else '('}{bucket['low']:.2g}, {bucket['high']:.2g}]"]
         for c in cells:
-            frac = c["fraction_student_less_confident"]
-            row += f"{c['n']:>10}" + (f"{frac:>12.3f}" if c["n"] else f"{'-':>12}")
-        lines.append(row)
+            row += [str(c["n"]), f"{c['fraction_student_less_confident']:.3f}" if c["n"] else "-"]
+        rows.append(row)
+    columns = ["teacher p"] + [f"{name} {what}" for name in names for what in ("n", "less")]
+    table = Table(columns, rows, numeric=[False] + [True] * (2 * len(names)))
+    lines += ["  " + line for line in render(table).splitlines()]
     if result["plot"]:
         lines.append(f"plot: {result['plot']}")
     lines.append(f"json: {result['json']}")
