@@ -60,7 +60,7 @@ class Selection:
         """The one experiment a per-experiment view reads; else a one-line error."""
         if len(self.experiments) != 1 or any(r.experiment != self.experiments[0] for r in self.runs):
             raise KdlabError(f"the {cli_name(view)} view takes exactly one experiment name, got "
-                             f"{len(self.experiments)}; e.g. kdlab plot {cli_name(view)} my-study")
+                             f"{len(self.experiments)}; e.g. kdlab compare my-study --view {cli_name(view)}")
         return self.experiments[0]
 
 
