@@ -190,3 +190,14 @@ def test_compare_groups_by_the_config_when_a_row_has_no_group_key():
                           rec("c", 0, 0.2, "x seed=0")], metrics=("test/acc",)).rows
     assert sorted(row.run_ids for row in rows) == [("a", "b"), ("c",)]
     assert math.isclose(next(r for r in rows if r.run_ids == ("c",)).summaries["test/acc"].mean, 0.2)
+
+
+def test_building_the_parser_imports_no_view():
+    """The choices of `plot`/`compare --view` are read from the registry only when those commands parse."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kdlab.cli import build_parser; build_parser().parse_args(['runs']); "
+            "print(sorted(m for m in ('kdlab.study.views', 'torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
