@@ -4,8 +4,8 @@
               [--workers N] [--retry-failed] [--executor local|ray] [--ray-address ADDR]
     torchrun --nproc_per_node N -m kdlab run CONFIG     (data-parallel runs; see README "Multi-GPU")
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
-    kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown]
-    kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
+    kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown] [--baseline LABEL] [--plot PNG]
+    kdlab compare EXPERIMENT --view VIEW [--metrics test/acc] [--markdown]     (--capacity: --view capacity-gap)
     kdlab show RUN
     kdlab runs [EXPERIMENT]
     kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
@@ -13,9 +13,8 @@
     kdlab analyze deviations RUN [--out DIR]
     kdlab tune CONFIG [--trials N] [--seed S] [--metric val/acc] [--direction maximize|minimize]
                [--set key.path=value ...] [--seeds 0,1]
-    kdlab plot capacity-gap EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
-    kdlab plot gkd-grid EXPERIMENT [--out DIR] [--metric test/acc]
-    kdlab plot qat EXPERIMENT [--out DIR] [--metric test/acc]
+    kdlab plot VIEW EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
+               (VIEW: a registered study view: capacity-gap, comparison, deviations, gkd-grid, qat, robustness)
     kdlab report [EXPERIMENT ...] [--out report.html] [--baseline LABEL] [--metrics a,b] [--no-eval]
 """
 from __future__ import annotations
@@ -125,82 +124,74 @@ def cmd_list(args) -> int:
     return 0
 
 
-def _records(store, tokens: list[str]):
-    if not tokens:
-        return store.runs(role="student")
-    out, seen = [], set()
-    for token in tokens:
-        found = store.find(token)
-        if not found:
-            raise KdlabError(f"{token!r} is neither a run id nor an experiment in {store.workspace}; "
-                             "see `kdlab runs`")
-        for record in found:
-            if record.run_id not in seen:
-                seen.add(record.run_id)
-                out.append(record)
-    return out
+class _ViewNames:
+    """argparse ``choices`` of the registered study views, read from the registry only when a command
+    needs them (parsing ``plot``/``compare``, or --help), so building the parser imports nothing."""
+
+    def _names(self) -> list[str]:
+        from kdlab.study.views.base import view_names
+
+        return view_names()
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.replace("_", "-") in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+def _options(args, **extra):
+    from kdlab.study.views.base import DEFAULT_METRICS, Options
+
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else DEFAULT_METRICS
+    return Options(metric=metrics[0], metrics=metrics, **extra)
+
+
+def _print_view(view, result, fmt: str) -> None:
+    from kdlab.report.table import render
+
+    tables = view.tables(result)
+    if tables:
+        print(render(tables, fmt=fmt, title=view.title(result)), end="")
 
 
 def cmd_compare(args) -> int:
+    """A registered view's table (default: the comparison of configurations) of the named runs."""
     from kdlab.store import Store
-    from kdlab.study.compare import DEFAULT_METRICS, compare_table, render_table
+    from kdlab.study.views.base import get_view, token_selection
 
-    store = Store(_workspace(args))
-    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
-    if args.capacity:
-        return _compare_capacity(store, args)
-    table = compare_table(_records(store, args.runs), metrics=metrics, baseline=args.baseline)
-    print(render_table(table, fmt="markdown" if args.markdown else "text"))
+    name = "capacity-gap" if args.capacity else args.view
+    if args.capacity and args.view not in ("comparison", "capacity-gap"):
+        raise KdlabError(f"--capacity is --view capacity-gap; it does not combine with --view {args.view}")
+    if name != "comparison" and (args.baseline or args.plot):
+        raise KdlabError(f"--view {name} does not combine with --baseline or --plot; they belong to the comparison "
+                         f"view (`kdlab plot {name} EXPERIMENT` draws this view's figures)")
+    view = get_view(name, key="--view")
+    selection = token_selection(Store(_workspace(args)), args.runs)
+    result = view.build(selection, _options(args, baseline=args.baseline))
+    _print_view(view, result, "markdown" if args.markdown else "text")
     if args.plot:
-        from kdlab.report.plots import comparison_bars
+        from kdlab.study.views.comparison import draw_bars
 
-        metric = metrics[0]
-        rows = [row for row in table.rows if row.summaries.get(metric) is not None]
-        if not rows:
-            raise KdlabError(f"--plot: no finished run has metric {metric!r}; choose one with --metrics")
-        path = comparison_bars([row.label for row in rows], [row.summaries[metric].mean for row in rows],
-                               [row.summaries[metric].half_width for row in rows], args.plot, metric=metric,
-                               baseline=args.baseline)
-        print(f"plot: {path}")
-    return 0
-
-
-def _compare_capacity(store, args) -> int:
-    from kdlab.study.capacity import capacity_table, render_capacity
-
-    if len(args.runs) != 1:
-        raise KdlabError(f"--capacity takes exactly one experiment name, got {len(args.runs)}; "
-                         "e.g. kdlab compare my-study --capacity")
-    if args.baseline or args.plot:
-        raise KdlabError("--capacity does not combine with --baseline or --plot; the gain is always over scratch, "
-                         "and `kdlab plot capacity-gap EXPERIMENT` draws its figures")
-    metric = args.metrics.split(",")[0].strip() if args.metrics else "test/acc"
-    table = capacity_table(store, args.runs[0], metric=metric)
-    print(render_capacity(table, fmt="markdown" if args.markdown else "text"), end="")
+        print(f"plot: {draw_bars(result, Path(args.plot))}")
     return 0
 
 
 def cmd_plot(args) -> int:
+    """A registered view's table (Markdown) and its figures for one experiment."""
     from kdlab.store import Store
-    from kdlab.study.capacity import capacity_table, plot_capacity, safe_name
+    from kdlab.study.capacity import safe_name
+    from kdlab.study.views.base import experiment_selection, get_view
 
     workspace = _workspace(args)
+    view = get_view(args.what)
+    selection = experiment_selection(Store(workspace), args.experiment)
+    result = view.build(selection, _options(args, method=args.method))
     out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
-    tabled = {"qat": ("kdlab.study.qat_table", "qat_table", "render_qat_table", "plot_qat_table"),
-              "gkd-grid": ("kdlab.study.gkd_grid", "gkd_grid", "render_gkd_grid", "plot_gkd_grid")}
-    if args.what in tabled:  # a study table printed as Markdown, then its figures
-        import importlib
-
-        module_name, build, render, draw = tabled[args.what]
-        module = importlib.import_module(module_name)
-        result = getattr(module, build)(Store(workspace), args.experiment, metric=args.metric)
-        print(getattr(module, render)(result, fmt="markdown"), end="")
-        for path in getattr(module, draw)(result, out):
+    _print_view(view, result, "markdown")
+    for figure in view.figures(result, out):
+        for path in figure.paths:
             print(path)
-        return 0
-    table = capacity_table(Store(workspace), args.experiment, metric=args.metric)
-    for path in plot_capacity(table, out, method=args.method):
-        print(path)
     return 0
 
 
@@ -357,12 +348,11 @@ def cmd_tune(args) -> int:
 def cmd_report(args) -> int:
     """One self-contained HTML report (and its Markdown twin) of the named experiments."""
     from kdlab.store import Store
-    from kdlab.study.compare import DEFAULT_METRICS
     from kdlab.study.report import write_report
 
-    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else DEFAULT_METRICS
+    options = _options(args)
     result = write_report(Store(_workspace(args)), args.experiments, args.out, baseline=args.baseline,
-                          metrics=metrics, evaluate=args.eval)
+                          metrics=options.metrics, evaluate=args.eval)
     print(f"report: {result.html}")
     print(f"markdown: {result.markdown}")
     print(f"figures: {len(result.figures)} files in {result.html.with_name(result.html.stem + '_files')}")
@@ -400,15 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     lst.set_defaults(func=cmd_list)
 
-    cmp_ = sub.add_parser("compare", help="table of runs grouped by configuration, mean ± 95%% CI over seeds")
+    cmp_ = sub.add_parser("compare", help="a study view's table of runs (default: runs grouped by configuration, "
+                                          "mean ± 95%% CI over seeds)")
     cmp_.add_argument("runs", nargs="*", help="run ids, run-id prefixes or experiment names (default: all)")
     cmp_.add_argument("--metrics", help="comma-separated metric keys (default test/acc,test/nll,test/ece,test/agreement)")
     cmp_.add_argument("--markdown", action="store_true", help="print a Markdown table")
     cmp_.add_argument("--baseline", help="row label to compare every row against (paired by seed, first metric)")
     cmp_.add_argument("--plot", metavar="PNG", help="also draw the first metric per row with its CI as a bar chart")
+    cmp_.add_argument("--view", default="comparison", choices=_ViewNames(), metavar="VIEW",
+                      help="registered study view whose table to print: %(choices)s (default comparison; the "
+                           "others take one experiment name and the first of --metrics)")
     cmp_.add_argument("--capacity", action="store_true",
-                      help="teacher × student table of one experiment: student accuracy, gain over scratch, "
-                           "the teacher's own accuracy")
+                      help="same as --view capacity-gap: teacher × student table of one experiment: student "
+                           "accuracy, gain over scratch, the teacher's own accuracy")
     cmp_.set_defaults(func=cmd_compare)
 
     show = sub.add_parser("show", help="one run's resolved config and metrics")
@@ -453,13 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", help="folder for deviations.json and deviations.png (default: the run folder)")
     analyze.set_defaults(func=cmd_analyze)
 
-    plot = sub.add_parser("plot", help="figures of a study (capacity-gap: heatmap and accuracy vs teacher size; "
-                                       "gkd-grid: λ × divergence heatmap and table; qat: precision × signals table and bars)")
-    plot.add_argument("what", choices=["capacity-gap", "gkd-grid", "qat"], help="which figure")
+    plot = sub.add_parser("plot", help="a study view's table (Markdown) and figures for one experiment, e.g. "
+                                       "capacity-gap, gkd-grid, qat (see `kdlab plot --help`)")
+    plot.add_argument("what", choices=_ViewNames(), metavar="VIEW", help="registered study view: %(choices)s")
     plot.add_argument("experiment", help="experiment name")
     plot.add_argument("--out", help="folder for the PNG and SVG files (default: <workspace>/plots/<experiment>)")
-    plot.add_argument("--metric", default="test/acc", help="final metric to plot (default test/acc)")
-    plot.add_argument("--method", help="method block to plot (default kd when present, else the first)")
+    plot.add_argument("--metric", "--metrics", dest="metrics", metavar="METRIC",
+                      help="final metric of the view (default test/acc; the comparison view takes a list)")
+    plot.add_argument("--method", help="capacity-gap: method block to plot (default kd when present, else the first)")
     plot.set_defaults(func=cmd_plot)
 
     rep = sub.add_parser("report", help="one self-contained HTML report (plus Markdown and PNG/SVG figures) of "

@@ -24,14 +24,18 @@ from kdlab.errors import KdlabError
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
-KINDS = ("dataset", "model", "loss", "method", "metric", "attack")
+KINDS = ("dataset", "model", "loss", "method", "metric", "attack", "view")
 
 # Modules whose import registers the built-in entries of each kind.
 _BUILTIN_MODULES = ("kdlab.data", "kdlab.models", "kdlab.losses", "kdlab.metrics", "kdlab.methods", "kdlab.seq",
                     "kdlab.robust")
+# Kinds whose built-ins live apart from the torch-heavy packages above: looking them up (``kdlab plot``'s
+# choices) imports only these, so the CLI's start-up does not pay for torch.
+_KIND_MODULES = {"view": ("kdlab.study.views",)}
 
 _entries: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
 _loaded = False
+_kinds_loaded: set[str] = set()
 
 
 def _check_kind(kind: str) -> None:
@@ -54,8 +58,14 @@ def register(kind: str, name: str) -> Callable[[Any], Any]:
     return decorator
 
 
-def _load_builtins() -> None:
+def _load_builtins(kind: str | None = None) -> None:
     global _loaded
+    if kind in _KIND_MODULES:
+        if kind not in _kinds_loaded:
+            for module in _KIND_MODULES[kind]:
+                importlib.import_module(module)
+            _kinds_loaded.add(kind)
+        return
     if not _loaded:
         for module in _BUILTIN_MODULES:
             importlib.import_module(module)
@@ -65,7 +75,7 @@ def _load_builtins() -> None:
 def get(kind: str, name: str, *, key: str | None = None) -> Any:
     """Return the entry ``name`` of ``kind``; ``key`` (a config path) prefixes the error."""
     _check_kind(kind)
-    _load_builtins()
+    _load_builtins(kind)
     try:
         return _entries[kind][name]
     except (KeyError, TypeError):
@@ -74,15 +84,16 @@ def get(kind: str, name: str, *, key: str | None = None) -> Any:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         where = f"{key}: " if key else ""
         plural = "losses" if kind == "loss" else f"{kind}s"
+        listing = "kdlab plot --help" if kind == "view" else f"kdlab list {plural}"
         raise KdlabError(
-            f"{where}unknown {kind} {name!r}; {hint}known {plural}: {', '.join(known)} (see `kdlab list {plural}`)"
+            f"{where}unknown {kind} {name!r}; {hint}known {plural}: {', '.join(known)} (see `{listing}`)"
         ) from None
 
 
 def names(kind: str, pattern: str = "*") -> list[str]:
     """Sorted names of ``kind`` matching the shell-style ``pattern``."""
     _check_kind(kind)
-    _load_builtins()
+    _load_builtins(kind)
     return sorted(n for n in _entries[kind] if fnmatch.fnmatchcase(n, pattern))
 
 

@@ -1,6 +1,7 @@
 """A report as a list of blocks, written as one self-contained HTML file and a Markdown twin.
 
-Blocks are small dataclasses (heading, paragraph, table, figure). The HTML file
+Blocks are small dataclasses (heading, paragraph, table, figure); a table is the neutral
+:class:`kdlab.report.table.Table`, whose Markdown comes from the one table renderer. The HTML file
 embeds every figure as a base64 PNG ``data:`` URI and carries its own CSS: no
 script, font, stylesheet or image is fetched from anywhere, so it opens offline
 and can be mailed as one file. Every piece of text is passed through
@@ -12,9 +13,11 @@ from __future__ import annotations
 import base64
 import html
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
+
+from kdlab.report.table import Table, markdown_text, render
 
 
 @dataclass(frozen=True)
@@ -26,14 +29,6 @@ class Heading:
 @dataclass(frozen=True)
 class Paragraph:
     text: str
-
-
-@dataclass(frozen=True)
-class Table:
-    headers: Sequence[str]
-    rows: Sequence[Sequence[str]]
-    note: str = ""  # a line under the table (what ± means)
-    numeric: Sequence[bool] = field(default_factory=tuple)  # right-align these columns
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ th, td { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: left; vertic
 th { background: #eee; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 p.note, figcaption { color: #555; font-size: 0.85em; }
 figure { margin: 1em 0; } img { max-width: 100%; height: auto; border: 1px solid #ddd; }
-nav ul { columns: 2; }
+nav ul { columns: 2; } caption { text-align: left; font-weight: bold; padding: 0.3em 0; }
 """
 
 
@@ -77,15 +72,17 @@ def render_html(blocks: Sequence[Block], *, title: str) -> str:
         elif isinstance(block, Paragraph):
             parts.append(f"<p>{esc(block.text)}</p>")
         elif isinstance(block, Table):
-            numeric = list(block.numeric) + [False] * (len(block.headers) - len(block.numeric))
-            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.headers)
+            numeric = block.alignment()
+            caption = f"<caption>{esc(block.caption)}</caption>" if block.caption else ""
+            parts.append(f"<table>{caption}<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in block.columns)
                          + "</tr></thead><tbody>")
             for row in block.rows:
                 parts.append("<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if right else f"<td>{esc(c)}</td>"
                                               for c, right in zip(row, numeric)) + "</tr>")
             parts.append("</tbody></table>")
-            if block.note:
-                parts.append(f'<p class="note">{esc(block.note)}</p>')
+            if not block.rows and block.empty:
+                parts.append(f'<p class="note">{esc(block.empty)}</p>')
+            parts += [f'<p class="note">{esc(note)}</p>' for note in block.notes]
         elif isinstance(block, Figure):
             data = base64.b64encode(Path(block.png).read_bytes()).decode("ascii")
             parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{esc(block.caption)}">'
@@ -96,34 +93,19 @@ def render_html(blocks: Sequence[Block], *, title: str) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _md_text(text: str) -> str:
-    """Text as Markdown shows it literally: no raw HTML from run names or config values."""
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _md_cell(text: str) -> str:
-    return _md_text(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(blocks: Sequence[Block], *, base: Path) -> str:
     """Markdown of the same blocks; figures link their PNG (and SVG) relative to ``base`` (the .md's folder)."""
     lines: list[str] = []
     for block in blocks:
         if isinstance(block, Heading):
-            lines += ["#" * min(max(block.level, 1), 4) + " " + _md_text(block.text).replace("\n", " "), ""]
+            lines += ["#" * min(max(block.level, 1), 4) + " " + markdown_text(block.text).replace("\n", " "), ""]
         elif isinstance(block, Paragraph):
-            lines += [_md_text(block.text), ""]
-        elif isinstance(block, Table):
-            numeric = list(block.numeric) + [False] * (len(block.headers) - len(block.numeric))
-            lines.append("| " + " | ".join(_md_cell(h) for h in block.headers) + " |")
-            lines.append("|" + "|".join("---:" if right else "---" for right in numeric) + "|")
-            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
-            lines.append("")
-            if block.note:
-                lines += [f"*{_md_text(block.note)}*", ""]
+            lines += [markdown_text(block.text), ""]
+        elif isinstance(block, Table):  # captions one level below the report's parts (###)
+            lines += [*render(block, fmt="markdown", heading=3).splitlines(), ""]
         elif isinstance(block, Figure):
             png = Path(os.path.relpath(block.png, base)).as_posix()
-            caption = _md_text(block.caption).replace("\n", " ")
+            caption = markdown_text(block.caption).replace("\n", " ")
             lines.append(f"![figure]({png})")
             svg = f" ([SVG]({Path(os.path.relpath(block.svg, base)).as_posix()}))" if block.svg is not None else ""
             lines += [f"*{caption}*{svg}", ""]

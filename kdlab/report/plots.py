@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
 
 DODGE_DECADES = 0.012  # horizontal offset between students' points in capacity_lines (log10 units)
+TITLE_CHARS_PER_INCH = 11  # characters of a 10-pt title that fit in one inch of figure width
 MAX_POINTS_PER_PANEL = 20_000  # scatter points drawn per panel (a fixed random subset beyond it); fits use all
 
 
@@ -32,10 +34,25 @@ def deviation_scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float
     points are drawn per panel (a fixed random subset, said in the panel
     title). The file is written atomically; returns its path.
     """
+    path = Path(path)
+    figure = deviation_figure(points, fits, title=title, eps=eps, max_points=max_points)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        figure.savefig(partial, format="png")
+        os.replace(partial, path)
+    finally:
+        if partial.exists():
+            partial.unlink()
+    return path
+
+
+def deviation_figure(points: Mapping[str, tuple[Sequence[float], Sequence[float]]], fits: Mapping[str, dict], *,
+                     title: str | None = None, eps: float | None = None, max_points: int = MAX_POINTS_PER_PANEL):
+    """The figure of :func:`deviation_scatter`, not yet written."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    path = Path(path)
     splits = list(points)
     if not splits:
         raise ValueError("deviation_scatter: no splits to plot")
@@ -72,16 +89,11 @@ def deviation_scatter(points: Mapping[str, tuple[Sequence[float], Sequence[float
         ax.legend(loc="upper left", fontsize=8, markerscale=3)
     axes[0].set_ylabel("φ(student p of teacher's class)")
     caption = "φ(p) = log(p / (1 − p))" + (f", p clamped to [{eps:g}, 1 − {eps:g}]" if eps is not None else "")
-    figure.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        figure.savefig(partial, format="png")
-        os.replace(partial, path)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return path
+    # A run id, its label and the teacher's description outrun one 5-inch panel: wrap to the figure's width.
+    width = max(20, int(figure.get_figwidth() * TITLE_CHARS_PER_INCH))
+    shown = "\n".join(textwrap.wrap(title, width, break_long_words=True)) if title else ""
+    figure.suptitle(f"{shown}\n{caption}" if shown else caption, fontsize=10)
+    return figure
 
 
 def comparison_bars(labels: Sequence[str], means: Sequence[float], half_widths: Sequence[float], path: str | Path,
@@ -297,12 +309,14 @@ def _new_figure(width: float, height: float):
 
 
 def learning_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]]],
-                    path: str | Path, *, title: str | None = None, columns: int = 3) -> tuple[Path, Path]:
+                    path: str | Path, *, title: str | None = None, columns: int = 3,
+                    titles: Mapping[str, str] | None = None) -> tuple[Path, Path]:
     """Write one panel per logged key (a loss term, val/acc, ...): value against epoch, one line per config.
 
     ``panels[key][config] = (epochs, means, half_widths)``: the mean over seeds
     at each epoch and its CI half width (NaN: no band), drawn as a shaded band.
-    Writes ``path`` with suffixes ``.png`` and ``.svg``; returns both paths.
+    ``titles[key]`` replaces a panel's title (default: the key). Writes ``path``
+    with suffixes ``.png`` and ``.svg``; returns both paths.
     """
     import numpy as np
     from matplotlib.ticker import MaxNLocator
@@ -324,7 +338,7 @@ def learning_curves(panels: Mapping[str, Mapping[str, tuple[Sequence[float], Seq
             if band.any():
                 ax.fill_between(x[band], (m - h)[band], (m + h)[band], color=colours[config], alpha=0.15,
                                 linewidth=0)
-        ax.set_title(key, fontsize=9)
+        ax.set_title((titles or {}).get(key, key), fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)

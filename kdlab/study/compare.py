@@ -1,33 +1,59 @@
 """Comparison tables: one row per configuration, mean ± CI over its seeds.
 
-Finished runs are grouped by (experiment, group_key): runs that differ only by
-seed share a group_key. A row is labelled with the run label minus its
-trailing ``seed=N``. A metric missing from some seeds of a row is summarised
-over the seeds that have it and marked ``(n=k)``; missing from all, it is ``-``.
+Finished runs are grouped by (experiment, configuration): the stored
+``group_key`` (the hash of the run's resolved config without its seed), or, for
+a row without one, that hash recomputed from the stored config. Labels are for
+display only: a row is labelled with its first run's label minus that run's own
+``seed=N`` token. A metric missing from some seeds of a row is summarised over
+the seeds that have it and marked ``(n=k)``; missing from all, it is ``-``.
 """
 from __future__ import annotations
 
-import re
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from kdlab.errors import KdlabError
+from kdlab.report.table import FORMATS, Table, check_format, render
 from kdlab.store.database import RunRecord
-from kdlab.study.stats import MeanCI, _check_confidence, format_mean_ci, mean_ci, paired_difference
+from kdlab.study.stats import MeanCI, PairedDifference, _check_confidence, format_mean_ci, mean_ci, paired_difference
+
+__all__ = ["DEFAULT_METRICS", "FORMATS", "CompareRow", "CompareTable", "as_table", "compare_table",
+           "config_key", "format_difference", "render_table", "strip_seed"]
 
 DEFAULT_METRICS = ("test/acc", "test/nll", "test/ece", "test/agreement")
-FORMATS = ("text", "markdown")
 MISSING = "-"
+NO_VALUE = "—"  # a statistic that one value cannot give (a CI, a p-value)
+ONE_PAIR_NOTE = "(n=1), p —: one paired seed gives no CI and no t-test; run more seeds"
 # Shown when the label is nothing but the seed (an experiment with one grid point).
 BASE_LABEL = "(base)"
 
-_SEED_SUFFIX = re.compile(r"(?:^|\s+)seed=[-+]?\d+\s*$")
+
+def _seed_token(token: str) -> bool:
+    name, _, value = token.partition("=")
+    return name == "seed" and value.lstrip("+-").isdigit()
 
 
-def strip_seed(label: str) -> str:
-    """``"method.name=kd seed=1"`` → ``"method.name=kd"``; ``"seed=3"`` → ``"(base)"``."""
-    stripped = _SEED_SUFFIX.sub("", label).strip()
-    return stripped or BASE_LABEL
+def strip_seed(label: str, seed: int | None = None) -> str:
+    """``"method.name=kd seed=1"`` → ``"method.name=kd"``; ``"seed=3"`` → ``"(base)"``.
+
+    The label is display text (``RunSpec.label``: grid point, then ``seed=N``). With ``seed`` the exact
+    token ``seed={seed}`` is removed; without, a trailing ``seed=<integer>`` token.
+    """
+    head, _, last = label.rstrip().rpartition(" ")
+    if last == f"seed={seed}" if seed is not None else _seed_token(last):
+        return head.strip() or BASE_LABEL
+    return label.strip() or BASE_LABEL
+
+
+def config_key(record: RunRecord) -> str:
+    """The run's configuration without its seed: the stored ``group_key``, else recomputed from its config."""
+    if record.group_key:
+        return record.group_key
+    from kdlab.config import content_hash
+
+    config = {k: v for k, v in record.config.items() if k != "seed"}
+    return content_hash(config)[:16]
 
 
 @dataclass(frozen=True)
@@ -46,7 +72,7 @@ class CompareRow:
 
 
 @dataclass(frozen=True)
-class Table:
+class CompareTable:
     """Rows sorted by experiment then label; ``metrics`` are the summarised keys.
 
     With a ``baseline`` row label, ``deltas`` maps each other row's label to the
@@ -66,13 +92,13 @@ def compare_table(
     metrics: Sequence[str] = DEFAULT_METRICS,
     confidence: float = 0.95,
     baseline: str | None = None,
-) -> Table:
+) -> CompareTable:
     """Group the finished runs of ``records`` by configuration and summarise ``metrics``."""
     confidence = _check_confidence(confidence)
     groups: dict[tuple[str, str], list[RunRecord]] = {}
     for record in records:
         if record.status == "finished":
-            groups.setdefault((record.experiment, record.group_key), []).append(record)
+            groups.setdefault((record.experiment, config_key(record)), []).append(record)
     rows = []
     for (experiment, group_key), members in groups.items():
         # Seed order makes the row's label and run order independent of input order.
@@ -84,7 +110,7 @@ def compare_table(
         rows.append(
             CompareRow(
                 experiment=experiment,
-                label=strip_seed(members[0].label),
+                label=strip_seed(members[0].label, members[0].seed),
                 group_key=group_key,
                 run_ids=tuple(run.run_id for run in members),
                 summaries=summaries,
@@ -95,7 +121,7 @@ def compare_table(
     deltas = None
     if baseline is not None:
         deltas = _paired_deltas(rows, groups, metrics[0], baseline, confidence)
-    return Table(metrics=tuple(metrics), confidence=float(confidence), rows=tuple(rows), baseline=baseline,
+    return CompareTable(metrics=tuple(metrics), confidence=float(confidence), rows=tuple(rows), baseline=baseline,
                  deltas=deltas)
 
 
@@ -120,6 +146,21 @@ def _paired_deltas(rows, groups, metric: str, baseline: str, confidence: float) 
     return out
 
 
+def format_difference(delta: PairedDifference, digits: int) -> tuple[str, str]:
+    """``("+0.0300 ± 0.0248", "0.0412")``: a paired difference and its p-value as table cells.
+
+    With one paired seed there is no spread, so no CI and no t-test: ``("+0.0300 (n=1)", "—")``
+    rather than ``± nan`` and ``p nan`` (see :data:`ONE_PAIR_NOTE`).
+    """
+    mean = f"{delta.mean:+.{digits}f}"
+    if float(mean) == 0.0:
+        mean = "+" + mean[1:]  # no "-0.0000"
+    if delta.n < 2 or math.isnan(delta.half_width):
+        return f"{mean} (n={delta.n})", NO_VALUE
+    p = NO_VALUE if math.isnan(delta.p_value) else f"{delta.p_value:.3g}"
+    return f"{mean} ± {delta.half_width:.{digits}f}", p
+
+
 def _cell(row: CompareRow, metric: str, digits: int) -> str:
     summary = row.summaries.get(metric)
     if summary is None:
@@ -128,8 +169,8 @@ def _cell(row: CompareRow, metric: str, digits: int) -> str:
     return text if summary.n == row.n else f"{text} (n={summary.n})"
 
 
-def _headers_and_cells(table: Table, digits: int) -> tuple[list[str], list[list[str]], list[bool]]:
-    """Header, body cells and per-column right-alignment flags."""
+def as_table(table: CompareTable, *, digits: int = 4) -> Table:
+    """The comparison as a neutral :class:`~kdlab.report.table.Table` (one row per configuration)."""
     show_experiment = len({row.experiment for row in table.rows}) > 1
     headers = (["experiment"] if show_experiment else []) + ["config", "n", *table.metrics]
     numeric = ([False] if show_experiment else []) + [False, True] + [True] * len(table.metrics)
@@ -139,6 +180,7 @@ def _headers_and_cells(table: Table, digits: int) -> tuple[list[str], list[list[
         + [_cell(row, metric, digits) for metric in table.metrics]
         for row in table.rows
     ]
+    one_pair = False
     if table.deltas is not None:
         headers += [f"Δ {table.metrics[0]} vs {table.baseline} (paired)", "p"]
         numeric += [True, True]
@@ -147,55 +189,25 @@ def _headers_and_cells(table: Table, digits: int) -> tuple[list[str], list[list[
             if delta is None:
                 cells += ["(baseline)" if row.label == table.baseline else MISSING, ""]
             else:
-                cells += [f"{delta.mean:+.{digits}f} ± {delta.half_width:.{digits}f}", f"{delta.p_value:.3g}"]
-    return headers, body, numeric
+                cells += list(format_difference(delta, digits))
+                one_pair = one_pair or delta.n < 2
+    return Table(headers, body, numeric=numeric, notes=[_footnote(table, one_pair)], empty="(no finished runs)")
 
 
-def _footnote(table: Table) -> str:
+def _footnote(table: CompareTable, one_pair: bool = False) -> str:
     percent = f"{table.confidence * 100:g}%"
     note = f"mean ± {percent} Student-t CI half-width over n seeds; (n=k): metric present in k seeds; -: absent"
     if table.deltas is not None:
         note += "; Δ: mean same-seed difference ± CI, p: two-sided paired t-test"
+    if one_pair:
+        note += f"; {ONE_PAIR_NOTE}"
     return note
 
 
-def _render_text(headers: list[str], body: list[list[str]], numeric: list[bool]) -> list[str]:
-    widths = [max(len(line[column]) for line in [headers, *body]) for column in range(len(headers))]
-
-    def format_line(cells: list[str]) -> str:
-        parts = [
-            cell.rjust(width) if right else cell.ljust(width) for cell, width, right in zip(cells, widths, numeric)
-        ]
-        return "  ".join(parts).rstrip()
-
-    return [format_line(headers), "  ".join("-" * width for width in widths), *map(format_line, body)]
-
-
-def _render_markdown(headers: list[str], body: list[list[str]], numeric: list[bool]) -> list[str]:
-    def escape(cell: str) -> str:
-        return cell.replace("|", "\\|")
-
-    def format_line(cells: list[str]) -> str:
-        return "| " + " | ".join(escape(cell) for cell in cells) + " |"
-
-    rule = "|" + "|".join("---:" if right else "---" for right in numeric) + "|"
-    return [format_line(headers), rule, *map(format_line, body)]
-
-
-def render_table(table: Table, *, fmt: str = "text", digits: int = 4) -> str:
+def render_table(table: CompareTable, *, fmt: str = "text", digits: int = 4) -> str:
     """Render as an aligned monospace table (``"text"``) or a GitHub table (``"markdown"``).
 
     Ends with a one-line footnote explaining the ± numbers. An ``experiment``
     column appears only when rows come from more than one experiment.
     """
-    if fmt not in FORMATS:
-        raise KdlabError(f"unknown table format {fmt!r}; formats are: {', '.join(FORMATS)}")
-    headers, body, numeric = _headers_and_cells(table, digits)
-    if fmt == "text":
-        lines = _render_text(headers, body, numeric)
-    else:
-        lines = _render_markdown(headers, body, numeric)
-    if not table.rows:
-        lines.append("(no finished runs)")
-    lines += ["", _footnote(table)]
-    return "\n".join(lines) + "\n"
+    return render(as_table(table, digits=digits), fmt=check_format(fmt))

@@ -30,6 +30,7 @@ from kdlab.metrics.deviation import (
     logit_confidence,
     teacher_class_probabilities,
 )
+from kdlab.report.table import Table, render
 from kdlab.store import Store, atomic_write_json
 
 MODEL_FILE = "model.safetensors"  # as written by kdlab.study.runner
@@ -73,24 +74,17 @@ def _teacher_file(store: Store, record, cfg: ExperimentConfig) -> tuple[Path, di
     return Path(teacher.run_dir) / MODEL_FILE, {"key": f"teacher run {spec.run_id}"}, f"run {spec.run_id}"
 
 
-def analyze_deviations(store: Store | str | Path, run_id: str, *, out_dir: str | Path | None = None,
-                       splits: Iterable[str] = ("train", "test"), n_buckets: int = 10, eps: float = DEFAULT_EPS,
-                       confidence: float = 0.95, plot: bool = True) -> dict:
-    """Teacher-vs-student confidence on the teacher's class, per split; writes JSON and PNG.
+def compute_deviations(store: Store, run_id: str, *, splits: Iterable[str] = ("train", "test"),
+                       n_buckets: int = 10, eps: float = DEFAULT_EPS, confidence: float = 0.95) -> tuple[dict, dict]:
+    """The numbers of :func:`analyze_deviations` without writing anything: ``(result, points)``.
 
-    ``store``: a :class:`Store` or a workspace folder. ``run_id``: a run id or
-    unique prefix of a *finished* run that has a teacher. Returns
-    ``{run_id, experiment, label, method, teacher, eps, confidence, splits:
-    {split: deviation_summary(...)}, json, plot}`` (paths as strings, ``plot``
-    None when ``plot=False``). A run without a teacher, an unfinished run or an
-    unknown split raises :class:`KdlabError`.
+    ``result`` lacks the ``json`` and ``plot`` paths; ``points[split] = (φ_teacher, φ_student)`` per
+    sample, for :func:`kdlab.report.plots.deviation_scatter`.
     """
     from kdlab.engine.build import load_model_file
     from kdlab.engine.loop import predict
     from kdlab.engine.optim import resolve_device
 
-    if not isinstance(store, Store):
-        store = Store(store)
     splits = tuple(splits)
     unknown = [s for s in splits if s not in SPLITS]
     if unknown or not splits:
@@ -106,6 +100,12 @@ def analyze_deviations(store: Store | str | Path, run_id: str, *, out_dir: str |
     d = cfg.data
     data: Splits = build_splits(d.dataset, d.options, root=d.root, cache_dir=store.cache_folder,
                                 val_fraction=d.val_fraction, split_seed=d.split_seed)
+    if data.sequence is not None:
+        # Its samples are (position, token) pairs of one sequence, not independent examples: a slope
+        # over them would not measure what Nagarajan et al. measure, so the analysis refuses.
+        raise KdlabError(f"run {record.run_id} is a sequence task (data.dataset: {d.dataset}); the deviation "
+                         "analysis compares per-sample class confidences of a classifier and its teacher, "
+                         "so it does not apply to sequence runs")
     student_file = run_dir / MODEL_FILE
     if not student_file.is_file():
         raise KdlabError(f"run {record.run_id}: {student_file} is missing; re-run it with `kdlab run --no-resume`")
@@ -127,13 +127,6 @@ def analyze_deviations(store: Store | str | Path, run_id: str, *, out_dir: str |
         summaries[split] = deviation_summary(s_logits, t_logits, eps=eps, n_buckets=n_buckets, confidence=confidence)
         p_teacher, p_student = teacher_class_probabilities(s_logits, t_logits)
         points[split] = (logit_confidence(p_teacher, eps), logit_confidence(p_student, eps))
-
-    out = Path(out_dir).expanduser() if out_dir is not None else run_dir
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KdlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); pass a writable folder") \
-            from None
     result = {
         "run_id": record.run_id,
         "experiment": record.experiment,
@@ -145,14 +138,45 @@ def analyze_deviations(store: Store | str | Path, run_id: str, *, out_dir: str |
         "bucketing": f"{n_buckets} equal-width buckets of the teacher's top-1 probability over [0, 1], "
                      "(low, high] with the first closed",
         "splits": summaries,
-        "json": str(out / JSON_FILE),
-        "plot": str(out / PLOT_FILE) if plot else None,
     }
-    if plot:
-        from kdlab.report.plots import deviation_scatter
+    return result, points
 
-        deviation_scatter(points, {s: summaries[s]["fit"] for s in splits}, out / PLOT_FILE, eps=eps,
-                          title=f"{record.run_id} [{record.label}] vs teacher {teacher_desc}")
+
+def draw_deviations(result: dict, points: dict, path: Path) -> Path:
+    """The deviation scatter of a :func:`compute_deviations` result, one panel per split."""
+    from kdlab.report.plots import deviation_scatter
+
+    return deviation_scatter(points, {s: summary["fit"] for s, summary in result["splits"].items()}, path,
+                             eps=result["eps"],
+                             title=f"{result['run_id']} [{result['label']}] vs teacher {result['teacher']}")
+
+
+def analyze_deviations(store: Store | str | Path, run_id: str, *, out_dir: str | Path | None = None,
+                       splits: Iterable[str] = ("train", "test"), n_buckets: int = 10, eps: float = DEFAULT_EPS,
+                       confidence: float = 0.95, plot: bool = True) -> dict:
+    """Teacher-vs-student confidence on the teacher's class, per split; writes JSON and PNG.
+
+    ``store``: a :class:`Store` or a workspace folder. ``run_id``: a run id or
+    unique prefix of a *finished* run that has a teacher. Returns
+    ``{run_id, experiment, label, method, teacher, eps, confidence, splits:
+    {split: deviation_summary(...)}, json, plot}`` (paths as strings, ``plot``
+    None when ``plot=False``). A run without a teacher, an unfinished run, a
+    sequence task or an unknown split raises :class:`KdlabError`.
+    """
+    if not isinstance(store, Store):
+        store = Store(store)
+    result, points = compute_deviations(store, run_id, splits=splits, n_buckets=n_buckets, eps=eps,
+                                        confidence=confidence)
+    out = Path(out_dir).expanduser() if out_dir is not None else Path(store.run(result["run_id"]).run_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KdlabError(f"--out {out}: cannot create the folder ({exc.strerror or exc}); pass a writable folder") \
+            from None
+    result["json"] = str(out / JSON_FILE)
+    result["plot"] = str(out / PLOT_FILE) if plot else None
+    if plot:
+        draw_deviations(result, points, out / PLOT_FILE)
     atomic_write_json(out / JSON_FILE, result)
     return result
 
@@ -197,19 +221,18 @@ def format_report(result: dict) -> list[str]:
     names = list(result["splits"])
     lines.append("fraction of samples where the student is less confident than the teacher, by teacher top-1 "
                  "probability (empty buckets omitted):")
-    header = f"  {'teacher p':<12}" + "".join(f"{name + ' n':>10}{name + ' less':>12}" for name in names)
-    lines.append(header)
-    first = result["splits"][names[0]]["buckets"]
-    for i, bucket in enumerate(first):
+    rows = []
+    for i, bucket in enumerate(result["splits"][names[0]]["buckets"]):
         cells = [result["splits"][name]["buckets"][i] for name in names]
         if all(c["n"] == 0 for c in cells):
             continue
-        opening = "[" if i == 0 else "("
-        row = f"  {opening}{bucket['low']:.2g}, {bucket['high']:.2g}]".ljust(14)
+        row = [f"{'[' if i == 0 else '('}{bucket['low']:.2g}, {bucket['high']:.2g}]"]
         for c in cells:
-            frac = c["fraction_student_less_confident"]
-            row += f"{c['n']:>10}" + (f"{frac:>12.3f}" if c["n"] else f"{'-':>12}")
-        lines.append(row)
+            row += [str(c["n"]), f"{c['fraction_student_less_confident']:.3f}" if c["n"] else "-"]
+        rows.append(row)
+    columns = ["teacher p"] + [f"{name} {what}" for name in names for what in ("n", "less")]
+    table = Table(columns, rows, numeric=[False] + [True] * (2 * len(names)))
+    lines += ["  " + line for line in render(table).splitlines()]
     if result["plot"]:
         lines.append(f"plot: {result['plot']}")
     lines.append(f"json: {result['json']}")

@@ -15,35 +15,40 @@ Per experiment (its finished student runs; reads the store and the run folders, 
 4. **Reliability diagrams**, student vs teacher: the saved models are evaluated on the
    test split (predictions are not stored); a configuration pools the predictions of
    its seeds. Skipped for sequence tasks and with ``evaluate=False``.
-5. **Study plots** that apply: bars of the first metric per configuration (the loss
-   ablation view; with ≥ 2 configurations), the capacity-gap heatmap and lines
-   (≥ 2 teachers or students), the GKD λ × divergence grid (gkd runs), the
-   deviation scatter of one distilled run (``kdlab analyze deviations``), robust
-   accuracy against ε (``robust/curve/<ε>`` metrics) and the accuracy–robustness
-   trade-off (``robust/worst/acc`` against ``test/acc``).
+5. **Study views** that apply: every view registered under kind ``"view"``
+   (:mod:`kdlab.study.views`) whose ``applies`` accepts the experiment's finished
+   student runs adds its tables and figures: the capacity gap, the GKD grid, the QAT
+   table, the deviation scatter of one distilled run, robustness against ε and the
+   accuracy–robustness trade-off. The comparison view gives part 2 (its table and the
+   bars of the first metric per configuration). A view that cannot be drawn is named
+   in the notes with its reason.
 
 Figures are written as PNG and SVG into ``<report stem>_files/<experiment>/``; the HTML
 embeds the PNGs, the Markdown links them.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from kdlab import registry
 from kdlab.config import dotted_leaves
 from kdlab.errors import KdlabError
 from kdlab.report.document import Block, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from kdlab.store import RunRecord, Store, atomic_write_text
-from kdlab.study.capacity import _canonical, safe_name
-from kdlab.study.compare import DEFAULT_METRICS, CompareRow, compare_table, _headers_and_cells, _footnote
+from kdlab.study.capacity import safe_name
+from kdlab.study.compare import DEFAULT_METRICS, CompareRow, compare_table
 from kdlab.study.stats import mean_ci
+from kdlab.study.teacher_runs import canonical
+from kdlab.study.views.base import Options, Selection, ViewFigure, cli_name, get_view, method_name, unknown_experiment
 
 CURVE_KEYS = ("train/loss", "val/acc", "val/nll")  # beside every train/loss/<term>
 MAX_DIFF_VALUE = 60  # characters of a config value shown in the diff table
 SELECTION_RULES = {"last": "the last epoch", "best_val": "the epoch with the best validation accuracy"}
-_CURVE = re.compile(r"^robust/curve/(.+)$")
+WEIGHTED_NOTE = ("loss terms are logged as they enter the training loss, i.e. times the method's weight (KD's "
+                 "ce term is (1 − α)·CE, scratch's the plain CE): a term's curves of different methods are not "
+                 "on one scale")
 
 
 @dataclass(frozen=True)
@@ -67,11 +72,6 @@ def _config_without_seed(record: RunRecord) -> dict:
     return config
 
 
-def _method_name(record: RunRecord) -> str:
-    method = record.config.get("method")
-    return method.get("name", "") if isinstance(method, dict) else ""
-
-
 def _pick_baseline(rows: Sequence[CompareRow], records: dict[str, RunRecord], wanted: str | None) -> str | None:
     if wanted is not None:
         if wanted not in {row.label for row in rows}:
@@ -82,7 +82,7 @@ def _pick_baseline(rows: Sequence[CompareRow], records: dict[str, RunRecord], wa
     if len(rows) < 2:
         return None
     for row in rows:
-        if _method_name(records[row.run_ids[0]]) == "scratch":
+        if method_name(records[row.run_ids[0]]) == "scratch":
             return row.label
     return rows[0].label
 
@@ -95,9 +95,17 @@ def config_diff(rows: Sequence[CompareRow], records: dict[str, RunRecord]) -> tu
 
     leaves = [dotted_leaves(_config_without_seed(records[row.run_ids[0]])) for row in rows]
     keys = sorted({k for d in leaves for k in d
-                   if len({_canonical(other.get(k, "<absent>")) for other in leaves}) > 1})
+                   if len({canonical(other.get(k, "<absent>")) for other in leaves}) > 1})
     body = [[row.label] + [_short(d[k]) if k in d else "(absent)" for k in keys] for row, d in zip(rows, leaves)]
     return ["config", *keys], body
+
+
+def curve_titles(rows: Sequence[CompareRow], records: dict[str, RunRecord], keys: Sequence[str]) -> dict[str, str]:
+    """Panel titles: a ``train/loss/<term>`` shared by configurations whose method sections differ says it
+    is weighted (a KD arm's ce is (1 − α)·CE, a scratch arm's the plain CE: see :data:`WEIGHTED_NOTE`)."""
+    methods = {canonical(records[row.run_ids[0]].config.get("method")) for row in rows}
+    return {key: f"{key} (× each method's weight)" if key.startswith("train/loss/") and len(methods) > 1 else key
+            for key in keys}
 
 
 def _curve_panels(store: Store, rows: Sequence[CompareRow]) -> dict:
@@ -180,41 +188,21 @@ def _reliability(store: Store, rows: Sequence[CompareRow], records: dict[str, Ru
     return curves, ""
 
 
-def _robust_curves(rows: Sequence[CompareRow], records: dict[str, RunRecord]) -> dict:
-    series = {}
-    for row in rows:
-        per_eps: dict[float, list[float]] = {}
-        for run_id in row.run_ids:
-            for key, value in records[run_id].final.items():
-                match = _CURVE.match(key)
-                if match:
-                    try:
-                        per_eps.setdefault(float(match.group(1)), []).append(value)
-                    except ValueError:
-                        continue
-        if per_eps:
-            xs = sorted(per_eps)
-            summaries = [mean_ci(per_eps[x]) for x in xs]
-            series[row.label] = (xs, [s.mean for s in summaries], [s.half_width for s in summaries])
-    return series
+def _figure(figure: ViewFigure) -> Figure:
+    return Figure(png=figure.png, svg=figure.svg, caption=figure.caption)
 
 
-def _tradeoff(rows: Sequence[CompareRow], records: dict[str, RunRecord], clean: str, robust: str) -> dict:
-    points = {}
-    for row in rows:
-        pairs = [(records[r].final[clean], records[r].final[robust]) for r in row.run_ids
-                 if clean in records[r].final and robust in records[r].final]
-        if pairs:
-            x, y = mean_ci([p[0] for p in pairs]), mean_ci([p[1] for p in pairs])
-            points[row.label] = (x.mean, x.half_width, y.mean, y.half_width)
-    return points
-
-
-def _figure(paths, caption: str) -> Figure:
-    paths = [Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
-    png = next(p for p in paths if p.suffix == ".png")
-    svg = next((p for p in paths if p.suffix == ".svg"), None)
-    return Figure(png=png, svg=svg, caption=caption)
+def _view_blocks(name: str, selection: Selection, options: Options, folder: Path) -> list[Block]:
+    """Heading, tables and figures of one view (a ``KdlabError`` when it cannot be built or drawn)."""
+    view = get_view(name)
+    result = view.build(selection, options)
+    blocks: list[Block] = [Heading(registry.summary("view", name).split(":")[0], 4)]
+    title = view.title(result)
+    if title:
+        blocks.append(Paragraph(title))
+    blocks += view.tables(result)
+    blocks += [_figure(f) for f in view.figures(result, folder)]
+    return blocks
 
 
 def study_blocks(store: Store, experiment: str, folder: Path, *, baseline: str | None = None,
@@ -237,19 +225,22 @@ def study_blocks(store: Store, experiment: str, folder: Path, *, baseline: str |
     records = {r.run_id: r for r in finished}
     probe = compare_table(finished, metrics=metrics)
     chosen = _pick_baseline(probe.rows, records, baseline)
-    table = compare_table(finished, metrics=metrics, baseline=chosen) if chosen is not None else probe
+    selection = Selection(store, tuple(finished), (experiment,))
+    options = Options(metric=tuple(metrics)[0], metrics=tuple(metrics), baseline=chosen, evaluate=evaluate)
+    comparison = get_view("comparison")
+    table = comparison.build(selection, options)
     rows = table.rows
 
     # 1. configuration diff
     blocks.append(Heading("Configuration differences", 3))
     headers, body = config_diff(rows, records)
     if len(headers) > 1:
-        blocks.append(Table(headers, body, note="only the resolved-config keys that differ between configurations "
-                                                "(seeds aside)"))
+        blocks.append(Table(headers, body, notes=["only the resolved-config keys that differ between "
+                                                  "configurations (seeds aside)"]))
     else:
         blocks.append(Paragraph("One configuration (runs differ only by seed)."))
 
-    # 2. results
+    # 2. results: the comparison view
     blocks.append(Heading("Results", 3))
     selections = sorted({str(records[r].config.get("train", {}).get("selection", "last")) for r in records})
     rule = "; ".join(f"{SELECTION_RULES.get(s, s)} (train.selection: {s})" for s in selections)
@@ -257,16 +248,19 @@ def study_blocks(store: Store, experiment: str, folder: Path, *, baseline: str |
     blocks.append(Paragraph(f"Selection rule: test metrics are taken at {rule}. Seeds: {seeds}. "
                             + (f"Baseline for the paired comparison: {chosen}." if chosen else
                                "One configuration: no paired comparison.")))
-    headers, body, numeric = _headers_and_cells(table, 4)
-    blocks.append(Table(headers, body, note=_footnote(table), numeric=numeric))
+    blocks += comparison.tables(table)
+    blocks += [_figure(f) for f in comparison.figures(table, folder)]
 
     # 3. learning curves
     panels = _curve_panels(store, rows)
     if panels:
         blocks.append(Heading("Learning curves", 3))
-        paths = plots.learning_curves(panels, folder / "learning_curves", title=f"{experiment}: per-epoch metrics")
-        blocks.append(_figure(paths, "Learning curves per loss term and validation metrics (mean over seeds, "
-                                     "95% CI band)"))
+        titles = curve_titles(rows, records, list(panels))
+        paths = plots.learning_curves(panels, folder / "learning_curves", title=f"{experiment}: per-epoch metrics",
+                                      titles=titles)
+        weighted = any(titles[k] != k for k in panels)
+        blocks.append(Figure(png=paths[0], svg=paths[1], caption="Learning curves per loss term and validation "
+                             "metrics (mean over seeds, 95% CI band)" + (f"; {WEIGHTED_NOTE}" if weighted else "")))
     else:
         notes.append(f"{experiment}: no per-epoch metrics in the store")
 
@@ -277,68 +271,26 @@ def study_blocks(store: Store, experiment: str, folder: Path, *, baseline: str |
             blocks.append(Heading("Reliability diagrams", 3))
             paths = plots.reliability_diagram(curves, folder / "reliability",
                                               title=f"{experiment}: test split, student vs teacher")
-            blocks.append(_figure(paths, "Reliability diagram on the test split: students (seeds pooled) and "
-                                         "their teachers; the saved models evaluated now"))
+            blocks.append(Figure(png=paths[0], svg=paths[1], caption="Reliability diagram on the test split: "
+                                 "students (seeds pooled) and their teachers; the saved models evaluated now"))
         elif why:
             notes.append(f"{experiment}: {why}")
     else:
-        notes.append(f"{experiment}: reliability diagrams and the deviation scatter skipped (--no-eval)")
+        notes.append(f"{experiment}: reliability diagrams and the views that evaluate saved models skipped "
+                     "(--no-eval)")
 
-    # 5. study plots
+    # 5. every other registered view that applies
     study: list[Block] = []
-    metric = table.metrics[0]
-    with_metric = [row for row in rows if row.summaries.get(metric) is not None]
-    if len(with_metric) >= 2:
-        paths = plots.comparison_bars([r.label for r in with_metric], [r.summaries[metric].mean for r in with_metric],
-                                      [r.summaries[metric].half_width for r in with_metric],
-                                      folder / "comparison_bars.png", metric=metric, baseline=chosen,
-                                      title=f"{experiment}: {metric} per configuration")
-        study.append(_figure([paths], f"{metric} per configuration (loss/method ablation), mean ± 95% CI; "
-                                      f"baseline {chosen} in orange"))
-    teachers = {_canonical(r.config.get("teacher")) for r in finished if r.config.get("teacher")}
-    students = {_canonical(r.config.get("student")) for r in finished}
-    if teachers and (len(teachers) > 1 or len(students) > 1):
-        from kdlab.study.capacity import capacity_table, plot_capacity
-
+    for name in registry.names("view"):
+        view = get_view(name)
+        if name == "comparison" or not view.applies(finished) or (view.evaluates and not evaluate):
+            continue
         try:
-            paths = plot_capacity(capacity_table(store, experiment, metric=metric), folder)
-            study.append(_figure([p for p in paths if "heatmap" in p.name], "Capacity gap: student "
-                                 f"{metric} per teacher × student, Δ = paired gain over scratch"))
-            study.append(_figure([p for p in paths if "lines" in p.name], f"Student {metric} against teacher size"))
+            study += _view_blocks(name, selection, options, folder)
         except KdlabError as error:
-            notes.append(f"{experiment}: capacity-gap plot skipped ({error})")
-    if any(_method_name(r) == "gkd" for r in finished):
-        from kdlab.study.gkd_grid import gkd_grid, plot_gkd_grid
-
-        try:
-            paths = plot_gkd_grid(gkd_grid(store, experiment, metric=metric), folder)
-            study.append(_figure(paths, f"GKD grid: {metric} per divergence × student data fraction λ"))
-        except KdlabError as error:
-            notes.append(f"{experiment}: GKD grid skipped ({error})")
-    distilled = [records[row.run_ids[0]] for row in rows if records[row.run_ids[0]].config.get("teacher")]
-    if evaluate and distilled:
-        from kdlab.study.deviations import analyze_deviations
-
-        run = distilled[0]
-        try:
-            result = analyze_deviations(store, run.run_id, out_dir=folder / "deviations", splits=("test",))
-            study.append(_figure([Path(result["plot"])], f"Deviation scatter of run {run.run_id} [{run.label}] "
-                                 "on the test split: does the student exaggerate its teacher's confidence?"))
-        except KdlabError as error:
-            notes.append(f"{experiment}: deviation scatter skipped ({error})")
-    series = _robust_curves(rows, records)
-    if series:
-        paths = plots.metric_curves(series, folder / "robustness_vs_eps", xlabel="ε (input units)",
-                                    ylabel="robust accuracy (mean ± 95% CI)", title=f"{experiment}: robustness vs ε")
-        study.append(_figure(paths, "Robust accuracy of the first attack against ε (robust.eps_curve)"))
-    points = _tradeoff(rows, records, "test/acc", "robust/worst/acc")
-    if points:
-        paths = plots.tradeoff_scatter(points, folder / "accuracy_robustness", xlabel="clean test/acc",
-                                       ylabel="robust/worst/acc", title=f"{experiment}: accuracy–robustness")
-        study.append(_figure(paths, "Accuracy–robustness trade-off: clean test accuracy against worst-case robust "
-                                    "accuracy"))
+            notes.append(f"{experiment}: {cli_name(name)} view skipped ({error})")
     if study:
-        blocks += [Heading("Study plots", 3), *study]
+        blocks += [Heading("Study views", 3), *study]
     return blocks, notes
 
 
@@ -360,12 +312,7 @@ def write_report(store: Store, experiments: Sequence[str], out: str | Path, *, b
             raise KdlabError(f"no experiment with student runs in {store.database_path}; run one with `kdlab run`")
     for name in experiments:
         if name not in known:
-            import difflib
-
-            close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-            hint = f"did you mean {', '.join(close)}? " if close else ""
-            raise KdlabError(f"unknown experiment {name!r} in {store.database_path}; {hint}"
-                             f"experiments: {', '.join(known) or '(none)'}")
+            raise unknown_experiment(store, name)
     folder = out.with_name(out.stem + "_files")
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -118,13 +118,3 @@ def paired_difference(
         statistic=statistic,
         p_value=p_value,
     )
-
-
-def table_lines(headers: list[str], rows: list[list[str]], *, fmt: str = "text") -> list[str]:
-    """A table as Markdown (``fmt="markdown"``) or left-aligned plain-text lines."""
-    if fmt == "markdown":
-        return (["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-                + ["| " + " | ".join(r) + " |" for r in rows])
-    widths = [max(len(str(r[i])) for r in rows + [headers]) for i in range(len(headers))]
-    return (["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
-            + ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows])

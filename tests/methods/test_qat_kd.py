@@ -377,7 +377,7 @@ def test_end_to_end_quantized_student_reloads_with_identical_logits(tmp_path, vo
     with torch.no_grad():
         torch.testing.assert_close(dequantized_forward(model, exported, inputs), logits, atol=1e-5, rtol=0)
     # The study table: one row (ternary, the five signals), the teacher's accuracy and the gap.
-    from kdlab.study.qat_table import qat_table, render_qat_table
+    from kdlab.study.views.qat import qat_table, render_qat_table
 
     table = qat_table(Store(tmp_path / "ws"), "qat_tiny")
     assert [(r.bits, r.signals) for r in table.rows] == [("ternary", "logits+ce+hidden+map+output")]

@@ -17,7 +17,7 @@ def _blocks(tmp_path: Path):
     png.parent.mkdir()
     png.write_bytes(PNG_1x1)
     return [Heading(f"report {HOSTILE}", 1), Heading(f"Study: {HOSTILE}", 2), Paragraph(HOSTILE),
-            Table(["config", "acc"], [[HOSTILE, "0.5 | 1"]], note=HOSTILE, numeric=[False, True]),
+            Table(["config", "acc"], [[HOSTILE, "0.5 | 1"]], notes=[HOSTILE], numeric=[False, True]),
             Figure(png=png, svg=png.with_suffix(".svg"), caption=HOSTILE)], png
 
 

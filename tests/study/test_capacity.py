@@ -14,7 +14,8 @@ from scipy import stats as scipy_stats
 from kdlab.cli import main
 from kdlab.errors import KdlabError
 from kdlab.store import Store
-from kdlab.study.capacity import capacity_table, render_capacity
+from kdlab.study.capacity import capacity_table
+from kdlab.study.views.capacity import render_capacity
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STUDY = {
@@ -105,7 +106,9 @@ def test_cli_compare_capacity_and_plot(study, tmp_path, capsys):
 
     out_dir = tmp_path / "figures"
     assert main(["--workspace", str(study), "plot", "capacity-gap", "cap", "--out", str(out_dir)]) == 0
-    printed = capsys.readouterr().out.split()
+    out = capsys.readouterr().out
+    assert "### method kd" in out and "| mlp width=32 |" in out  # the view's table first, as Markdown
+    printed = [line for line in out.splitlines() if line.endswith((".png", ".svg"))]  # then the figure paths
     names = ["capacity_gap_heatmap.png", "capacity_gap_heatmap.svg", "capacity_gap_lines.png", "capacity_gap_lines.svg"]
     assert sorted(Path(p).name for p in printed) == sorted(names)
     for name in names:

@@ -13,18 +13,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from kdlab.errors import KdlabError
-from kdlab.methods.qat_kd import QatKdHparams
-from kdlab.quant.model import QuantSpec
-from kdlab.store import Store
-from kdlab.study.stats import MeanCI, PairedDifference, format_mean_ci, mean_ci, paired_difference, table_lines
+from kdlab.report.table import Table, render
+from kdlab.study.compare import format_difference
+from kdlab.study.views.base import Options, Selection, View, ViewFigure, register_view
+
+if TYPE_CHECKING:
+    from kdlab.store import RunRecord, Store
+    from kdlab.study.stats import MeanCI, PairedDifference
 
 _SIGNALS = (("logit_weight", "logits"), ("ce_weight", "ce"), ("hidden_weight", "hidden"), ("map_weight", "map"),
             ("output_weight", "output"))
-# What a resolved config leaves out is the method's / the quantizer's default.
-_WEIGHT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(QatKdHparams)}
-_BITS_DEFAULT = QuantSpec.weight_bits
 BASELINE_SIGNALS = "logits+hidden"  # TernaryBERT's recipe
 _BITS_ORDER = {"ternary": 0, 2: 1, 4: 2, 8: 3}
 
@@ -33,44 +34,69 @@ _BITS_ORDER = {"ternary": 0, 2: 1, 4: 2, 8: 3}
 class QatRow:
     bits: str
     signals: str
-    summary: MeanCI
-    gap: MeanCI | None  # teacher − student
-    versus_baseline: PairedDifference | None
+    summary: "MeanCI"
+    gap: "MeanCI | None"  # teacher − student
+    versus_baseline: "PairedDifference | None"
 
 
 @dataclass(frozen=True)
 class QatTable:
     metric: str
     rows: list[QatRow]
-    teacher: MeanCI | None
+    teacher: "MeanCI | None"
+
+
+def _quantized(run: "RunRecord") -> bool:
+    student = run.config.get("student")
+    return isinstance(student, dict) and bool(student.get("quant"))
+
+
+@register_view
+class QatView(View):
+    """QAT distillation: student metric per weight precision × distillation signals, gap to the teacher."""
+
+    name = "qat"
+
+    def applies(self, runs: Sequence["RunRecord"]) -> bool:
+        return any(_quantized(r) for r in runs)
+
+    def build(self, selection: Selection, options: Options) -> QatTable:
+        return qat_table(selection.store, selection.experiment(self.name), metric=options.metric)
+
+    def tables(self, result: QatTable) -> list[Table]:
+        return [qat_rows(result)]
+
+    def figures(self, result: QatTable, out_dir: Path) -> list[ViewFigure]:
+        return [ViewFigure(tuple(plot_qat_table(result, out_dir)),
+                           f"QAT distillation: {result.metric} by weight precision and distillation signals "
+                           "(mean ± 95% CI), the full-precision teacher as a line")]
 
 
 def signals_of(method: dict) -> str:
     if method.get("name") != "qat_kd":
         return method.get("name", "?")
-    used = [label for key, label in _SIGNALS if float(method.get(key, _WEIGHT_DEFAULTS[key])) > 0]
+    from kdlab.methods.qat_kd import QatKdHparams
+
+    # What a resolved config leaves out is the method's default.
+    defaults = {f.name: f.default for f in dataclasses.fields(QatKdHparams)}
+    used = [label for key, label in _SIGNALS if float(method.get(key, defaults[key])) > 0]
     return "+".join(used) or "none"
 
 
-def qat_table(store: Store, experiment: str, *, metric: str = "test/acc") -> QatTable:
-    runs = [r for r in store.runs(experiment=experiment, status="finished")
-            if r.config.get("student", {}).get("quant") and metric in r.final]
+def qat_table(store: "Store", experiment: str, *, metric: str = "test/acc") -> QatTable:
+    from kdlab.quant.model import QuantSpec
+    from kdlab.study.stats import mean_ci, paired_difference
+    from kdlab.study.teacher_runs import teacher_metric_values
+
+    runs = [r for r in store.runs(experiment=experiment, status="finished") if _quantized(r) and metric in r.final]
     if not runs:
         raise KdlabError(f"experiment {experiment!r} has no finished runs with a quantized student (student.quant) "
                          f"and {metric!r}; run it first (kdlab run CONFIG)")
-    from kdlab.study.capacity import _TeacherFinder
-
-    finder, teacher_values, seen = _TeacherFinder(store), [], set()
-    for run in runs:
-        section = run.config.get("teacher")
-        found = finder.find(section, run.config.get("data", {})) if isinstance(section, dict) else None
-        if found is not None and found.run_id not in seen and metric in found.final:
-            seen.add(found.run_id)
-            teacher_values.append(found.final[metric])
+    teacher_values = teacher_metric_values(store, runs, metric)
     teacher = mean_ci(teacher_values) if teacher_values else None
     by_row: dict[tuple[str, str], dict[int, float]] = {}
     for run in runs:
-        bits = str(run.config["student"]["quant"].get("weight_bits", _BITS_DEFAULT))
+        bits = str(run.config["student"]["quant"].get("weight_bits", QuantSpec.weight_bits))
         row = by_row.setdefault((bits, signals_of(run.config.get("method", {}))), {})
         if run.seed in row:  # two configurations share a row: a table keyed by bits and signals would mix them
             raise KdlabError(f"experiment {experiment!r}: two runs with seed {run.seed} have {bits} weights and "
@@ -93,7 +119,10 @@ def qat_table(store: Store, experiment: str, *, metric: str = "test/acc") -> Qat
     return QatTable(metric, rows, teacher)
 
 
-def render_qat_table(table: QatTable, *, fmt: str = "text", digits: int = 3) -> str:
+def qat_rows(table: QatTable, *, digits: int = 3) -> Table:
+    """One row per (weights, signals), then the teacher's row."""
+    from kdlab.study.stats import format_mean_ci
+
     headers = ["weights", "distillation signals", "n", table.metric, "gap to teacher",
                f"vs {BASELINE_SIGNALS} (paired)", "p"]
     rows = []
@@ -101,13 +130,17 @@ def render_qat_table(table: QatTable, *, fmt: str = "text", digits: int = 3) -> 
         versus = row.versus_baseline
         rows.append([row.bits, row.signals, str(row.summary.n), format_mean_ci(row.summary, digits=digits),
                      format_mean_ci(row.gap, digits=digits) if row.gap is not None else "-",
-                     f"{versus.mean:+.{digits}f} ± {versus.half_width:.{digits}f}" if versus is not None else "-",
-                     f"{versus.p_value:.3f}" if versus is not None else "-"])
+                     *(format_difference(versus, digits) if versus is not None else ("-", "-"))])
     if table.teacher is not None:
         rows.append(["fp32", "teacher", str(table.teacher.n), format_mean_ci(table.teacher, digits=digits), "", "", ""])
-    lines = table_lines(headers, rows, fmt=fmt)
-    title = f"{table.metric}: mean ± 95% CI over seeds; gap = teacher − student"
-    return "\n".join([title] + lines) + "\n"
+    return Table(headers, rows, numeric=[False, False, True, True, True, True, True],
+                 caption=f"{table.metric}: mean ± 95% CI over seeds; gap = teacher − student",
+                 notes=[f"vs {BASELINE_SIGNALS}: paired same-seed difference ± 95% CI and its p-value, at the same "
+                        f"precision (-: fewer than 2 shared seeds or no {BASELINE_SIGNALS} row)"])
+
+
+def render_qat_table(table: QatTable, *, fmt: str = "text", digits: int = 3) -> str:
+    return render(qat_rows(table, digits=digits), fmt=fmt)
 
 
 def plot_qat_table(table: QatTable, out_dir: str | Path) -> list[Path]:
