@@ -1,13 +1,13 @@
-"""The one training loop. Every method trains through ``fit``.
+"""The one training loop. Every method trains through ``fit``, which reads in phases (``_Fit``):
 
-Per step, top to bottom: pick the batch (device-resident, ``data/resident.py``) →
-(augment) → teacher forward (eval and inference mode, its taps; or its verified
-cached outputs, ``train.teacher_cache``) → student forward (its taps; both optionally
-compiled, ``engine/speed.py``) → ``method.loss_terms`` →
-sum → backward → clip → optimiser step → schedule step. Per epoch: the method's
-own ``metrics()`` if it defines one (logged as ``method/<name>``), validate,
-report, checkpoint. Resuming loads the latest checkpoint and replays the same
-data order and random numbers, so a resumed run ends where an uninterrupted one
+setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``train_epoch`` (each
+``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
+and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
+forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
+backward → clip → optimiser step → schedule step; then the method's own ``metrics()`` if it defines
+one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` → ``final_metrics``.
+What a checkpoint holds is defined once, in ``engine/state.py``. Resuming loads the latest checkpoint
+and replays the same data order and random numbers, so a resumed run ends where an uninterrupted one
 would.
 """
 from __future__ import annotations

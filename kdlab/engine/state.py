@@ -44,13 +44,19 @@ def restore_model(tensors: dict[str, torch.Tensor], student: nn.Module, method: 
     if lost:
         problem = f"is incomplete: weights.safetensors lacks {', '.join(lost[:3])}"
     else:
-        wrong = sorted(k for k in own if tuple(tensors[k].shape) != tuple(own[k].shape))
+        # The student's shapes are fixed; a method may resize its own buffers (loaded by its load_state_dict).
+        wrong = sorted(k for k in own if k.startswith("student.") and tuple(tensors[k].shape) != tuple(own[k].shape))
         if wrong:
             problem = (f"does not match the model: {wrong[0]} has shape {tuple(tensors[wrong[0]].shape)} in the "
                        f"file, {tuple(own[wrong[0]].shape)} in the model")
     if problem is not None:
         raise RunFolderError(f"checkpoint {folder} {problem}; run with --no-resume to start the run over")
-    load_model_tensors(tensors, student, method)
+    try:
+        load_model_tensors(tensors, student, method)
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise RunFolderError(f"checkpoint {folder} does not match the model ({detail}); run with --no-resume to "
+                             "start the run over") from None
 
 
 def _whole(value) -> bool:
