@@ -231,9 +231,10 @@ def pending_specs(specs, records, *, retry_failed: bool) -> list:
 
 
 def _train_shared_teacher(runner: Runner, todo: list[RunSpec]) -> None:
-    """A study whose runs all share one teacher: train it here first, on every thread.
+    """A study whose runs all share one teacher: train it here first, before any worker starts.
 
-    Otherwise one worker would train it on its 1/N share of the threads while the others wait for it.
+    Otherwise one worker would train it while the others wait for it (a run's thread count is its own
+    ``train.threads`` wherever it runs, so the teacher's numbers are the same either way).
     Studies with several teachers keep training them in parallel in the workers. A teacher that fails here
     is recorded failed in this study, so the workers report their runs without training it again.
     """
