@@ -335,7 +335,7 @@ class _Fit:
 
     # ------------------------------------------------------------------ one epoch, one step
 
-    def _load_cached_view(self, epoch: int) -> None:
+    def _load_cached_view(self) -> None:
         """This epoch's cached teacher outputs (one view without augmentation, else one per epoch)."""
         from kdlab.engine.teacher_cache import view_name
 
@@ -357,7 +357,7 @@ class _Fit:
         self.student.train()
         self.method.train()
         self.data.start_epoch(epoch, epoch_generator(self.seed, epoch))
-        self._load_cached_view(epoch)
+        self._load_cached_view()
         sums = bad_steps = names = None
         adversary_sums: dict[str, list[float]] = {}
         steps_this_epoch = min(self.steps_per_epoch, self.total_steps - self.state.step)
