@@ -129,6 +129,9 @@ class TrainingState:
             raise refuse(f"is inconsistent: epoch {epoch!r} is not an epoch of this run")
         if not _whole(step) or step != expected:
             raise refuse(f"is inconsistent: {step!r} steps after epoch {epoch} where this run takes {expected}")
+        if (manifest is None and step > 0 and isinstance(self.optimizer, (torch.optim.Adam, torch.optim.AdamW))
+                and not any(name.startswith("optimizer.") for name in tensors)):  # written before the tensor list
+            raise refuse(f"is incomplete: no optimiser state after {step} steps")
         try:
             restore_model(tensors, self.student, self.method, folder=folder)
             self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))

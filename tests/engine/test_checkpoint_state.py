@@ -83,6 +83,26 @@ def test_a_checkpoint_without_its_optimiser_tensors_is_refused(splits, tmp_path)
     _refused(splits, tmp_path, str(folder), "lacks optimizer.")
 
 
+def test_a_checkpoint_without_a_tensor_list_or_optimiser_tensors_is_refused(splits, tmp_path):
+    folder = _stopped_after(splits, tmp_path)
+    tensors = load_file(str(folder / "weights.safetensors"))
+    save_file({k: v for k, v in tensors.items() if not k.startswith("optimizer.")}, str(folder / "weights.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    del state["tensors"]  # as written before the tensor list existed
+    (folder / "state.json").write_text(json.dumps(state))
+    _refused(splits, tmp_path, str(folder), "no optimiser state")
+
+
+def test_a_checkpoint_from_before_the_tensor_list_still_resumes(splits, tmp_path):
+    straight, _ = _fit(splits, tmp_path / "straight")
+    folder = _stopped_after(splits, tmp_path / "old", epoch=2)
+    state = json.loads((folder / "state.json").read_text())
+    del state["tensors"]
+    (folder / "state.json").write_text(json.dumps(state))
+    resumed, _ = _fit(splits, tmp_path / "old")
+    assert resumed.epochs_run == 2 and resumed.final == straight.final
+
+
 @pytest.mark.parametrize("key", ["rng", "scheduler", "step"])
 def test_a_state_without_a_part_is_refused(splits, tmp_path, key):
     folder = _stopped_after(splits, tmp_path)
