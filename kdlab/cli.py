@@ -105,7 +105,8 @@ def _run_study(args, before_open=None, after_open=None) -> int:
     print(f"Test metrics are taken at {rule} (train.selection: {base.train.selection}); "
           f"mean ± 95% CI (Student t) over seeds {base.seeds}.")
     print(f"Run folders: {runner.workspace / 'runs'}   results database: {runner.workspace / 'kdlab.db'}")
-    print(f"ran {len(summary.ran)}, skipped {len(summary.skipped)} already finished, failed {len(summary.failed)}")
+    held = f", {len(summary.held)} held by another live process" if summary.held else ""
+    print(f"ran {len(summary.ran)}, skipped {len(summary.skipped)} already finished{held}, failed {len(summary.failed)}")
     for run_id, message in summary.failed:
         print(f"failed {run_id}: {message}")
     return 1 if summary.failed else 0

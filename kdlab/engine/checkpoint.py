@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from kdlab.engine.run_files import RunFolderError, safe_path
 from kdlab.errors import KdlabError
 from kdlab.store.files import atomic_write_bytes, atomic_write_json, workspace_error
 
@@ -62,6 +63,8 @@ def save_checkpoint(root: Path, epoch: int, tensors: dict[str, torch.Tensor], st
     """Write checkpoint ``epoch`` under ``root`` atomically and prune older ones (keeping ``keep_last``)."""
     final = root / f"epoch-{epoch:04d}"
     tmp = root / f".tmp-epoch-{epoch:04d}-{os.getpid()}"
+    for path in (tmp, final, root / "latest.json"):  # never through a link planted in the folder
+        safe_path(root, path)
     try:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -81,23 +84,49 @@ def save_checkpoint(root: Path, epoch: int, tensors: dict[str, torch.Tensor], st
         if isinstance(error, OSError) and workspace_error(root, error) is not None:
             raise workspace_error(root, error) from None
         raise
-    kept = sorted(p for p in root.glob("epoch-*") if p.is_dir())
+    kept = sorted(p for p in root.glob("epoch-*") if p.is_dir() and not p.is_symlink())
     for old in kept[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_latest_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """The checkpoint ``latest.json`` points at, as (tensors, state); None if there is none."""
+def read_pointer(root: Path) -> tuple[int, Path] | None:
+    """(epoch, folder) that ``root/latest.json`` names, checked: the folder is ``epoch-NNNN`` of that epoch,
+    directly inside ``root`` and no link (a pointer never leads out of the run folder); None without one."""
     pointer = root / "latest.json"
     if not pointer.is_file():
         return None
+    safe_path(root, pointer)
     try:
-        folder = root / json.loads(pointer.read_text())["dir"]
-        tensors = load_file(str(folder / "weights.safetensors"))
-        state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        raise KdlabError(f"checkpoint {pointer} is unreadable ({exc}); delete {root} to restart the run") from None
+        record = json.loads(pointer.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunFolderError(f"checkpoint {pointer} is unreadable ({exc}); run with --no-resume to start the run "
+                             "over") from None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0 or record.get("dir") != f"epoch-{epoch:04d}":
+        raise RunFolderError(f"checkpoint {pointer} is damaged (expected {{\"epoch\": N, \"dir\": \"epoch-NNNN\"}}, "
+                             "the folder of that epoch); run with --no-resume to start the run over")
+    return epoch, safe_path(root, root / record["dir"])
+
+
+def load_latest_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The checkpoint ``latest.json`` points at, as (tensors, state); None if there is none.
+
+    The state's epoch must be the pointer's (a checkpoint is one consistent epoch, or refused)."""
+    found = read_pointer(root)
+    if found is None:
+        return None
+    epoch, folder = found
+    try:
+        tensors = load_file(str(safe_path(root, folder / "weights.safetensors")))
+        state = json.loads(safe_path(root, folder / "state.json").read_text())
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise RunFolderError(f"checkpoint {folder} is unreadable ({exc}); run with --no-resume to start the run "
+                             "over") from None
+    if not isinstance(state, dict) or state.get("epoch") != epoch:
+        found = state.get("epoch") if isinstance(state, dict) else state
+        raise RunFolderError(f"checkpoint {folder / 'state.json'} is inconsistent (epoch {found!r}, but "
+                             f"{root / 'latest.json'} names epoch {epoch}); run with --no-resume to start the run over")
     return tensors, state
 
 

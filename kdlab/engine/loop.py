@@ -1,13 +1,13 @@
-"""The one training loop. Every method trains through ``fit``.
+"""The one training loop. Every method trains through ``fit``, which reads in phases (``_Fit``):
 
-Per step, top to bottom: pick the batch (device-resident, ``data/resident.py``) →
-(augment) → teacher forward (eval and inference mode, its taps; or its verified
-cached outputs, ``train.teacher_cache``) → student forward (its taps; both optionally
-compiled, ``engine/speed.py``) → ``method.loss_terms`` →
-sum → backward → clip → optimiser step → schedule step. Per epoch: the method's
-own ``metrics()`` if it defines one (logged as ``method/<name>``), validate,
-report, checkpoint. Resuming loads the latest checkpoint and replays the same
-data order and random numbers, so a resumed run ends where an uninterrupted one
+setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``train_epoch`` (each
+``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
+and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
+forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
+backward → clip → optimiser step → schedule step; then the method's own ``metrics()`` if it defines
+one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` → ``final_metrics``.
+What a checkpoint holds is defined once, in ``engine/state.py``. Resuming loads the latest checkpoint
+and replays the same data order and random numbers, so a resumed run ends where an uninterrupted one
 would.
 """
 from __future__ import annotations
@@ -29,11 +29,13 @@ from kdlab.config import TrainConfig
 from kdlab.data import SequenceInfo, Splits
 from kdlab.data.resident import ResidentData
 from kdlab.engine import distributed
-from kdlab.engine.checkpoint import flatten_optimizer, load_latest_checkpoint, save_checkpoint, unflatten_optimizer
+from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
-from kdlab.engine.seed import epoch_generator, rng_state, set_rng_state
+from kdlab.engine.run_files import safe_path
+from kdlab.engine.seed import epoch_generator
 from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
                                 default_cache_root, teacher_network, use_channels_last)
+from kdlab.engine.state import TrainingState, load_model_tensors, model_tensors, restore_model
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method, Outputs
 from kdlab.metrics import classification_metrics
@@ -135,17 +137,6 @@ def _adversary_step(method: Method, optimizer, batch: Batch, student_out: Output
             sums.setdefault(name, []).append(value)
 
 
-def _state_tensors(student: nn.Module, method: Method) -> dict[str, torch.Tensor]:
-    out = {f"student.{k}": v for k, v in student.state_dict().items()}
-    out.update({f"method.{k}": v for k, v in method.state_dict().items()})
-    return out
-
-
-def _load_state_tensors(tensors: dict[str, torch.Tensor], student: nn.Module, method: Method) -> None:
-    student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
-    method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
-
-
 def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
     """Best-val rule: higher val accuracy; ties go to lower val NLL."""
     if best is None:
@@ -153,6 +144,7 @@ def _better(candidate: dict[str, float], best: dict[str, float] | None) -> bool:
     if candidate["val/acc"] != best["val/acc"]:
         return candidate["val/acc"] > best["val/acc"]
     return candidate["val/nll"] < best["val/nll"]
+
 
 
 def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits: Splits, train: TrainConfig,
@@ -173,274 +165,343 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     ``teacher_cache_dir`` holds the teacher-output cache (``train.teacher_cache``; default
     ``kdlab.engine.speed.default_cache_root()``).
     """
-    dist_ctx = distributed.current()
-    main_rank = dist_ctx is None or dist_ctx.is_main
-    device = resolve_device(train.device)
-    if dist_ctx is not None:
-        if method.per_sample_state:
-            raise KdlabError(f"method {type(method).__name__} keeps per-sample state that torchrun's processes would "
-                             "split between them; run it in one process (kdlab run without torchrun)")
-        device = distributed.device_for(device, dist_ctx)
-        if train.batch_size % dist_ctx.world_size:
-            raise KdlabError(f"train.batch_size: {train.batch_size} does not split over {dist_ctx.world_size} "
-                             "processes; the global batch must be a multiple of torchrun's --nproc_per_node")
-    check_device_options(train, device)
-    student.to(device)
-    method.to(device)
-    uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
-    if teacher is not None:
-        teacher.to(device).eval()
-        teacher.requires_grad_(False)
-    if train.teacher_cache:
-        check_teacher_cache(method, teacher, splits, train)
-    # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
-    # per epoch from its own seed (the cached views' key), else per batch as always (same results as before).
-    data = ResidentData(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
-                        per_sample=train.teacher_cache, seed=seed)
-    num_train = len(data)
-    if num_train == 0:
-        raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
-    steps_per_epoch = math.ceil(num_train / train.batch_size)
-    total_steps = train.steps if train.steps is not None else train.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    method.steps_per_epoch = steps_per_epoch
+    run = _Fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=seed,
+               run_dir=run_dir, resume=resume, augment=augment, progress=progress, label=label,
+               teacher_cache_dir=teacher_cache_dir)
+    epochs_run = 0
+    try:
+        for epoch in range(run.state.epoch, run.epochs):
+            metrics = run.train_epoch(epoch)
+            run.evaluate(metrics)
+            if on_epoch is not None and run.main_rank:
+                on_epoch(epoch + 1, metrics)
+            epochs_run += 1
+            run.checkpoint()
+    finally:
+        run.close()
+    return FitResult(final=run.final_metrics() if run.main_rank else {}, epochs_run=epochs_run)
 
-    # An adversary (discriminator / generator) owned by the method gets its own optimiser: the main
-    # one never touches it, and its step never moves the student.
-    adversary = list(method.adversary_parameters())
-    adversary_ids = {id(p) for p in adversary}
-    main_parameters = list(student.parameters()) + [p for p in method.parameters() if id(p) not in adversary_ids]
-    optimizer = build_optimizer(main_parameters, train)
-    adversary_optimizer = None
-    if adversary:
-        adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)
-        adversary_optimizer = build_optimizer(adversary, adversary_train)
-    scheduler = build_scheduler(optimizer, train, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
-    ckpt_root = run_dir / "checkpoints" if run_dir is not None else None
 
-    start_epoch, step, best, best_epoch = 0, 0, None, None
-    loaded = load_latest_checkpoint(ckpt_root) if (resume and ckpt_root is not None) else None
-    if loaded is not None:
-        tensors, state = loaded
-        _load_state_tensors(tensors, student, method)
-        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
-        if adversary_optimizer is not None:
-            adversary_optimizer.load_state_dict(unflatten_optimizer(tensors, state["adversary_optimizer"],
-                                                                    prefix="adversary_optimizer"))
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(tensors, state["rng"])
-        start_epoch, step = state["epoch"], state["step"]
-        best, best_epoch = state["best"], state["best_epoch"]
+class _Fit:
+    """One call of ``fit``: set up once (``__init__``), then one method per phase of an epoch."""
 
-    # The teacher is fixed: its val/test logits are computed once for agreement metrics.
-    # For sequence tasks, the teacher's greedy responses instead (agreement = same response).
-    teacher_logits = {}
-    sequence = splits.sequence
-    if sequence is not None and augment != "none":
-        raise KdlabError(f"data.augment: {augment!r} applies to images, not to the token sequences of "
-                         f"{splits.name!r}; set data.augment: none")
-    if teacher is not None and main_rank:  # for metrics, which only rank 0 computes
+    # ------------------------------------------------------------------ setup
+
+    def __init__(self, *, student: nn.Module, method: Method, teacher: nn.Module | None, splits: Splits,
+                 train: TrainConfig, seed: int, run_dir: Path | None, resume: bool, augment: str, progress: bool,
+                 label: str, teacher_cache_dir: Path | None):
+        self.student, self.method, self.teacher, self.splits, self.train, self.seed = (student, method, teacher,
+                                                                                      splits, train, seed)
+        self.dist = dist_ctx = distributed.current()
+        self.main_rank = dist_ctx is None or dist_ctx.is_main
+        self.device = device = self._device()
+        student.to(device)
+        method.to(device)
+        self.uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
+        if teacher is not None:
+            teacher.to(device).eval()
+            teacher.requires_grad_(False)
+        if train.teacher_cache:
+            check_teacher_cache(method, teacher, splits, train)
+        # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
+        # per epoch from its own seed (the cached views' key), else per batch as always (same results as before).
+        self.data = ResidentData(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
+                                 per_sample=train.teacher_cache, seed=seed)
+        self.num_train = len(self.data)
+        if self.num_train == 0:
+            raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
+        self.steps_per_epoch = math.ceil(self.num_train / train.batch_size)
+        self.total_steps = train.steps if train.steps is not None else train.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        method.steps_per_epoch = self.steps_per_epoch
+        self.state = self._training_state()
+        self.ckpt_root = safe_path(run_dir, run_dir / "checkpoints") if run_dir is not None else None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best-val weights when there is no run_dir
+        loaded = load_latest_checkpoint(self.ckpt_root) if (resume and self.ckpt_root is not None) else None
+        if loaded is not None:
+            tensors, state = loaded
+            self.state.restore(tensors, state, folder=self.ckpt_root / f"epoch-{state['epoch']:04d}",
+                               expected_step=self._steps_after)
+        self.sequence = splits.sequence
+        if self.sequence is not None and augment != "none":
+            raise KdlabError(f"data.augment: {augment!r} applies to images, not to the token sequences of "
+                             f"{splits.name!r}; set data.augment: none")
+        self.teacher_logits = self._teacher_predictions()
+        self._forwards()
+        self.cache = self.cached = None
+        if train.teacher_cache and self.uses_teacher:
+            from kdlab.engine.teacher_cache import TeacherCache
+
+            transform = "none" if augment == "none" else f"{augment}/per_sample"
+            self.cache = TeacherCache(teacher_cache_dir or default_cache_root(), teacher=teacher,
+                                      inputs=splits.train[0], transform=transform,
+                                      precision=f"{train.precision}/{train.teacher_dtype}",
+                                      taps=tuple(method.teacher_taps))
+        self.bar = _Progress(progress and self.main_rank, label)
+        method_metrics = getattr(method, "metrics", None)
+        self.method_metrics = method_metrics if callable(method_metrics) else None
+        self.autocast = _autocast(device, train.precision)
+
+    def _device(self) -> torch.device:
+        train, dist_ctx = self.train, self.dist
+        device = resolve_device(train.device)
+        if dist_ctx is not None:
+            if self.method.per_sample_state:
+                raise KdlabError(f"method {type(self.method).__name__} keeps per-sample state that torchrun's "
+                                 "processes would split between them; run it in one process (kdlab run without "
+                                 "torchrun)")
+            device = distributed.device_for(device, dist_ctx)
+            if train.batch_size % dist_ctx.world_size:
+                raise KdlabError(f"train.batch_size: {train.batch_size} does not split over {dist_ctx.world_size} "
+                                 "processes; the global batch must be a multiple of torchrun's --nproc_per_node")
+        check_device_options(train, device)
+        return device
+
+    def _training_state(self) -> TrainingState:
+        """Optimisers, schedule and scaler: what a checkpoint saves beside the weights.
+
+        An adversary (discriminator / generator) owned by the method gets its own optimiser: the main
+        one never touches it, and its step never moves the student."""
+        train, method = self.train, self.method
+        adversary = list(method.adversary_parameters())
+        adversary_ids = {id(p) for p in adversary}
+        self.main_parameters = list(self.student.parameters()) + [p for p in method.parameters()
+                                                                  if id(p) not in adversary_ids]
+        optimizer = build_optimizer(self.main_parameters, train)
+        adversary_optimizer = None
+        if adversary:
+            adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)
+            adversary_optimizer = build_optimizer(adversary, adversary_train)
+        scheduler = build_scheduler(optimizer, train, total_steps=self.total_steps,
+                                    steps_per_epoch=self.steps_per_epoch)
+        scaler = torch.amp.GradScaler("cuda") if train.precision == "fp16" else None
+        return TrainingState(self.student, method, optimizer, adversary_optimizer, scheduler, scaler)
+
+    def _steps_after(self, epoch: int) -> int | None:
+        """Optimiser steps a run has taken after ``epoch`` epochs (None: not an epoch of this run)."""
+        return min(epoch * self.steps_per_epoch, self.total_steps) if 0 <= epoch <= self.epochs else None
+
+    def _teacher_predictions(self) -> dict:
+        """The fixed teacher's val/test logits, computed once for agreement metrics (rank 0 alone).
+        For sequence tasks, the teacher's greedy responses instead (agreement = same response)."""
+        out = {}
+        if self.teacher is None or not self.main_rank:
+            return out
         for name in ("val", "test"):
-            inputs = getattr(splits, name)[0]
-            if len(inputs) and sequence is not None:
+            inputs, labels = getattr(self.splits, name)
+            if len(inputs) and self.sequence is not None:
                 from kdlab.seq.evaluate import generate_responses
 
-                with _autocast(device, train.precision):
-                    teacher_logits[name] = generate_responses(teacher, inputs, getattr(splits, name)[1], sequence,
-                                                              device=device)
+                with _autocast(self.device, self.train.precision):
+                    out[name] = generate_responses(self.teacher, inputs, labels, self.sequence, device=self.device)
             elif len(inputs):
-                teacher_logits[name] = predict(teacher, inputs, device=device, precision=train.precision)
+                out[name] = predict(self.teacher, inputs, device=self.device, precision=self.train.precision)
+        return out
 
-    # The forwards the step runs: features come back beside the logits (taps), optionally compiled.
-    channels_last = train.channels_last and use_channels_last(student, tuple(splits.input_shape), role="student")
-    # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
-    forward_student = distributed.wrap_student(student, device) if dist_ctx is not None else student
-    student_ids = {id(p) for p in student.parameters()}
-    outside_ddp = [p for p in main_parameters if id(p) not in student_ids]  # the method's own parameters
-    student_forward = TappedForward(forward_student, method.student_taps, tap_model=student,
-                                    channels_last=channels_last)
-    teacher_forward = cached = cache = None
-    if uses_teacher:
-        if channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        teacher_net, teacher_input_dtype = teacher_network(teacher, train, device)
-        teacher_forward = TappedForward(teacher_net, method.teacher_taps, detach=True,
-                                        input_dtype=teacher_input_dtype, channels_last=channels_last)
-    student_step = compile_forward(student_forward) if train.compile else student_forward
-    teacher_step = compile_forward(teacher_forward) if (train.compile and teacher_forward is not None) else teacher_forward
+    def _forwards(self) -> None:
+        """The forwards a step runs: features come back beside the logits (taps), optionally compiled."""
+        train, student, teacher, method, device = self.train, self.student, self.teacher, self.method, self.device
+        channels_last = train.channels_last and use_channels_last(student, tuple(self.splits.input_shape),
+                                                                  role="student")
+        # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
+        self.forward_student = distributed.wrap_student(student, device) if self.dist is not None else student
+        student_ids = {id(p) for p in student.parameters()}
+        self.outside_ddp = [p for p in self.main_parameters if id(p) not in student_ids]  # the method's own
+        self.student_forward = TappedForward(self.forward_student, method.student_taps, tap_model=student,
+                                             channels_last=channels_last)
+        self.teacher_forward = None
+        if self.uses_teacher:
+            if channels_last:
+                teacher.to(memory_format=torch.channels_last)
+            teacher_net, teacher_input_dtype = teacher_network(teacher, train, device)
+            self.teacher_forward = TappedForward(teacher_net, method.teacher_taps, detach=True,
+                                                 input_dtype=teacher_input_dtype, channels_last=channels_last)
+        self.student_step = compile_forward(self.student_forward) if train.compile else self.student_forward
+        self.teacher_step = (compile_forward(self.teacher_forward) if (train.compile and self.teacher_forward
+                                                                       is not None) else self.teacher_forward)
 
-    def run_teacher(inputs: torch.Tensor, *, compiled: bool = train.compile):
+    def run_teacher(self, inputs: torch.Tensor, *, compiled: bool | None = None):
         """The teacher's (logits, features) on a batch: eval mode, no autograd; plain tensors out.
 
         ``compiled=False`` runs the eager forward (the cache's one pass over the data is not worth a compile)."""
-        if compiled:  # a compiled graph is traced under no_grad (inference mode would add a guard)
-            with torch.no_grad(), _autocast(device, train.precision):
-                return teacher_step(inputs)
-        with torch.inference_mode(), _autocast(device, train.precision):
-            logits, features = teacher_forward(inputs)
+        device, precision = self.device, self.train.precision
+        if self.train.compile if compiled is None else compiled:  # traced under no_grad (inference mode adds a guard)
+            with torch.no_grad(), _autocast(device, precision):
+                return self.teacher_step(inputs)
+        with torch.inference_mode(), _autocast(device, precision):
+            logits, features = self.teacher_forward(inputs)
         # Inference tensors cannot be saved for the student's backward (e.g. as an MSE target): clone out.
         return logits.clone(), {name: value.clone() for name, value in features.items()}
 
-    if train.teacher_cache and uses_teacher:
-        from kdlab.engine.teacher_cache import TeacherCache, view_name
+    # ------------------------------------------------------------------ one epoch, one step
 
-        transform = "none" if augment == "none" else f"{augment}/per_sample"
-        cache = TeacherCache(teacher_cache_dir or default_cache_root(), teacher=teacher, inputs=splits.train[0],
-                             transform=transform, precision=f"{train.precision}/{train.teacher_dtype}",
-                             taps=tuple(method.teacher_taps))
-    bar = _Progress(progress and main_rank, label)
-    method_metrics = getattr(method, "metrics", None)
-    method_metrics = method_metrics if callable(method_metrics) else None
-    autocast = _autocast(device, train.precision)
-    epochs_run = 0
-    try:
-        for epoch in range(start_epoch, epochs):
-            student.train()
-            method.train()
-            generator = epoch_generator(seed, epoch)
-            data.start_epoch(epoch, generator)
-            if cache is not None and (cached is None or data.view_seed is not None):
-                view_seed = data.view_seed
-                if dist_ctx is not None and not main_rank:
-                    distributed.barrier(dist_ctx)  # rank 0 builds the view first; the others then find a hit
-                cached, _ = cache.get(view_name(view_seed), rows=num_train,
-                                      render=lambda index: data.render(index, view_seed),
-                                      run_teacher=functools.partial(run_teacher, compiled=False),
-                                      generator=torch.Generator().manual_seed(seed))
-                if dist_ctx is not None and main_rank:
-                    distributed.barrier(dist_ctx)
-                cached = cached.to(device)
-            sums = bad_steps = None
-            adversary_sums: dict[str, list[float]] = {}
-            steps_this_epoch = min(steps_per_epoch, total_steps - step)
-            for i in range(steps_this_epoch):
-                index, inputs, labels = data.batch(i)
-                weight = None
-                if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
-                    positions, weight = distributed.shard(torch.arange(len(index), device=device),
-                                                          dist_ctx.rank, dist_ctx.world_size)
-                    index, inputs, labels = index[positions], inputs[positions], labels[positions]
-                method.set_progress(step, total_steps)
-                batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
-                inputs = batch.inputs
-                with autocast:
-                    teacher_out = None
-                    if uses_teacher and method.teacher_needed():
-                        if cached is not None:  # float16 on disk, float32 to the method
-                            teacher_out = Outputs(cached.logits[index].float(),
-                                                  {k: v[index].float() for k, v in cached.features.items()})
-                        else:
-                            teacher_out = Outputs(*run_teacher(inputs))
-                    student_out = Outputs(*student_step(inputs))
-                    if adversary_optimizer is not None and step % method.adversary_every == 0:
-                        _adversary_step(method, adversary_optimizer, batch, student_out, teacher_out,
-                                        adversary_sums)
-                    terms = method.loss_terms(batch, student_out, teacher_out)
-                    if weight is not None and weight != 1.0:
-                        terms = {k: v * weight for k, v in terms.items()}
-                loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
+    def _load_cached_view(self) -> None:
+        """This epoch's cached teacher outputs (one view without augmentation, else one per epoch)."""
+        from kdlab.engine.teacher_cache import view_name
+
+        if self.cache is None or (self.cached is not None and self.data.view_seed is None):
+            return
+        data, dist_ctx, view_seed = self.data, self.dist, self.data.view_seed
+        if dist_ctx is not None and not self.main_rank:
+            distributed.barrier(dist_ctx)  # rank 0 builds the view first; the others then find a hit
+        cached, _ = self.cache.get(view_name(view_seed), rows=self.num_train,
+                                   render=lambda index: data.render(index, view_seed),
+                                   run_teacher=functools.partial(self.run_teacher, compiled=False),
+                                   generator=torch.Generator().manual_seed(self.seed))
+        if dist_ctx is not None and self.main_rank:
+            distributed.barrier(dist_ctx)
+        self.cached = cached.to(self.device)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch; return its mean loss terms, learning rate and adversary/method metrics."""
+        self.student.train()
+        self.method.train()
+        self.data.start_epoch(epoch, epoch_generator(self.seed, epoch))
+        self._load_cached_view()
+        sums = bad_steps = names = None
+        adversary_sums: dict[str, list[float]] = {}
+        steps_this_epoch = min(self.steps_per_epoch, self.total_steps - self.state.step)
+        for i in range(steps_this_epoch):
+            terms = self.step(i, adversary_sums)
+            # One stacked tensor per step (a few ops whatever the number of terms): running sums, and
+            # per term the count of non-finite steps — the term that failed first has the largest count.
+            stacked = torch.stack([value.detach().float() for value in terms.values()])
+            if sums is None:
+                names = list(terms)
+                sums, bad_steps = stacked, (~torch.isfinite(stacked)).long()
+            else:
+                sums = sums + stacked
+                bad_steps = bad_steps + ~torch.isfinite(stacked)
+            if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
+                means = self._check_finite(names, sums, bad_steps, steps=i + 1, epoch=epoch)
+                self.bar.update(epoch + 1, self.epochs, i + 1, steps_this_epoch, means)
+        self.state.epoch = epoch + 1
+        metrics = {f"train/loss/{k}": v for k, v in means.items()}
+        metrics["train/loss"] = sum(means.values())
+        metrics["lr"] = self.state.optimizer.param_groups[0]["lr"]
+        metrics.update({f"adv/{k}": sum(v) / len(v) for k, v in adversary_sums.items() if v})
+        if self.method_metrics is not None:  # a method's own state (e.g. MTARD's balance), once per epoch
+            metrics.update({f"method/{k}": float(v) for k, v in self.method_metrics().items()})
+        return metrics
+
+    def step(self, i: int, adversary_sums: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+        """One optimiser step on batch ``i`` of the epoch: forwards, loss terms, backward, clip, step, schedule."""
+        method, state, dist_ctx, device = self.method, self.state, self.dist, self.device
+        optimizer, scaler = state.optimizer, state.scaler
+        index, inputs, labels = self.data.batch(i)
+        weight = None
+        if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
+            positions, weight = distributed.shard(torch.arange(len(index), device=device),
+                                                  dist_ctx.rank, dist_ctx.world_size)
+            index, inputs, labels = index[positions], inputs[positions], labels[positions]
+        method.set_progress(state.step, self.total_steps)
+        batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
+        inputs = batch.inputs
+        with self.autocast:
+            teacher_out = None
+            if self.uses_teacher and method.teacher_needed():
+                if self.cached is not None:  # float16 on disk, float32 to the method
+                    teacher_out = Outputs(self.cached.logits[index].float(),
+                                          {k: v[index].float() for k, v in self.cached.features.items()})
                 else:
-                    loss.backward()
-                if dist_ctx is not None and outside_ddp:
-                    distributed.average_gradients(outside_ddp, dist_ctx.world_size)
-                if train.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                step += 1
-                # One stacked tensor per step (a few ops whatever the number of terms): running sums, and
-                # per term the count of non-finite steps — the term that failed first has the largest count.
-                stacked = torch.stack([value.detach().float() for value in terms.values()])
-                if sums is None:
-                    names = list(terms)
-                    sums, bad_steps = stacked, (~torch.isfinite(stacked)).long()
-                else:
-                    sums = sums + stacked
-                    bad_steps = bad_steps + ~torch.isfinite(stacked)
-                if (i + 1) % CHECK_EVERY == 0 or i + 1 == steps_this_epoch:
-                    step_sums, step_bad = sums, bad_steps
-                    if dist_ctx is not None:  # every rank sees the same (global-batch) means and stops alike
-                        # Rank terms carry the shard weights (mean over ranks = the global batch's loss): divide
-                        # the sums by the world size; a NaN reaches every rank's weights, so the counts agree.
-                        reduced = distributed.all_sum(torch.cat([sums, bad_steps.to(sums.dtype)])) / dist_ctx.world_size
-                        step_sums, step_bad = reduced[:len(names)], reduced[len(names):].ceil().long()
-                    means = dict(zip(names, (step_sums / (i + 1)).tolist()))
-                    if not all(math.isfinite(v) for v in means.values()):
-                        counts = dict(zip(names, step_bad.tolist()))
-                        first = max(counts, key=counts.get)
-                        raise NonFiniteLossError(
-                            f"loss term {first!r} became non-finite in epoch {epoch + 1} (at step "
-                            f"{step - counts[first] + 1} of the run); lower train.lr, set train.grad_clip, "
-                            "or check the method's hyperparameters")
-                    bar.update(epoch + 1, epochs, i + 1, steps_this_epoch, means)
-            metrics = {f"train/loss/{k}": v for k, v in means.items()}
-            metrics["train/loss"] = sum(means.values())
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics.update({f"adv/{k}": sum(v) / len(v) for k, v in adversary_sums.items() if v})
-            if method_metrics is not None:  # a method's own state (e.g. MTARD's balance), once per epoch
-                metrics.update({f"method/{k}": float(v) for k, v in method_metrics().items()})
-            last = epoch + 1 == epochs
-            if main_rank and ((epoch + 1) % train.eval_every == 0 or last):
-                val = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
-                               teacher_logits=teacher_logits.get("val"), sequence=sequence)
-                metrics.update(val)
-                if train.selection == "best_val" and val and _better(val, best):
-                    best, best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch + 1
-                    if ckpt_root is not None:
-                        save_checkpoint(ckpt_root / "best", epoch + 1, _state_tensors(student, method), {},
-                                        keep_last=1)
-                    else:
-                        best_state = {k: v.detach().clone() for k, v in _state_tensors(student, method).items()}
-            if on_epoch is not None and main_rank:
-                on_epoch(epoch + 1, metrics)
-            epochs_run += 1
-            if ckpt_root is not None and main_rank and ((epoch + 1) % train.checkpoint_every == 0 or last):
-                opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
-                rng_tensors, rng_meta = rng_state()
-                tensors = {**_state_tensors(student, method), **opt_tensors, **rng_tensors}
-                if adversary_optimizer is not None:
-                    adv_tensors, adv_meta = flatten_optimizer(adversary_optimizer.state_dict(),
-                                                              prefix="adversary_optimizer")
-                    tensors.update(adv_tensors)
-                state = {"step": step, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                         "adversary_optimizer": adv_meta if adversary_optimizer is not None else None,
-                         "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_meta,
-                         "best": best, "best_epoch": best_epoch}
-                save_checkpoint(ckpt_root, epoch + 1, tensors, state)
-    finally:
-        bar.close()
-        for forward in (student_forward, teacher_forward):
+                    teacher_out = Outputs(*self.run_teacher(inputs))
+            student_out = Outputs(*self.student_step(inputs))
+            if state.adversary_optimizer is not None and state.step % method.adversary_every == 0:
+                _adversary_step(method, state.adversary_optimizer, batch, student_out, teacher_out, adversary_sums)
+            terms = method.loss_terms(batch, student_out, teacher_out)
+            if weight is not None and weight != 1.0:
+                terms = {k: v * weight for k, v in terms.items()}
+        loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if dist_ctx is not None and self.outside_ddp:
+            distributed.average_gradients(self.outside_ddp, dist_ctx.world_size)
+        if self.train.grad_clip is not None:
+            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.scheduler.step()
+        state.step += 1
+        return terms
+
+    def _check_finite(self, names: list[str], sums: torch.Tensor, bad_steps: torch.Tensor, *, steps: int,
+                      epoch: int) -> dict[str, float]:
+        """The epoch's mean terms so far (one device sync); a non-finite one stops the run naming the term."""
+        dist_ctx = self.dist
+        if dist_ctx is not None:  # every rank sees the same (global-batch) means and stops alike
+            # Rank terms carry the shard weights (mean over ranks = the global batch's loss): divide
+            # the sums by the world size; a NaN reaches every rank's weights, so the counts agree.
+            reduced = distributed.all_sum(torch.cat([sums, bad_steps.to(sums.dtype)])) / dist_ctx.world_size
+            sums, bad_steps = reduced[:len(names)], reduced[len(names):].ceil().long()
+        means = dict(zip(names, (sums / steps).tolist()))
+        if not all(math.isfinite(v) for v in means.values()):
+            counts = dict(zip(names, bad_steps.tolist()))
+            first = max(counts, key=counts.get)
+            raise NonFiniteLossError(
+                f"loss term {first!r} became non-finite in epoch {epoch + 1} (at step "
+                f"{self.state.step - counts[first] + 1} of the run); lower train.lr, set train.grad_clip, "
+                "or check the method's hyperparameters")
+        return means
+
+    # ------------------------------------------------------------------ evaluate, checkpoint, finish
+
+    def evaluate(self, metrics: dict[str, float]) -> None:
+        """Validate after the epoch when due (rank 0), adding val metrics and tracking the best epoch."""
+        epoch, train, state = self.state.epoch, self.train, self.state
+        if not self.main_rank or (epoch % train.eval_every != 0 and epoch != self.epochs):
+            return
+        val = evaluate(self.student, self.splits.val, prefix="val", device=self.device, precision=train.precision,
+                       teacher_logits=self.teacher_logits.get("val"), sequence=self.sequence)
+        metrics.update(val)
+        if train.selection == "best_val" and val and _better(val, state.best):
+            state.best, state.best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch
+            if self.ckpt_root is not None:
+                save_checkpoint(safe_path(self.ckpt_root, self.ckpt_root / "best"), epoch,
+                                model_tensors(self.student, self.method), {}, keep_last=1)
+            else:
+                self.best_state = {k: v.detach().clone() for k, v in model_tensors(self.student, self.method).items()}
+
+    def checkpoint(self) -> None:
+        """Save the training state when due (every ``checkpoint_every`` epochs and after the last; rank 0)."""
+        epoch = self.state.epoch
+        if self.ckpt_root is None or not self.main_rank:
+            return
+        if epoch % self.train.checkpoint_every == 0 or epoch == self.epochs:
+            tensors, state = self.state.save()
+            save_checkpoint(self.ckpt_root, epoch, tensors, state)
+
+    def close(self) -> None:
+        self.bar.close()
+        for forward in (self.student_forward, self.teacher_forward):
             if forward is not None:
                 forward.close()
-        del student_forward, student_step, forward_student  # DDP's gradient hooks go with them
-        if train.compile:  # compiled code keeps its modules (a DDP wrapper too) alive and shares one
+        del self.student_forward, self.student_step, self.forward_student  # DDP's gradient hooks go with them
+        if self.train.compile:  # compiled code keeps its modules (a DDP wrapper too) alive and shares one
             torch._dynamo.reset()  # recompile limit across runs in this process: start the next run afresh
 
-    if not main_rank:
-        return FitResult(final={}, epochs_run=epochs_run)
-
-    selected_epoch = epochs
-    if train.selection == "best_val" and best_epoch is not None:
-        selected_epoch = best_epoch
-        if ckpt_root is not None:
-            tensors, _ = load_latest_checkpoint(ckpt_root / "best")
-            _load_state_tensors(tensors, student, method)
-        else:
-            _load_state_tensors(best_state, student, method)
-    final = evaluate(student, splits.val, prefix="val", device=device, precision=train.precision,
-                     teacher_logits=teacher_logits.get("val"), sequence=sequence)
-    final.update(evaluate(student, splits.test, prefix="test", device=device, precision=train.precision,
-                          teacher_logits=teacher_logits.get("test"), sequence=sequence, final=True))
-    final["selected_epoch"] = float(selected_epoch)
-    return FitResult(final=final, epochs_run=epochs_run)
+    def final_metrics(self) -> dict[str, float]:
+        """val/test metrics of the selected epoch's weights (loaded into the student), and that epoch."""
+        train, state = self.train, self.state
+        selected_epoch = self.epochs
+        if train.selection == "best_val" and state.best_epoch is not None:
+            selected_epoch = state.best_epoch
+            if self.ckpt_root is not None:
+                best = safe_path(self.ckpt_root, self.ckpt_root / "best")
+                tensors, _ = load_latest_checkpoint(best)
+                restore_model(tensors, self.student, self.method, folder=best)
+            else:
+                load_model_tensors(self.best_state, self.student, self.method)
+        kwargs = dict(device=self.device, precision=train.precision, sequence=self.sequence)
+        final = evaluate(self.student, self.splits.val, prefix="val", teacher_logits=self.teacher_logits.get("val"),
+                         **kwargs)
+        final.update(evaluate(self.student, self.splits.test, prefix="test", final=True,
+                              teacher_logits=self.teacher_logits.get("test"), **kwargs))
+        final["selected_epoch"] = float(selected_epoch)
+        return final

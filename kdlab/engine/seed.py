@@ -1,7 +1,9 @@
 """Seeding and RNG state capture, so that a resumed run replays the same random numbers."""
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,3 +49,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Compute on ``threads`` intra-op threads inside the block, then restore the previous count.
+
+    Reductions split over threads sum in another order, so a run's numbers depend on its thread
+    count: fixing it per run (``train.threads``) makes them independent of how many runs share the
+    machine (``--workers``). None keeps whatever the process uses."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

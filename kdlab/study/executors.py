@@ -65,7 +65,7 @@ def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed
     """One Ray task: execute every spec (claims in the store split the work); return its messages."""
     import torch
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # the task's default; each run sets its own train.threads (Runner.execute)
     messages: list[tuple[str, ...]] = []
     runner = Runner(workspace, resume=resume, retry_failed=retry_failed, progress=False,
                     out=lambda text: messages.append(("out", text)))

@@ -14,6 +14,7 @@ same path through this file.
 """
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import math
@@ -36,16 +37,20 @@ from kdlab.data import Splits, build_splits
 from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
 from kdlab.engine import distributed
-from kdlab.engine.checkpoint import save_model
+from kdlab.engine.checkpoint import read_pointer, save_model
 from kdlab.engine.loop import fit
-from kdlab.engine.seed import seed_everything
+from kdlab.engine.run_files import clean_temporaries, read_metric_rows, remove_path, safe_path
+from kdlab.engine.seed import intra_op_threads, seed_everything
+from kdlab.engine.teacher import teacher_module
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
-from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text
 from kdlab.study.tracking import Sinks, check_available, open_sinks
 
 TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
+TEACHER_WAIT_SECONDS = 24 * 3600  # how long a run waits for its teacher held by another live process
+TEACHER_POLL_SECONDS = 2.0  # how often it asks the store (the holder may be on another host)
 
 
 def kept_model_file(epoch: int) -> str:
@@ -56,7 +61,8 @@ def kept_model_file(epoch: int) -> str:
 @dataclass
 class StudySummary:
     ran: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # finished before
+    held: list[str] = field(default_factory=list)  # claimed by another live process
     failed: list[tuple[str, str]] = field(default_factory=list)  # (run id, message)
 
 
@@ -77,16 +83,19 @@ def environment() -> dict:
             "argv": sys.argv}
 
 
-def _trim_metrics_after_checkpoint(run_dir: Path) -> None:
-    """Before resuming, drop metric lines of epochs after the last checkpoint: they are trained again."""
-    pointer = run_dir / "checkpoints" / "latest.json"
-    metrics = run_dir / "metrics.jsonl"
+def _trim_metrics_after_checkpoint(run_dir: Path, out: Callable[[str], None]) -> None:
+    """Before resuming, drop metric lines of epochs after the last checkpoint: they are trained again.
+    Lines that are not metric records are named and dropped too."""
+    metrics = safe_path(run_dir, run_dir / "metrics.jsonl")
     if not metrics.is_file():
         return
-    last = json.loads(pointer.read_text())["epoch"] if pointer.is_file() else 0
-    rows = read_jsonl(metrics)
-    kept = [row for row in rows if row.get("epoch", 0) <= last]
-    if len(kept) != len(rows):
+    pointer = read_pointer(safe_path(run_dir, run_dir / "checkpoints"))
+    last = pointer[0] if pointer is not None else 0
+    rows, problems = read_metric_rows(metrics)
+    for problem in problems:
+        out(f"  {problem}")
+    kept = [row for row in rows if row["epoch"] <= last]
+    if len(kept) != len(rows) or problems:
         atomic_write_text(metrics, "".join(json.dumps(row) + "\n" for row in kept))
 
 
@@ -102,28 +111,10 @@ def _export_quantized(student, splits: Splits, run_dir: Path) -> dict[str, float
     reproduce its outputs on the first 64 test inputs."""
     from kdlab.quant import export, export_max_error, read_export, save_export
 
-    save_export(run_dir / QUANT_EXPORT_FILE, export(student))
+    save_export(safe_path(run_dir, run_dir / QUANT_EXPORT_FILE), export(student))
     inputs = splits.test[0][:64].to(next(student.parameters()).device)
     error = export_max_error(student, inputs, exported=read_export(run_dir / QUANT_EXPORT_FILE))
     return {"quant/export_max_error": error}
-
-
-def _untrained_network(t: ModelConfig, splits: Splits):
-    """The teacher section's network shape without training anything (files are loaded and checked)."""
-    from kdlab.engine.build import build_model
-    from kdlab.models.ensemble import TeacherEnsemble
-    from kdlab.models.trajectory import TeacherTrajectory
-
-    if t.members:
-        return TeacherEnsemble([_untrained_network(member, splits) for member in t.members])
-    if t.checkpoint is not None:
-        return load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
-    if t.assistants:
-        return _untrained_network(t.assistants[-1], splits)
-    if t.trajectory:
-        stages = [e for e in t.train.keep_epochs if e < t.train.epochs] + [t.train.epochs]
-        return TeacherTrajectory([build_model(t.model, t.options, splits) for _ in stages])
-    return build_model(t.model, t.options, splits)
 
 
 def _architecture_key(spec: RunSpec) -> str:
@@ -179,35 +170,13 @@ class Runner:
             return None
         # Under torchrun every rank holds its own replica of the teacher. The teacher-output cache is
         # built inside fit on every rank: its writes are race-safe (a second builder drops its copy).
-        return self._network(cfg.teacher, cfg, splits)
+        load_run = functools.partial(self._load_run_model, splits=splits)
+        return teacher_module(cfg.teacher, splits, data=cfg.data, method=cfg.method, load_run=load_run)
 
-    def _network(self, t: ModelConfig, cfg: ExperimentConfig, splits: Splits):
-        """A teacher section as a network: a file, a recipe run (at an epoch, or its trajectory),
-        the end of an assistant chain, or an ensemble of members (each one of these)."""
-        from kdlab.models.ensemble import TeacherEnsemble
-        from kdlab.models.trajectory import TeacherTrajectory
-
-        if t.members:
-            return TeacherEnsemble([self._network(member, cfg, splits) for member in t.members])
-        if t.checkpoint is not None:
-            return load_model_file(t.checkpoint, splits, model=t.model, options=t.options)[0]
-        if t.assistants:
-            return self._load_run_model(assistant_run_spec(t, cfg.data, cfg.method), "assistant", splits)
-        spec = recipe_run_spec(t, cfg.data)
-        if t.trajectory:  # the kept checkpoints in order, then the final weights; the final one answers by default
-            epochs = sorted(t.train.keep_epochs)
-            stages = [self._load_run_model(spec, "teacher", splits, epoch=e) for e in epochs if e < t.train.epochs]
-            stages.append(self._load_run_model(spec, "teacher", splits))
-            return TeacherTrajectory(stages)
-        return self._load_run_model(spec, "teacher", splits, epoch=t.epoch)
-
-    def _load_run_model(self, spec: RunSpec, role: str, splits: Splits, *, epoch: int | None = None):
+    def _load_run_model(self, spec: RunSpec, role: str, epoch: int | None, *, splits: Splits):
         """Train ``spec`` as a run of experiment "teachers" unless done, then load its final (or kept) weights."""
-        deadline = time.monotonic() + 24 * 3600
-        # Another live process training it: wait, and take it over (execute claims it) if that process dies.
-        while (self.train_teachers and self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT) == "skipped"
-               and self._status(spec.run_id) == "running" and time.monotonic() < deadline):
-            time.sleep(2.0)
+        if self.train_teachers:
+            self._train_or_wait(spec, role)
         if self._status(spec.run_id) is None:
             raise KdlabError(f"{role} run {spec.run_id} is not in {self.store.database_path}; train it with "
                              "`kdlab run` first")
@@ -221,10 +190,28 @@ class Runner:
                              "add the epoch to teacher.train.keep_epochs")
         return load_model_file(path, splits, key=f"{role} run {spec.run_id}")[0]
 
+    def _train_or_wait(self, spec: RunSpec, role: str) -> None:
+        """Train the run unless finished; while another live process holds it, wait for it.
+
+        The holder may be on another host, so the store is asked again every few seconds; asking is
+        ``execute`` itself, whose claim takes the run over as soon as its holder is dead."""
+        deadline = time.monotonic() + TEACHER_WAIT_SECONDS
+        while (self.execute(spec, role=role, experiment=TEACHER_EXPERIMENT) == "held"
+               and time.monotonic() < deadline):
+            time.sleep(TEACHER_POLL_SECONDS)
+
     # ------------------------------------------------------------------ one run
 
     def execute(self, spec: RunSpec, *, role: str = "student", experiment: str | None = None) -> str:
-        """Run ``spec`` unless finished or held by a live process; return what happened."""
+        """Run ``spec`` unless finished or held by a live process; return what happened: "ran",
+        "skipped" (finished before), "held" (by another live process) or "skipped_failed".
+
+        The run computes on ``train.threads`` intra-op threads whatever executes it (this process,
+        a worker, a Ray task), so its numbers do not depend on how it was scheduled."""
+        with intra_op_threads(getattr(spec.config.train, "threads", 1)):
+            return self._execute(spec, role=role, experiment=experiment)
+
+    def _execute(self, spec: RunSpec, *, role: str, experiment: str | None) -> str:
         cfg = spec.config
         run_id = spec.run_id
         experiment = experiment or cfg.name
@@ -243,10 +230,11 @@ class Runner:
                                         take_failed_before=self.since if self.retry_failed else -math.inf)
         previous = distributed.broadcast(previous, self.dist)
         if previous in ("finished", "running"):
-            return "skipped"
+            return "skipped" if previous == "finished" else "held"
         if previous == "failed_kept":  # failed meanwhile (another process of this study): not retried now
             return "skipped_failed"
         run_dir = self.store.run_dir(run_id)
+        file = functools.partial(safe_path, run_dir)  # every write under the folder: no link followed
         sinks = Sinks([])  # replaced by the configured ones once the run folder exists
         outcome = "failed"  # what the sinks are closed with
         # Keeps the claim alive for other hosts sharing the workspace (see kdlab.store.database).
@@ -254,17 +242,18 @@ class Runner:
         beat = (Heartbeat(self.workspace, run_id, heartbeat_timeout=self.store.heartbeat_timeout).start()
                 if self.main else None)
         try:
+            safe_path(self.store.workspace, run_dir)
             if self.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(spec.resolved(), sort_keys=False))
-                atomic_write_json(run_dir / "env.json", environment())
-                if not self.resume and (run_dir / "checkpoints").exists():
-                    import shutil
-
-                    shutil.rmtree(run_dir / "checkpoints")
-                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the run starts over
+                clean_temporaries(run_dir)  # what a killed owner left; this process now owns the run
+                atomic_write_text(file(run_dir / "config.yaml"), yaml.safe_dump(spec.resolved(), sort_keys=False))
+                atomic_write_json(file(run_dir / "env.json"), environment())
+                checkpoints = run_dir / "checkpoints"
+                if not self.resume and (checkpoints.exists() or checkpoints.is_symlink()):
+                    remove_path(run_dir, checkpoints)  # a link is removed itself, never its target
+                    remove_path(run_dir, run_dir / "metrics.jsonl")  # the run starts over
                 if self.resume:
-                    _trim_metrics_after_checkpoint(run_dir)
+                    _trim_metrics_after_checkpoint(run_dir, self.out)
             distributed.barrier(self.dist)  # the other ranks read the checkpoints only after rank 0 settled them
             seed_everything(spec.seed)
             student = build_student(cfg.student, splits, teacher=teacher)
@@ -288,10 +277,10 @@ class Runner:
                                        f"{beat.timeout:g} s); this process stops and leaves it to the new owner")
                 last_epoch[0] = epoch
                 self.store.log_epoch(run_id, epoch, metrics)
-                append_jsonl(run_dir / "metrics.jsonl", {"epoch": epoch, **metrics})
+                append_jsonl(file(run_dir / "metrics.jsonl"), {"epoch": epoch, **metrics})
                 sinks.log_epoch(epoch, metrics)  # after the store: a sink sees only recorded metrics
                 if epoch in cfg.train.keep_epochs:  # saved before this epoch's checkpoint, so never lost on resume
-                    save_model(run_dir / kept_model_file(epoch), student, spec_of_model)
+                    save_model(file(run_dir / kept_model_file(epoch)), student, spec_of_model)
 
             started = time.perf_counter()
             result = fit(student=student, method=method, teacher=teacher, splits=splits, train=cfg.train,
@@ -303,7 +292,7 @@ class Runner:
             final = dict(result.final)
             final["params"] = float(parameter_count(student))
             final["train_seconds"] = time.perf_counter() - started
-            save_model(run_dir / MODEL_FILE, student, spec_of_model)
+            save_model(file(run_dir / MODEL_FILE), student, spec_of_model)
             if quant is not None:
                 final.update(_export_quantized(student, splits, run_dir))
             if cfg.robust is not None:  # on the test split, after training; the settings are kept with the numbers
@@ -311,7 +300,7 @@ class Runner:
                 from kdlab.study.robust_eval import REPORT_FILE, robust_report
 
                 report = robust_report(student, teacher, splits, cfg.robust, device=resolve_device(cfg.train.device))
-                atomic_write_json(run_dir / REPORT_FILE, report)
+                atomic_write_json(file(run_dir / REPORT_FILE), report)
                 final.update(report["metrics"])
                 for line in report["warnings"]:
                     self.out(f"  robust warning {run_id}: {line}")
@@ -319,7 +308,7 @@ class Runner:
             if not_a_number:  # never a silent NaN in a results table: the run fails and says which
                 raise KdlabError(f"final metric(s) {', '.join(not_a_number[:5])} are NaN (the model's outputs are "
                                  "not finite on that split); lower train.lr or set train.grad_clip, and check the data")
-            atomic_write_json(run_dir / "final.json", final)
+            atomic_write_json(file(run_dir / "final.json"), final)
             self.store.finish(run_id, final)
             sinks.log_final(final, step=last_epoch[0] or max(self.store.epoch_metrics(run_id), default=0))
             outcome = "finished"
@@ -373,7 +362,7 @@ class Runner:
                 record = self.store.run(spec.run_id)
                 summary.failed.append((spec.run_id, f"failed earlier ({record.error}); --retry-failed runs it again"))
             else:
-                (summary.ran if outcome == "ran" else summary.skipped).append(spec.run_id)
+                {"ran": summary.ran, "held": summary.held}.get(outcome, summary.skipped).append(spec.run_id)
         return summary
 
     def preflight(self, specs: list[RunSpec]) -> None:
@@ -395,7 +384,8 @@ class Runner:
         """
         cfg = spec.config
         splits = self.splits(cfg)
-        teacher = _untrained_network(cfg.teacher, splits) if cfg.teacher is not None else None
+        teacher = (teacher_module(cfg.teacher, splits, data=cfg.data, method=cfg.method)
+                   if cfg.teacher is not None else None)
         student = build_student(cfg.student, splits, teacher=teacher)
         check_class_counts(student, teacher, splits)
         method = build_method(cfg.method, student=student, teacher=teacher, input_shape=tuple(splits.input_shape),

@@ -67,7 +67,9 @@ def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bo
         signal.signal(signal.SIGINT, _interrupt)
         import torch
 
-        torch.set_num_threads(threads)  # oversubscribed threads make CPU training collapse
+        # The process's default: each run sets its own train.threads (Runner.execute); this count
+        # (cpus / workers, never oversubscribed) serves runs with train.threads: null.
+        torch.set_num_threads(threads)
         runner = Runner(workspace, resume=resume, retry_failed=retry_failed, progress=False,
                         out=lambda text: send("out", text))
         runner.since = since  # a run that fails in this study (in any worker) is not retried by this one
@@ -166,7 +168,8 @@ def progress_line(records: dict[str, RunRecord], specs: list[RunSpec], *, since:
 
 def summarize(records: dict[str, RunRecord], specs: list[RunSpec], *, since: float,
               reported: dict[str, str] | None = None) -> StudySummary:
-    """The outcome of a study from the store: ran (finished since ``since``), skipped, failed.
+    """The outcome of a study from the store: ran (finished since ``since``), skipped (finished before),
+    held (by another live process), failed.
 
     ``reported`` holds the errors workers reported for runs the store cannot
     explain (a run whose teacher failed is never claimed).
@@ -181,7 +184,7 @@ def summarize(records: dict[str, RunRecord], specs: list[RunSpec], *, since: flo
             ran = record.finished_at is not None and record.finished_at >= since
             (summary.ran if ran else summary.skipped).append(run_id)
         elif status == "running":  # after the workers ended: another live process holds it
-            summary.skipped.append(run_id)
+            summary.held.append(run_id)
         elif status == "failed":
             if record.started_at is not None and record.started_at >= since:
                 summary.failed.append((run_id, record.error or reported.get(run_id) or "no error recorded"))
@@ -228,9 +231,10 @@ def pending_specs(specs, records, *, retry_failed: bool) -> list:
 
 
 def _train_shared_teacher(runner: Runner, todo: list[RunSpec]) -> None:
-    """A study whose runs all share one teacher: train it here first, on every thread.
+    """A study whose runs all share one teacher: train it here first, before any worker starts.
 
-    Otherwise one worker would train it on its 1/N share of the threads while the others wait for it.
+    Otherwise one worker would train it while the others wait for it (a run's thread count is its own
+    ``train.threads`` wherever it runs, so the teacher's numbers are the same either way).
     Studies with several teachers keep training them in parallel in the workers. A teacher that fails here
     is recorded failed in this study, so the workers report their runs without training it again.
     """
