@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
@@ -504,6 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`kdlab ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (MemoryError, ImportError, OSError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        # The message is built from constants: formatting the error could itself need memory.
+        print("kdlab: error: out of memory (a memory limit such as `ulimit -v`, or the machine's RAM); raise the "
+              "limit, or lower train.batch_size, the model size or --workers", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means the process ran out of memory (a failed allocation or a library that could not be mapped)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return "failed to map segment" in text or "Cannot allocate memory" in text or getattr(exc, "errno", None) == errno.ENOMEM
 
 
 if __name__ == "__main__":
