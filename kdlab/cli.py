@@ -8,6 +8,7 @@
     kdlab compare EXPERIMENT --capacity [--metrics test/acc] [--markdown]
     kdlab show RUN
     kdlab runs [EXPERIMENT]
+    kdlab doctor [--fix]
     kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
                [--faithfulness] [--no-sanity-checks]
     kdlab analyze deviations RUN [--out DIR]
@@ -113,13 +114,35 @@ def _run_study(args, before_open=None, after_open=None) -> int:
     return 1 if summary.failed else 0
 
 
+def _read_store(args):
+    """The workspace's store opened read-only: for commands that only read (runs, show, compare, report).
+
+    Nothing is created (a missing workspace is a one-line error) and a read-only workspace can be read.
+    """
+    from kdlab.store import Store
+
+    return Store(_workspace(args), readonly=True)
+
+
 def cmd_list(args) -> int:
+    import difflib
+
     from kdlab import registry
 
     kind = KIND_PLURALS.get(args.kind)
     if kind is None:
-        raise KdlabError(f"kdlab list {args.kind}: unknown kind; choose one of {', '.join(KIND_PLURALS)}")
+        close = difflib.get_close_matches(args.kind, list(KIND_PLURALS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KdlabError(f"kdlab list {args.kind}: unknown kind; {hint}choose one of {', '.join(KIND_PLURALS)}")
     names = registry.names(kind, args.pattern)
+    if not names:
+        every = registry.names(kind)
+        bare = args.pattern.strip("*?[]") or args.pattern
+        close = difflib.get_close_matches(bare, every, n=5, cutoff=0.5)
+        close += [name for name in every if bare.lower() in name.lower() and name not in close][: 5 - len(close)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KdlabError(f"kdlab list {args.kind}: no {kind} matches {args.pattern!r}; {hint}"
+                         f"`kdlab list {args.kind}` shows all {len(every)}")
     width = max((len(n) for n in names), default=0)
     for name in names:
         print(f"{name:<{width}}  {registry.summary(kind, name)}")
@@ -146,7 +169,7 @@ def cmd_compare(args) -> int:
     from kdlab.store import Store
     from kdlab.study.compare import DEFAULT_METRICS, compare_table, render_table
 
-    store = Store(_workspace(args))
+    store = _read_store(args)
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else DEFAULT_METRICS
     if args.capacity:
         return _compare_capacity(store, args)
@@ -208,16 +231,18 @@ def cmd_plot(args) -> int:
 def cmd_show(args) -> int:
     import yaml
 
-    from kdlab.store import Store
-
-    store = Store(_workspace(args))
+    store = _read_store(args)
     matches = store.find(args.run)
+    if not matches:
+        store.run(args.run)  # a damaged row (find left it out): raises the error naming it
     if len(matches) != 1:
         ids = ", ".join(r.run_id for r in matches[:5])
         raise KdlabError(f"{args.run!r} matches {len(matches)} runs ({ids}); give a full run id")
     record = matches[0]
     print(f"run {record.run_id}  experiment {record.experiment}  role {record.role}  status {record.status}")
     print(f"label: {record.label}")
+    if record.started_at is not None:
+        print(f"time: {_duration(record)}")
     print(f"folder: {record.run_dir}")
     if record.error:
         print(f"error: {record.error}")
@@ -234,15 +259,71 @@ def cmd_show(args) -> int:
     return 0
 
 
-def cmd_runs(args) -> int:
-    from kdlab.store import Store
+def _format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
 
-    store = Store(_workspace(args))
-    store.mark_dead_runs_interrupted()
-    for record in store.runs(experiment=args.experiment):
+
+def _duration(record) -> str:
+    """Wall time of a run: start to end; to now while it runs; to its last heartbeat when its process died."""
+    import time
+
+    if record.started_at is None:
+        return "-"
+    end = record.finished_at
+    if end is None:
+        end = time.time() if record.status == "running" else record.heartbeat_at
+    if end is None or end < record.started_at:
+        return "-"
+    return _format_seconds(end - record.started_at) + ("+" if record.status == "running" else "")
+
+
+def cmd_runs(args) -> int:
+    store = _read_store(args)  # status is read with its liveness check: nothing to write
+    records = store.runs(experiment=args.experiment)
+    if not records:
+        known = store.experiments()
+        if args.experiment is not None and args.experiment not in known:
+            import difflib
+
+            close = difflib.get_close_matches(args.experiment, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise KdlabError(f"no experiment {args.experiment!r} in {store.database_path}; {hint}"
+                             "`kdlab runs` lists every run")
+        print(f"no runs in {store.workspace} yet; start one with `kdlab run CONFIG`")
+        return 0
+    id_width = max(32, *(len(r.run_id) for r in records))
+    experiment_width = max(16, *(len(r.experiment) for r in records))
+    print(f"{'RUN':<{id_width}} {'STATUS':<11} {'EXPERIMENT':<{experiment_width}} {'TIME':>9}  "
+          f"{'TEST/ACC':<8} LABEL")
+    for record in records:
         acc = record.final.get("test/acc")
         shown = f"{acc:.4f}" if acc is not None else "-"
-        print(f"{record.run_id:<32} {record.status:<11} {record.experiment:<16} acc {shown:<7} {record.label}")
+        print(f"{record.run_id:<{id_width}} {record.status:<11} {record.experiment:<{experiment_width}} "
+              f"{_duration(record):>9}  {shown:<8} {record.label}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    """Check the workspace's database and run folders; exit 0 when clean, 1 when something is wrong."""
+    from kdlab.store.doctor import check_workspace
+
+    findings = check_workspace(_workspace(args), fix=args.fix)
+    for line in findings.fixed:
+        print(f"fixed: {line}")
+    for line in findings.problems:
+        print(f"problem: {line}")
+    workspace = Path(_workspace(args)).expanduser().absolute()
+    if findings.problems:
+        print(f"{len(findings.problems)} problem(s) in {workspace} ({findings.runs} runs)"
+              + ("" if args.fix else "; `kdlab doctor --fix` fixes what it safely can"))
+        return 1
+    print(f"{workspace}: ok ({findings.runs} runs, database integrity ok, every run folder matches its row)")
     return 0
 
 
@@ -362,7 +443,7 @@ def cmd_report(args) -> int:
     from kdlab.study.report import write_report
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else DEFAULT_METRICS
-    result = write_report(Store(_workspace(args)), args.experiments, args.out, baseline=args.baseline,
+    result = write_report(_read_store(args), args.experiments, args.out, baseline=args.baseline,
                           metrics=metrics, evaluate=args.eval)
     print(f"report: {result.html}")
     print(f"markdown: {result.markdown}")
@@ -416,9 +497,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="run id or unique prefix")
     show.set_defaults(func=cmd_show)
 
-    runs = sub.add_parser("runs", help="list runs with their status")
+    runs = sub.add_parser("runs", help="list runs with their status and wall time")
     runs.add_argument("experiment", nargs="?", help="only this experiment")
     runs.set_defaults(func=cmd_runs)
+
+    doctor = sub.add_parser("doctor", help="check a workspace: database integrity, every run folder against its "
+                                           "row, dead 'running' runs, leftover temporary files (exit 1 if any)")
+    doctor.add_argument("--fix", action="store_true", help="mark dead 'running' runs interrupted and remove "
+                                                           "temporary files no live process can own; nothing else")
+    doctor.set_defaults(func=cmd_doctor)
 
     ev = sub.add_parser("eval", help="attack a finished run's model on its test split (robust accuracy, "
                                      "faithfulness to its teacher)")
