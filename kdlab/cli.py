@@ -232,9 +232,7 @@ def cmd_show(args) -> int:
     import yaml
 
     store = _read_store(args)
-    matches = store.find(args.run)
-    if not matches:
-        store.run(args.run)  # a damaged row (find left it out): raises the error naming it
+    matches = store.find(args.run, skip_damaged=False)  # asked for by name: a damaged row says why
     if len(matches) != 1:
         ids = ", ".join(r.run_id for r in matches[:5])
         raise KdlabError(f"{args.run!r} matches {len(matches)} runs ({ids}); give a full run id")

@@ -542,13 +542,20 @@ class Store:
         hint = f"did you mean {', '.join(close[:5])}? " if close else ""
         return KdlabError(f"unknown run id {run_id!r} in {self.database_path}; {hint}list runs with `kdlab runs`")
 
-    def run(self, run_id: str) -> RunRecord:
-        """The run ``run_id``; an unknown id raises ``KdlabError`` naming close ids."""
+    def _decoded_run(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; DamagedRow if its row cannot be read, KdlabError if there is none."""
         with self._read() as db:
             row = self._require_run(db, run_id)
             pairs = db.execute("SELECT key, value FROM final_metrics WHERE run_id = ?", (run_id,)).fetchall()
+        return self._record(row, self._metrics(pairs, run_id=run_id, where="final"))
+
+    def _skip_damaged(self, run_id: Any, problem: DamagedRow) -> None:
+        _warn_skipped(self.database_path, f"run {run_id!r} has a damaged row ({problem})")
+
+    def run(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; an unknown id raises ``KdlabError`` naming close ids, a damaged row one saying why."""
         try:
-            return self._record(row, self._metrics(pairs, run_id=run_id, where="final"))
+            return self._decoded_run(run_id)
         except DamagedRow as problem:  # asked for by name: say why it cannot be read
             raise self.damaged_run_error(run_id, problem) from None
 
@@ -583,7 +590,7 @@ class Store:
                 final = self._metrics(pairs.get(row["run_id"], ()), run_id=row["run_id"], where="final")
                 record = self._record(row, final, now)
             except DamagedRow as problem:
-                _warn_skipped(self.database_path, f"run {row['run_id']!r} has a damaged row ({problem})")
+                self._skip_damaged(row["run_id"], problem)
                 continue
             if status is None or record.status == status:
                 records.append(record)
@@ -609,11 +616,12 @@ class Store:
         with self._read() as db:
             return [str(row[0]) for row in db.execute("SELECT name FROM experiments ORDER BY created_at, name")]
 
-    def find(self, token: str) -> list[RunRecord]:
+    def find(self, token: str, *, skip_damaged: bool = True) -> list[RunRecord]:
         """Resolve a CLI argument: an exact run id, an experiment name, or a unique run-id prefix.
 
         An experiment name gives all its runs (possibly none). An ambiguous
-        prefix or an unknown token raises ``KdlabError``.
+        prefix or an unknown token raises ``KdlabError``. A damaged row is named on stderr and left
+        out, or with ``skip_damaged=False`` a run id naming one raises the error saying why.
         """
         token = str(token)
         if not token:
@@ -634,9 +642,11 @@ class Store:
         if exact or len(matches) == 1:
             run_id = token if exact else matches[0]
             try:
-                return [self.run(run_id)]
-            except KdlabError:  # a damaged row: named on stderr and left out, like every reader does
-                _warn_skipped(self.database_path, f"run {run_id!r} has a damaged row (`kdlab show {run_id}` says why)")
+                return [self._decoded_run(run_id)]
+            except DamagedRow as problem:  # named on stderr and left out, as by every reader that lists runs
+                if not skip_damaged:
+                    raise self.damaged_run_error(run_id, problem) from None
+                self._skip_damaged(run_id, problem)
                 return []
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")

@@ -64,7 +64,8 @@ def _database(workspace: Path, findings: Findings) -> bool:
     try:
         connection = _connect(path)
         try:
-            report = [row[0] for row in connection.execute("PRAGMA integrity_check").fetchall()]
+            rows = [str(row[0]) for row in connection.execute("PRAGMA integrity_check").fetchall()]
+            report = [line for row in rows for line in row.splitlines() if line.strip() and not line.startswith("***")]
             if report == ["ok"]:
                 schema.check_existing(connection, path, reading=True)
         finally:

@@ -121,9 +121,11 @@ def quick_check(connection: sqlite3.Connection, path: Path) -> None:
     240,000 epoch rows (32 MB); every command pays it once when it opens the workspace.
     """
     try:
-        report = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
+        rows = [str(row[0]) for row in connection.execute("PRAGMA quick_check").fetchall()]
     except sqlite3.DatabaseError as error:
         raise damaged(path, str(error)) from None
+    # One problem per row, though a row may hold several lines ("*** in database main ***" and the first problem).
+    report = [line for row in rows for line in row.splitlines() if line.strip() and not line.startswith("***")]
     if report != ["ok"]:
         more = f", and {len(report) - 1} more problem(s)" if len(report) > 1 else ""
         raise damaged(path, f"{report[0]}{more}")
