@@ -28,6 +28,7 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from kdlab.errors import KdlabError
@@ -240,7 +241,7 @@ def cmd_show(args) -> int:
     print(f"run {record.run_id}  experiment {record.experiment}  role {record.role}  status {record.status}")
     print(f"label: {record.label}")
     if record.started_at is not None:
-        print(f"time: {_duration(record)}")
+        print(f"time: {_duration(record, time.time())}")
     print(f"folder: {record.run_dir}")
     if record.error:
         print(f"error: {record.error}")
@@ -267,18 +268,9 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
 
 
-def _duration(record) -> str:
-    """Wall time of a run: start to end; to now while it runs; to its last heartbeat when its process died."""
-    import time
-
-    if record.started_at is None:
-        return "-"
-    end = record.finished_at
-    if end is None:
-        end = time.time() if record.status == "running" else record.heartbeat_at
-    if end is None or end < record.started_at:
-        return "-"
-    return _format_seconds(end - record.started_at) + ("+" if record.status == "running" else "")
+def _duration(record, now: float) -> str:
+    seconds = record.wall_seconds(now)
+    return "-" if seconds is None else _format_seconds(seconds) + ("+" if record.status == "running" else "")
 
 
 def cmd_runs(args) -> int:
@@ -295,6 +287,7 @@ def cmd_runs(args) -> int:
                              "`kdlab runs` lists every run")
         print(f"no runs in {store.workspace} yet; start one with `kdlab run CONFIG`")
         return 0
+    now = time.time()
     id_width = max(32, *(len(r.run_id) for r in records))
     experiment_width = max(16, *(len(r.experiment) for r in records))
     print(f"{'RUN':<{id_width}} {'STATUS':<11} {'EXPERIMENT':<{experiment_width}} {'TIME':>9}  "
@@ -303,7 +296,7 @@ def cmd_runs(args) -> int:
         acc = record.final.get("test/acc")
         shown = f"{acc:.4f}" if acc is not None else "-"
         print(f"{record.run_id:<{id_width}} {record.status:<11} {record.experiment:<{experiment_width}} "
-              f"{_duration(record):>9}  {shown:<8} {record.label}")
+              f"{_duration(record, now):>9}  {shown:<8} {record.label}")
     return 0
 
 
@@ -311,18 +304,10 @@ def cmd_doctor(args) -> int:
     """Check the workspace's database and run folders; exit 0 when clean, 1 when something is wrong."""
     from kdlab.store.doctor import check_workspace
 
-    findings = check_workspace(_workspace(args), fix=args.fix)
-    for line in findings.fixed:
-        print(f"fixed: {line}")
-    for line in findings.problems:
-        print(f"problem: {line}")
-    workspace = Path(_workspace(args)).expanduser().absolute()
-    if findings.problems:
-        print(f"{len(findings.problems)} problem(s) in {workspace} ({findings.runs} runs)"
-              + ("" if args.fix else "; `kdlab doctor --fix` fixes what it safely can"))
-        return 1
-    print(f"{workspace}: ok ({findings.runs} runs, database integrity ok, every run folder matches its row)")
-    return 0
+    workspace = _workspace(args).expanduser().absolute()
+    findings = check_workspace(workspace, fix=args.fix)
+    print("\n".join(findings.lines(workspace, fixing=args.fix)))
+    return 1 if findings.problems else 0
 
 
 _EVAL_FLAGS = (("robust.attacks[0].eps", "--eps"), ("robust.eps", "--eps"), ("robust.attacks[0].steps", "--steps"),

@@ -23,13 +23,21 @@ seconds (``time.time()``). Configs are stored as JSON text.
 
 Liveness of a 'running' run: the claiming process records its pid, the pid's
 start time and its host, and refreshes ``heartbeat_at`` while it trains (see
-:class:`Heartbeat`). A run is *abandoned* — reclaimable by the next ``claim``
-and shown as 'interrupted' by :meth:`Store.mark_dead_runs_interrupted` (which
-``kdlab runs`` calls) — when, on this host, its pid is gone (SIGKILL, OOM
-kill, power loss), or, on another host (a shared workspace), its heartbeat is
-older than ``heartbeat_timeout`` seconds (``$KDLAB_HEARTBEAT_TIMEOUT``, default
-300). On the same host the pid check decides alone: a live but slow process is
-never robbed of its run.
+:class:`Heartbeat`). A run is *abandoned* — reclaimable by the next ``claim``,
+read as 'interrupted' by every reader, and written so by
+:meth:`Store.mark_dead_runs_interrupted` — when, on this host, its pid is gone
+(SIGKILL, OOM kill, power loss), or, on another host (a shared workspace), its
+heartbeat is older than ``heartbeat_timeout`` seconds
+(``$KDLAB_HEARTBEAT_TIMEOUT``, default 300). On the same host the pid check
+decides alone: a live but slow process is never robbed of its run
+(:func:`kdlab.store.liveness.abandoned_reason`).
+
+Damage: a store opened for reading (``readonly=True``: ``kdlab runs``, ``show``,
+``compare``, ``report``) writes nothing and needs no write access. Any open runs
+``PRAGMA quick_check``; a damaged file, a zero-length file next to runs or an
+existing database missing a table is refused with one line
+(:mod:`kdlab.store.schema`), and a damaged row is named and skipped by readers
+that list runs (:mod:`kdlab.store.rows`).
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from kdlab.errors import KdlabError, WorkspaceError
-from kdlab.store import schema
+from kdlab.store import connect, schema
 from kdlab.store.liveness import (  # noqa: F401  (re-exported: tests and tune.py use them from here)
     HEARTBEAT_ENV,
     HEARTBEAT_TIMEOUT_SECONDS,
@@ -67,11 +75,8 @@ from kdlab.store.rows import (
     metric_value as _metric_value,
     warn_skipped as _warn_skipped,
 )
-from kdlab.store.schema import SCHEMA_VERSION, STATUSES
-
-BUSY_TIMEOUT_SECONDS = 30.0
-DATABASE_NAME = "kdlab.db"
-_SCHEMA = schema.SCHEMA
+from kdlab.store.connect import BUSY_TIMEOUT_SECONDS, DATABASE_NAME  # noqa: F401  (tune.py imports them here)
+from kdlab.store.schema import SCHEMA_VERSION, STATUSES  # noqa: F401
 
 
 # --- the store ------------------------------------------------------------------
@@ -98,7 +103,10 @@ class Store:
         self.readonly = readonly
         self._pid = os.getpid()
         self._connection: sqlite3.Connection | None = None
-        self._connection = self._open_readonly(check) if readonly else self._open(check)
+        if readonly:
+            self._connection = connect.open_readonly(self.database_path, self.workspace, check=check)
+        else:
+            self._connection = self._open(check)
 
     # -- opening --
 
@@ -127,12 +135,12 @@ class Store:
         try:
             connection.row_factory = sqlite3.Row
             connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-            self.journal_mode = self._enable_wal(connection)
+            self.journal_mode = connect.enable_wal(connection)
             connection.execute("PRAGMA foreign_keys = ON")
             # In WAL mode NORMAL loses no committed transaction when a process
             # crashes (only possibly the last ones on power loss) and is much faster.
             connection.execute("PRAGMA synchronous = NORMAL")
-            self._create_schema(connection)
+            connect.create_schema(connection, self.database_path)
             if check:
                 schema.quick_check(connection, self.database_path)
         except sqlite3.OperationalError as error:
@@ -157,82 +165,9 @@ class Store:
             raise
         return connection
 
-    def _open_readonly(self, check: bool) -> sqlite3.Connection:
-        """A read-only connection: ``mode=ro``, or ``immutable=1`` where SQLite cannot even create the
-        WAL index (a read-only folder after the last writer closed, so no one can be writing)."""
-        if not self.database_path.is_file():
-            where = "no such folder" if not self.workspace.is_dir() else f"it has no {DATABASE_NAME}"
-            raise KdlabError(f"no kdlab workspace at {self.workspace} ({where}); run `kdlab run CONFIG` to create "
-                             "one, or pass --workspace DIR (or set $KDLAB_WORKSPACE) to the folder it wrote")
-        if self.database_path.stat().st_size == 0:
-            raise KdlabError(f"{self.database_path}: the results database is empty (0 bytes); {schema.RESTORE}")
-        uri = self.database_path.as_uri()
-        for mode in ("mode=ro", "immutable=1"):
-            connection = None
-            try:
-                connection = sqlite3.connect(f"{uri}?{mode}", uri=True, timeout=BUSY_TIMEOUT_SECONDS,
-                                             isolation_level=None)
-                connection.row_factory = sqlite3.Row
-                connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-                schema.check_existing(connection, self.database_path, reading=True)
-                if check:
-                    schema.quick_check(connection, self.database_path)
-                return connection
-            except sqlite3.OperationalError as error:
-                if connection is not None:
-                    connection.close()
-                if mode == "mode=ro" and ("unable to open" in str(error) or "readonly" in str(error)):
-                    continue
-                raise KdlabError(f"{self.database_path}: cannot read the results database ({error}); check the "
-                                 "file's permissions, or pass --workspace DIR to another folder") from None
-            except sqlite3.DatabaseError as error:
-                if connection is not None:
-                    connection.close()
-                if "not a database" in str(error):
-                    raise KdlabError(f"{self.database_path}: not a kdlab results database ({error}); pass "
-                                     "--workspace DIR to the folder `kdlab run` wrote") from None
-                raise schema.damaged(self.database_path, str(error)) from None
-            except BaseException:
-                if connection is not None:
-                    connection.close()
-                raise
-        raise RuntimeError("unreachable: the immutable=1 attempt returns or raises")
-
-    @staticmethod
-    def _enable_wal(connection: sqlite3.Connection) -> str:
-        # Switching to WAL needs an exclusive lock and SQLite does not always
-        # call the busy handler for it, so retry while other processes open.
-        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-        while True:
-            try:
-                return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error):
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def _create_schema(self, connection: sqlite3.Connection) -> None:
-        with self._transaction(connection):
-            # An existing database that lost a table is refused, never silently recreated empty.
-            schema.check_existing(connection, self.database_path, reading=False)
-            for statement in _SCHEMA:
-                connection.execute(statement)
-            # Added after schema 1 shipped: a nullable column old readers ignore, so no version bump.
-            columns = {info[1] for info in connection.execute("PRAGMA table_info(runs)")}
-            if "heartbeat_at" not in columns:
-                connection.execute("ALTER TABLE runs ADD COLUMN heartbeat_at REAL")
-            row = connection.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise KdlabError(
-                    f"{self.database_path}: schema version {row[0]} is newer than this kdlab's "
-                    f"({SCHEMA_VERSION}); upgrade kdlab or pass --workspace DIR to another folder"
-                )
-
     # -- connection and transactions --
+
+    _transaction = staticmethod(connect.transaction)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -243,21 +178,6 @@ class Store:
                 "a Store cannot be used after fork; open a new Store(workspace) in each process"
             )
         return self._connection
-
-    @staticmethod
-    @contextmanager
-    def _transaction(connection: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
-        """One transaction; IMMEDIATE takes the write lock up front so a
-        read-modify-write cannot interleave with another process's write."""
-        connection.execute(f"BEGIN {mode}")
-        try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException:
-            # Some errors roll back by themselves; never leave a transaction open.
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

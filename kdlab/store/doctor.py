@@ -42,6 +42,14 @@ class Findings:
     def add(self, text: str) -> None:
         self.problems.append(text)
 
+    def lines(self, workspace: Path, *, fixing: bool) -> list[str]:
+        """What `kdlab doctor` prints: what it fixed, each problem, and a summary line."""
+        out = [f"fixed: {line}" for line in self.fixed] + [f"problem: {line}" for line in self.problems]
+        if self.problems:
+            hint = "" if fixing else "; `kdlab doctor --fix` fixes what it safely can"
+            return out + [f"{len(self.problems)} problem(s) in {workspace} ({self.runs} runs){hint}"]
+        return out + [f"{workspace}: ok ({self.runs} runs, database integrity ok, every run folder matches its row)"]
+
 
 def _connect(path: Path) -> sqlite3.Connection:
     """A read-only connection that does not refuse a damaged file (the doctor's job is to look at it)."""
@@ -117,9 +125,8 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def check_workspace(workspace: str | Path, *, fix: bool = False) -> Findings:
+def check_workspace(workspace: Path, *, fix: bool = False) -> Findings:
     """Every finding about ``workspace`` (see the module docstring); KdlabError when there is no workspace."""
-    workspace = Path(workspace).expanduser().absolute()
     findings = Findings()
     if not (workspace / DATABASE_NAME).is_file():
         Store(workspace, readonly=True)  # raises the one-line "no kdlab workspace" error

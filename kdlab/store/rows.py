@@ -41,6 +41,15 @@ class RunRecord:
     host: str | None = None
     heartbeat_at: float | None = None
 
+    def wall_seconds(self, now: float) -> float | None:
+        """Start to end; to ``now`` while running; to the last heartbeat when its process died; None if unknown."""
+        end = self.finished_at
+        if end is None:
+            end = now if self.status == "running" else self.heartbeat_at
+        if self.started_at is None or end is None or end < self.started_at:
+            return None
+        return end - self.started_at
+
 
 class DamagedRow(Exception):
     """A row a reader cannot use (not JSON, a text metric, a wrong type); the message says which part."""
