@@ -119,6 +119,10 @@ def decode_run(row: Mapping[str, Any], final: dict[str, float], *, runs_folder: 
                        ("heartbeat_at", (int, float))):
         if fields[key] is not None and (not isinstance(fields[key], kinds) or isinstance(fields[key], bool)):
             raise DamagedRow(f"{key} is {fields[key]!r}")
+    try:
+        check_run_id(fields["run_id"])
+    except ValueError:
+        raise DamagedRow(f"run_id {fields['run_id']!r} is not a valid run id") from None
     if fields["status"] not in STATUSES:
         raise DamagedRow(f"status {fields['status']!r} is not one of {', '.join(STATUSES)}")
     if fields["run_dir"] != f"runs/{fields['run_id']}":  # claim writes exactly this; never a path elsewhere

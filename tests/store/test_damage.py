@@ -104,12 +104,16 @@ def test_a_damaged_row_is_named_once_and_skipped_by_every_command(study, capsys,
         assert "test/acc" not in out and "'oops' is not a number" in err
 
 
-def test_a_row_whose_run_dir_points_outside_its_folder_is_refused(study, capsys):
+@pytest.mark.parametrize("run_id, run_dir", [(None, "/etc"), ("../../outside", "runs/../../outside")])
+def test_a_row_whose_run_dir_points_outside_its_folder_is_refused(study, capsys, run_id, run_dir):
     workspace, _, (bad, good) = study
-    _sql(workspace, "UPDATE runs SET run_dir = '/etc' WHERE run_id = ?", bad)
+    _sql(workspace, "PRAGMA foreign_keys = OFF")
+    _sql(workspace, "UPDATE runs SET run_id = coalesce(?, run_id), run_dir = ? WHERE run_id = ?", run_id, run_dir, bad)
+    rows._WARNED.clear()
     assert _kdlab(workspace, "runs") == 0
     out, err = capsys.readouterr()
-    assert bad not in out and good in out and "run_dir '/etc'" in err
+    assert bad not in out and good in out and "outside" not in out
+    assert ("run_dir '/etc'" if run_id is None else "not a valid run id") in err
 
 
 def _garble_a_page(workspace: Path) -> None:
