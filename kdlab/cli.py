@@ -167,7 +167,6 @@ def _records(store, tokens: list[str]):
 
 
 def cmd_compare(args) -> int:
-    from kdlab.store import Store
     from kdlab.study.compare import DEFAULT_METRICS, compare_table, render_table
 
     store = _read_store(args)
@@ -421,7 +420,6 @@ def cmd_tune(args) -> int:
 
 def cmd_report(args) -> int:
     """One self-contained HTML report (and its Markdown twin) of the named experiments."""
-    from kdlab.store import Store
     from kdlab.study.compare import DEFAULT_METRICS
     from kdlab.study.report import write_report
 
@@ -585,11 +583,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` means the process ran out of memory (a failed allocation or a library that could not be mapped)."""
+    """Whether ``exc`` means running out of memory (a failed allocation, or a library that could not be mapped)."""
     if isinstance(exc, MemoryError):
         return True
     text = str(exc)
-    return "failed to map segment" in text or "Cannot allocate memory" in text or getattr(exc, "errno", None) == errno.ENOMEM
+    return ("failed to map segment" in text or "Cannot allocate memory" in text
+            or getattr(exc, "errno", None) == errno.ENOMEM)
 
 
 if __name__ == "__main__":

@@ -179,7 +179,8 @@ class TeacherCache:
             raise KdlabError(f"teacher cache: view {view!r} is missing or incomplete in {self.path}")
         done = _read_json(folder / "done.json")
         recorded = done.get("files")
-        if done.get("rows") != self.meta["rows"] or not isinstance(recorded, dict) or set(recorded) != set(self._files()):
+        if (done.get("rows") != self.meta["rows"] or not isinstance(recorded, dict)
+                or set(recorded) != set(self._files())):
             raise _damaged(folder / "done.json", "does not list this cache's arrays and rows")
         arrays = [_open_array(folder / name, rows=self.meta["rows"], size=recorded[name].get("bytes"))
                   for name in self._files()]
@@ -259,12 +260,15 @@ def verify(cached: CachedView, *, render, run_teacher, taps: tuple[str, ...], pa
     for what, live, stored in pairs:
         live = live.detach().float().cpu()
         stored = stored[index].float()
+        if live.shape != stored.shape:  # checked first: the difference below would not broadcast
+            raise KdlabError(f"teacher cache {path}: stale, its {what} have shape {tuple(stored.shape[1:])} per row, "
+                             f"the live teacher's {tuple(live.shape[1:])}; delete the folder to rebuild it, or set "
+                             "train.teacher_cache: false")
         scale = live.abs().amax().clamp_min(1.0)
         error = (live - stored).abs().amax()
-        if live.shape != stored.shape or not bool(error <= VERIFY_ATOL * scale + VERIFY_RTOL * live.abs().amax()):
+        if not bool(error <= VERIFY_ATOL * scale + VERIFY_RTOL * live.abs().amax()):
             raise KdlabError(f"teacher cache {path}: stale, its {what} differ from the live teacher's (max |diff| "
-                             f"{float(error) if live.shape == stored.shape else 'shape'}); delete the folder to "
-                             "rebuild it, or set train.teacher_cache: false")
+                             f"{float(error)}); delete the folder to rebuild it, or set train.teacher_cache: false")
 
 
 def _damaged(path: Path, what: str) -> KdlabError:

@@ -105,7 +105,7 @@ def _temp_files(folder: Path) -> list[Path]:
 
 
 def _removable(path: Path, *, held: bool, now: float) -> bool:
-    """A temporary file no live process can be writing: its run is not held, it is old, and its pid (if named) is gone."""
+    """Whether no live process can be writing ``path``: its run is not held, it is old, its pid (if named) is gone."""
     if held:
         return False
     try:

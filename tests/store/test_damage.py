@@ -219,7 +219,8 @@ def test_a_read_only_workspace_can_be_read(trained, tmp_path):
     if kdlab is None:
         pytest.skip("cannot make a read-only folder here (root without mount namespaces)")
     try:
-        for args in (["runs"], ["show", run_id], ["compare"], ["report", "--no-eval", "--out", str(tmp_path / "r.html")]):
+        report = ["report", "--no-eval", "--out", str(tmp_path / "r.html")]
+        for args in (["runs"], ["show", run_id], ["compare"], report):
             result = kdlab(*args)
             assert result.returncode == 0, (args, result.stderr)
             assert run_id in result.stdout or args[0] in ("report", "compare"), result.stdout
