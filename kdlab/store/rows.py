@@ -117,8 +117,10 @@ def decode_run(row: Mapping[str, Any], final: dict[str, float], *, runs_folder: 
     for key, kinds in (("seed", int), ("pid", int), ("pid_start", int), ("host", str), ("error", str),
                        ("started_at", (int, float)), ("finished_at", (int, float)),
                        ("heartbeat_at", (int, float))):
-        if fields[key] is not None and (not isinstance(fields[key], kinds) or isinstance(fields[key], bool)):
-            raise DamagedRow(f"{key} is {fields[key]!r}")
+        value = fields[key]
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
+                                  or (isinstance(value, float) and not math.isfinite(value))):
+            raise DamagedRow(f"{key} is {value!r}")
     try:
         check_run_id(fields["run_id"])
     except ValueError:

@@ -272,3 +272,51 @@ def test_list_without_a_match_is_one_line_with_close_names(capsys):
     assert "did you mean" in _one_error_line(capsys.readouterr().err)
     assert main(["list", "modles"]) == 2
     assert "did you mean models" in _one_error_line(capsys.readouterr().err)
+
+
+# --- a fixed-seed fuzz of damaged rows: every reader ends in exit 0 or one line, never a traceback ------------
+
+VALUES = [None, "", "x", b"\x00\xff", 1e308, -1, 2 ** 63 - 1, 0.5, "{", "[]", "null", "{}", '{"method": 3}',
+          '{"data": null, "student": [], "method": {"name": 7}}', "nan", float("inf"), "runs/../x", "running"]
+CELLS = [("runs", column) for column in ("experiment", "role", "label", "seed", "group_key", "config_json", "status",
+                                         "pid", "pid_start", "host", "started_at", "finished_at", "error", "run_dir",
+                                         "heartbeat_at")]
+CELLS += [("final_metrics", "value"), ("final_metrics", "key"), ("epoch_metrics", "value"),
+          ("epoch_metrics", "epoch"), ("epoch_metrics", "key"), ("experiments", "config_json"),
+          ("experiments", "created_at")]
+
+
+@pytest.mark.parametrize("case", range(48))
+def test_damaged_cells_never_give_a_traceback(study, capsys, case):
+    import random
+
+    workspace, _, (bad, good) = study
+    generator = random.Random(case)
+    damage = [(generator.choice(CELLS), generator.choice(VALUES)) for _ in range(1 + case % 3)]
+    connection = sqlite3.connect(workspace / "kdlab.db", isolation_level=None)
+    connection.execute("PRAGMA foreign_keys = OFF")
+    connection.execute("PRAGMA ignore_check_constraints = ON")
+    for (table, column), value in damage:
+        where = "" if table == "experiments" else " WHERE run_id = ?"
+        try:
+            connection.execute(f"UPDATE {table} SET {column} = ?{where}", (value,) + (() if not where else (bad,)))
+        except sqlite3.IntegrityError:
+            pass  # NOT NULL / primary key: SQLite itself keeps these
+    connection.close()
+    for args in (*READERS, ["show", bad], ["show", good]):
+        rows._WARNED.clear()
+        code = _kdlab(workspace, *args)
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err and code in (0, 2), (damage, args, err)
+        if code == 2:
+            _one_error_line(err.split("\n")[-2] if err.count("\n") > 1 and "warning" in err else err)
+
+
+@pytest.mark.parametrize("config", ["{}", '{"method": 3, "data": []}', '{"student": {"model": null}}'])
+def test_a_mapping_config_of_the_wrong_shape_never_gives_a_traceback(study, capsys, config):
+    workspace, _, (bad, _good) = study
+    _sql(workspace, "UPDATE runs SET config_json = ? WHERE run_id = ?", config, bad)
+    for args in (*READERS, ["report"], ["show", bad]):
+        code = _kdlab(workspace, *args)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and code in (0, 2), (args, err)
