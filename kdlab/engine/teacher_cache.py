@@ -177,21 +177,29 @@ class TeacherCache:
         folder = self.path / view
         if not self.has(view):
             raise KdlabError(f"teacher cache: view {view!r} is missing or incomplete in {self.path}")
-        done = _read_json(folder / "done.json")
-        recorded = done.get("files")
-        if (done.get("rows") != self.meta["rows"] or not isinstance(recorded, dict)
-                or set(recorded) != set(self._files())):
-            raise _damaged(folder / "done.json", "does not list this cache's arrays and rows")
-        arrays = [_open_array(folder / name, rows=self.meta["rows"], size=recorded[name].get("bytes"))
+        recorded = self._recorded(view)
+        arrays = [_open_array(folder / name, rows=self.meta["rows"], size=recorded[name]["bytes"])
                   for name in self._files()]
         return CachedView(view, arrays[0], dict(zip(self.taps, arrays[1:])))
+
+    def _recorded(self, view: str) -> dict:
+        """``{file: {"bytes", "sha256"}}`` from the view's done.json; KdlabError if it is not what build wrote."""
+        path = self.path / view / "done.json"
+        done = _read_json(path)
+        recorded = done.get("files") if isinstance(done, dict) else None
+        if (not isinstance(recorded, dict) or done.get("rows") != self.meta["rows"]
+                or set(recorded) != set(self._files())
+                or not all(isinstance(entry, dict) and {"bytes", "sha256"} <= set(entry)
+                           for entry in recorded.values())):
+            raise _damaged(path, "does not list this cache's arrays, sizes and hashes (written by another kdlab?)")
+        return recorded
 
     def check_hashes(self, view: str) -> None:
         """Recompute every array's SHA-256 and refuse the view if one differs from the one recorded at build time."""
         folder = self.path / view
-        recorded = _read_json(folder / "done.json").get("files", {})
+        recorded = self._recorded(view)
         for name in self._files():
-            if _file_sha256(folder / name) != recorded.get(name, {}).get("sha256"):
+            if _file_sha256(folder / name) != recorded[name]["sha256"]:
                 raise _damaged(folder / name, "changed since it was built (its SHA-256 differs from done.json)")
 
     def build(self, view: str, *, rows: int, render: Callable[[torch.Tensor], torch.Tensor],

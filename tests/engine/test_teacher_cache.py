@@ -260,8 +260,12 @@ def test_a_damaged_array_is_refused_in_one_line(tmp_path, how):
     assert "delete the folder" in message and "train.teacher_cache: false" in message
 
 
-@pytest.mark.parametrize("file, text", [("meta.json", "{not json"), ("meta.json", "[1, 2]"), ("meta.json", "\udcff"),
-                                        ("plain/done.json", "{"), ("plain/done.json", '{"rows": 120}')])
+GARBAGE = [("meta.json", "{not json"), ("meta.json", "[1, 2]"), ("meta.json", "\udcff"), ("plain/done.json", "{"),
+           ("plain/done.json", "[]"), ("plain/done.json", '{"rows": 120, "files": {"logits.npy": 3}}'),
+           ("plain/done.json", '{"rows": 120}')]
+
+
+@pytest.mark.parametrize("file, text", GARBAGE)
 def test_a_garbage_meta_or_done_file_is_refused_in_one_line(tmp_path, file, text):
     # '{"rows": 120}' is what format 1 wrote (no hashes): refused rather than trusted unchecked.
     cache, _, _, reuse = _built(tmp_path, num_train=150)
