@@ -8,6 +8,7 @@
     kdlab compare EXPERIMENT --view VIEW [--metrics test/acc] [--markdown]     (--capacity: --view capacity-gap)
     kdlab show RUN
     kdlab runs [EXPERIMENT]
+    kdlab doctor [--fix]
     kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
                [--faithfulness] [--no-sanity-checks]
     kdlab analyze deviations RUN [--out DIR]
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from kdlab.errors import KdlabError
@@ -112,13 +115,35 @@ def _run_study(args, before_open=None, after_open=None) -> int:
     return 1 if summary.failed else 0
 
 
+def _read_store(args):
+    """The workspace's store opened read-only: for commands that only read (runs, show, compare, report).
+
+    Nothing is created (a missing workspace is a one-line error) and a read-only workspace can be read.
+    """
+    from kdlab.store import Store
+
+    return Store(_workspace(args), readonly=True)
+
+
 def cmd_list(args) -> int:
+    import difflib
+
     from kdlab import registry
 
     kind = KIND_PLURALS.get(args.kind)
     if kind is None:
-        raise KdlabError(f"kdlab list {args.kind}: unknown kind; choose one of {', '.join(KIND_PLURALS)}")
+        close = difflib.get_close_matches(args.kind, list(KIND_PLURALS), n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KdlabError(f"kdlab list {args.kind}: unknown kind; {hint}choose one of {', '.join(KIND_PLURALS)}")
     names = registry.names(kind, args.pattern)
+    if not names:
+        every = registry.names(kind)
+        bare = args.pattern.strip("*?[]") or args.pattern
+        close = difflib.get_close_matches(bare, every, n=5, cutoff=0.5)
+        close += [name for name in every if bare.lower() in name.lower() and name not in close][: 5 - len(close)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise KdlabError(f"kdlab list {args.kind}: no {kind} matches {args.pattern!r}; {hint}"
+                         f"`kdlab list {args.kind}` shows all {len(every)}")
     width = max((len(n) for n in names), default=0)
     for name in names:
         print(f"{name:<{width}}  {registry.summary(kind, name)}")
@@ -158,7 +183,6 @@ def _print_view(view, result, fmt: str) -> None:
 
 def cmd_compare(args) -> int:
     """A registered view's table (default: the comparison of configurations) of the named runs."""
-    from kdlab.store import Store
     from kdlab.study.views.base import get_view, token_selection
 
     name = "capacity-gap" if args.capacity else args.view
@@ -168,7 +192,7 @@ def cmd_compare(args) -> int:
         raise KdlabError(f"--view {name} does not combine with --baseline or --plot; they belong to the comparison "
                          f"view (`kdlab plot {name} EXPERIMENT` draws this view's figures)")
     view = get_view(name, key="--view")
-    selection = token_selection(Store(_workspace(args)), args.runs)
+    selection = token_selection(_read_store(args), args.runs)
     result = view.build(selection, _options(args, baseline=args.baseline))
     _print_view(view, result, "markdown" if args.markdown else "text")
     if args.plot:
@@ -199,16 +223,16 @@ def cmd_plot(args) -> int:
 def cmd_show(args) -> int:
     import yaml
 
-    from kdlab.store import Store
-
-    store = Store(_workspace(args))
-    matches = store.find(args.run)
+    store = _read_store(args)
+    matches = store.find(args.run, skip_damaged=False)  # asked for by name: a damaged row says why
     if len(matches) != 1:
         ids = ", ".join(r.run_id for r in matches[:5])
         raise KdlabError(f"{args.run!r} matches {len(matches)} runs ({ids}); give a full run id")
     record = matches[0]
     print(f"run {record.run_id}  experiment {record.experiment}  role {record.role}  status {record.status}")
     print(f"label: {record.label}")
+    if record.started_at is not None:
+        print(f"time: {_duration(record, time.time())}")
     print(f"folder: {record.run_dir}")
     if record.error:
         print(f"error: {record.error}")
@@ -225,16 +249,56 @@ def cmd_show(args) -> int:
     return 0
 
 
-def cmd_runs(args) -> int:
-    from kdlab.store import Store
+def _format_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
 
-    store = Store(_workspace(args))
-    store.mark_dead_runs_interrupted()
-    for record in store.runs(experiment=args.experiment):
+
+def _duration(record, now: float) -> str:
+    seconds = record.wall_seconds(now)
+    return "-" if seconds is None else _format_seconds(seconds) + ("+" if record.status == "running" else "")
+
+
+def cmd_runs(args) -> int:
+    store = _read_store(args)  # status is read with its liveness check: nothing to write
+    records = store.runs(experiment=args.experiment)
+    if not records:
+        known = store.experiments()
+        if args.experiment is not None and args.experiment not in known:
+            import difflib
+
+            close = difflib.get_close_matches(args.experiment, known, n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise KdlabError(f"no experiment {args.experiment!r} in {store.database_path}; {hint}"
+                             "`kdlab runs` lists every run")
+        print(f"no runs in {store.workspace} yet; start one with `kdlab run CONFIG`")
+        return 0
+    now = time.time()
+    id_width = max(32, *(len(r.run_id) for r in records))
+    experiment_width = max(16, *(len(r.experiment) for r in records))
+    print(f"{'RUN':<{id_width}} {'STATUS':<11} {'EXPERIMENT':<{experiment_width}} {'TIME':>9}  "
+          f"{'TEST/ACC':<8} LABEL")
+    for record in records:
         acc = record.final.get("test/acc")
         shown = f"{acc:.4f}" if acc is not None else "-"
-        print(f"{record.run_id:<32} {record.status:<11} {record.experiment:<16} acc {shown:<7} {record.label}")
+        print(f"{record.run_id:<{id_width}} {record.status:<11} {record.experiment:<{experiment_width}} "
+              f"{_duration(record, now):>9}  {shown:<8} {record.label}")
     return 0
+
+
+def cmd_doctor(args) -> int:
+    """Check the workspace's database and run folders; exit 0 when clean, 1 when something is wrong."""
+    from kdlab.store.doctor import check_workspace
+
+    workspace = _workspace(args).expanduser().absolute()
+    findings = check_workspace(workspace, fix=args.fix)
+    print("\n".join(findings.lines(workspace, fixing=args.fix)))
+    return 1 if findings.problems else 0
 
 
 _EVAL_FLAGS = (("robust.attacks[0].eps", "--eps"), ("robust.eps", "--eps"), ("robust.attacks[0].steps", "--steps"),
@@ -348,11 +412,10 @@ def cmd_tune(args) -> int:
 
 def cmd_report(args) -> int:
     """One self-contained HTML report (and its Markdown twin) of the named experiments."""
-    from kdlab.store import Store
     from kdlab.study.report import write_report
 
     options = _options(args)
-    result = write_report(Store(_workspace(args)), args.experiments, args.out, baseline=args.baseline,
+    result = write_report(_read_store(args), args.experiments, args.out, baseline=args.baseline,
                           metrics=options.metrics, evaluate=args.eval)
     print(f"report: {result.html}")
     print(f"markdown: {result.markdown}")
@@ -410,9 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run", help="run id or unique prefix")
     show.set_defaults(func=cmd_show)
 
-    runs = sub.add_parser("runs", help="list runs with their status")
+    runs = sub.add_parser("runs", help="list runs with their status and wall time")
     runs.add_argument("experiment", nargs="?", help="only this experiment")
     runs.set_defaults(func=cmd_runs)
+
+    doctor = sub.add_parser("doctor", help="check a workspace: database integrity, every run folder against its "
+                                           "row, dead 'running' runs, leftover temporary files (exit 1 if any)")
+    doctor.add_argument("--fix", action="store_true", help="mark dead 'running' runs interrupted and remove "
+                                                           "temporary files no live process can own; nothing else")
+    doctor.set_defaults(func=cmd_doctor)
 
     ev = sub.add_parser("eval", help="attack a finished run's model on its test split (robust accuracy, "
                                      "faithfulness to its teacher)")
@@ -500,6 +569,22 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`kdlab ... | head`): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except (MemoryError, ImportError, OSError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        # The message is built from constants: formatting the error could itself need memory.
+        print("kdlab: error: out of memory (a memory limit such as `ulimit -v`, or the machine's RAM); raise the "
+              "limit, or lower train.batch_size, the model size or --workers", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means running out of memory (a failed allocation, or a library that could not be mapped)."""
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc)
+    return ("failed to map segment" in text or "Cannot allocate memory" in text
+            or getattr(exc, "errno", None) == errno.ENOMEM)
 
 
 if __name__ == "__main__":

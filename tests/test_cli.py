@@ -183,7 +183,7 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     proc.wait()
     store = Store(tmp_path / "ws")
     (record,) = store.runs(experiment="tiny")
-    assert record.status == "running"  # its process is dead; the next run reclaims it
+    assert record.status == "interrupted"  # its process is dead (read so at once); the next run reclaims it
     killed_at = json.loads(pointers[0].read_text())["epoch"]
     assert 1 <= killed_at < 400
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

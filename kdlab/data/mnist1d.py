@@ -84,6 +84,9 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         raise KdlabError(f"{path.parent}: cannot write the mnist1d cache ({error}); make the cache folder writable") from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            if hasattr(os, "fchmod"):  # mkstemp made it 0600; respect the user's umask
+                from kdlab.store.files import default_file_mode
+                os.fchmod(handle.fileno(), default_file_mode())
             np.savez(handle, **arrays)
         os.replace(temporary, path)
     except BaseException as error:

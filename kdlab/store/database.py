@@ -23,13 +23,21 @@ seconds (``time.time()``). Configs are stored as JSON text.
 
 Liveness of a 'running' run: the claiming process records its pid, the pid's
 start time and its host, and refreshes ``heartbeat_at`` while it trains (see
-:class:`Heartbeat`). A run is *abandoned* — reclaimable by the next ``claim``
-and shown as 'interrupted' by :meth:`Store.mark_dead_runs_interrupted` (which
-``kdlab runs`` calls) — when, on this host, its pid is gone (SIGKILL, OOM
-kill, power loss), or, on another host (a shared workspace), its heartbeat is
-older than ``heartbeat_timeout`` seconds (``$KDLAB_HEARTBEAT_TIMEOUT``, default
-300). On the same host the pid check decides alone: a live but slow process is
-never robbed of its run.
+:class:`Heartbeat`). A run is *abandoned* — reclaimable by the next ``claim``,
+read as 'interrupted' by every reader, and written so by
+:meth:`Store.mark_dead_runs_interrupted` — when, on this host, its pid is gone
+(SIGKILL, OOM kill, power loss), or, on another host (a shared workspace), its
+heartbeat is older than ``heartbeat_timeout`` seconds
+(``$KDLAB_HEARTBEAT_TIMEOUT``, default 300). On the same host the pid check
+decides alone: a live but slow process is never robbed of its run
+(:func:`kdlab.store.liveness.abandoned_reason`).
+
+Damage: a store opened for reading (``readonly=True``: ``kdlab runs``, ``show``,
+``compare``, ``report``) writes nothing and needs no write access. Any open runs
+``PRAGMA quick_check``; a damaged file, a zero-length file next to runs or an
+existing database missing a table is refused with one line
+(:mod:`kdlab.store.schema`), and a damaged row is named and skipped by readers
+that list runs (:mod:`kdlab.store.rows`).
 """
 from __future__ import annotations
 
@@ -39,182 +47,36 @@ import math
 import os
 import socket
 import sqlite3
+import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from kdlab.errors import KdlabError, WorkspaceError
-
-SCHEMA_VERSION = 1
-STATUSES = ("pending", "running", "finished", "failed", "interrupted")
-BUSY_TIMEOUT_SECONDS = 30.0
-DATABASE_NAME = "kdlab.db"
-HEARTBEAT_TIMEOUT_SECONDS = 300.0  # a run of another host with no heartbeat for this long is abandoned
-HEARTBEAT_ENV = "KDLAB_HEARTBEAT_TIMEOUT"
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS experiments (
-        name TEXT PRIMARY KEY,
-        created_at REAL NOT NULL,
-        config_json TEXT NOT NULL)""",
-    f"""CREATE TABLE IF NOT EXISTS runs (
-        run_id TEXT PRIMARY KEY,
-        experiment TEXT NOT NULL REFERENCES experiments(name),
-        role TEXT NOT NULL,
-        label TEXT NOT NULL,
-        seed INTEGER,
-        group_key TEXT NOT NULL,
-        config_json TEXT NOT NULL,
-        status TEXT NOT NULL CHECK (status IN ({", ".join(repr(s) for s in STATUSES)})),
-        pid INTEGER,
-        pid_start INTEGER,
-        host TEXT,
-        started_at REAL,
-        finished_at REAL,
-        error TEXT,
-        run_dir TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment)",
-    "CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status)",
-    """CREATE TABLE IF NOT EXISTS epoch_metrics (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-        epoch INTEGER NOT NULL,
-        key TEXT NOT NULL,
-        value REAL,
-        PRIMARY KEY (run_id, epoch, key)) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS final_metrics (
-        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
-        key TEXT NOT NULL,
-        value REAL,
-        PRIMARY KEY (run_id, key)) WITHOUT ROWID""",
+from kdlab.store import connect, schema
+from kdlab.store.liveness import (  # noqa: F401  (re-exported: tests and tune.py use them from here)
+    HEARTBEAT_ENV,
+    HEARTBEAT_TIMEOUT_SECONDS,
+    Heartbeat,
+    _own_start_ticks,
+    _process_alive,
+    _process_start_ticks,
+    abandoned_reason,
+    resolve_heartbeat_timeout as _heartbeat_timeout,
 )
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One run as stored: identity, resolved config, status and final metrics."""
-
-    run_id: str
-    experiment: str
-    role: str
-    label: str
-    seed: int | None
-    group_key: str
-    config: dict[str, Any]
-    status: str
-    error: str | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    run_dir: Path | None = None
-    final: dict[str, float] = field(default_factory=dict)
-    pid: int | None = None
-    host: str | None = None
-    heartbeat_at: float | None = None
-
-
-# --- process liveness -------------------------------------------------------
-
-
-def _process_start_ticks(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks since boot) from /proc, or None without /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            text = handle.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-    # The command name is in parentheses and may itself contain ") ".
-    fields = text[text.rfind(")") + 2 :].split()
-    try:
-        return fields[0], int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _process_alive(pid: int | None, pid_start: int | None) -> bool:
-    """Whether ``pid`` on this host is still the process that claimed the run.
-
-    ``pid_start`` (Linux: the process start time in ticks, recorded at claim)
-    detects a pid reused by an unrelated process; zombies count as dead.
-    """
-    if not pid or pid <= 0:
-        return False
-    if os.name == "nt":
-        return True  # os.kill() would terminate the process there; assume it lives
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    except OSError:
-        return False
-    stat = _process_start_ticks(pid)
-    if stat is None:
-        return True  # no /proc (macOS, or it vanished): trust kill()
-    state, start = stat
-    if state in ("Z", "X"):
-        return False
-    return pid_start is None or start == pid_start
-
-
-def _own_start_ticks() -> int | None:
-    stat = _process_start_ticks(os.getpid())
-    return None if stat is None else stat[1]
-
-
-# --- value conversion ---------------------------------------------------------
-
-
-def _metric_rows(metrics: Mapping[str, Any], *, where: str) -> list[tuple[str, float | None]]:
-    """(key, value) pairs ready for SQLite; NaN becomes NULL (see module docstring)."""
-    rows = []
-    for key, value in metrics.items():
-        if not isinstance(key, str) or not key:
-            raise TypeError(f"{where}: metric names must be non-empty strings, got {key!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise TypeError(f"{where}: metric {key!r} has value {value!r}, which is not a number") from None
-        rows.append((key, None if math.isnan(number) else number))
-    return rows
-
-
-def _metric_value(value: float | None) -> float:
-    return math.nan if value is None else float(value)
-
-
-def _check_run_id(run_id: str) -> None:
-    # The id names a folder under runs/, so it must not be able to escape it.
-    if (
-        not isinstance(run_id, str)
-        or not run_id
-        or len(run_id) > 200
-        or run_id.startswith(".")
-        or any(character in run_id for character in "/\\\0:")
-        or not run_id.isprintable()
-    ):
-        raise ValueError(f"invalid run id {run_id!r}: use letters, digits, '-', '_', '.', '=' (no leading '.')")
-
-
-def _heartbeat_timeout(value: float | None) -> float:
-    """The given timeout, else ``$KDLAB_HEARTBEAT_TIMEOUT``, else the default; a bad value is a KdlabError."""
-    source = "heartbeat_timeout"
-    if value is None:
-        text = os.environ.get(HEARTBEAT_ENV)
-        if not text:
-            return HEARTBEAT_TIMEOUT_SECONDS
-        source = f"${HEARTBEAT_ENV}"
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-    if not (isinstance(value, (int, float)) and 0 < value < math.inf):
-        raise KdlabError(f"{source}: expected a positive number of seconds, got {value!r}; e.g. {HEARTBEAT_ENV}=300")
-    return float(value)
+from kdlab.store.rows import (
+    DamagedRow,
+    RunRecord,
+    check_run_id as _check_run_id,
+    decode_run,
+    metric_rows as _metric_rows,
+    metric_value as _metric_value,
+    warn_skipped as _warn_skipped,
+)
+from kdlab.store.connect import BUSY_TIMEOUT_SECONDS, DATABASE_NAME  # noqa: F401  (tune.py imports them here)
+from kdlab.store.schema import SCHEMA_VERSION, STATUSES  # noqa: F401
 
 
 # --- the store ------------------------------------------------------------------
@@ -223,16 +85,28 @@ def _heartbeat_timeout(value: float | None) -> float:
 class Store:
     """Experiments, runs and metrics of one workspace; see the module docstring."""
 
-    def __init__(self, workspace: str | Path, *, heartbeat_timeout: float | None = None):
+    def __init__(self, workspace: str | Path, *, heartbeat_timeout: float | None = None, readonly: bool = False,
+                 check: bool = True):
+        """Open (a writer: create) the workspace's database.
+
+        ``readonly``: for commands that only read (``runs``, ``show``, ``compare``, ``report``): nothing
+        is created or written, a read-only workspace can be read, and a missing one is a KdlabError.
+        ``check``: run ``PRAGMA quick_check`` so a damaged file is refused before anything reads it
+        (see :func:`kdlab.store.schema.quick_check` for its cost).
+        """
         self.workspace = Path(workspace).expanduser().absolute()
         self.heartbeat_timeout = _heartbeat_timeout(heartbeat_timeout)
         self.runs_folder = self.workspace / "runs"
         self.cache_folder = self.workspace / "cache"
         self.database_path = self.workspace / DATABASE_NAME
         self.host = socket.gethostname()
+        self.readonly = readonly
         self._pid = os.getpid()
         self._connection: sqlite3.Connection | None = None
-        self._connection = self._open()
+        if readonly:
+            self._connection = connect.open_readonly(self.database_path, self.workspace, check=check)
+        else:
+            self._connection = self._open(check)
 
     # -- opening --
 
@@ -242,7 +116,7 @@ class Store:
             "pass --workspace DIR (or set workspace:) to a writable folder"
         )
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, check: bool) -> sqlite3.Connection:
         try:
             for folder in (self.workspace, self.runs_folder, self.cache_folder):
                 folder.mkdir(parents=True, exist_ok=True)
@@ -251,6 +125,7 @@ class Store:
                 pass
         except OSError as error:
             raise self._unwritable(error.strerror or str(error)) from None
+        schema.refuse_empty_file(self.database_path, self.runs_folder)
         try:
             connection = sqlite3.connect(
                 self.database_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None
@@ -260,12 +135,14 @@ class Store:
         try:
             connection.row_factory = sqlite3.Row
             connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-            self.journal_mode = self._enable_wal(connection)
+            self.journal_mode = connect.enable_wal(connection)
             connection.execute("PRAGMA foreign_keys = ON")
             # In WAL mode NORMAL loses no committed transaction when a process
             # crashes (only possibly the last ones on power loss) and is much faster.
             connection.execute("PRAGMA synchronous = NORMAL")
-            self._create_schema(connection)
+            connect.create_schema(connection, self.database_path)
+            if check:
+                schema.quick_check(connection, self.database_path)
         except sqlite3.OperationalError as error:
             connection.close()
             message = str(error)
@@ -277,6 +154,8 @@ class Store:
             ) from None
         except sqlite3.DatabaseError as error:
             connection.close()
+            if "not a database" not in str(error):  # garbage in a page rather than in the header
+                raise schema.damaged(self.database_path, str(error)) from None
             raise KdlabError(
                 f"{self.database_path}: not a kdlab results database ({error}); "
                 "move the file away or pass --workspace DIR to another folder"
@@ -286,39 +165,9 @@ class Store:
             raise
         return connection
 
-    @staticmethod
-    def _enable_wal(connection: sqlite3.Connection) -> str:
-        # Switching to WAL needs an exclusive lock and SQLite does not always
-        # call the busy handler for it, so retry while other processes open.
-        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
-        while True:
-            try:
-                return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-            except sqlite3.OperationalError as error:
-                if "locked" not in str(error) and "busy" not in str(error):
-                    raise
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def _create_schema(self, connection: sqlite3.Connection) -> None:
-        with self._transaction(connection):
-            for statement in _SCHEMA:
-                connection.execute(statement)
-            # Added after schema 1 shipped: a nullable column old readers ignore, so no version bump.
-            columns = {info[1] for info in connection.execute("PRAGMA table_info(runs)")}
-            if "heartbeat_at" not in columns:
-                connection.execute("ALTER TABLE runs ADD COLUMN heartbeat_at REAL")
-            row = connection.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] > SCHEMA_VERSION:
-                raise KdlabError(
-                    f"{self.database_path}: schema version {row[0]} is newer than this kdlab's "
-                    f"({SCHEMA_VERSION}); upgrade kdlab or pass --workspace DIR to another folder"
-                )
-
     # -- connection and transactions --
+
+    _transaction = staticmethod(connect.transaction)
 
     @property
     def _db(self) -> sqlite3.Connection:
@@ -330,27 +179,18 @@ class Store:
             )
         return self._connection
 
-    @staticmethod
-    @contextmanager
-    def _transaction(connection: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
-        """One transaction; IMMEDIATE takes the write lock up front so a
-        read-modify-write cannot interleave with another process's write."""
-        connection.execute(f"BEGIN {mode}")
-        try:
-            yield connection
-            connection.execute("COMMIT")
-        except BaseException:
-            # Some errors roll back by themselves; never leave a transaction open.
-            if connection.in_transaction:
-                connection.execute("ROLLBACK")
-            raise
-
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise RuntimeError(f"this Store of {self.workspace} was opened read-only; open Store(workspace) to write")
         try:
             with self._transaction(self._db, "IMMEDIATE") as db:
                 yield db
-        except sqlite3.OperationalError as error:
+        except sqlite3.DatabaseError as error:
+            if schema.is_damage(error):  # a page went bad after the open-time check (or check=False)
+                raise schema.damaged(self.database_path, str(error)) from None
+            if not isinstance(error, sqlite3.OperationalError):
+                raise
             # SQLite reports a full disk (or a workspace made read-only after opening) only when a write
             # fails; the transaction was rolled back, so the database is as it was before this write.
             message = str(error)
@@ -361,9 +201,16 @@ class Store:
                 ) from None
             raise
 
-    def _read(self) -> Any:
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
         # A deferred transaction gives one consistent snapshot across queries.
-        return self._transaction(self._db, "DEFERRED")
+        try:
+            with self._transaction(self._db, "DEFERRED") as db:
+                yield db
+        except sqlite3.DatabaseError as error:
+            if schema.is_damage(error):
+                raise schema.damaged(self.database_path, str(error)) from None
+            raise
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -474,13 +321,12 @@ class Store:
         # A 'running' row that reached this point belongs to a dead process.
         return "interrupted" if row["status"] == "running" else str(row["status"])
 
+    def _abandoned_reason(self, row: Mapping[str, Any], now: float) -> str | None:
+        """Why a 'running' row's process is gone, or None (the one rule of readers and writers)."""
+        return abandoned_reason(row, host=self.host, now=now, timeout=self.heartbeat_timeout)
+
     def _abandoned(self, row: Mapping[str, Any], now: float) -> bool:
-        """Whether a 'running' row's process is gone (see the module docstring)."""
-        if row["host"] == self.host:
-            return not _process_alive(row["pid"], row["pid_start"])
-        beat = row["heartbeat_at"]
-        # No heartbeat at all: written by a kdlab without heartbeats; its liveness is unknown, keep it.
-        return beat is not None and now - beat > self.heartbeat_timeout
+        return self._abandoned_reason(row, now) is not None
 
     def heartbeat(self, run_id: str) -> bool:
         """Mark run ``run_id`` alive now; False if this process no longer holds it (it was taken over)."""
@@ -576,13 +422,9 @@ class Store:
             ).fetchall()
             now = time.time()
             for row in rows:
-                if not self._abandoned(row, now):
+                why = self._abandoned_reason(row, now)
+                if why is None:
                     continue
-                if row["host"] == self.host:
-                    why = f"process {row['pid']} on {self.host} ended without finishing the run"
-                else:
-                    why = (f"process {row['pid']} on {row['host']} sent no heartbeat for "
-                           f"{now - row['heartbeat_at']:.0f} s (timeout {self.heartbeat_timeout:g} s)")
                 db.execute(
                     "UPDATE runs SET status = 'interrupted', finished_at = ?, error = ? WHERE run_id = ?",
                     (now, why, row["run_id"]),
@@ -592,87 +434,114 @@ class Store:
 
     # -- reads --
 
-    def _record(self, row: sqlite3.Row, final: dict[str, float]) -> RunRecord:
-        return RunRecord(
-            run_id=row["run_id"],
-            experiment=row["experiment"],
-            role=row["role"],
-            label=row["label"],
-            seed=row["seed"],
-            group_key=row["group_key"],
-            config=json.loads(row["config_json"]),
-            status=row["status"],
-            error=row["error"],
-            started_at=row["started_at"],
-            finished_at=row["finished_at"],
-            run_dir=self.workspace / row["run_dir"],
-            final=final,
-            pid=row["pid"],
-            host=row["host"],
-            heartbeat_at=row["heartbeat_at"],
-        )
+    def _record(self, row: sqlite3.Row, final: dict[str, float], now: float | None = None) -> RunRecord:
+        """The row as a RunRecord, its liveness applied; DamagedRow if a field is unusable."""
+        now = time.time() if now is None else now
+        return decode_run(row, final, runs_folder=self.runs_folder,
+                          abandoned=lambda fields: self._abandoned_reason(fields, now))
+
+    def _metrics(self, pairs: Any, *, run_id: str, where: str) -> dict[str, float]:
+        """``{key: value}`` of (key, value) rows; a non-numeric value (hand-edited) is named once and skipped."""
+        out: dict[str, float] = {}
+        for key, value in pairs:
+            try:
+                out[str(key)] = _metric_value(value)
+            except DamagedRow as problem:
+                _warn_skipped(self.database_path, f"run {run_id}: {where} metric {key!r}: {problem}")
+        return out
+
+    def damaged_run_error(self, run_id: str, problem: DamagedRow) -> KdlabError:
+        return KdlabError(f"{self.database_path}: run {run_id} has a damaged row ({problem}); restore the database "
+                          "from a backup, or delete that row and the run's folder to train it again "
+                          "(`kdlab doctor` lists damaged rows)")
 
     def _unknown_run(self, db: sqlite3.Connection, run_id: str) -> KdlabError:
-        known = [row[0] for row in db.execute("SELECT run_id FROM runs ORDER BY run_id")]
+        known = [str(row[0]) for row in db.execute("SELECT run_id FROM runs ORDER BY run_id")]
         close = [known_id for known_id in known if known_id.startswith(str(run_id)[:4])][:3]
         close += [c for c in difflib.get_close_matches(str(run_id), known, n=3, cutoff=0.5) if c not in close]
         hint = f"did you mean {', '.join(close[:5])}? " if close else ""
         return KdlabError(f"unknown run id {run_id!r} in {self.database_path}; {hint}list runs with `kdlab runs`")
 
-    def run(self, run_id: str) -> RunRecord:
-        """The run ``run_id``; an unknown id raises ``KdlabError`` naming close ids."""
+    def _decoded_run(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; DamagedRow if its row cannot be read, KdlabError if there is none."""
         with self._read() as db:
             row = self._require_run(db, run_id)
-            final = {
-                key: _metric_value(value)
-                for key, value in db.execute("SELECT key, value FROM final_metrics WHERE run_id = ?", (run_id,))
-            }
-        return self._record(row, final)
+            pairs = db.execute("SELECT key, value FROM final_metrics WHERE run_id = ?", (run_id,)).fetchall()
+        return self._record(row, self._metrics(pairs, run_id=run_id, where="final"))
+
+    def _skip_damaged(self, run_id: Any, problem: DamagedRow) -> None:
+        _warn_skipped(self.database_path, f"run {run_id!r} has a damaged row ({problem})")
+
+    def run(self, run_id: str) -> RunRecord:
+        """The run ``run_id``; an unknown id raises ``KdlabError`` naming close ids, a damaged row one saying why."""
+        try:
+            return self._decoded_run(run_id)
+        except DamagedRow as problem:  # asked for by name: say why it cannot be read
+            raise self.damaged_run_error(run_id, problem) from None
 
     def runs(
         self, *, experiment: str | None = None, status: str | None = None, role: str | None = None
     ) -> list[RunRecord]:
-        """Runs matching all given filters, by experiment then claim order."""
+        """Runs matching all given filters, by experiment then claim order.
+
+        ``status`` filters on the status as read (a dead holder's 'running' row is 'interrupted').
+        A damaged row is named once on stderr and left out.
+        """
         if status is not None and status not in STATUSES:
             raise KdlabError(f"unknown run status {status!r}; statuses are: {', '.join(STATUSES)}")
         conditions, parameters = [], []
-        for column, value in (("experiment", experiment), ("status", status), ("role", role)):
+        for column, value in (("experiment", experiment), ("role", role)):
             if value is not None:
                 conditions.append(f"runs.{column} = ?")
                 parameters.append(value)
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._read() as db:
             rows = db.execute(f"SELECT * FROM runs {where} ORDER BY runs.experiment, runs.rowid", parameters).fetchall()
-            finals: dict[str, dict[str, float]] = {}
+            pairs: dict[Any, list[tuple[Any, Any]]] = {}
             for run_id, key, value in db.execute(
                 f"SELECT final_metrics.run_id, key, value FROM final_metrics "
                 f"JOIN runs ON runs.run_id = final_metrics.run_id {where}",
                 parameters,
             ):
-                finals.setdefault(run_id, {})[key] = _metric_value(value)
-        return [self._record(row, finals.get(row["run_id"], {})) for row in rows]
+                pairs.setdefault(run_id, []).append((key, value))
+        records, now = [], time.time()
+        for row in rows:
+            try:
+                final = self._metrics(pairs.get(row["run_id"], ()), run_id=row["run_id"], where="final")
+                record = self._record(row, final, now)
+            except DamagedRow as problem:
+                self._skip_damaged(row["run_id"], problem)
+                continue
+            if status is None or record.status == status:
+                records.append(record)
+        return records
 
     def epoch_metrics(self, run_id: str) -> dict[int, dict[str, float]]:
         """``{epoch: {key: value}}`` of run ``run_id``, epochs ascending."""
         result: dict[int, dict[str, float]] = {}
         with self._read() as db:
             self._require_run(db, run_id)
-            for epoch, key, value in db.execute(
+            rows = db.execute(
                 "SELECT epoch, key, value FROM epoch_metrics WHERE run_id = ? ORDER BY epoch, key", (run_id,)
-            ):
-                result.setdefault(int(epoch), {})[key] = _metric_value(value)
+            ).fetchall()
+        for epoch, key, value in rows:
+            if not isinstance(epoch, int):
+                _warn_skipped(self.database_path, f"run {run_id}: epoch {epoch!r} is not a whole number")
+                continue
+            result.setdefault(epoch, {}).update(self._metrics([(key, value)], run_id=run_id, where=f"epoch {epoch}"))
         return result
 
     def experiments(self) -> list[str]:
         """Experiment names, oldest first."""
         with self._read() as db:
-            return [row[0] for row in db.execute("SELECT name FROM experiments ORDER BY created_at, name")]
+            return [str(row[0]) for row in db.execute("SELECT name FROM experiments ORDER BY created_at, name")]
 
-    def find(self, token: str) -> list[RunRecord]:
+    def find(self, token: str, *, skip_damaged: bool = True) -> list[RunRecord]:
         """Resolve a CLI argument: an exact run id, an experiment name, or a unique run-id prefix.
 
         An experiment name gives all its runs (possibly none). An ambiguous
-        prefix or an unknown token raises ``KdlabError``.
+        prefix or an unknown token raises ``KdlabError``. A damaged row is named on stderr and left
+        out, or with ``skip_damaged=False`` a run id naming one raises the error saying why.
         """
         token = str(token)
         if not token:
@@ -686,14 +555,19 @@ class Store:
                     "SELECT run_id FROM runs WHERE substr(run_id, 1, ?) = ? ORDER BY run_id", (len(token), token)
                 )
             ]
-            experiment_names = [row[0] for row in db.execute("SELECT name FROM experiments")]
-            run_ids = [row[0] for row in db.execute("SELECT run_id FROM runs")]
-        if exact:
-            return [self.run(token)]
-        if is_experiment:
+            experiment_names = [str(row[0]) for row in db.execute("SELECT name FROM experiments")]
+            run_ids = [str(row[0]) for row in db.execute("SELECT run_id FROM runs")]
+        if is_experiment and not exact:
             return self.runs(experiment=token)
-        if len(matches) == 1:
-            return [self.run(matches[0])]
+        if exact or len(matches) == 1:
+            run_id = token if exact else matches[0]
+            try:
+                return [self._decoded_run(run_id)]
+            except DamagedRow as problem:  # named on stderr and left out, as by every reader that lists runs
+                if not skip_damaged:
+                    raise self.damaged_run_error(run_id, problem) from None
+                self._skip_damaged(run_id, problem)
+                return []
         if len(matches) > 1:
             shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
             raise KdlabError(
@@ -705,54 +579,3 @@ class Store:
             f"no run id, run-id prefix or experiment named {token!r} in {self.database_path}; "
             f"{hint}list them with `kdlab runs`"
         )
-
-
-class Heartbeat:
-    """While open, refresh run ``run_id``'s heartbeat from a background thread.
-
-    The thread opens its own ``Store`` (a connection belongs to the thread that
-    opened it) and writes every ``heartbeat_timeout / 5`` seconds, so another
-    host sees the run alive with four beats to spare. A failed beat (a locked or
-    full disk) is retried at the next interval: it must never stop training.
-    """
-
-    def __init__(self, workspace: str | Path, run_id: str, *, heartbeat_timeout: float | None = None):
-        self.workspace = workspace
-        self.run_id = run_id
-        self.timeout = _heartbeat_timeout(heartbeat_timeout)
-        self.interval = min(60.0, max(0.05, self.timeout / 5))
-        self._stop = threading.Event()
-        self.lost = threading.Event()  # set when a beat finds the run no longer ours (taken over or ended)
-        self._thread: threading.Thread | None = None
-
-    def _beat(self) -> None:
-        store = None
-        try:
-            while not self._stop.wait(self.interval):
-                try:
-                    if store is None:
-                        store = Store(self.workspace, heartbeat_timeout=self.timeout)
-                    if not store.heartbeat(self.run_id):
-                        self.lost.set()  # the trainer checks this after each epoch and stops writing
-                        return
-                except (sqlite3.Error, KdlabError, OSError):
-                    pass  # retried at the next beat
-        finally:
-            if store is not None:
-                store.close()
-
-    def start(self) -> "Heartbeat":
-        self._thread = threading.Thread(target=self._beat, name=f"kdlab-heartbeat-{self.run_id}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def __enter__(self) -> "Heartbeat":
-        return self.start()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.stop()

@@ -11,6 +11,10 @@ leave the last line cut short; ``read_jsonl`` skips such a line and the next
 ``append_jsonl`` trims it away before writing, so it never ends up glued to a
 new record in the middle of the file.
 
+Files get the mode a plain ``open()`` would give them (0666 less the user's umask): ``mkstemp``
+creates its temporary file 0600, which would make every config, metrics file, model and report
+private to its owner in a shared workspace.
+
 A write that fails because the disk is full or the folder is read-only (or
 not ours) raises :class:`~kdlab.errors.WorkspaceError`, one line naming the
 file; the target keeps its previous content and no temporary file is left.
@@ -39,6 +43,26 @@ def workspace_error(path: str | Path, error: OSError) -> WorkspaceError | None:
                           "--workspace DIR to another folder; finished runs and the last checkpoint are kept")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # os.umask can only be read by setting it; set it straight back (a race only with another thread doing the same).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
 def _fsync_folder(folder: Path) -> None:
     """Persist the folder entry of a renamed file (POSIX); best effort elsewhere."""
     try:
@@ -63,6 +87,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise workspace_error(path, error) or error from None
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            if hasattr(os, "fchmod"):  # mkstemp made it 0600; give it the user's umask (no fchmod on Windows)
+                os.fchmod(handle.fileno(), default_file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -194,3 +194,83 @@ def test_second_builder_of_a_view_keeps_the_first(tmp_path):
     second = _open(tmp_path, teacher, x).build("plain", rows=len(x), render=lambda i: x[i], run_teacher=_live(teacher))
     assert torch.equal(first.logits, second.logits)
     assert sorted(p.name for p in (_open(tmp_path, teacher, x).path).iterdir()) == ["meta.json", "plain"]
+
+
+# --------------------------------------------------------------------------- integrity (issue 17 item 1)
+
+
+def _built(tmp_path, num_train=900):
+    """A plain view of 720 train rows (900 × (1 − 0.2 validation)), built once."""
+    splits = build_splits("synthetic", {"num_classes": 3, "input_shape": (1, 12), "num_train": num_train,
+                                        "num_test": 30, "separation": 2.0}, root=None, cache_dir=tmp_path / "data",
+                          val_fraction=0.2, split_seed=0)
+    x = splits.train[0]
+    teacher = _teacher(splits)
+    cache = _open(tmp_path, teacher, x)
+    cache.get("plain", rows=len(x), render=lambda i: x[i], run_teacher=_live(teacher))
+    reuse = lambda: _open(tmp_path, teacher, x).get("plain", rows=len(x), render=lambda i: x[i],  # noqa: E731
+                                                   run_teacher=_live(teacher),
+                                                   generator=torch.Generator().manual_seed(0))
+    return cache, x, teacher, reuse
+
+
+def test_changing_every_row_but_the_checked_ones_is_refused(tmp_path):
+    cache, x, teacher, reuse = _built(tmp_path)
+    assert len(x) == 720
+    checked = torch.randperm(720, generator=torch.Generator().manual_seed(0))[:16]  # the rows verify re-runs
+    stored = np.load(cache.path / "plain" / "logits.npy", mmap_mode="r+")
+    others = np.ones(720, dtype=bool)
+    others[checked.numpy()] = False
+    assert others.sum() == 704
+    stored[others] = stored[others][:, ::-1]  # 704 rows now rank the classes backwards
+    stored.flush()
+    del stored
+    from kdlab.engine.teacher_cache import verify
+
+    # The live spot-check alone passes (the issue's reproduction: accepted, agreement 0.07 instead of 0.59) ...
+    verify(cache.load("plain"), render=lambda i: x[i], run_teacher=_live(teacher), taps=(), path=cache.path,
+           generator=torch.Generator().manual_seed(0))
+    # ... the content hash recorded at build time does not.
+    with pytest.raises(KdlabError, match=r"logits.npy: changed since it was built \(its SHA-256 differs"):
+        reuse()
+
+
+def _damage(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "object dtype":
+        np.save(path, np.array([{"a": 1}] * 720, dtype=object), allow_pickle=True)
+    elif how == "garbage":
+        path.write_bytes(b"\x93NUMPY garbage" + b"\x00" * (path.stat().st_size - 14))
+    elif how == "float32":
+        np.save(path, np.load(path).astype(np.float32)[:, : np.load(path).shape[1] // 2])
+    elif how == "unreadable":
+        path.unlink()
+        path.mkdir()
+
+
+@pytest.mark.parametrize("how", ["truncated", "object dtype", "garbage", "float32", "unreadable"])
+def test_a_damaged_array_is_refused_in_one_line(tmp_path, how):
+    cache, _, _, reuse = _built(tmp_path, num_train=150)
+    _damage(cache.path / "plain" / "logits.npy", how)
+    with pytest.raises(KdlabError) as error:
+        reuse()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and "logits.npy" in message
+    assert "delete the folder" in message and "train.teacher_cache: false" in message
+
+
+GARBAGE = [("meta.json", "{not json"), ("meta.json", "[1, 2]"), ("meta.json", "\udcff"), ("plain/done.json", "{"),
+           ("plain/done.json", "[]"), ("plain/done.json", '{"rows": 120, "files": {"logits.npy": 3}}'),
+           ("plain/done.json", '{"rows": 120}')]
+
+
+@pytest.mark.parametrize("file, text", GARBAGE)
+def test_a_garbage_meta_or_done_file_is_refused_in_one_line(tmp_path, file, text):
+    # '{"rows": 120}' is what format 1 wrote (no hashes): refused rather than trusted unchecked.
+    cache, _, _, reuse = _built(tmp_path, num_train=150)
+    (cache.path / file).write_text(text, errors="surrogateescape")
+    with pytest.raises(KdlabError) as error:
+        reuse()
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and file.split("/")[-1] in message and "delete the folder" in message

@@ -58,7 +58,8 @@ def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     store = Store(workspace)
     (killed,) = store.runs(experiment="crash")
     assert killed.run_id == reference.run_id  # same config, same content-hash id
-    assert killed.status == "running" and store.mark_dead_runs_interrupted() == [killed.run_id]
+    # Read as 'interrupted' at once (issue 17 item 11); the row still says 'running' until a writer marks it.
+    assert killed.status == "interrupted" and store.mark_dead_runs_interrupted() == [killed.run_id]
     assert store.run(killed.run_id).status == "interrupted"
     assert 2 <= reached < TINY["train"]["epochs"]
 

@@ -130,7 +130,8 @@ def test_read_only_workspace_exits_2_with_one_line(tmp_path, monkeypatch, capsys
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
     monkeypatch.setattr(database.tempfile, "TemporaryFile", refuse)
-    assert main(["--workspace", str(tmp_path / "ws"), "runs"]) == 2
+    # A writer: `runs` now opens read-only and reads a read-only workspace (issue 17 item 10).
+    assert main(["--workspace", str(tmp_path / "ws"), "run", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not writable: Read-only file system" in err[0] and "--workspace" in err[0]
 

@@ -21,7 +21,9 @@ def _claim(store: Store, run_id: str) -> None:
 
 
 def _status_column(out: str) -> dict[str, str]:
-    return {line.split()[0]: line.split()[1] for line in out.splitlines() if line.strip()}
+    lines = out.splitlines()
+    assert lines[0].split()[:2] == ["RUN", "STATUS"]  # the header `kdlab runs` prints first (issue 17 item 16)
+    return {line.split()[0]: line.split()[1] for line in lines[1:] if line.strip()}
 
 
 def test_runs_lists_every_status_and_show_gives_the_failure(tmp_path, capsys):

@@ -208,7 +208,9 @@ def test_claim_of_dead_process_is_reclaimed(tmp_path):
     assert child.exitcode == 0
     with Store(workspace) as store:
         before = store.run("dead-run")
-        assert before.status == "running" and before.pid == child.pid
+        # Stored as 'running', read as 'interrupted': readers apply the liveness check (issue 17 item 11).
+        assert before.status == "interrupted" and before.pid == child.pid
+        assert raw(store).execute("SELECT status FROM runs WHERE run_id = 'dead-run'").fetchone()[0] == "running"
         previous = store.claim("dead-run", experiment=store_workers.EXPERIMENT, role="student",
                                label="dead seed=0", seed=0, group_key="dead", config={})
         assert previous == "interrupted"  # never "running", which would tell the caller to skip it

@@ -141,3 +141,19 @@ def test_read_jsonl_rejects_damage_in_the_middle(tmp_path):
 def test_read_jsonl_missing_file(tmp_path):
     with pytest.raises(KdlabError, match="nothere.jsonl: file not found"):
         read_jsonl(tmp_path / "nothere.jsonl")
+
+
+@pytest.mark.skipif(not hasattr(os, "fchmod"), reason="POSIX file modes")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    # mkstemp creates 0600 whatever the umask; a shared workspace needs what open() would have given.
+    previous = os.umask(umask)
+    try:
+        assert files.current_umask() == umask
+        atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+        atomic_write_bytes(tmp_path / "model.safetensors", b"\x00")
+        atomic_write_json(tmp_path / "final.json", {"test/acc": 0.5})
+    finally:
+        os.umask(previous)
+    for name in ("config.yaml", "model.safetensors", "final.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

@@ -168,7 +168,8 @@ def test_a_killed_sweep_resumes(tmp_path):
     _wait_for(tmp_path, proc, lambda s: "finished" in s and "running" in s)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    held = [r for r in Store(tmp_path / "ws").runs(experiment="sweep") if r.status == "running"]
+    # Rows still stored 'running', read 'interrupted' since their processes are dead (issue 17 item 11).
+    held = [r for r in Store(tmp_path / "ws").runs(experiment="sweep") if r.status == "interrupted"]
     assert held  # their processes are dead; the next run takes them over
     out = _finish_and_check(tmp_path, cmd, env)
     for record in held:
