@@ -204,13 +204,12 @@ def cmd_compare(args) -> int:
 
 def cmd_plot(args) -> int:
     """A registered view's table (Markdown) and its figures for one experiment."""
-    from kdlab.store import Store
     from kdlab.study.capacity import safe_name
     from kdlab.study.views.base import experiment_selection, get_view
 
     workspace = _workspace(args)
     view = get_view(args.what)
-    selection = experiment_selection(Store(workspace), args.experiment)
+    selection = experiment_selection(_read_store(args), args.experiment)
     result = view.build(selection, _options(args, method=args.method))
     out = Path(args.out) if args.out else workspace / "plots" / safe_name(args.experiment)
     _print_view(view, result, "markdown")
@@ -375,10 +374,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_analyze(args) -> int:
-    from kdlab.store import Store
     from kdlab.study.deviations import analyze_deviations, format_report
 
-    result = analyze_deviations(Store(_workspace(args)), args.run, out_dir=args.out)
+    result = analyze_deviations(_read_store(args), args.run, out_dir=args.out)
     for line in format_report(result):
         print(line)
     return 0
