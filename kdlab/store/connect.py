@@ -50,7 +50,12 @@ def enable_wal(connection: sqlite3.Connection) -> str:
 def create_schema(connection: sqlite3.Connection, path: Path) -> None:
     """Create the tables of a new database; refuse an existing one that lost a table (never recreate it empty)."""
     with transaction(connection):
-        schema.check_existing(connection, path, reading=False)
+        existing = schema.check_existing(connection, path, reading=False)
+        row = connection.execute("SELECT version FROM schema_version").fetchone() if existing else None
+        if row is not None and row[0] == 1:  # once, in this transaction: readers see schema 1 or 2, never half
+            for statement in schema.MIGRATE_1_TO_2:
+                connection.execute(statement)
+            connection.execute("UPDATE schema_version SET version = ?", (schema.SCHEMA_VERSION,))
         for statement in schema.SCHEMA:
             connection.execute(statement)
         # Added after schema 1 shipped: a nullable column old readers ignore, so no version bump.

@@ -52,7 +52,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.store import connect, schema
@@ -266,6 +266,9 @@ class Store:
         group_key: str,
         config: Mapping[str, Any],
         take_failed_before: float = math.inf,
+        method: str | None = None,
+        point: Mapping[str, Any] | None = None,
+        inputs: Sequence[tuple[str, str, int | None]] = (),
     ) -> str | None:
         """Atomically take run ``run_id`` for this process.
 
@@ -281,7 +284,8 @@ class Store:
         status is returned: ``None`` for a new run, and ``"interrupted"`` for a
         run whose process died (so ``"running"`` always means "skip it").
         Epoch metrics of an earlier attempt are kept (a resumed run overwrites
-        them epoch by epoch).
+        them epoch by epoch). ``inputs`` are the run's edges of the run graph,
+        ``(input_run_id, kind, epoch)`` (see :mod:`kdlab.plan`), stored with the claim.
         """
         run_dir = self.run_dir(run_id)
         config_json = json.dumps(config)
@@ -304,6 +308,7 @@ class Store:
                 group_key=group_key, config_json=config_json, status="running", pid=os.getpid(),
                 pid_start=_own_start_ticks(), host=self.host, started_at=now, finished_at=None,
                 heartbeat_at=now, error=None, run_dir=run_dir.relative_to(self.workspace).as_posix(),
+                method=method, point_json=None if point is None else json.dumps(point, default=str),
             )
             columns = ", ".join(values)
             placeholders = ", ".join(f":{name}" for name in values)
@@ -315,6 +320,9 @@ class Store:
             )
             # Keeps "final metrics exist iff finished" even for hand-edited databases.
             db.execute("DELETE FROM final_metrics WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM run_inputs WHERE run_id = ?", (run_id,))
+            db.executemany("INSERT INTO run_inputs (run_id, input_run_id, kind, epoch) VALUES (?, ?, ?, ?)",
+                           [(run_id, input_id, kind, epoch) for input_id, kind, epoch in dict.fromkeys(inputs)])
         run_dir.mkdir(parents=True, exist_ok=True)
         if row is None:
             return None
@@ -530,6 +538,16 @@ class Store:
                 continue
             result.setdefault(epoch, {}).update(self._metrics([(key, value)], run_id=run_id, where=f"epoch {epoch}"))
         return result
+
+    def inputs(self, run_id: str) -> list[tuple[str, str, int | None]]:
+        """The run graph's edges out of ``run_id``: ``(input_run_id, kind, epoch)`` in the order recorded
+        (empty for runs recorded before schema 2, and for a schema-1 file opened read-only)."""
+        with self._read() as db:
+            if "run_inputs" not in {row[0] for row in db.execute("SELECT name FROM sqlite_master")}:
+                return []
+            rows = db.execute("SELECT input_run_id, kind, epoch FROM run_inputs WHERE run_id = ? ORDER BY rowid",
+                              (run_id,)).fetchall()
+        return [(str(i), str(k), e if isinstance(e, int) else None) for i, k, e in rows]
 
     def experiments(self) -> list[str]:
         """Experiment names, oldest first."""

@@ -40,6 +40,8 @@ class RunRecord:
     pid: int | None = None
     host: str | None = None
     heartbeat_at: float | None = None
+    method: str | None = None  # the method's name (schema 2; filled from the config for migrated rows)
+    point: dict[str, Any] | None = None  # the grid point the run came from (schema 2; None before)
 
     def wall_seconds(self, now: float) -> float | None:
         """Start to end; to ``now`` while running; to the last heartbeat when its process died; None if unknown."""
@@ -111,6 +113,8 @@ def decode_run(row: Mapping[str, Any], final: dict[str, float], *, runs_folder: 
     """
     fields = {key: row[key] for key in row.keys()}
     fields.setdefault("heartbeat_at", None)  # a database from before heartbeats, opened read-only
+    fields.setdefault("method", None)  # schema 1, opened read-only (a writer migrates it)
+    fields.setdefault("point_json", None)
     for key in ("run_id", "experiment", "role", "label", "group_key", "status", "run_dir"):
         if not isinstance(fields[key], str):
             raise DamagedRow(f"{key} is {fields[key]!r}, not text")
@@ -135,6 +139,16 @@ def decode_run(row: Mapping[str, Any], final: dict[str, float], *, runs_folder: 
         raise DamagedRow(f"config_json is not valid JSON ({str(error)[:80]})") from None
     if not isinstance(config, dict):
         raise DamagedRow(f"config_json holds a {type(config).__name__}, not a mapping")
+    point = None
+    if fields["point_json"] is not None:
+        try:
+            point = json.loads(fields["point_json"])
+        except (TypeError, ValueError, RecursionError):
+            raise DamagedRow("point_json is not valid JSON") from None
+        if not isinstance(point, dict):
+            raise DamagedRow(f"point_json holds a {type(point).__name__}, not a mapping")
+    if fields["method"] is not None and not isinstance(fields["method"], str):
+        raise DamagedRow(f"method is {fields['method']!r}, not text")
     status, error = fields["status"], fields["error"]
     if status == "running":  # a dead holder reads 'interrupted' at once, not after the next `kdlab runs`
         why = abandoned(fields)
@@ -157,4 +171,6 @@ def decode_run(row: Mapping[str, Any], final: dict[str, float], *, runs_folder: 
         pid=fields["pid"],
         host=fields["host"],
         heartbeat_at=fields["heartbeat_at"],
+        method=fields["method"],
+        point=point,
     )

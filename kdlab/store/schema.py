@@ -12,9 +12,12 @@ from pathlib import Path
 
 from kdlab.errors import KdlabError
 
-SCHEMA_VERSION = 1
+# 2: runs keep their grid point and method as columns; run_inputs holds the run graph's edges (kdlab.plan).
+SCHEMA_VERSION = 2
 STATUSES = ("pending", "running", "finished", "failed", "interrupted")
-TABLES = ("schema_version", "experiments", "runs", "epoch_metrics", "final_metrics")
+INPUT_KINDS = ("teacher", "assistant", "member", "trajectory")
+TABLES_V1 = ("schema_version", "experiments", "runs", "epoch_metrics", "final_metrics")
+TABLES = TABLES_V1 + ("run_inputs",)
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -37,7 +40,9 @@ SCHEMA = (
         started_at REAL,
         finished_at REAL,
         error TEXT,
-        run_dir TEXT NOT NULL)""",
+        run_dir TEXT NOT NULL,
+        point_json TEXT,
+        method TEXT)""",
     "CREATE INDEX IF NOT EXISTS runs_by_experiment ON runs(experiment)",
     "CREATE INDEX IF NOT EXISTS runs_by_status ON runs(status)",
     """CREATE TABLE IF NOT EXISTS epoch_metrics (
@@ -51,6 +56,23 @@ SCHEMA = (
         key TEXT NOT NULL,
         value REAL,
         PRIMARY KEY (run_id, key)) WITHOUT ROWID""",
+    # One row per edge of the run graph: run_id reads input_run_id's weights (after epoch; NULL = final).
+    f"""CREATE TABLE IF NOT EXISTS run_inputs (
+        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+        input_run_id TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ({", ".join(repr(k) for k in INPUT_KINDS)})),
+        epoch INTEGER)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS run_inputs_unique ON run_inputs(run_id, input_run_id, kind, IFNULL(epoch, -1))",
+    "CREATE INDEX IF NOT EXISTS run_inputs_by_input ON run_inputs(input_run_id)",
+)
+
+# Schema 1 → 2, in one transaction: the new columns (method filled from the stored config) and the edge table.
+# Edges of runs recorded before schema 2 are not reconstructed (their configs may come from older kdlab
+# versions); views fall back to finding a teacher run by its content (kdlab.study.teacher_runs).
+MIGRATE_1_TO_2 = (
+    "ALTER TABLE runs ADD COLUMN point_json TEXT",
+    "ALTER TABLE runs ADD COLUMN method TEXT",
+    "UPDATE runs SET method = json_extract(config_json, '$.method.name') WHERE json_valid(config_json)",
 )
 
 # What to do with a damaged database, said once for every refusal below.
@@ -100,7 +122,6 @@ def check_existing(connection: sqlite3.Connection, path: Path, *, reading: bool)
             raise KdlabError(f"{path}: not a kdlab results database (it has no kdlab tables); pass --workspace DIR "
                              "to the folder `kdlab run` wrote")
         return False
-    missing = [name for name in TABLES if name not in present]
     version = None
     if "schema_version" in present:
         row = connection.execute("SELECT version FROM schema_version").fetchone()
@@ -108,6 +129,8 @@ def check_existing(connection: sqlite3.Connection, path: Path, *, reading: bool)
         if isinstance(version, int) and version > SCHEMA_VERSION:
             raise KdlabError(f"{path}: schema version {version} is newer than this kdlab's ({SCHEMA_VERSION}); "
                              "upgrade kdlab or pass --workspace DIR to another folder")
+    expected = TABLES_V1 if version == 1 else TABLES  # a schema-1 file is migrated by the next writer
+    missing = [name for name in expected if name not in present]
     if missing or not isinstance(version, int):
         what = f"table(s) {', '.join(missing)} missing" if missing else "no schema version"
         raise KdlabError(f"{path}: the results database is incomplete ({what}); {RESTORE}")
