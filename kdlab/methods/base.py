@@ -14,6 +14,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kdlab.config.validate import check_fields
+from kdlab.errors import ConfigError
+
 
 def teacher_cache_refusal(method_name: str) -> str:
     """The one-line refusal of ``train.teacher_cache`` for a method that cannot use it (config and loop)."""
@@ -88,6 +91,10 @@ class Method(nn.Module):
         """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters;
         ``train_size`` sizes per-sample memories indexed by ``Batch.indices``."""
         super().__init__()
+        problems: list[str] = []
+        check_fields(hparams, "method", problems)  # the bounds declared on Hparams, for methods built in Python
+        if problems:
+            raise ConfigError(problems)
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
@@ -107,6 +114,22 @@ class Method(nn.Module):
         """Extension point, asked before each step: False skips this step's teacher forward
         (``teacher_out`` is None), e.g. during a teacher-free warm-up."""
         return True
+
+    @classmethod
+    def teacher_problem(cls, name: str, has_teacher: bool) -> str | None:
+        """The one rule on whether method ``name`` takes a teacher (asked by the config and the builder)."""
+        if cls.needs_teacher and not has_teacher:
+            return (f"teacher: method {name!r} needs a teacher; add a teacher section "
+                    "(teacher.model + teacher.train, or teacher.checkpoint)")
+        if cls.refuses_teacher and has_teacher:
+            return f"teacher: method {name!r} distils the student from itself; set teacher: null"
+        return None
+
+    @classmethod
+    def check_config(cls, cfg, errors: list[str]) -> None:
+        """Extension point, run at config validation: the method's rules that tie its hyperparameters
+        (``cfg.method.options``) to other sections, e.g. GKD's ``sft_steps`` below ``train.steps``.
+        Single-field bounds are declared on ``Hparams`` instead."""
 
     @classmethod
     def can_cache_teacher(cls) -> bool:
