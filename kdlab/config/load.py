@@ -7,6 +7,7 @@ as ``key.path: what is wrong; the fix``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -14,10 +15,11 @@ from typing import Any
 
 import yaml
 
-from kdlab.config.names import drop_knobs_set_by_sized_name
+from kdlab.config.entries import entry_parameters
+from kdlab.config.names import drop_knobs_set_by_sized_name, split_sized_name
 from kdlab.config.paths import MISSING, deep_merge, get_path, set_path
 from kdlab.config.runs import RunSpec
-from kdlab.config.sections import parse_point
+from kdlab.config.sections import REGISTRY_SECTIONS, parse_point
 from kdlab.errors import ConfigError, KdlabError
 
 
@@ -111,16 +113,44 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+def _accepts(doc: dict, key: str) -> bool:
+    """Whether document ``doc`` has ``key``, or could: no section on its path is null or a value, and a
+    registry section (``method``, ``student``, ...) takes the key for some entry the document selects."""
+    if get_path(doc, key, MISSING) is not MISSING:
+        return True
+    parts = key.split(".")
+    node: Any = doc
+    for part in parts[:-1]:
+        if not isinstance(node, dict):
+            return False
+        node = node.get(part, {}) if part in node else {}
+        if node is None:
+            return False  # e.g. teacher: null
+    if not isinstance(node, dict):
+        return False
+    section = REGISTRY_SECTIONS.get(parts[0]) if len(parts) == 2 else None
+    if section is None:
+        return True
+    cls, name_key, kind = section
+    grid = doc.get("grid") if isinstance(doc.get("grid"), dict) else {}
+    names = [node.get(name_key, getattr(cls(), name_key))] + list(grid.get(f"{parts[0]}.{name_key}", []) or [])
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for name in names:
+        try:
+            if parts[1] in fields or parts[1] in entry_parameters(kind, split_sized_name(name)[0]):
+                return True
+        except (KdlabError, TypeError):
+            return True  # an unknown entry is reported by validation
+    return False
+
+
 def _overrides_for(docs: list[dict], overrides: list[str]) -> list[list[str]]:
-    """Which ``--set`` overrides apply to which document: those whose key the document has (or, where no
-    document has the key, whose section it has; where none has that either, every document)."""
+    """Which ``--set`` overrides apply to which document: those that have the key (or its section, taking
+    the key); where no document does, every document (so a typo is still reported)."""
     out: list[list[str]] = [[] for _ in docs]
     for text in overrides:
         key, _ = parse_override(text)
-        parent = key.rsplit(".", 1)[0] if "." in key else None
-        holders = [i for i, d in enumerate(docs) if get_path(d, key, MISSING) is not MISSING]
-        if not holders and parent is not None:
-            holders = [i for i, d in enumerate(docs) if isinstance(get_path(d, parent), dict)]
+        holders = [i for i, d in enumerate(docs) if _accepts(d, key)]
         for i in holders or range(len(docs)):
             out[i].append(text)
     return out

@@ -277,3 +277,13 @@ def check_fields(obj: Any, path: str, errors: list[str]) -> None:
     types_ = hints(type(obj))
     for f in dataclasses.fields(obj):
         coerce(getattr(obj, f.name), types_[f.name], join(path, f.name), errors)
+
+
+# Bounds shared by many hyperparameters (methods declare their fields with these).
+Positive = Annotated[float, at.Gt(0), at.Le(1e6)]  # a finite number > 0 (temperatures, learning rates, scales)
+NonNegative = Annotated[float, at.Ge(0), at.Le(1e6)]  # a finite weight ≥ 0
+UnitInterval = Annotated[float, at.Interval(ge=0, le=1)]  # a probability, a mixing weight, a fraction
+Count = Annotated[int, at.Ge(1), at.Le(1 << 20)]  # a number of steps or units: at least one
+NonNegativeCount = Annotated[int, at.Ge(0), at.Le(1 << 30)]
+Width = Annotated[int, at.Ge(1), at.Le(1 << 16)]  # a layer width: bounded so a typo cannot ask for terabytes
+Depth = Annotated[int, at.Ge(0), at.Le(1024)]  # a number of layers

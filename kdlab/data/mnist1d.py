@@ -137,3 +137,5 @@ def mnist1d(
         y_test=torch.from_numpy(raw["y_test"].astype(np.int64)),
         num_classes=_NUM_CLASSES,
     )
+
+mnist1d.image_inputs = False  # (1, 40) vectors: data.augment crop_flip is refused at config validation

@@ -74,3 +74,6 @@ def synthetic(
         y_test=y_test,
         num_classes=num_classes,
     )
+
+# crop_flip needs (C, H, W) inputs: read from the input_shape option at config validation.
+synthetic.image_inputs = lambda options: len(options.get("input_shape", (1, 16))) == 3

@@ -40,23 +40,24 @@ from kdlab.losses.adversarial import (
 from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.registry import register
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 
 
 @dataclass
 class AdversarialKDHparams:
-    temperature: float = 4.0  # T of the KD term (as in kd)
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs CE (CE weight 1 when kd is false)
+    temperature: Positive = 4.0  # T of the KD term (as in kd)
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs CE (CE weight 1 when kd is false)
     kd: bool = True  # false: no KL term ("discriminator only": CE + adversarial)
-    adversarial_weight: float = 0.1  # w_adv of the student's fooling term; 0 = off (D still trains, for disc_acc)
+    adversarial_weight: NonNegative = 0.1  # w_adv of the student's fooling term; 0 = off (D still trains, for disc_acc)
     discriminator_inputs: Literal["probs", "logits"] = "probs"  # what D sees: softmax(z/T_D) or z/T_D
-    discriminator_temperature: float = 1.0  # T_D: softening before the discriminator
-    discriminator_width: int = 64  # hidden units per layer of D
-    discriminator_depth: int = 2  # hidden layers of D (0 = linear)
+    discriminator_temperature: Positive = 1.0  # T_D: softening before the discriminator
+    discriminator_width: Width = 64  # hidden units per layer of D
+    discriminator_depth: Depth = 2  # hidden layers of D (0 = linear)
     spectral_norm: bool = False  # spectral normalisation of every Linear in D (Miyato et al. 2018)
     gan_loss: Literal["bce", "lsgan", "hinge"] = "bce"  # non-saturating BCE, least squares or hinge
-    gradient_penalty: float = 0.0  # λ of the WGAN-GP penalty on D (Gulrajani et al. use 10); 0 = off
-    discriminator_lr: float = 1e-3  # learning rate of D's optimiser (train.optimizer, no weight decay)
-    discriminator_steps: int = 1  # D optimiser steps before each student step
+    gradient_penalty: NonNegative = 0.0  # λ of the WGAN-GP penalty on D (Gulrajani et al. use 10); 0 = off
+    discriminator_lr: Positive = 1e-3  # learning rate of D's optimiser (train.optimizer, no weight decay)
+    discriminator_steps: Count = 1  # D optimiser steps before each student step
 
 
 def _check(hparams: AdversarialKDHparams) -> None:

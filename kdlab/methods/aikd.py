@@ -45,6 +45,7 @@ from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.methods.pskd import ProgressiveTargets, num_classes_of
 from kdlab.registry import register
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 
 _SAME_ARCHITECTURE = ("aikd needs a pre-trained model of the student's architecture as the teacher: "
                       "set teacher.model and its options equal to the student's")
@@ -52,15 +53,15 @@ _SAME_ARCHITECTURE = ("aikd needs a pre-trained model of the student's architect
 
 @dataclass
 class AIKDHparams:
-    alpha_T: float = 0.8  # PS-KD's α_T (official PS-KD default)
-    kd_weight: float = 1.0  # λ_kd of KL(pre-trained ‖ student) — chosen (paper's value not verified)
-    temperature: float = 1.0  # T of the KL term (with T²) — chosen
-    adversarial_weight: float = 0.1  # λ_adv of the student's fooling term; 0 = off (D still trains) — chosen
-    discriminator_width: int = 64  # hidden units per layer of D — chosen
-    discriminator_depth: int = 2  # hidden layers of D (0 = linear) — chosen
+    alpha_T: UnitInterval = 0.8  # PS-KD's α_T (official PS-KD default)
+    kd_weight: NonNegative = 1.0  # λ_kd of KL(pre-trained ‖ student) — chosen (paper's value not verified)
+    temperature: Positive = 1.0  # T of the KL term (with T²) — chosen
+    adversarial_weight: NonNegative = 0.1  # λ_adv of the student's fooling term; 0 = off (D still trains) — chosen
+    discriminator_width: Width = 64  # hidden units per layer of D — chosen
+    discriminator_depth: Depth = 2  # hidden layers of D (0 = linear) — chosen
     gan_loss: Literal["bce", "lsgan", "hinge"] = "bce"  # bce = non-saturating −log D(p_S) for the student
-    discriminator_lr: float = 1e-3  # learning rate of D's optimiser — chosen
-    discriminator_steps: int = 1  # D optimiser steps before each student step
+    discriminator_lr: Positive = 1e-3  # learning rate of D's optimiser — chosen
+    discriminator_steps: Count = 1  # D optimiser steps before each student step
 
 
 def _check(h: AIKDHparams) -> None:

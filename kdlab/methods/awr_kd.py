@@ -46,19 +46,20 @@ from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, training_mode
 from kdlab.registry import register
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass
 class AWRKDHparams:
-    label_smoothing: float = 0.2  # ε of the labelled LS-CE term
-    robust_weight: float = 20.0  # λ: weight of the adaptively weighted robust KL
-    distill_weight: float = 4.0  # γ: weight of the KD term (no τ² factor, as the code)
-    beta: float = 0.5  # β of w(x): mix of clean agreement and adversarial disagreement with the teacher
-    temperature: float = 1.2  # τ of the KD term (CIFAR-10; 1.0 for CIFAR-100 / STL-10)
+    label_smoothing: UnitInterval = 0.2  # ε of the labelled LS-CE term
+    robust_weight: NonNegative = 20.0  # λ: weight of the adaptively weighted robust KL
+    distill_weight: NonNegative = 4.0  # γ: weight of the KD term (no τ² factor, as the code)
+    beta: UnitInterval = 0.5  # β of w(x): mix of clean agreement and adversarial disagreement with the teacher
+    temperature: Positive = 1.2  # τ of the KD term (CIFAR-10; 1.0 for CIFAR-100 / STL-10)
     perturb_loss: Literal["kl", "ce"] = "kl"  # attack objective: KL(p(x)‖p(x')) or CE with teacher pseudo-labels
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step (code: ε/4)
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: UnitInterval = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: NonNegative = 2 / 255  # PGD step (code: ε/4)
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # x + U(−ε, ε), clamped (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: bn_mode eval)
 

@@ -14,8 +14,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from kdlab.config.validate import check_fields
-from kdlab.errors import ConfigError
 
 
 def teacher_cache_refusal(method_name: str) -> str:
@@ -91,10 +89,6 @@ class Method(nn.Module):
         """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters;
         ``train_size`` sizes per-sample memories indexed by ``Batch.indices``."""
         super().__init__()
-        problems: list[str] = []
-        check_fields(hparams, "method", problems)  # the bounds declared on Hparams, for methods built in Python
-        if problems:
-            raise ConfigError(problems)
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
@@ -129,7 +123,10 @@ class Method(nn.Module):
     def check_config(cls, cfg, errors: list[str]) -> None:
         """Extension point, run at config validation: the method's rules that tie its hyperparameters
         (``cfg.method.options``) to other sections, e.g. GKD's ``sft_steps`` below ``train.steps``.
-        Single-field bounds are declared on ``Hparams`` instead."""
+        Single-field bounds are declared on ``Hparams`` instead; the rules live on ``Hparams.check_config``."""
+        rule = getattr(cls.Hparams, "check_config", None)
+        if rule is not None:
+            rule(cfg, errors)
 
     @classmethod
     def can_cache_teacher(cls) -> bool:

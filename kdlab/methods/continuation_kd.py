@@ -46,6 +46,7 @@ from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
+from kdlab.config.validate import Count, NonNegative, Positive
 
 KEY = "continuation_kd"
 UNITS = ("epoch", "step")
@@ -128,9 +129,9 @@ def continuation_hinge(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 @dataclass
 class ContinuationKDHparams:
-    max_temperature: int = 10  # T_max: T steps down T_max → 1, so φ grows 1/T_max → 1 (paper: 20 vision, 10 NLU)
-    margin: float = 0.0  # m: hinge margin, annealed as m·φ; squared-logit units summed over classes (unstated; sweep)
-    psi_ramp: float = 0.75  # ψ(i) = min(1, i/(psi_ramp·n)): ψ reaches 1 at this fraction of training (vision 150/200)
+    max_temperature: Count = 10  # T_max: T steps down T_max → 1, so φ grows 1/T_max → 1 (paper: 20 vision, 10 NLU)
+    margin: NonNegative = 0.0  # m: hinge margin, annealed as m·φ; squared-logit units summed over classes (unstated; sweep)
+    psi_ramp: Positive = 0.75  # ψ(i) = min(1, i/(psi_ramp·n)): ψ reaches 1 at this fraction of training (vision 150/200)
     psi_jump: float = 1.0  # ψ = 1 after unit round(psi_jump·n) (NLU: 20/30, with psi_ramp 40/30); 1 = no jump
     hinge: Literal["sample", "batch"] = "sample"  # hinge per sample then batch mean, or on the batch-mean norm
     unit: Literal["epoch", "step"] = "epoch"  # i counts epochs (Algorithm 1) or optimiser steps

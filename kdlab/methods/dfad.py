@@ -45,16 +45,17 @@ from kdlab.methods.base import Batch, Method
 from kdlab.models.common import Normalize
 from kdlab.models.generators import build_generator
 from kdlab.registry import register
+from kdlab.config.validate import Count, Positive, Width
 
 DISCREPANCIES = ("l1_logits", "kl")
 
 
 @dataclass
 class DFADHparams:
-    latent_dim: int = 64  # size of the noise z; the official code uses 256 (CIFAR) and 100 (MNIST)
-    generator_width: int = 64  # the generator's base channel count (official ngf = 64)
-    generator_lr: float = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
-    student_steps_per_generator_step: int = 5  # k: imitation steps per generation step (official: 5)
+    latent_dim: Width = 64  # size of the noise z; the official code uses 256 (CIFAR) and 100 (MNIST)
+    generator_width: Width = 64  # the generator's base channel count (official ngf = 64)
+    generator_lr: Positive = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
+    student_steps_per_generator_step: Count = 5  # k: imitation steps per generation step (official: 5)
     discrepancy: Literal["l1_logits", "kl"] = "l1_logits"  # l1_logits: the paper's MAE; kl: KL(T‖S) at T = 1
     adversarial: bool = True  # False: a control — the generator stays at its random initialisation
 

@@ -50,18 +50,19 @@ from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
 from kdlab.robust.bounds import check_supported, interval_bounds
 from kdlab.robust.faithfulness import confidence_gap, confidence_gap_bound, eval_mode, maximise_confidence_gap
+from kdlab.config.validate import Count, Positive, UnitInterval
 
 
 @dataclass
 class FaithfulKDHparams:
-    temperature: float = 4.0  # T of the KD term (as in kd)
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs CE
-    eps: float = 0.1  # ε: target L∞ radius of the ball, in input units (inputs lie in [0, 1])
-    kappa: float = 1.0  # κ: target weight of the confidence-gap bound (a probability difference, in [0, 1])
+    temperature: Positive = 4.0  # T of the KD term (as in kd)
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs CE
+    eps: UnitInterval = 0.1  # ε: target L∞ radius of the ball, in input units (inputs lie in [0, 1])
+    kappa: UnitInterval = 1.0  # κ: target weight of the confidence-gap bound (a probability difference, in [0, 1])
     bound: Literal["ibp", "pgd"] = "ibp"  # certified IBP bound (faithful distillation) or the PGD estimate
     confidence: Literal["teacher_class", "vector"] = "teacher_class"  # c: teacher's clean class, or L∞ over classes
-    ramp: float = 0.5  # fraction of training over which ε and κ rise linearly from 0 (0 = full from the start)
-    pgd_steps: int = 10  # ascent steps of the "pgd" bound
+    ramp: UnitInterval = 0.5  # fraction of training over which ε and κ rise linearly from 0 (0 = full from the start)
+    pgd_steps: Count = 10  # ascent steps of the "pgd" bound
     pgd_step_size: Optional[float] = None  # its step size; None = 2.5·ε(t)/pgd_steps
 
 

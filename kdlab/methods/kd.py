@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
+from kdlab.config.validate import Positive, UnitInterval
 
 
 @dataclass
 class KDHparams:
-    temperature: float = 4.0  # T: softens both distributions in the soft term
-    alpha: float = 0.9  # weight of the soft (teacher) term; 1 − α weighs the label term
+    temperature: Positive = 4.0  # T: softens both distributions in the soft term
+    alpha: UnitInterval = 0.9  # weight of the soft (teacher) term; 1 − α weighs the label term
 
 
 @register("method", "kd")

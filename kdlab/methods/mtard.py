@@ -59,23 +59,24 @@ from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass
 class MTARDHparams:
     balance: Literal["none", "eccv", "entropy"] = "entropy"  # none: fixed; eccv: weights; entropy: weights + τ
-    weight_adv: float = 0.5  # w_adv (initial value when balancing): weight of the robust teacher's term
-    weight_nat: float = 0.5  # w_nat (initial value when balancing): weight of the clean teacher's term
-    weight_lr: float = 0.025  # η_w of the Normalization Loss Balance
-    temperature_adv: float = 1.0  # τ_adv (initial value under balance entropy) of the robust teacher
-    temperature_nat: float = 1.0  # τ_nat (initial value under balance entropy) of the clean teacher
-    temperature_lr: float = 0.001  # η_τ of the Entropy-Based Balance
-    temperature_min: float = 1.0  # lower clip of τ under balance entropy
-    temperature_max: float = 10.0  # upper clip of τ under balance entropy
+    weight_adv: NonNegative = 0.5  # w_adv (initial value when balancing): weight of the robust teacher's term
+    weight_nat: NonNegative = 0.5  # w_nat (initial value when balancing): weight of the clean teacher's term
+    weight_lr: UnitInterval = 0.025  # η_w of the Normalization Loss Balance
+    temperature_adv: Positive = 1.0  # τ_adv (initial value under balance entropy) of the robust teacher
+    temperature_nat: Positive = 1.0  # τ_nat (initial value under balance entropy) of the clean teacher
+    temperature_lr: NonNegative = 0.001  # η_τ of the Entropy-Based Balance
+    temperature_min: Positive = 1.0  # lower clip of τ under balance entropy
+    temperature_max: Positive = 10.0  # upper clip of τ under balance entropy
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's torch.mean; batchmean: KL
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: UnitInterval = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: NonNegative = 2 / 255  # PGD step
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
 

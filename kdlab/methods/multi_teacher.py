@@ -25,15 +25,16 @@ from kdlab.losses.ensemble import check_rule_options
 from kdlab.methods.base import Method
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
+from kdlab.config.validate import Positive, UnitInterval
 
 
 @dataclass
 class MultiTeacherHparams:
     rule: Literal["fixed", "mean_probs", "mean_logits", "entropy", "confidence"] = "mean_probs"  # combination
     weights: Optional[tuple[float, ...]] = None  # rule fixed only: one weight ≥ 0 per teacher (normalised)
-    temperature: float = 4.0  # T: softens the teachers and the student in the soft term
-    alpha: float = 0.9  # weight of the soft (teachers) term; 1 − α weighs the label term
-    weight_temperature: float = 1.0  # rule entropy only: τ_w of w_k ∝ exp(−H_k/τ_w); larger = closer to mean
+    temperature: Positive = 4.0  # T: softens the teachers and the student in the soft term
+    alpha: UnitInterval = 0.9  # weight of the soft (teachers) term; 1 − α weighs the label term
+    weight_temperature: Positive = 1.0  # rule entropy only: τ_w of w_k ∝ exp(−H_k/τ_w); larger = closer to mean
 
 
 @register("method", "multi_teacher")

@@ -92,6 +92,7 @@ from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method
 from kdlab.methods.scratch import sequence_cross_entropy
 from kdlab.registry import register
+from kdlab.config.validate import NonNegativeCount, UnitInterval
 
 IGNORE = -100
 BASELINES = ("loo", "batch_mean", "moving_average", "none")
@@ -366,9 +367,17 @@ class PolicyGradientKDHparams:
     whiten: bool = False  # divide the advantages by their std over the batch (MiniLLM's code does)
     teacher_mix_alpha: float = 0.0  # α_mix of teacher-mixed sampling (MiniLLM: 0.2); 0 = pure on-policy
     importance_clip: float | None = 0.2  # ε of the PPO-style clip of w·ρ (teacher-mixed only); null = none
-    task_reward_weight: float = 0.0  # 1 − α of GKD Eq. 5: weight of the exact-match task reward
+    task_reward_weight: UnitInterval = 0.0  # 1 − α of GKD Eq. 5: weight of the exact-match task reward
     reduction: str = "token"  # token | sequence | sum
-    sft_steps: int = 0  # steps of SFT on the reference responses before distilling (as gkd)
+    sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling (as gkd)
+
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """Run at config validation: SFT warm-up steps must leave distillation steps (issue 17 item 15)."""
+        sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
+        if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
+            errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
+                          "distillation; lower method.sft_steps or raise train.steps")
 
 
 def _check(h: PolicyGradientKDHparams) -> None:

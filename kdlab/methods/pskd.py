@@ -44,6 +44,7 @@ from torch import nn
 from kdlab.errors import KdlabError
 from kdlab.methods.base import Method
 from kdlab.registry import register
+from kdlab.config.validate import UnitInterval
 
 
 def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
@@ -152,7 +153,7 @@ class ProgressiveTargets(nn.Module):
 
 @dataclass
 class PSKDHparams:
-    alpha_T: float = 0.8  # α_T: weight of the previous-epoch prediction in the last epoch (official default 0.8)
+    alpha_T: UnitInterval = 0.8  # α_T: weight of the previous-epoch prediction in the last epoch (official default 0.8)
 
 
 @register("method", "pskd")

@@ -55,6 +55,7 @@ from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
+from kdlab.config.validate import NonNegative, Positive, UnitInterval
 
 KEY = "rl_schedule"
 REWARDS = ("nll", "acc")
@@ -87,11 +88,11 @@ def bandit_update(counts: torch.Tensor, sums: torch.Tensor, arm: int, reward: fl
 
 @dataclass
 class RLScheduleHparams:
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
-    alphas: tuple[float, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
-    exploration: float = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
+    temperatures: tuple[Positive, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
+    alphas: tuple[UnitInterval, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
+    exploration: NonNegative = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
     discount: float = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
-    probe_fraction: float = 0.1  # share of the train split held out as the probe (never trained on)
+    probe_fraction: UnitInterval = 0.1  # share of the train split held out as the probe (never trained on)
     reward: Literal["nll", "acc"] = "nll"  # probe NLL decrease or probe accuracy gain over the epoch
 
 

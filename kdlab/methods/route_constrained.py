@@ -28,12 +28,13 @@ from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.models.trajectory import TeacherTrajectory
 from kdlab.registry import register
+from kdlab.config.validate import Positive, UnitInterval
 
 
 @dataclass
 class RouteHparams:
-    temperature: float = 4.0  # T of the KD term at every stage
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs the label term
+    temperature: Positive = 4.0  # T of the KD term at every stage
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs the label term
 
 
 def stage_index(progress: float, stages: int) -> int:

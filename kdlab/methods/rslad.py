@@ -27,11 +27,12 @@ from kdlab.losses import kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
 from kdlab.registry import register
+from kdlab.config.validate import UnitInterval
 
 
 @dataclass
 class RSLADHparams:
-    natural_weight: float = 1 / 6  # α: weight of the clean KL; 1 − α (= 5/6) weighs the adversarial KL (code)
+    natural_weight: UnitInterval = 1 / 6  # α: weight of the clean KL; 1 − α (= 5/6) weighs the adversarial KL (code)
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's torch.mean; batchmean: KL
     epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
     step_size: float = 2 / 255  # PGD step
