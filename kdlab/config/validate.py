@@ -287,3 +287,4 @@ Count = Annotated[int, at.Ge(1), at.Le(1 << 20)]  # a number of steps or units: 
 NonNegativeCount = Annotated[int, at.Ge(0), at.Le(1 << 30)]
 Width = Annotated[int, at.Ge(1), at.Le(1 << 16)]  # a layer width: bounded so a typo cannot ask for terabytes
 Depth = Annotated[int, at.Ge(0), at.Le(1024)]  # a number of layers
+Samples = Annotated[int, at.Ge(1), at.Le(1 << 26)]  # a dataset size

@@ -21,6 +21,7 @@ import torch
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.registry import register
+from kdlab.config.validate import Samples
 
 # Bump when the cached content changes meaning, so stale caches are not read.
 _CACHE_FORMAT = 1
@@ -109,7 +110,7 @@ def scale_to_unit(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, 
 
 @register("dataset", "mnist1d")
 def mnist1d(
-    *, root: Path | None, cache_dir: Path, num_samples: int = 5000, seed: int = 42, final_seq_length: int = 40
+    *, root: Path | None, cache_dir: Path, num_samples: Samples = 5000, seed: int = 42, final_seq_length: int = 40
 ) -> DatasetArrays:
     """MNIST-1D: 1-D digit signals, 10 classes, generated offline (default 4000/1000).
 

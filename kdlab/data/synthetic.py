@@ -7,6 +7,7 @@ import torch
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError
 from kdlab.registry import register
+from kdlab.config.validate import Samples
 
 
 def gaussian_mixture(
@@ -42,8 +43,8 @@ def synthetic(
     cache_dir: Path,
     num_classes: int = 4,
     input_shape: tuple[int, ...] = (1, 16),
-    num_train: int = 512,
-    num_test: int = 256,
+    num_train: Samples = 512,
+    num_test: Samples = 256,
     separation: float = 3.0,
     seed: int = 0,
 ) -> DatasetArrays:
