@@ -39,7 +39,7 @@ class TrainConfig:
     warmup_epochs: Annotated[float, Interval(ge=0, le=1e6)] = 0.0  # linear warmup from 0, in epochs
     milestones: tuple[Annotated[float, Interval(ge=0, le=1)], ...] = (0.5, 0.75)  # "step": fractions of training
     gamma: Annotated[float, Interval(gt=0, le=1)] = 0.1  # "step" schedule: lr factor at each milestone
-    grad_clip: Optional[Annotated[float, Gt(0)]] = None  # max global gradient norm; None = no clipping
+    grad_clip: Optional[Annotated[float, Gt(0), Le(1e6)]] = None  # max global gradient norm; None = no clipping
     eval_every: Count = 1  # validate every N epochs (and always after the last)
     checkpoint_every: Count = 5  # checkpoint every N epochs (and always after the last)
     selection: Literal["last", "best_val"] = "last"  # which epoch's weights give the test metrics
