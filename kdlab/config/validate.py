@@ -281,6 +281,7 @@ def check_fields(obj: Any, path: str, errors: list[str]) -> None:
 
 # Bounds shared by many hyperparameters (methods declare their fields with these).
 Positive = Annotated[float, at.Gt(0), at.Le(1e6)]  # a finite number > 0 (temperatures, learning rates, scales)
+Weight = Annotated[float, at.Interval(ge=-1e6, le=1e6)]  # a finite loss weight (may be negative)
 NonNegative = Annotated[float, at.Ge(0), at.Le(1e6)]  # a finite weight ≥ 0
 UnitInterval = Annotated[float, at.Interval(ge=0, le=1)]  # a probability, a mixing weight, a fraction
 Count = Annotated[int, at.Ge(1), at.Le(1 << 20)]  # a number of steps or units: at least one
