@@ -131,6 +131,7 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
 def _model_spec(text: str | None, path: Path) -> dict | None:
     """The kdlab architecture record of a model file, validated like a config section (same bounds) before
     anything is built from it: a crafted file cannot ask for an unknown option or a huge width."""
+    from kdlab import registry
     from kdlab.config import check_options  # the config's own checks and bounds
 
     if not text:
@@ -143,14 +144,12 @@ def _model_spec(text: str | None, path: Path) -> dict | None:
             not isinstance(spec.get("options", {}), dict):
         raise KdlabError(f"checkpoint {path}: its kdlab metadata names no model (a mapping with model and "
                          "options); re-export the model")
+    if spec["model"] not in registry.names("model"):
+        return spec  # an unknown model: the builder names the choices (or the caller's model= is used)
     errors: list[str] = []
-    try:
-        spec["options"] = check_options(f"{path} model", "model", spec["model"], spec.get("options", {}), set(),
-                                        errors)
-    except KdlabError as exc:
-        errors.append(f"checkpoint {path}: {exc}")
+    spec["options"] = check_options(f"{path} model", "model", spec["model"], spec.get("options", {}), set(), errors)
     if errors:
-        raise KdlabError(f"checkpoint {path}: its metadata is not a valid model section: {errors[0]}")
+        raise KdlabError(f"checkpoint {path}: its metadata is not a valid model section ({errors[0]}); re-export the model")
     return spec
 
 

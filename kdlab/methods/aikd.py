@@ -32,7 +32,6 @@ The teacher must have the student's architecture (same state-dict keys and shape
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +39,7 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
-from kdlab.losses.adversarial import GAN_LOSSES, discriminator_accuracy, discriminator_loss, generator_loss
+from kdlab.losses.adversarial import discriminator_accuracy, discriminator_loss, generator_loss
 from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.methods.pskd import ProgressiveTargets, num_classes_of
@@ -64,22 +63,6 @@ class AIKDHparams:
     discriminator_steps: Count = 1  # D optimiser steps before each student step
 
 
-def _check(h: AIKDHparams) -> None:
-    for name in ("kd_weight", "adversarial_weight"):
-        value = getattr(h, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise KdlabError(f"method.{name}: must be a finite number >= 0, got {value!r}")
-    for name in ("temperature", "discriminator_lr"):
-        value = getattr(h, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise KdlabError(f"method.{name}: must be a finite number > 0, got {value!r}")
-    steps = h.discriminator_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise KdlabError(f"method.discriminator_steps: must be an integer >= 1, got {h.discriminator_steps!r}")
-    if h.gan_loss not in GAN_LOSSES:
-        raise KdlabError(f"method.gan_loss: {h.gan_loss!r} is not one of {', '.join(GAN_LOSSES)}")
-
-
 def check_same_architecture(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """``KdlabError`` unless the two networks have the same state-dict keys with the same shapes."""
     s = {k: tuple(v.shape) for k, v in student.state_dict().items()}
@@ -101,7 +84,6 @@ class AIKD(Method):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams)
         if teacher is None:
             raise KdlabError(_SAME_ARCHITECTURE)
         check_same_architecture(student, teacher)

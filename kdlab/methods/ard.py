@@ -21,11 +21,9 @@ Defaults: the code's CIFAR-10 arguments T = 30, α = 1.0 (KD term only), ε = 8/
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
@@ -54,11 +52,6 @@ class ARD(RobustMethod):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        t, a = hparams.temperature, hparams.alpha
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-            raise KdlabError(f"method.temperature: must be a finite number > 0, got {t!r}")
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise KdlabError(f"method.alpha: must lie in [0, 1], got {a!r}")
 
     def make_batch(self, batch: Batch) -> Batch:
         x, labels = batch.inputs, batch.labels

@@ -35,13 +35,11 @@ perturb_loss kl, ε = 8/255, 10 steps of ε/4 = 2/255.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, training_mode
@@ -85,18 +83,6 @@ class AWRKD(RobustMethod):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        h = hparams
-        for name, low, strict in (("robust_weight", 0, False), ("distill_weight", 0, False), ("temperature", 0, True)):
-            v = getattr(h, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v <= low if strict else v < low):
-                raise KdlabError(f"method.{name}: must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
-        for name in ("beta", "label_smoothing"):
-            v = getattr(h, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise KdlabError(f"method.{name}: must lie in [0, 1], got {v!r}")
-        if h.perturb_loss not in ("kl", "ce"):
-            raise KdlabError(f"method.perturb_loss: {h.perturb_loss!r} is not 'kl' or 'ce'")
 
     def make_batch(self, batch: Batch) -> Batch:
         x = batch.inputs

@@ -8,11 +8,15 @@ discriminators) are optimised with the student and saved in its checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from kdlab.config.validate import check_fields
+from kdlab.errors import ConfigError
 
 
 
@@ -89,6 +93,7 @@ class Method(nn.Module):
         """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters;
         ``train_size`` sizes per-sample memories indexed by ``Batch.indices``."""
         super().__init__()
+        self.check_hparams(hparams)
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
@@ -110,6 +115,17 @@ class Method(nn.Module):
         return True
 
     @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """The bounds declared on ``Hparams``, for a method built in Python (a config was checked on load)."""
+        if dataclasses.is_dataclass(hparams):
+            problems: list[str] = []
+            check_fields(hparams, "method", problems)
+            if not problems and hasattr(hparams, "problems"):
+                problems = hparams.problems()
+            if problems:
+                raise ConfigError(problems[:1])
+
+    @classmethod
     def teacher_problem(cls, name: str, has_teacher: bool) -> str | None:
         """The one rule on whether method ``name`` takes a teacher (asked by the config and the builder)."""
         if cls.needs_teacher and not has_teacher:
@@ -123,10 +139,16 @@ class Method(nn.Module):
     def check_config(cls, cfg, errors: list[str]) -> None:
         """Extension point, run at config validation: the method's rules that tie its hyperparameters
         (``cfg.method.options``) to other sections, e.g. GKD's ``sft_steps`` below ``train.steps``.
-        Single-field bounds are declared on ``Hparams`` instead; the rules live on ``Hparams.check_config``."""
+        Single-field bounds are declared on ``Hparams``; rules between its fields are ``Hparams.problems()``
+        (run here and when the method is built), rules that read other sections ``Hparams.check_config``."""
         rule = getattr(cls.Hparams, "check_config", None)
         if rule is not None:
             rule(cfg, errors)
+        if hasattr(cls.Hparams, "problems"):  # the Hparams' own cross-field rules, also run when built in Python
+            try:
+                errors.extend(cls.Hparams(**cfg.method.options).problems())
+            except (TypeError, ValueError):
+                pass  # a wrongly typed field: already reported by the coercer
 
     @classmethod
     def can_cache_teacher(cls) -> bool:

@@ -155,6 +155,11 @@ class ContinuationKD(Method):
 
     Hparams = ContinuationKDHparams
 
+    @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
+        depend on each other); config validation applies the bounds declared on ``Hparams``."""
+
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         _check(hparams)

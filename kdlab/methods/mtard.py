@@ -80,6 +80,15 @@ class MTARDHparams:
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
 
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own bounds are declared above)."""
+        out = []
+        if self.balance != "none" and self.weight_adv + self.weight_nat <= 0:
+            out.append("method.weight_adv/weight_nat: their sum must be > 0 when balancing (they are normalised)")
+        if self.temperature_min > self.temperature_max:
+            out.append(f"method.temperature_min: {self.temperature_min!r} exceeds temperature_max {self.temperature_max!r}")
+        return out
+
 
 def normalization_balance_step(weights: torch.Tensor, losses: torch.Tensor, initial_losses: torch.Tensor,
                                lr: float) -> torch.Tensor:
@@ -110,27 +119,6 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=-1).mean()
 
 
-def _check(h: MTARDHparams) -> None:
-    def number(name, low, strict):
-        v = getattr(h, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                (v <= low if strict else v < low):
-            raise KdlabError(f"method.{name}: must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
-
-    for name in ("weight_adv", "weight_nat", "weight_lr", "temperature_lr"):
-        number(name, 0.0, strict=False)
-    for name in ("temperature_adv", "temperature_nat", "temperature_min", "temperature_max"):
-        number(name, 0.0, strict=True)
-    if h.balance not in ("none", "eccv", "entropy"):
-        raise KdlabError(f"method.balance: {h.balance!r} is not one of 'none', 'eccv', 'entropy'")
-    if h.balance != "none" and h.weight_adv + h.weight_nat <= 0:
-        raise KdlabError("method.weight_adv/weight_nat: their sum must be > 0 when balancing (they are normalised)")
-    if h.weight_lr > 1:
-        raise KdlabError(f"method.weight_lr: must lie in [0, 1] (a convex step toward the target), got {h.weight_lr!r}")
-    if h.temperature_min > h.temperature_max:
-        raise KdlabError(f"method.temperature_min: {h.temperature_min!r} exceeds temperature_max {h.temperature_max!r}")
-
-
 @register("method", "mtard")
 class MTARD(RobustMethod):
     """MTARD/B-MTARD (Zhao et al. 2022/2024): clean teacher on x, robust teacher on x', balanced weights and τ."""
@@ -145,7 +133,6 @@ class MTARD(RobustMethod):
             raise KdlabError(f"method mtard needs exactly two teachers, got {got}; give teacher.members: "
                              "[clean, robust] (the naturally trained one first, the adversarially trained one second)")
         h = hparams
-        _check(h)
         weights = torch.tensor([float(h.weight_adv), float(h.weight_nat)])
         if h.balance != "none":
             weights = weights / weights.sum()

@@ -14,8 +14,6 @@ of the member logits) is only what the loop's agreement metrics see.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -52,12 +50,6 @@ class MultiTeacher(Method):
                                weight_temperature=hparams.weight_temperature)
         except KdlabError as exc:
             raise KdlabError(f"method.rule/weights/weight_temperature: {exc}") from None
-        t = hparams.temperature
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (math.isfinite(t) and t > 0):
-            raise KdlabError(f"method.temperature: must be a finite number > 0, got {t!r}")
-        a = hparams.alpha
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 <= a <= 1.0:
-            raise KdlabError(f"method.alpha: must lie in [0, 1], got {a!r}")
         self.teacher_taps = tuple(teacher.feature_stages)  # "members.0", ..., one per teacher
 
     def loss_terms(self, batch, student_out, teacher_out):
