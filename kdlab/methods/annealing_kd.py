@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -41,6 +41,8 @@ from kdlab.losses import cross_entropy, mse_logits
 from kdlab.methods.base import Method
 from kdlab.methods.continuation_kd import UNITS, _check_max_temperature, phi, temperature_at, unit_index
 from kdlab.registry import register
+from annotated_types import Interval
+
 from kdlab.config.validate import Count
 
 KEY = "annealing_kd"
@@ -62,7 +64,7 @@ def annealing_schedule(e: int, n: int, *, max_temperature: int, phase1_fraction:
 @dataclass
 class AnnealingKDHparams:
     max_temperature: Count = 7  # τ_max: φ = 1 − (T−1)/τ_max steps 1/τ_max → 1 (official: 7 GLUE README, 10 vision)
-    phase1_fraction: float = 2 / 3  # share of training in phase 1 (logit regression); the rest is CE (code: 200+100)
+    phase1_fraction: Annotated[float, Interval(gt=0, le=1)] = 2 / 3  # share of training in phase 1 (logit regression); the rest is CE (code: 200+100)
     reduction: Literal["mean", "sum"] = "mean"  # over classes: mean = the code's F.mse_loss; sum = ‖·‖²₂
     unit: Literal["epoch", "step"] = "epoch"  # e counts epochs (the paper, the code) or optimiser steps
 

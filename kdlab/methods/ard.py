@@ -36,8 +36,8 @@ class ARDHparams:
     temperature: Positive = 30.0  # T of the KD term (code default, CIFAR-10)
     alpha: UnitInterval = 1.0  # weight of the KD term; 1 − α weighs the clean CE (code default: KD only)
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's KLDivLoss(); batchmean: KL
-    epsilon: UnitInterval = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: NonNegative = 2 / 255  # PGD step
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step
     steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # x + U(−ε, ε) (code)
     attack_mode: Literal["train", "eval"] = "train"  # student's mode while attacking (code: train)

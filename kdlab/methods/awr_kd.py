@@ -55,8 +55,8 @@ class AWRKDHparams:
     beta: UnitInterval = 0.5  # β of w(x): mix of clean agreement and adversarial disagreement with the teacher
     temperature: Positive = 1.2  # τ of the KD term (CIFAR-10; 1.0 for CIFAR-100 / STL-10)
     perturb_loss: Literal["kl", "ce"] = "kl"  # attack objective: KL(p(x)‖p(x')) or CE with teacher pseudo-labels
-    epsilon: UnitInterval = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: NonNegative = 2 / 255  # PGD step (code: ε/4)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step (code: ε/4)
     steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # x + U(−ε, ε), clamped (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: bn_mode eval)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -46,6 +46,8 @@ from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
+from annotated_types import Interval
+
 from kdlab.config.validate import Count, NonNegative, Positive
 
 KEY = "continuation_kd"
@@ -132,7 +134,7 @@ class ContinuationKDHparams:
     max_temperature: Count = 10  # T_max: T steps down T_max → 1, so φ grows 1/T_max → 1 (paper: 20 vision, 10 NLU)
     margin: NonNegative = 0.0  # m: hinge margin, annealed as m·φ; squared-logit units summed over classes (unstated; sweep)
     psi_ramp: Positive = 0.75  # ψ(i) = min(1, i/(psi_ramp·n)): ψ reaches 1 at this fraction of training (vision 150/200)
-    psi_jump: float = 1.0  # ψ = 1 after unit round(psi_jump·n) (NLU: 20/30, with psi_ramp 40/30); 1 = no jump
+    psi_jump: Annotated[float, Interval(gt=0, le=1)] = 1.0  # ψ = 1 after unit round(psi_jump·n) (NLU: 20/30, with psi_ramp 40/30); 1 = no jump
     hinge: Literal["sample", "batch"] = "sample"  # hinge per sample then batch mean, or on the batch-mean norm
     unit: Literal["epoch", "step"] = "epoch"  # i counts epochs (Algorithm 1) or optimiser steps
 

@@ -74,8 +74,8 @@ class MTARDHparams:
     temperature_min: Positive = 1.0  # lower clip of τ under balance entropy
     temperature_max: Positive = 10.0  # upper clip of τ under balance entropy
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's torch.mean; batchmean: KL
-    epsilon: UnitInterval = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: NonNegative = 2 / 255  # PGD step
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step
     steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)

@@ -80,7 +80,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -91,6 +91,8 @@ from kdlab.methods.base import Method
 from kdlab.methods.reinforce import categorical_log_prob, debiased, ema_update, reinforce_loss, sample_categorical
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
+from annotated_types import Interval
+
 from kdlab.config.validate import Count, Positive, UnitInterval, Width
 
 MODES = ("choice", "weights")
@@ -105,7 +107,7 @@ class RLMultiTeacherHparams:
     kl_features: bool = True  # add each teacher's KL(teacher ‖ student) at T = 1 to the policy's state
     hidden: Width = 32  # hidden units of the policy MLP
     policy_lr: Positive = 1e-3  # learning rate of the policy's own optimiser (train.optimizer, no weight decay)
-    baseline_decay: float = 0.9  # EMA decay of the reward baseline (and of the advantage scale), in [0, 1)
+    baseline_decay: Annotated[float, Interval(ge=0, lt=1)] = 0.9  # EMA decay of the reward baseline (and of the advantage scale), in [0, 1)
     normalize_advantage: bool = True  # divide r − b by its running RMS (reward units → unit scale)
     probe_size: Count = 64  # held-out probe samples for the reward (capped at half the train split)
     concentration: Positive = 1.0  # mode weights: initial Dirichlet α per teacher (1 = uniform on the simplex)

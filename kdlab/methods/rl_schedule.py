@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -55,6 +55,8 @@ from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
+from annotated_types import Interval
+
 from kdlab.config.validate import NonNegative, Positive, UnitInterval
 
 KEY = "rl_schedule"
@@ -91,7 +93,7 @@ class RLScheduleHparams:
     temperatures: tuple[Positive, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
     alphas: tuple[UnitInterval, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
     exploration: NonNegative = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
-    discount: float = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
+    discount: Annotated[float, Interval(gt=0, le=1)] = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
     probe_fraction: UnitInterval = 0.1  # share of the train split held out as the probe (never trained on)
     reward: Literal["nll", "acc"] = "nll"  # probe NLL decrease or probe accuracy gain over the epoch
 
