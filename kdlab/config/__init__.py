@@ -12,11 +12,11 @@
 from __future__ import annotations
 
 from kdlab import registry
-from kdlab.config.checks import check_robust, device_problem, name_problem
-from kdlab.config.entries import RESERVED_DATASET_ARGS, RESERVED_MODEL_ARGS, check_options, entry_parameters
+from kdlab.config.checks import device_problem, name_problem
+from kdlab.config.entries import (RESERVED_DATASET_ARGS, RESERVED_MODEL_ARGS, check_options, entry_parameters,
+                                  split_sized_name)
 from kdlab.config.load import (QUICKSTART_PATH, apply_overrides, load_experiment, load_yaml, load_yaml_documents,
                                parse_experiment, parse_override, quickstart_raw)
-from kdlab.config.names import split_sized_name
 from kdlab.config.paths import deep_merge, get_path, set_path
 from kdlab.config.runs import (RunSpec, assistant_run_spec, content_hash, dotted_leaves, recipe_run_spec,
                                teacher_run_spec, to_dict)
@@ -26,7 +26,15 @@ from kdlab.config.schema import (ATTACK_NAMES, OMIT_DEFAULT, AttackConfig, DataC
 from kdlab.config.validate import NonFinite, Says, check_fields, coerce, parse_dataclass
 from kdlab.errors import ConfigError, KdlabError
 
-_check_robust = check_robust  # the name kdlab eval and older tests use
+
+
+def __getattr__(name: str):
+    """``check_robust`` (old name ``_check_robust``) lives with the attacks, in ``kdlab.robust.section``."""
+    if name in ("check_robust", "_check_robust"):
+        from kdlab.robust.section import check_robust
+
+        return check_robust
+    raise AttributeError(f"module 'kdlab.config' has no attribute {name!r}")
 
 
 def parse_train(raw: dict, *, path: str = "train") -> TrainConfig:

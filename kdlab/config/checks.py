@@ -5,7 +5,7 @@ import re
 from typing import Any
 
 from kdlab import registry
-from kdlab.config.schema import AttackConfig, ExperimentConfig, RobustConfig, StudentConfig, TeacherConfig
+from kdlab.config.schema import ExperimentConfig, RobustConfig, StudentConfig, TeacherConfig
 from kdlab.errors import KdlabError
 
 
@@ -118,6 +118,8 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
     if isinstance(cfg.seeds, list) and not cfg.seeds:
         errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
     if isinstance(cfg.robust, RobustConfig):
+        from kdlab.robust.section import check_robust  # the attacks' own rules (AttackSpec), with torch
+
         check_robust(cfg.robust, errors)
     if not isinstance(cfg.method.name, str):
         return
@@ -134,74 +136,9 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
         problem = method_cls.teacher_problem(cfg.method.name, cfg.teacher is not None)
         if problem:
             errors.append(problem)
-    if cfg.train.teacher_cache is True and hasattr(method_cls, "can_cache_teacher") and \
-            not method_cls.can_cache_teacher():
-        from kdlab.methods.base import teacher_cache_refusal
-
-        errors.append(teacher_cache_refusal(repr(cfg.method.name)))
+    if cfg.train.teacher_cache is True and hasattr(method_cls, "teacher_cache_problem"):
+        problem = method_cls.teacher_cache_problem(cfg.method.name)
+        if problem:
+            errors.append(problem)
     if hasattr(method_cls, "check_config"):  # the method's own cross-field rules (e.g. sft_steps < train.steps)
         method_cls.check_config(cfg, errors)
-
-
-def _check_eps(value: Any, norm: str, path: str, errors: list[str]) -> None:
-    """An attack radius: a number or text like "8/255"; L∞ radii lie in [0, 1] (inputs are in [0, 1])."""
-    from kdlab.robust.attacks import parse_eps  # deferred: robust imports torch
-
-    try:
-        eps = parse_eps(value)
-    except KdlabError as exc:
-        errors.append(f"{path}: {str(exc).removeprefix('eps: ')}")
-        return
-    if norm == "linf" and eps > 1:
-        shown = f"{value:g}" if isinstance(value, float) else value
-        if eps <= 255 and "/" not in str(value):
-            errors.append(f"{path}: {shown} is outside [0, 1] for norm linf; inputs are in [0, 1], so this looks "
-                          f"like pixel units (0-255): write {eps:g}/255")
-        else:
-            errors.append(f"{path}: {shown} is outside [0, 1] for norm linf (inputs are in [0, 1]); "
-                          "give e.g. 8/255 or 0.031")
-
-
-def check_robust(r: RobustConfig, errors: list[str]) -> None:
-    """The robust section: radii in range, attack settings the attacks accept, distinct metric labels."""
-    from kdlab.robust.protocol import AttackSpec  # deferred: robust imports torch
-
-    before = len(errors)
-    _check_eps(r.eps, "linf" if not r.attacks else r.attacks[0].norm, "robust.eps", errors)
-    section_eps_bad = len(errors) > before
-    if not r.attacks and (r.eps_curve or r.sanity_checks):
-        errors.append("robust.attacks: eps_curve and sanity_checks need an attack; add one, e.g. "
-                      "{name: pgd, steps: 20}")
-    labels: dict[str, int] = {}
-    for i, a in enumerate(r.attacks):
-        if not isinstance(a, AttackConfig):
-            continue
-        path = f"robust.attacks[{i}]"
-        eps = a.eps if a.eps is not None else r.eps
-        before = len(errors)
-        if a.eps is not None:
-            _check_eps(a.eps, a.norm, f"{path}.eps", errors)
-        eps_bad = len(errors) > before if a.eps is not None else section_eps_bad
-        if a.name == "autoattack":
-            from kdlab.robust.autoattack import INSTALL_HINT, available
-
-            if not available():
-                errors.append(f"{path}: autoattack needs the pyautoattack package; {INSTALL_HINT}")
-        if a.label is not None and (not a.label or "/" in a.label or a.label in ("clean", "worst", "faith", "curve")):
-            errors.append(f"{path}.label: {a.label!r} cannot name metrics; use letters, digits, '_' or '-', "
-                          "not clean/worst/faith/curve")
-        try:
-            spec = AttackSpec(a.name, eps=eps, norm=a.norm, steps=a.steps, step_size=a.step_size,
-                              restarts=a.restarts, loss=a.loss, seed=a.seed)
-        except KdlabError as exc:
-            if not eps_bad:
-                errors.append(f"{path}: {str(exc).split(': ', 1)[-1]}")
-            continue
-        label = a.label or spec.label
-        if label in labels:
-            errors.append(f"{path}: same metric label {label!r} as robust.attacks[{labels[label]}]; set "
-                          f"robust.attacks[{i}].label to tell them apart")
-        labels.setdefault(label, i)
-    norm = r.attacks[0].norm if r.attacks and isinstance(r.attacks[0], AttackConfig) else "linf"
-    for i, value in enumerate(r.eps_curve):
-        _check_eps(value, norm, f"robust.eps_curve[{i}]", errors)

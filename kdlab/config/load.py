@@ -15,8 +15,7 @@ from typing import Any
 
 import yaml
 
-from kdlab.config.entries import entry_parameters
-from kdlab.config.names import drop_knobs_set_by_sized_name, split_sized_name
+from kdlab.config.entries import drop_knobs_set_by_sized_name, entry_parameters, split_sized_name
 from kdlab.config.paths import MISSING, deep_merge, get_path, set_path
 from kdlab.config.runs import RunSpec
 from kdlab.config.sections import REGISTRY_SECTIONS, parse_point

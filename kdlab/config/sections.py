@@ -14,9 +14,8 @@ from typing import Annotated, Any, Optional, Union
 
 from kdlab import registry
 from kdlab.config.checks import check_experiment
-from kdlab.config.entries import check_options, entry_parameters
+from kdlab.config.entries import check_options, entry_parameters, expand_sized_name, split_sized_name
 from kdlab.config.paths import get_path
-from kdlab.config.names import expand_sized_name, split_sized_name
 from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, QuantConfig, StudentConfig,
                                  TeacherConfig, TrainConfig)
 from kdlab.config.validate import hints, parse_dataclass

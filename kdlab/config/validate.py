@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass
@@ -47,57 +48,38 @@ def _num(x: Any) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _bound_text(meta: list) -> str:
-    """``[Ge(0), Lt(1)]`` → ``"in [0, 1)"``; ``[Gt(0)]`` → ``"> 0"``."""
-    low = high = None
-    for m in meta:
-        if isinstance(m, at.Interval):
-            low = ("[", m.ge) if m.ge is not None else ("(", m.gt) if m.gt is not None else low
-            high = ("]", m.le) if m.le is not None else (")", m.lt) if m.lt is not None else high
-        elif isinstance(m, at.Ge):
-            low = ("[", m.ge)
-        elif isinstance(m, at.Gt):
-            low = ("(", m.gt)
-        elif isinstance(m, at.Le):
-            high = ("]", m.le)
-        elif isinstance(m, at.Lt):
-            high = (")", m.lt)
-    if low and high:
-        return f"in {low[0]}{_num(low[1])}, {_num(high[1])}{high[0]}"
-    if low:
-        return f"{'≥' if low[0] == '[' else '>'} {_num(low[1])}"
-    if high:
-        return f"{'≤' if high[0] == ']' else '<'} {_num(high[1])}"
-    return ""
+_OPS = {"gt": (operator.gt, ">"), "ge": (operator.ge, "≥"), "lt": (operator.lt, "<"), "le": (operator.le, "≤")}
 
 
-def _in_bounds(value: Any, meta: list) -> bool:
-    for m in meta:
-        parts = [m] if not isinstance(m, at.Interval) else [
-            c(v) for c, v in ((at.Gt, m.gt), (at.Ge, m.ge), (at.Lt, m.lt), (at.Le, m.le)) if v is not None]
-        for p in parts:
-            if isinstance(p, at.Gt) and not value > p.gt or isinstance(p, at.Ge) and not value >= p.ge \
-                    or isinstance(p, at.Lt) and not value < p.lt or isinstance(p, at.Le) and not value <= p.le:
-                return False
-    return True
+def _limits(m: Any) -> list[tuple[str, Any]]:
+    """A numeric bound as (op, value) pairs, lower first: ``Interval(ge=0, lt=1)`` → ``[("ge", 0), ("lt", 1)]``."""
+    return [(k, getattr(m, k)) for k in _OPS if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le, at.Interval))
+            and getattr(m, k, None) is not None]
 
 
-def _check_annotated(value: Any, meta: list, path: str, errors: list[str], nullable: bool,
-                     finite: bool) -> None:
+def _bound_text(m: Any) -> str:
+    """``Interval(ge=0, lt=1)`` → ``"in [0, 1)"``; ``Gt(0)`` → ``"> 0"``."""
+    limits = _limits(m)
+    if len(limits) == 2:
+        (low, a), (high, b) = limits
+        return f"in {'[' if low == 'ge' else '('}{_num(a)}, {_num(b)}{']' if high == 'le' else ')'}"
+    return f"{_OPS[limits[0][0]][1]} {_num(limits[0][1])}"
+
+
+def _check_annotated(value: Any, meta: list, path: str, errors: list[str], finite: bool) -> None:
     """The bounds of ``Annotated`` metadata, on a value already of the right type."""
     says = next((m.text for m in meta if isinstance(m, Says)), None)
-    numeric = [m for m in meta if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le, at.Interval))]
+    numeric = [m for m in meta if _limits(m)]
     if numeric and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and not math.isfinite(value):
-            if finite:
-                errors.append(f"{path}: must be {says or 'a finite number ' + _bound_text(numeric)}, got {value!r}")
-                return
-            failed = None if math.isnan(value) or _in_bounds(value, numeric) else numeric[0]
-        else:
-            failed = next((m for m in numeric if not _in_bounds(value, [m])), None)
+        if isinstance(value, float) and math.isnan(value) and not finite:
+            return
+        if isinstance(value, float) and not math.isfinite(value) and finite:
+            shown = says or "a finite number " + " and ".join(map(_bound_text, numeric))
+            errors.append(f"{path}: must be {shown}, got {value!r}")
+            return
+        failed = next((m for m in numeric if not all(_OPS[op][0](value, v) for op, v in _limits(m))), None)
         if failed is not None:
-            shown = says or _bound_text([failed])
-            errors.append(f"{path}: must be {shown}{' or null' if nullable else ''}, got {value!r}")
+            errors.append(f"{path}: must be {says or _bound_text(failed)}, got {value!r}")
         return
     for m in meta:
         if isinstance(m, (at.MinLen, at.MaxLen)) and hasattr(value, "__len__"):
@@ -144,7 +126,7 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str], *, finite: bool = 
         # With numeric bounds, a NaN or inf is reported with them ("a finite number > 0"), once.
         out = coerce(value, base, path, errors, finite=finite and not bounded)
         if len(errors) == before and out is not None:
-            _check_annotated(out, meta, path, errors, nullable=False, finite=finite)
+            _check_annotated(out, meta, path, errors, finite=finite)
         return out
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:

@@ -151,6 +151,11 @@ class Method(nn.Module):
                 pass  # a wrongly typed field: already reported by the coercer
 
     @classmethod
+    def teacher_cache_problem(cls, name: str) -> str | None:
+        """Why ``train.teacher_cache`` cannot serve method ``name`` (asked at config validation), or None."""
+        return None if cls.can_cache_teacher() else teacher_cache_refusal(repr(name))
+
+    @classmethod
     def can_cache_teacher(cls) -> bool:
         """True when the loop may replace this method's teacher forward by cached outputs (see ``teacher_cacheable``)."""
         if cls.teacher_cacheable is not None:
