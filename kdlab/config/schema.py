@@ -85,12 +85,17 @@ class MethodConfig:
 
 @dataclass
 class QuantConfig:
-    """``student.quant``: which linear layers are fake-quantized and how (``kdlab.quant.QuantSpec``)."""
+    """``student.quant``: which linear layers are fake-quantized and how (``kdlab.quant.QuantSpec``).
+
+    Declares the keys and their choices for validation only: the config keeps the mapping as written
+    (so run ids do not change), and the defaults that apply are ``QuantSpec``'s.
+    """
 
     weight_bits: Literal[2, 4, 8, "ternary"] = "ternary"
     per_channel: bool = False
     activation_bits: Optional[Literal[8]] = None
     activation_mode: Literal["minmax", "lsq"] = "minmax"
+    # fnmatch patterns on module names (each must match an nn.Linear: checked when the model is built)
     layers: Union[Annotated[str, MinLen(1)], Annotated[list[Annotated[str, MinLen(1)]], MinLen(1)]] = "*"
 
 

@@ -74,7 +74,7 @@ def _check_annotated(value: Any, meta: list, path: str, errors: list[str], finit
         if isinstance(value, float) and math.isnan(value) and not finite:
             return
         if isinstance(value, float) and not math.isfinite(value) and finite:
-            shown = says or "a finite number " + " and ".join(map(_bound_text, numeric))
+            shown = says or "a finite number " + _bound_text(numeric[0])
             errors.append(f"{path}: must be {shown}, got {value!r}")
             return
         failed = next((m for m in numeric if not all(_OPS[op][0](value, v) for op, v in _limits(m))), None)

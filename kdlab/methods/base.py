@@ -144,8 +144,8 @@ class Method(nn.Module):
         rule = getattr(cls.Hparams, "check_config", None)
         if rule is not None:
             rule(cfg, errors)
-        if hasattr(cls.Hparams, "problems"):  # the Hparams' own cross-field rules, also run when built in Python
-            try:
+        if hasattr(cls.Hparams, "problems") and not any(e.startswith("method.") for e in errors):
+            try:  # the Hparams' own cross-field rules (also run when built in Python), once its fields are valid
                 errors.extend(cls.Hparams(**cfg.method.options).problems())
             except (TypeError, ValueError):
                 pass  # a wrongly typed field: already reported by the coercer

@@ -84,7 +84,7 @@ class MTARDHparams:
         """Rules between fields (each field's own bounds are declared above)."""
         out = []
         if self.balance != "none" and self.weight_adv + self.weight_nat <= 0:
-            out.append("method.weight_adv/weight_nat: their sum must be > 0 when balancing (they are normalised)")
+            out.append("method.weight_adv: the sum with method.weight_nat must be > 0 when balancing (they are normalised)")
         if self.temperature_min > self.temperature_max:
             out.append(f"method.temperature_min: {self.temperature_min!r} exceeds temperature_max {self.temperature_max!r}")
         return out
