@@ -102,3 +102,15 @@ def test_mtard_cross_field_rules_run_at_config_validation():
     with pytest.raises(ConfigError) as info:
         parse_experiment(raw)
     assert info.value.problems == ["method.temperature_min: 5.0 exceeds temperature_max 2.0"]
+
+
+def test_tune_reads_integer_keys_from_the_declarations():
+    from kdlab.config.sections import takes_integers
+
+    raw = {"student": {"model": "cnn1d"}, "teacher": {"model": "mlp"}, "method": {"name": "scratch"}}
+    grid = {"method.name": ["scratch", "kd"]}
+    assert takes_integers(raw, "train.epochs") and takes_integers(raw, "teacher.train.epochs")
+    assert takes_integers(raw, "student.width") and takes_integers(raw, "teacher.depth")
+    assert takes_integers(raw, "train.steps")  # Optional[Count]
+    assert not takes_integers(raw, "train.lr") and not takes_integers(raw, "method.temperature", grid)
+    assert not takes_integers(raw, "nothing.here") and not takes_integers(raw, "student.bogus")
