@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab.config.validate import Samples
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.registry import register
-from kdlab.config.validate import Samples
 
 # Bump when the cached content changes meaning, so stale caches are not read.
 _CACHE_FORMAT = 1

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import torch
 
+from kdlab.config.validate import Samples
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError
 from kdlab.registry import register
-from kdlab.config.validate import Samples
 
 
 def gaussian_mixture(

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.adversarial import (
@@ -38,7 +39,6 @@ from kdlab.losses.adversarial import (
 from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.registry import register
-from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 
 
 @dataclass

@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod
 from kdlab.registry import register
-from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass

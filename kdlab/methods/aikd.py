@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.losses.adversarial import discriminator_accuracy, discriminator_loss, generator_loss
@@ -44,7 +45,6 @@ from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.methods.pskd import ProgressiveTargets, num_classes_of
 from kdlab.registry import register
-from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 
 _SAME_ARCHITECTURE = ("aikd needs a pre-trained model of the student's architecture as the teacher: "
                       "set teacher.model and its options equal to the student's")

@@ -34,16 +34,16 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, mse_logits
 from kdlab.methods.base import Method
 from kdlab.methods.continuation_kd import UNITS, _check_max_temperature, phi, temperature_at, unit_index
 from kdlab.registry import register
-from annotated_types import Interval
 
-from kdlab.config.validate import Count
 
 KEY = "annealing_kd"
 REDUCTIONS = ("mean", "sum")

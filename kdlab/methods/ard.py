@@ -24,11 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
 from kdlab.registry import register
-from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass

@@ -39,16 +39,16 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count, NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
-from annotated_types import Interval
 
-from kdlab.config.validate import Count, NonNegative, Positive
 
 KEY = "continuation_kd"
 UNITS = ("epoch", "step")

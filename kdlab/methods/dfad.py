@@ -38,13 +38,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kdlab.config.validate import Count, Positive, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.methods.base import Batch, Method
 from kdlab.models.common import Normalize
 from kdlab.models.generators import build_generator
 from kdlab.registry import register
-from kdlab.config.validate import Count, Positive, Width
 
 DISCREPANCIES = ("l1_logits", "kl")
 

@@ -42,13 +42,13 @@ from typing import Literal, Optional
 
 import torch
 
+from kdlab.config.validate import Count, NonNegative, Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
 from kdlab.robust.bounds import check_supported, interval_bounds
 from kdlab.robust.faithfulness import confidence_gap, confidence_gap_bound, eval_mode, maximise_confidence_gap
-from kdlab.config.validate import Count, NonNegative, Positive, UnitInterval
 
 
 @dataclass

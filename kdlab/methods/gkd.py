@@ -21,19 +21,19 @@ the paper starts every student from an SFT checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
 from kdlab.methods.base import Batch, Method
 from kdlab.methods.scratch import sequence_cross_entropy
 from kdlab.registry import register
-from typing import Annotated, Optional
 
-from annotated_types import Interval
 
-from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass

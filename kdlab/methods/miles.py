@@ -20,13 +20,13 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import batchnorm_standardize, cross_entropy, kl, logsum
 from kdlab.methods.adapters import make_adapter
 from kdlab.methods.base import Method
 from kdlab.models.taps import tap_shapes
 from kdlab.registry import register
-from kdlab.config.validate import NonNegative, Positive
 
 
 @dataclass

@@ -17,13 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from kdlab.config.validate import Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, multi_teacher_kl
 from kdlab.losses.ensemble import check_rule_options
 from kdlab.methods.base import Method
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
-from kdlab.config.validate import Positive, UnitInterval
 
 
 @dataclass

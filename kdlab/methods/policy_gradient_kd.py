@@ -83,20 +83,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
+from annotated_types import Interval
 import torch
 from torch import Tensor, nn
 
+from kdlab.config.validate import NonNegativeCount, UnitInterval
 from kdlab.data.sequence import prompt_lengths
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method
 from kdlab.methods.scratch import sequence_cross_entropy
 from kdlab.registry import register
-from typing import Annotated, Optional
 
-from annotated_types import Interval
 
-from kdlab.config.validate import NonNegativeCount, UnitInterval
 
 IGNORE = -100
 BASELINES = ("loo", "batch_mean", "moving_average", "none")

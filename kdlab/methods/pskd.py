@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdlab.config.validate import UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.methods.base import Method
 from kdlab.registry import register
-from kdlab.config.validate import UnitInterval
 
 
 def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:

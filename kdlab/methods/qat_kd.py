@@ -26,12 +26,12 @@ from typing import Optional
 
 import torch
 
+from kdlab.config.validate import NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.attention import attention_map, attention_output, hidden_mse
 from kdlab.methods.base import Method
 from kdlab.registry import register
-from kdlab.config.validate import NonNegative, Positive
 
 
 @dataclass

@@ -82,18 +82,18 @@ import numbers
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 from torch import nn
 
+from kdlab.config.validate import Count, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.reinforce import categorical_log_prob, debiased, ema_update, reinforce_loss, sample_categorical
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
-from annotated_types import Interval
 
-from kdlab.config.validate import Count, Positive, UnitInterval, Width
 
 MODES = ("choice", "weights")
 _PENDING = ("pending_features", "pending_weights", "pending_mask")  # per-batch buffers: their size varies

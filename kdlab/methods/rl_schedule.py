@@ -49,15 +49,15 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import NonNegative, Positive, UnitInterval
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
-from annotated_types import Interval
 
-from kdlab.config.validate import NonNegative, Positive, UnitInterval
 
 KEY = "rl_schedule"
 REWARDS = ("nll", "acc")

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdlab.config.validate import Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.models.trajectory import TeacherTrajectory
 from kdlab.registry import register
-from kdlab.config.validate import Positive, UnitInterval
 
 
 @dataclass

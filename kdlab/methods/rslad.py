@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
 from kdlab.registry import register
-from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 
 
 @dataclass

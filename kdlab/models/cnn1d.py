@@ -3,9 +3,9 @@ from typing import Optional
 
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.models.common import StagedNet, check_common, check_positive, init_conv_bn, resolve_widths
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 def conv_block(in_channels: int, out_channels: int, *, kernel_size: int, stride: int) -> nn.Sequential:

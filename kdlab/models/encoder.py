@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 ENCODER_TAP_KINDS = ("hidden", "attention_probs", "attention_output")
 

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kdlab.errors import KdlabError
 from kdlab.config.validate import Width
+from kdlab.errors import KdlabError
 
 LEAKY_SLOPE = 0.2  # LeakyReLU slope of the official GeneratorA (and DCGAN)
 

@@ -3,9 +3,9 @@ from typing import Optional
 
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.models.common import StagedNet, check_common, check_dropout, resolve_widths
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 class MLP(StagedNet):

@@ -10,10 +10,10 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_positive, init_conv_bn
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 class BasicBlock(nn.Module):

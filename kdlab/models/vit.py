@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_dropout, check_positive
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 class PatchEmbed(nn.Module):

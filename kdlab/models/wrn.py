@@ -8,10 +8,10 @@ WRN features); the final BN-ReLU lives in ``pool``.
 """
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_dropout, check_positive, init_conv_bn
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 class PreActBlock(nn.Module):

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import check_dropout, check_positive
 from kdlab.registry import register
-from kdlab.config.validate import Depth, Width
 
 
 class KVCache:
