@@ -16,6 +16,7 @@ import difflib
 import inspect
 import math
 import operator
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -42,6 +43,15 @@ class NonFinite:
 def hints(cls: Any) -> dict[str, Any]:
     """Type hints with their ``Annotated`` metadata kept."""
     return typing.get_type_hints(cls, include_extras=True)
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 3, 60, 60
+
+
+def _show(value: Any) -> str:
+    """A value in a message: short, and safe for deeply nested or huge values."""
+    return _SHOW.repr(value)
 
 
 def _num(x: Any) -> str:
@@ -151,16 +161,16 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str], *, finite: bool = 
             if trial and ": must be " in trial[0]:
                 errors.append(trial[0])
                 return value
-        errors.append(f"{path}: expected {type_name(tp)}, got {value!r}")
+        errors.append(f"{path}: expected {type_name(tp)}, got {_show(value)}")
         return value
     if origin is Literal:
         if value not in args or isinstance(value, bool) != any(isinstance(a, bool) and a == value for a in args):
             allowed = ", ".join(repr(a) for a in args)
-            errors.append(f"{path}: {value!r} is not allowed; choose one of {allowed}")
+            errors.append(f"{path}: {_show(value)} is not allowed; choose one of {allowed}")
         return value
     if origin in (list, tuple) or tp in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            errors.append(f"{path}: expected {type_name(tp)}, got {value!r}")
+            errors.append(f"{path}: expected {type_name(tp)}, got {_show(value)}")
             return value
         if args and origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             if len(args) != len(value):
@@ -173,23 +183,23 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str], *, finite: bool = 
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            errors.append(f"{path}: expected a mapping, got {value!r}")
+            errors.append(f"{path}: expected a mapping, got {_show(value)}")
             return value
         value_tp = args[1] if args else Any
         return {k: coerce(v, value_tp, f"{path}.{k}", errors, finite=finite) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {value!r}")
+            errors.append(f"{path}: expected true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected an integer, got {value!r}")
+            errors.append(f"{path}: expected an integer, got {_show(value)}")
         elif not INT64[0] <= value <= INT64[1]:
             errors.append(f"{path}: {str(value)[:24]}... does not fit in 64 bits; give a smaller integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {value!r}")
+            errors.append(f"{path}: expected a number, got {_show(value)}")
             return value
         try:
             out = float(value)
@@ -201,7 +211,7 @@ def coerce(value: Any, tp: Any, path: str, errors: list[str], *, finite: bool = 
         return out
     if tp is str or tp is Path:
         if not isinstance(value, str):
-            errors.append(f"{path}: expected a string, got {value!r}")
+            errors.append(f"{path}: expected a string, got {_show(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, path, errors)
@@ -227,7 +237,7 @@ def parse_dataclass(cls: type, raw: Any, path: str, errors: list[str], *, extra_
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        errors.append(f"{path or 'config'}: expected a mapping, got {raw!r}")
+        errors.append(f"{path or 'config'}: expected a mapping, got {_show(raw)}")
         return cls()
     types_ = hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name != "options"]

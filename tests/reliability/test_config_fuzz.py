@@ -95,11 +95,10 @@ def _cases() -> list[tuple[str, dict | bytes | None, list[str]]]:
     cases.append(("sft_steps > steps", gkd, []))
     cases.append(("long name", {**TINY, "name": "n" * 300}, []))
     cases.append(("typo", {**TINY, "data": {**TINY["data"], "val_fractoin": 0.2}}, []))
-    for depth in (50, 2000):
-        nested: object = 1
-        for _ in range(depth):
-            nested = {"a": nested}
-        cases.append((f"nested {depth}", {**TINY, "train": nested}, []))
+    for depth in (50, 2000):  # as YAML text: {a: {a: ... 1}} under train, and a nested list as the student
+        text = yaml.safe_dump({k: v for k, v in TINY.items() if k not in ("train", "student")})
+        cases.append((f"nested {depth}", (text + "train: " + "{a: " * depth + "1" + "}" * depth + "\n").encode(), []))
+        cases.append((f"nested list {depth}", (text + "student: " + "[" * depth + "]" * depth + "\n").encode(), []))
     cases += [("empty file", b"", []), ("blank file", b"\n\n  \n", []), ("binary", bytes(range(256)), []),
               ("latin-1", "name: caf\xe9\n".encode("latin-1"), []), ("deep yaml", b"[" * 5000 + b"]" * 5000, []),
               ("directory", None, [])]
