@@ -1,6 +1,7 @@
 """The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
 
     kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
+              [--variant NAME] [--point key.path=value ...]
               [--workers N] [--retry-failed] [--executor local|ray] [--ray-address ADDR]
     torchrun --nproc_per_node N -m kdlab run CONFIG     (data-parallel runs; see README "Multi-GPU")
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
@@ -78,7 +79,8 @@ def _run_study(args, before_open=None, after_open=None) -> int:
     from kdlab.study.compare import compare_table, render_table
     from kdlab.study.runner import Runner
 
-    base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None)
+    base, specs = load_experiment(args.config, args.set, _seeds(args.seeds) if args.seeds else None,
+                                  variant=args.variant, points=args.point)
     if before_open is not None:
         before_open()
     runner = Runner(_workspace(args), resume=args.resume, progress=not args.quiet, retry_failed=args.retry_failed)
@@ -432,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML experiment config; omitted: the built-in quickstart")
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config key")
     run.add_argument("--seeds", help="comma-separated seeds, replacing the config's seeds")
+    run.add_argument("--variant", metavar="NAME", help="run one document of a multi-document study: the later "
+                     "document with variant: NAME, or base for the first")
+    run.add_argument("--point", action="append", default=[], metavar="KEY=VALUE",
+                     help="run only the grid points with this grid value (or grid name); repeatable")
     run.add_argument("--dry-run", action="store_true", help="print data, parameter counts and tap shapes; train nothing")
     run.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue unfinished runs from their last checkpoint (default) or restart them")

@@ -124,3 +124,5 @@ def stdlib_docstrings(*, root: Path | None, cache_dir: Path, tokenizer: str = "m
                     vocab_sha256=wordpiece.sha256)
     return DatasetArrays(x_train=inputs[train], y_train=targets[train], x_test=inputs[test], y_test=targets[test],
                          num_classes=len(FAMILIES), text=info)
+
+stdlib_docstrings.image_inputs = False  # token ids: data.augment crop_flip is refused at config validation

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab.config.validate import Samples
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.registry import register
@@ -112,7 +113,7 @@ def scale_to_unit(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, 
 
 @register("dataset", "mnist1d")
 def mnist1d(
-    *, root: Path | None, cache_dir: Path, num_samples: int = 5000, seed: int = 42, final_seq_length: int = 40
+    *, root: Path | None, cache_dir: Path, num_samples: Samples = 5000, seed: int = 42, final_seq_length: int = 40
 ) -> DatasetArrays:
     """MNIST-1D: 1-D digit signals, 10 classes, generated offline (default 4000/1000).
 
@@ -140,3 +141,5 @@ def mnist1d(
         y_test=torch.from_numpy(raw["y_test"].astype(np.int64)),
         num_classes=_NUM_CLASSES,
     )
+
+mnist1d.image_inputs = False  # (1, 40) vectors: data.augment crop_flip is refused at config validation

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 
+from kdlab.config.validate import Samples
 from kdlab.data.base import DatasetArrays
 from kdlab.errors import KdlabError
 from kdlab.registry import register
@@ -42,8 +43,8 @@ def synthetic(
     cache_dir: Path,
     num_classes: int = 4,
     input_shape: tuple[int, ...] = (1, 16),
-    num_train: int = 512,
-    num_test: int = 256,
+    num_train: Samples = 512,
+    num_test: Samples = 256,
     separation: float = 3.0,
     seed: int = 0,
 ) -> DatasetArrays:
@@ -74,3 +75,6 @@ def synthetic(
         y_test=y_test,
         num_classes=num_classes,
     )
+
+# crop_flip needs (C, H, W) inputs: read from the input_shape option at config validation.
+synthetic.image_inputs = lambda options: len(options.get("input_shape", (1, 16))) == 3

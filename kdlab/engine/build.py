@@ -118,11 +118,9 @@ def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | 
     if sequence is None and "classification" not in method_cls.data_kinds:
         raise KdlabError(f"method.name: {cfg.name!r} trains on sequence tasks; use a sequence dataset "
                          "(e.g. data.dataset: addition)")
-    if method_cls.needs_teacher and teacher is None:
-        raise KdlabError(f"method.name: {cfg.name!r} needs a teacher; add a teacher section")
-    if method_cls.refuses_teacher and teacher is not None:
-        raise KdlabError(f"method.name: {cfg.name!r} distils the student from itself; remove the teacher section "
-                         "(teacher: null)")
+    problem = method_cls.teacher_problem(cfg.name, teacher is not None)  # the rule the config checks too
+    if problem:
+        raise KdlabError(problem)
     method = method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape,
                         train_size=train_size)
     method.sequence = sequence

@@ -146,11 +146,40 @@ def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | N
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        spec = _model_spec(metadata.get(MODEL_METADATA_KEY), path)
     except (SafetensorError, OSError, ValueError) as exc:
         raise KdlabError(f"checkpoint {path} is not a readable safetensors file ({exc}); "
                          "re-export it with safetensors.torch.save_file") from None
-    spec = metadata.get(MODEL_METADATA_KEY)
-    return tensors, (json.loads(spec) if spec else None)
+    flags = sorted(key for key, t in tensors.items() if t.dtype == torch.bool)
+    if flags:
+        raise KdlabError(f"checkpoint {path}: tensor {flags[0]} holds booleans, not weights; "
+                         "re-export the model's state dict")
+    return tensors, spec
+
+
+def _model_spec(text: str | None, path: Path) -> dict | None:
+    """The kdlab architecture record of a model file, validated like a config section (same bounds) before
+    anything is built from it: a crafted file cannot ask for an unknown option or a huge width."""
+    from kdlab import registry
+    from kdlab.config import check_options  # the config's own checks and bounds
+
+    if not text:
+        return None
+    try:
+        spec = json.loads(text)
+    except (ValueError, RecursionError):
+        raise KdlabError(f"checkpoint {path}: its kdlab metadata is not JSON; re-export the model") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), str) or \
+            not isinstance(spec.get("options", {}), dict):
+        raise KdlabError(f"checkpoint {path}: its kdlab metadata names no model (a mapping with model and "
+                         "options); re-export the model")
+    if spec["model"] not in registry.names("model"):
+        return spec  # an unknown model: the builder names the choices (or the caller's model= is used)
+    errors: list[str] = []
+    spec["options"] = check_options(f"{path} model", "model", spec["model"], spec.get("options", {}), set(), errors)
+    if errors:
+        raise KdlabError(f"checkpoint {path}: its metadata is not a valid model section ({errors[0]}); re-export the model")
+    return spec
 
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, source: str) -> None:
@@ -159,6 +188,10 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], *, sourc
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+    ints = sorted(k for k in set(own) & set(tensors) if own[k].is_floating_point() and not tensors[k].is_floating_point())
+    if ints:
+        raise KdlabError(f"checkpoint {source}: {ints[0]} holds {tensors[ints[0]].dtype} values where the model "
+                         "has floating-point weights; re-export the model's state dict")
     if missing or unexpected or wrong:
         parts = []
         if missing:

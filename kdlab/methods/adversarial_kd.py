@@ -22,16 +22,15 @@ measures how distinguishable plain-KD outputs are from the teacher's.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.adversarial import (
-    GAN_LOSSES,
     discriminator_accuracy,
     discriminator_loss,
     generator_loss,
@@ -44,45 +43,19 @@ from kdlab.registry import register
 
 @dataclass
 class AdversarialKDHparams:
-    temperature: float = 4.0  # T of the KD term (as in kd)
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs CE (CE weight 1 when kd is false)
+    temperature: Positive = 4.0  # T of the KD term (as in kd)
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs CE (CE weight 1 when kd is false)
     kd: bool = True  # false: no KL term ("discriminator only": CE + adversarial)
-    adversarial_weight: float = 0.1  # w_adv of the student's fooling term; 0 = off (D still trains, for disc_acc)
+    adversarial_weight: NonNegative = 0.1  # w_adv of the student's fooling term; 0 = off (D still trains, for disc_acc)
     discriminator_inputs: Literal["probs", "logits"] = "probs"  # what D sees: softmax(z/T_D) or z/T_D
-    discriminator_temperature: float = 1.0  # T_D: softening before the discriminator
-    discriminator_width: int = 64  # hidden units per layer of D
-    discriminator_depth: int = 2  # hidden layers of D (0 = linear)
+    discriminator_temperature: Positive = 1.0  # T_D: softening before the discriminator
+    discriminator_width: Width = 64  # hidden units per layer of D
+    discriminator_depth: Depth = 2  # hidden layers of D (0 = linear)
     spectral_norm: bool = False  # spectral normalisation of every Linear in D (Miyato et al. 2018)
     gan_loss: Literal["bce", "lsgan", "hinge"] = "bce"  # non-saturating BCE, least squares or hinge
-    gradient_penalty: float = 0.0  # λ of the WGAN-GP penalty on D (Gulrajani et al. use 10); 0 = off
-    discriminator_lr: float = 1e-3  # learning rate of D's optimiser (train.optimizer, no weight decay)
-    discriminator_steps: int = 1  # D optimiser steps before each student step
-
-
-def _check(hparams: AdversarialKDHparams) -> None:
-    def positive(name):
-        value = getattr(hparams, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise KdlabError(f"method.{name}: must be a finite number > 0, got {value!r}")
-
-    def non_negative(name):
-        value = getattr(hparams, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise KdlabError(f"method.{name}: must be a finite number >= 0, got {value!r}")
-
-    for name in ("temperature", "discriminator_temperature", "discriminator_lr"):
-        positive(name)
-    for name in ("adversarial_weight", "gradient_penalty"):
-        non_negative(name)
-    if not 0.0 <= hparams.alpha <= 1.0:
-        raise KdlabError(f"method.alpha: must lie in [0, 1], got {hparams.alpha!r}")
-    if hparams.discriminator_inputs not in ("probs", "logits"):
-        raise KdlabError(f"method.discriminator_inputs: {hparams.discriminator_inputs!r} is not 'probs' or 'logits'")
-    if hparams.gan_loss not in GAN_LOSSES:
-        raise KdlabError(f"method.gan_loss: {hparams.gan_loss!r} is not one of {', '.join(GAN_LOSSES)}")
-    if isinstance(hparams.discriminator_steps, bool) or not isinstance(hparams.discriminator_steps, int) \
-            or hparams.discriminator_steps < 1:
-        raise KdlabError(f"method.discriminator_steps: must be an integer >= 1, got {hparams.discriminator_steps!r}")
+    gradient_penalty: NonNegative = 0.0  # λ of the WGAN-GP penalty on D (Gulrajani et al. use 10); 0 = off
+    discriminator_lr: Positive = 1e-3  # learning rate of D's optimiser (train.optimizer, no weight decay)
+    discriminator_steps: Count = 1  # D optimiser steps before each student step
 
 
 def _num_classes(student, teacher, input_shape) -> int:
@@ -124,7 +97,6 @@ class AdversarialKD(Method):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams)
         self.discriminator = Discriminator(_num_classes(student, teacher, input_shape),
                                            width=hparams.discriminator_width, depth=hparams.discriminator_depth,
                                            spectral_norm=hparams.spectral_norm)

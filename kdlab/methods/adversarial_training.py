@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod
@@ -27,9 +28,9 @@ from kdlab.registry import register
 
 @dataclass
 class AdversarialTrainingHparams:
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step (sign of the gradient times this)
-    steps: int = 10  # PGD steps of the inner maximisation (0 = clean training)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step (sign of the gradient times this)
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = clean training)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # start: x + U(−ε, ε) (Madry)
     attack_mode: Literal["train", "eval"] = "train"  # student's BN/dropout mode while attacking (Madry: train)
 

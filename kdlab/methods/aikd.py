@@ -32,15 +32,15 @@ The teacher must have the student's architecture (same state-dict keys and shape
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from kdlab.config.validate import Count, Depth, NonNegative, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
-from kdlab.losses.adversarial import GAN_LOSSES, discriminator_accuracy, discriminator_loss, generator_loss
+from kdlab.losses.adversarial import discriminator_accuracy, discriminator_loss, generator_loss
 from kdlab.methods.adversarial import Discriminator
 from kdlab.methods.base import Method
 from kdlab.methods.pskd import ProgressiveTargets, num_classes_of
@@ -52,31 +52,15 @@ _SAME_ARCHITECTURE = ("aikd needs a pre-trained model of the student's architect
 
 @dataclass
 class AIKDHparams:
-    alpha_T: float = 0.8  # PS-KD's α_T (official PS-KD default)
-    kd_weight: float = 1.0  # λ_kd of KL(pre-trained ‖ student) — chosen (paper's value not verified)
-    temperature: float = 1.0  # T of the KL term (with T²) — chosen
-    adversarial_weight: float = 0.1  # λ_adv of the student's fooling term; 0 = off (D still trains) — chosen
-    discriminator_width: int = 64  # hidden units per layer of D — chosen
-    discriminator_depth: int = 2  # hidden layers of D (0 = linear) — chosen
+    alpha_T: UnitInterval = 0.8  # PS-KD's α_T (official PS-KD default)
+    kd_weight: NonNegative = 1.0  # λ_kd of KL(pre-trained ‖ student) — chosen (paper's value not verified)
+    temperature: Positive = 1.0  # T of the KL term (with T²) — chosen
+    adversarial_weight: NonNegative = 0.1  # λ_adv of the student's fooling term; 0 = off (D still trains) — chosen
+    discriminator_width: Width = 64  # hidden units per layer of D — chosen
+    discriminator_depth: Depth = 2  # hidden layers of D (0 = linear) — chosen
     gan_loss: Literal["bce", "lsgan", "hinge"] = "bce"  # bce = non-saturating −log D(p_S) for the student
-    discriminator_lr: float = 1e-3  # learning rate of D's optimiser — chosen
-    discriminator_steps: int = 1  # D optimiser steps before each student step
-
-
-def _check(h: AIKDHparams) -> None:
-    for name in ("kd_weight", "adversarial_weight"):
-        value = getattr(h, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-            raise KdlabError(f"method.{name}: must be a finite number >= 0, got {value!r}")
-    for name in ("temperature", "discriminator_lr"):
-        value = getattr(h, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise KdlabError(f"method.{name}: must be a finite number > 0, got {value!r}")
-    steps = h.discriminator_steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise KdlabError(f"method.discriminator_steps: must be an integer >= 1, got {h.discriminator_steps!r}")
-    if h.gan_loss not in GAN_LOSSES:
-        raise KdlabError(f"method.gan_loss: {h.gan_loss!r} is not one of {', '.join(GAN_LOSSES)}")
+    discriminator_lr: Positive = 1e-3  # learning rate of D's optimiser — chosen
+    discriminator_steps: Count = 1  # D optimiser steps before each student step
 
 
 def check_same_architecture(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
@@ -100,7 +84,6 @@ class AIKD(Method):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams)
         if teacher is None:
             raise KdlabError(_SAME_ARCHITECTURE)
         check_same_architecture(student, teacher)

@@ -32,15 +32,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, mse_logits
 from kdlab.methods.base import Method
 from kdlab.methods.continuation_kd import UNITS, _check_max_temperature, phi, temperature_at, unit_index
 from kdlab.registry import register
+
 
 KEY = "annealing_kd"
 REDUCTIONS = ("mean", "sum")
@@ -60,8 +63,8 @@ def annealing_schedule(e: int, n: int, *, max_temperature: int, phase1_fraction:
 
 @dataclass
 class AnnealingKDHparams:
-    max_temperature: int = 7  # τ_max: φ = 1 − (T−1)/τ_max steps 1/τ_max → 1 (official: 7 GLUE README, 10 vision)
-    phase1_fraction: float = 2 / 3  # share of training in phase 1 (logit regression); the rest is CE (code: 200+100)
+    max_temperature: Count = 7  # τ_max: φ = 1 − (T−1)/τ_max steps 1/τ_max → 1 (official: 7 GLUE README, 10 vision)
+    phase1_fraction: Annotated[float, Interval(gt=0, le=1)] = 2 / 3  # share of training in phase 1 (logit regression); the rest is CE (code: 200+100)
     reduction: Literal["mean", "sum"] = "mean"  # over classes: mean = the code's F.mse_loss; sum = ‖·‖²₂
     unit: Literal["epoch", "step"] = "epoch"  # e counts epochs (the paper, the code) or optimiser steps
 
@@ -71,6 +74,11 @@ class AnnealingKD(Method):
     """Annealing-KD (Jafari et al. 2021): MSE to φ(T)·teacher logits as T steps down, then cross-entropy."""
 
     Hparams = AnnealingKDHparams
+
+    @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
+        depend on each other); config validation applies the bounds declared on ``Hparams``."""
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

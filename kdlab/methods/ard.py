@@ -21,11 +21,10 @@ Defaults: the code's CIFAR-10 arguments T = 30, α = 1.0 (KD term only), ε = 8/
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
-from kdlab.errors import KdlabError
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, kl_scale
@@ -34,12 +33,12 @@ from kdlab.registry import register
 
 @dataclass
 class ARDHparams:
-    temperature: float = 30.0  # T of the KD term (code default, CIFAR-10)
-    alpha: float = 1.0  # weight of the KD term; 1 − α weighs the clean CE (code default: KD only)
+    temperature: Positive = 30.0  # T of the KD term (code default, CIFAR-10)
+    alpha: UnitInterval = 1.0  # weight of the KD term; 1 − α weighs the clean CE (code default: KD only)
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's KLDivLoss(); batchmean: KL
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # x + U(−ε, ε) (code)
     attack_mode: Literal["train", "eval"] = "train"  # student's mode while attacking (code: train)
 
@@ -53,11 +52,6 @@ class ARD(RobustMethod):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        t, a = hparams.temperature, hparams.alpha
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0):
-            raise KdlabError(f"method.temperature: must be a finite number > 0, got {t!r}")
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
-            raise KdlabError(f"method.alpha: must lie in [0, 1], got {a!r}")
 
     def make_batch(self, batch: Batch) -> Batch:
         x, labels = batch.inputs, batch.labels

@@ -35,13 +35,12 @@ perturb_loss kl, ε = 8/255, 10 steps of ε/4 = 2/255.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from kdlab.errors import KdlabError
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod, training_mode
@@ -50,15 +49,15 @@ from kdlab.registry import register
 
 @dataclass
 class AWRKDHparams:
-    label_smoothing: float = 0.2  # ε of the labelled LS-CE term
-    robust_weight: float = 20.0  # λ: weight of the adaptively weighted robust KL
-    distill_weight: float = 4.0  # γ: weight of the KD term (no τ² factor, as the code)
-    beta: float = 0.5  # β of w(x): mix of clean agreement and adversarial disagreement with the teacher
-    temperature: float = 1.2  # τ of the KD term (CIFAR-10; 1.0 for CIFAR-100 / STL-10)
+    label_smoothing: UnitInterval = 0.2  # ε of the labelled LS-CE term
+    robust_weight: NonNegative = 20.0  # λ: weight of the adaptively weighted robust KL
+    distill_weight: NonNegative = 4.0  # γ: weight of the KD term (no τ² factor, as the code)
+    beta: UnitInterval = 0.5  # β of w(x): mix of clean agreement and adversarial disagreement with the teacher
+    temperature: Positive = 1.2  # τ of the KD term (CIFAR-10; 1.0 for CIFAR-100 / STL-10)
     perturb_loss: Literal["kl", "ce"] = "kl"  # attack objective: KL(p(x)‖p(x')) or CE with teacher pseudo-labels
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step (code: ε/4)
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step (code: ε/4)
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "uniform"  # x + U(−ε, ε), clamped (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: bn_mode eval)
 
@@ -84,18 +83,6 @@ class AWRKD(RobustMethod):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        h = hparams
-        for name, low, strict in (("robust_weight", 0, False), ("distill_weight", 0, False), ("temperature", 0, True)):
-            v = getattr(h, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v <= low if strict else v < low):
-                raise KdlabError(f"method.{name}: must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
-        for name in ("beta", "label_smoothing"):
-            v = getattr(h, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
-                raise KdlabError(f"method.{name}: must lie in [0, 1], got {v!r}")
-        if h.perturb_loss not in ("kl", "ce"):
-            raise KdlabError(f"method.perturb_loss: {h.perturb_loss!r} is not 'kl' or 'ce'")
 
     def make_batch(self, batch: Batch) -> Batch:
         x = batch.inputs

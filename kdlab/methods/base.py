@@ -8,11 +8,16 @@ discriminators) are optimised with the student and saved in its checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 from torch import nn
+
+from kdlab.config.validate import check_fields
+from kdlab.errors import ConfigError
+
 
 
 def teacher_cache_refusal(method_name: str) -> str:
@@ -91,6 +96,7 @@ class Method(nn.Module):
         """``input_shape`` (no batch dim) lets a method probe tap shapes to size its adapters;
         ``train_size`` sizes per-sample memories indexed by ``Batch.indices``."""
         super().__init__()
+        self.check_hparams(hparams)
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
         self.total_steps = 1
@@ -110,6 +116,47 @@ class Method(nn.Module):
         """Extension point, asked before each step: False skips this step's teacher forward
         (``teacher_out`` is None), e.g. during a teacher-free warm-up."""
         return True
+
+    @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """The bounds declared on ``Hparams``, for a method built in Python (a config was checked on load)."""
+        if dataclasses.is_dataclass(hparams):
+            problems: list[str] = []
+            check_fields(hparams, "method", problems)
+            if not problems and hasattr(hparams, "problems"):
+                problems = hparams.problems()
+            if problems:
+                raise ConfigError(problems[:1])
+
+    @classmethod
+    def teacher_problem(cls, name: str, has_teacher: bool) -> str | None:
+        """The one rule on whether method ``name`` takes a teacher (asked by the config and the builder)."""
+        if cls.needs_teacher and not has_teacher:
+            return (f"teacher: method {name!r} needs a teacher; add a teacher section "
+                    "(teacher.model + teacher.train, or teacher.checkpoint)")
+        if cls.refuses_teacher and has_teacher:
+            return f"teacher: method {name!r} distils the student from itself; set teacher: null"
+        return None
+
+    @classmethod
+    def check_config(cls, cfg, errors: list[str]) -> None:
+        """Extension point, run at config validation: the method's rules that tie its hyperparameters
+        (``cfg.method.options``) to other sections, e.g. GKD's ``sft_steps`` below ``train.steps``.
+        Single-field bounds are declared on ``Hparams``; rules between its fields are ``Hparams.problems()``
+        (run here and when the method is built), rules that read other sections ``Hparams.check_config``."""
+        rule = getattr(cls.Hparams, "check_config", None)
+        if rule is not None:
+            rule(cfg, errors)
+        if hasattr(cls.Hparams, "problems") and not any(e.startswith("method.") for e in errors):
+            try:  # the Hparams' own cross-field rules (also run when built in Python), once its fields are valid
+                errors.extend(cls.Hparams(**cfg.method.options).problems())
+            except (TypeError, ValueError):
+                pass  # a wrongly typed field: already reported by the coercer
+
+    @classmethod
+    def teacher_cache_problem(cls, name: str) -> str | None:
+        """Why ``train.teacher_cache`` cannot serve method ``name`` (asked at config validation), or None."""
+        return None if cls.can_cache_teacher() else teacher_cache_refusal(repr(name))
 
     @classmethod
     def can_cache_teacher(cls) -> bool:

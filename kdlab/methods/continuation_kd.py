@@ -37,15 +37,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count, NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
 from kdlab.registry import register
+
 
 KEY = "continuation_kd"
 UNITS = ("epoch", "step")
@@ -128,10 +131,10 @@ def continuation_hinge(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 @dataclass
 class ContinuationKDHparams:
-    max_temperature: int = 10  # T_max: T steps down T_max → 1, so φ grows 1/T_max → 1 (paper: 20 vision, 10 NLU)
-    margin: float = 0.0  # m: hinge margin, annealed as m·φ; squared-logit units summed over classes (unstated; sweep)
-    psi_ramp: float = 0.75  # ψ(i) = min(1, i/(psi_ramp·n)): ψ reaches 1 at this fraction of training (vision 150/200)
-    psi_jump: float = 1.0  # ψ = 1 after unit round(psi_jump·n) (NLU: 20/30, with psi_ramp 40/30); 1 = no jump
+    max_temperature: Count = 10  # T_max: T steps down T_max → 1, so φ grows 1/T_max → 1 (paper: 20 vision, 10 NLU)
+    margin: NonNegative = 0.0  # m: hinge margin, annealed as m·φ; squared-logit units summed over classes (unstated; sweep)
+    psi_ramp: Positive = 0.75  # ψ(i) = min(1, i/(psi_ramp·n)): ψ reaches 1 at this fraction of training (vision 150/200)
+    psi_jump: Annotated[float, Interval(gt=0, le=1)] = 1.0  # ψ = 1 after unit round(psi_jump·n) (NLU: 20/30, with psi_ramp 40/30); 1 = no jump
     hinge: Literal["sample", "batch"] = "sample"  # hinge per sample then batch mean, or on the batch-mean norm
     unit: Literal["epoch", "step"] = "epoch"  # i counts epochs (Algorithm 1) or optimiser steps
 
@@ -153,6 +156,11 @@ class ContinuationKD(Method):
     """Continuation-KD (Jafari et al. 2022): ψ·CE + (1−ψ)·max{0, ‖z_S − φ·z_T‖² − m·φ}, T stepped down, ψ ramped."""
 
     Hparams = ContinuationKDHparams
+
+    @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
+        depend on each other); config validation applies the bounds declared on ``Hparams``."""
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

@@ -32,13 +32,13 @@ the student's own backward.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from kdlab.config.validate import Count, Positive, Width
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.methods.base import Batch, Method
@@ -51,10 +51,10 @@ DISCREPANCIES = ("l1_logits", "kl")
 
 @dataclass
 class DFADHparams:
-    latent_dim: int = 64  # size of the noise z; the official code uses 256 (CIFAR) and 100 (MNIST)
-    generator_width: int = 64  # the generator's base channel count (official ngf = 64)
-    generator_lr: float = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
-    student_steps_per_generator_step: int = 5  # k: imitation steps per generation step (official: 5)
+    latent_dim: Width = 64  # size of the noise z; the official code uses 256 (CIFAR) and 100 (MNIST)
+    generator_width: Width = 64  # the generator's base channel count (official ngf = 64)
+    generator_lr: Positive = 1e-3  # the generator's learning rate (official: Adam, 1e-3)
+    student_steps_per_generator_step: Count = 5  # k: imitation steps per generation step (official: 5)
     discrepancy: Literal["l1_logits", "kl"] = "l1_logits"  # l1_logits: the paper's MAE; kl: KL(T‖S) at T = 1
     adversarial: bool = True  # False: a control — the generator stays at its random initialisation
 
@@ -93,14 +93,7 @@ class DFAD(Method):
         if input_shape is None:
             raise KdlabError("method dfad needs the dataset's input_shape to build its generator; "
                              "pass input_shape when building the method")
-        if h.discrepancy not in DISCREPANCIES:
-            raise KdlabError(f"method.discrepancy: {h.discrepancy!r} is not one of {list(DISCREPANCIES)}; "
-                             "use l1_logits (the paper's MAE) or kl")
         k = h.student_steps_per_generator_step
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-            raise KdlabError(f"method.student_steps_per_generator_step: {k!r} must be a positive integer; use e.g. 5")
-        if not h.generator_lr > 0:
-            raise KdlabError(f"method.generator_lr: {h.generator_lr!r} must be positive; use e.g. 0.001")
         # Generated batches get the statistics the teacher normalises with (the official generator's last
         # BatchNorm does the same in normalised space); build_generator checks its output shape.
         mean, std = teacher_statistics(teacher)

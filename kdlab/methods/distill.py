@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kdlab import registry
+from kdlab.config.validate import UnitInterval, Weight, coerce, hints
 from kdlab.errors import KdlabError
 from kdlab.methods.adapters import make_adapter
 from kdlab.methods.base import Method
@@ -52,6 +53,16 @@ def _default_terms() -> dict:
 class DistillHparams:
     terms: dict[str, Any] = field(default_factory=_default_terms)  # term name -> weight or {weight, options...}
 
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """Run at config validation: every term, with the same checks and bounds as at build time."""
+        terms = cfg.method.options.get("terms")
+        if not isinstance(terms, dict) or not terms:
+            errors.append("method.terms: give at least one term, e.g. terms: {ce: 0.1, kl: {weight: 0.9}}")
+            return
+        for name, spec in terms.items():
+            _parse_term(str(name), spec, errors)
+
 
 @dataclass
 class Term:
@@ -67,49 +78,57 @@ class Term:
     teacher_tap: str | None = None
 
 
-def _parse_term(name: str, spec: Any) -> Term:
+# The numbers of a term, bounded like every config field (kdlab.config.validate).
+TERM_NUMBERS = {"weight": (Weight, 1.0), "warmup": (UnitInterval, 0.1), "final_weight": (Weight, 0.0)}
+
+
+def _parse_term(name: str, spec: Any, errors: list[str]) -> Term | None:
+    """One ``method.terms`` entry → ``Term``; each problem is appended to ``errors`` (None if any)."""
     where = f"method.terms.{name}"
+    before = len(errors)
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):  # shorthand: just the weight
-        spec = {"weight": float(spec)}
+        spec = {"weight": spec}
     if not isinstance(spec, dict):
-        raise KdlabError(f"{where}: expected a weight or a mapping {{weight: ..., <loss options>}}, got {spec!r}")
+        errors.append(f"{where}: expected a weight or a mapping {{weight: ..., <loss options>}}, got {spec!r}")
+        return None
     loss_name = spec.get("loss", ALIASES.get(name, name))
-    fn = registry.get("loss", loss_name, key=f"{where}.loss" if "loss" in spec else where)
+    try:
+        fn = registry.get("loss", loss_name, key=f"{where}.loss" if "loss" in spec else where)
+    except KdlabError as exc:
+        errors.append(str(exc))
+        return None
     kind = getattr(fn, "loss_kind", None)
     if kind not in ("label", "logit", "logit_label", "feature"):
-        raise KdlabError(f"{where}: loss {loss_name!r} has no usable loss_kind ({kind!r})")
-    weight = spec.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise KdlabError(f"{where}.weight: expected a number, got {weight!r}")
+        errors.append(f"{where}: loss {loss_name!r} has no usable loss_kind ({kind!r})")
+        return None
+    numbers = {key: coerce(spec.get(key, default), tp, f"{where}.{key}", errors)
+               for key, (tp, default) in TERM_NUMBERS.items()}
     schedule = spec.get("schedule", "constant")
     if schedule not in SCHEDULES:
-        raise KdlabError(f"{where}.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
+        errors.append(f"{where}.schedule: {schedule!r} is not one of {', '.join(SCHEDULES)}")
     params = inspect.signature(fn).parameters
+    types_ = hints(fn)
     allowed = [p for p, v in params.items() if v.kind == v.KEYWORD_ONLY and p not in ("mask", "labels")]
     options = {k: v for k, v in spec.items() if k not in RESERVED}
-    for key in options:
-        if key not in allowed and not any(v.kind == v.VAR_KEYWORD for v in params.values()):
-            raise KdlabError(f"{where}.{key}: not an option of loss {loss_name!r}; its options: "
-                             f"{', '.join(allowed) or '(none)'}; reserved keys: {', '.join(RESERVED)}")
-    numbers = {}
-    for key, default in (("warmup", 0.1), ("final_weight", 0.0)):
-        value = spec.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise KdlabError(f"{where}.{key}: expected a number, got {value!r}")
-        numbers[key] = float(value)
-    term = Term(name=name, loss=loss_name, kind=kind, weight=float(weight), schedule=schedule,
-                warmup=numbers["warmup"], final_weight=numbers["final_weight"], options=options)
-    if kind == "feature":
-        for role in ("student", "teacher"):
-            if not isinstance(spec.get(role), str):
-                raise KdlabError(f"{where}.{role}: feature loss {loss_name!r} needs the {role} tap to compare, "
-                                 f"e.g. {role}: pool (see `kdlab run --dry-run` for the tap names)")
-        term.student_tap, term.teacher_tap = spec["student"], spec["teacher"]
-    else:
-        for role in ("student", "teacher", "adapter"):
-            if role in spec:
-                raise KdlabError(f"{where}.{role}: loss {loss_name!r} works on logits and takes no {role} key")
-    return term
+    for key, value in options.items():
+        if key in allowed:
+            options[key] = coerce(value, types_.get(key, Any), f"{where}.{key}", errors)
+        elif not any(v.kind == v.VAR_KEYWORD for v in params.values()):
+            errors.append(f"{where}.{key}: not an option of loss {loss_name!r}; its options: "
+                          f"{', '.join(allowed) or '(none)'}; reserved keys: {', '.join(RESERVED)}")
+    taps = {}
+    for role in ("student", "teacher") if kind == "feature" else ():
+        if not isinstance(spec.get(role), str):
+            errors.append(f"{where}.{role}: feature loss {loss_name!r} needs the {role} tap to compare, "
+                          f"e.g. {role}: pool (see `kdlab run --dry-run` for the tap names)")
+        taps[f"{role}_tap"] = spec.get(role)
+    for role in ("student", "teacher", "adapter") if kind != "feature" else ():
+        if role in spec:
+            errors.append(f"{where}.{role}: loss {loss_name!r} works on logits and takes no {role} key")
+    if len(errors) > before:
+        return None
+    return Term(name=name, loss=loss_name, kind=kind, weight=numbers["weight"], schedule=schedule,
+                warmup=numbers["warmup"], final_weight=numbers["final_weight"], options=options, **taps)
 
 
 def _probe_shapes(net: nn.Module, keys: dict[str, str], input_shape, role: str) -> dict[str, tuple[int, ...]]:
@@ -142,7 +161,10 @@ class Distill(Method):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if not isinstance(hparams.terms, dict) or not hparams.terms:
             raise KdlabError("method.terms: give at least one term, e.g. terms: {ce: 0.1, kl: {weight: 0.9}}")
-        self.terms = [_parse_term(str(name), spec) for name, spec in hparams.terms.items()]
+        errors: list[str] = []
+        self.terms = [_parse_term(str(name), spec, errors) for name, spec in hparams.terms.items()]
+        if errors:
+            raise KdlabError(errors[0])
         features = [t for t in self.terms if t.kind == "feature"]
         self.student_taps = tuple(dict.fromkeys(t.student_tap for t in features))
         self.teacher_taps = tuple(dict.fromkeys(t.teacher_tap for t in features))

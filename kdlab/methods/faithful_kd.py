@@ -37,13 +37,12 @@ at x* is in training mode too, so BatchNorm's running statistics also see x*.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 
-from kdlab.errors import KdlabError
+from kdlab.config.validate import Count, NonNegative, Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
@@ -54,39 +53,15 @@ from kdlab.robust.faithfulness import confidence_gap, confidence_gap_bound, eval
 
 @dataclass
 class FaithfulKDHparams:
-    temperature: float = 4.0  # T of the KD term (as in kd)
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs CE
-    eps: float = 0.1  # ε: target L∞ radius of the ball, in input units (inputs lie in [0, 1])
-    kappa: float = 1.0  # κ: target weight of the confidence-gap bound (a probability difference, in [0, 1])
+    temperature: Positive = 4.0  # T of the KD term (as in kd)
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs CE
+    eps: NonNegative = 0.1  # ε: target L∞ radius of the ball, in input units (inputs lie in [0, 1])
+    kappa: NonNegative = 1.0  # κ: target weight of the confidence-gap bound (a probability difference, in [0, 1])
     bound: Literal["ibp", "pgd"] = "ibp"  # certified IBP bound (faithful distillation) or the PGD estimate
     confidence: Literal["teacher_class", "vector"] = "teacher_class"  # c: teacher's clean class, or L∞ over classes
-    ramp: float = 0.5  # fraction of training over which ε and κ rise linearly from 0 (0 = full from the start)
-    pgd_steps: int = 10  # ascent steps of the "pgd" bound
-    pgd_step_size: Optional[float] = None  # its step size; None = 2.5·ε(t)/pgd_steps
-
-
-def _check(h: FaithfulKDHparams) -> None:
-    def number(name, *, positive=False, at_most=None):
-        value = getattr(h, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-            and (value > 0 if positive else value >= 0) and (at_most is None or value <= at_most)
-        if not ok:
-            limits = ("> 0" if positive else ">= 0") + (f" and <= {at_most}" if at_most is not None else "")
-            raise KdlabError(f"method.{name}: must be a finite number {limits}, got {value!r}")
-
-    number("temperature", positive=True)
-    number("alpha", at_most=1.0)
-    number("eps")
-    number("kappa")
-    number("ramp", at_most=1.0)
-    if h.pgd_step_size is not None:
-        number("pgd_step_size", positive=True)
-    if h.bound not in ("ibp", "pgd"):
-        raise KdlabError(f"method.bound: {h.bound!r} is not 'ibp' or 'pgd'")
-    if h.confidence not in ("teacher_class", "vector"):
-        raise KdlabError(f"method.confidence: {h.confidence!r} is not 'teacher_class' or 'vector'")
-    if isinstance(h.pgd_steps, bool) or not isinstance(h.pgd_steps, int) or h.pgd_steps < 1:
-        raise KdlabError(f"method.pgd_steps: must be an integer >= 1, got {h.pgd_steps!r}")
+    ramp: UnitInterval = 0.5  # fraction of training over which ε and κ rise linearly from 0 (0 = full from the start)
+    pgd_steps: Count = 10  # ascent steps of the "pgd" bound
+    pgd_step_size: Optional[Positive] = None  # its step size; None = 2.5·ε(t)/pgd_steps
 
 
 @register("method", "faithful_kd")
@@ -97,7 +72,6 @@ class FaithfulKD(Method):
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams)
         if hparams.bound == "ibp":  # fail before training, naming the layer IBP cannot bound
             check_supported(student)
             check_supported(teacher)

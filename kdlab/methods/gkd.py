@@ -24,9 +24,12 @@ and the warm-up are the generation base shared with policy-gradient KD
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
 from kdlab.methods.base import Batch
@@ -34,43 +37,40 @@ from kdlab.methods.generation import GenerationMethod
 from kdlab.registry import register
 
 
+
+
 @dataclass
 class GKDHparams:
-    on_policy_fraction: float = 0.5  # λ: share of batches whose responses the student samples
+    on_policy_fraction: UnitInterval = 0.5  # λ: share of batches whose responses the student samples
     divergence: str = "jsd"  # forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_reverse_kl | ce
-    beta: float = 0.5  # generalized JSD's β (0 = forward KL, 1 = reverse KL, exact branches)
+    beta: UnitInterval = 0.5  # generalized JSD's β (0 = forward KL, 1 = reverse KL, exact branches)
     scaled_jsd: bool = False  # divide the JSD by β(1 − β): no jump in scale at the ends
-    skew: float = 0.1  # skew KL's mixing weight
-    student_temperature: float = 1.0
-    teacher_temperature: float = 1.0
+    skew: UnitInterval = 0.1  # skew KL's mixing weight
+    student_temperature: Positive = 1.0
+    teacher_temperature: Positive = 1.0
     reduction: str = "sequence"  # the paper averages per sequence (Eq. 2); "token" averages all tokens
     seqkd: bool = False  # the fixed data's responses are the teacher's, generated once per prompt
-    teacher_sampling_temperature: float = 0.0  # for SeqKD generation; 0 = greedy
-    sampling_temperature: float = 1.0  # γ: the student's sampling temperature (paper: 1)
-    top_k: int | None = None
-    top_p: float | None = None
-    sft_steps: int = 0  # steps of SFT on the reference responses before distilling
-    chunk_size: int | None = None  # divergence computed over this many positions at a time (large vocabularies)
+    teacher_sampling_temperature: NonNegative = 0.0  # for SeqKD generation; 0 = greedy
+    sampling_temperature: NonNegative = 1.0  # γ: the student's sampling temperature (paper: 1)
+    top_k: Optional[Count] = None
+    top_p: Optional[Annotated[float, Interval(gt=0, le=1)]] = None
+    sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling
+    chunk_size: Optional[Count] = None  # divergence computed over this many positions at a time (large vocabularies)
+
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """Run at config validation: SFT warm-up steps must leave distillation steps (issue 17 item 15)."""
+        sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
+        if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
+            errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
+                          "distillation; lower method.sft_steps or raise train.steps")
 
 
 def _check(h: GKDHparams) -> None:
-    if not 0.0 <= h.on_policy_fraction <= 1.0:
-        raise KdlabError(f"method.on_policy_fraction: {h.on_policy_fraction!r} must be in [0, 1] (λ, the share "
-                         "of student-generated batches)")
     if h.divergence not in DIVERGENCES + ("ce",):
         raise KdlabError(f"method.divergence: {h.divergence!r} is not one of {', '.join(DIVERGENCES + ('ce',))}")
-    if not 0.0 <= h.beta <= 1.0:
-        raise KdlabError(f"method.beta: {h.beta!r} must be in [0, 1]")
     if h.reduction not in ("token", "sequence"):
         raise KdlabError(f"method.reduction: {h.reduction!r} is not one of token, sequence")
-    for key in ("student_temperature", "teacher_temperature"):
-        if getattr(h, key) <= 0:
-            raise KdlabError(f"method.{key}: {getattr(h, key)!r} must be > 0")
-    for key in ("sampling_temperature", "teacher_sampling_temperature"):
-        if getattr(h, key) < 0:
-            raise KdlabError(f"method.{key}: {getattr(h, key)!r} must be >= 0 (0 = greedy)")
-    if h.sft_steps < 0:
-        raise KdlabError(f"method.sft_steps: {h.sft_steps!r} must be >= 0")
 
 
 @register("method", "gkd")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdlab.config.validate import Positive, UnitInterval
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
@@ -16,8 +17,8 @@ from kdlab.registry import register
 
 @dataclass
 class KDHparams:
-    temperature: float = 4.0  # T: softens both distributions in the soft term
-    alpha: float = 0.9  # weight of the soft (teacher) term; 1 − α weighs the label term
+    temperature: Positive = 4.0  # T: softens both distributions in the soft term
+    alpha: UnitInterval = 0.9  # weight of the soft (teacher) term; 1 − α weighs the label term
 
 
 @register("method", "kd")

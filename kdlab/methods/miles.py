@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import batchnorm_standardize, cross_entropy, kl, logsum
 from kdlab.methods.adapters import make_adapter
@@ -33,14 +34,14 @@ class MilesHparams:
     projector: bool = True  # linear projector W_p on the student feature (owned by the method)
     normalize: bool = True  # BatchNorm without affine parameters on both sides
     distance: Literal["logsum", "l2"] = "logsum"  # soft maximum (LogSum) or mean squared difference
-    power: float = 4.0  # p of LogSum (the official code hard-codes 4)
-    feature_weight: float = 2.0  # weight of L_rep (official ImageNet config: 2.0)
-    kl_weight: float = 1.0  # weight of KL(teacher‖student)
-    ce_weight: float = 1.0
-    temperature: float = 1.0  # of the KL term (the recipe uses T = 1)
+    power: Positive = 4.0  # p of LogSum (the official code hard-codes 4)
+    feature_weight: NonNegative = 2.0  # weight of L_rep (official ImageNet config: 2.0)
+    kl_weight: NonNegative = 1.0  # weight of KL(teacher‖student)
+    ce_weight: NonNegative = 1.0
+    temperature: Positive = 1.0  # of the KL term (the recipe uses T = 1)
     student_tap: str = "pool"  # the pooled, penultimate feature of zoo models
     teacher_tap: str = "pool"
-    bn_eps: float = 1e-4  # BatchNorm1d(eps=1e-4, affine=False) in the official code
+    bn_eps: Positive = 1e-4  # BatchNorm1d(eps=1e-4, affine=False) in the official code
 
 
 @register("method", "miles")

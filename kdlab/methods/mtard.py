@@ -54,6 +54,7 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.balancing import entropy_balance_step, mean_entropy, normalization_balance_step
@@ -66,41 +67,31 @@ from kdlab.registry import register
 @dataclass
 class MTARDHparams:
     balance: Literal["none", "eccv", "entropy"] = "entropy"  # none: fixed; eccv: weights; entropy: weights + τ
-    weight_adv: float = 0.5  # w_adv (initial value when balancing): weight of the robust teacher's term
-    weight_nat: float = 0.5  # w_nat (initial value when balancing): weight of the clean teacher's term
-    weight_lr: float = 0.025  # η_w of the Normalization Loss Balance
-    temperature_adv: float = 1.0  # τ_adv (initial value under balance entropy) of the robust teacher
-    temperature_nat: float = 1.0  # τ_nat (initial value under balance entropy) of the clean teacher
-    temperature_lr: float = 0.001  # η_τ of the Entropy-Based Balance
-    temperature_min: float = 1.0  # lower clip of τ under balance entropy
-    temperature_max: float = 10.0  # upper clip of τ under balance entropy
+    weight_adv: NonNegative = 0.5  # w_adv (initial value when balancing): weight of the robust teacher's term
+    weight_nat: NonNegative = 0.5  # w_nat (initial value when balancing): weight of the clean teacher's term
+    weight_lr: UnitInterval = 0.025  # η_w of the Normalization Loss Balance
+    temperature_adv: Positive = 1.0  # τ_adv (initial value under balance entropy) of the robust teacher
+    temperature_nat: Positive = 1.0  # τ_nat (initial value under balance entropy) of the clean teacher
+    temperature_lr: NonNegative = 0.001  # η_τ of the Entropy-Based Balance
+    temperature_min: Positive = 1.0  # lower clip of τ under balance entropy
+    temperature_max: Positive = 10.0  # upper clip of τ under balance entropy
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's torch.mean; batchmean: KL
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
 
+    def problems(self) -> list[str]:
+        """Rules between fields (each field's own bounds are declared above)."""
+        out = []
+        if self.balance != "none" and self.weight_adv + self.weight_nat <= 0:
+            out.append("method.weight_adv: the sum with method.weight_nat must be > 0 when balancing (they are normalised)")
+        if self.temperature_min > self.temperature_max:
+            out.append(f"method.temperature_min: {self.temperature_min!r} exceeds temperature_max {self.temperature_max!r}")
+        return out
 
-def _check(h: MTARDHparams) -> None:
-    def number(name, low, strict):
-        v = getattr(h, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                (v <= low if strict else v < low):
-            raise KdlabError(f"method.{name}: must be a finite number {'>' if strict else '>='} {low}, got {v!r}")
 
-    for name in ("weight_adv", "weight_nat", "weight_lr", "temperature_lr"):
-        number(name, 0.0, strict=False)
-    for name in ("temperature_adv", "temperature_nat", "temperature_min", "temperature_max"):
-        number(name, 0.0, strict=True)
-    if h.balance not in ("none", "eccv", "entropy"):
-        raise KdlabError(f"method.balance: {h.balance!r} is not one of 'none', 'eccv', 'entropy'")
-    if h.balance != "none" and h.weight_adv + h.weight_nat <= 0:
-        raise KdlabError("method.weight_adv/weight_nat: their sum must be > 0 when balancing (they are normalised)")
-    if h.weight_lr > 1:
-        raise KdlabError(f"method.weight_lr: must lie in [0, 1] (a convex step toward the target), got {h.weight_lr!r}")
-    if h.temperature_min > h.temperature_max:
-        raise KdlabError(f"method.temperature_min: {h.temperature_min!r} exceeds temperature_max {h.temperature_max!r}")
 
 
 @register("method", "mtard")
@@ -117,7 +108,6 @@ class MTARD(RobustMethod):
             raise KdlabError(f"method mtard needs exactly two teachers, got {got}; give teacher.members: "
                              "[clean, robust] (the naturally trained one first, the adversarially trained one second)")
         h = hparams
-        _check(h)
         weights = torch.tensor([float(h.weight_adv), float(h.weight_nat)])
         if h.balance != "none":
             weights = weights / weights.sum()

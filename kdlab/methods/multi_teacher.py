@@ -14,11 +14,10 @@ of the member logits) is only what the loop's agreement metrics see.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from kdlab.config.validate import Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, multi_teacher_kl
 from kdlab.losses.ensemble import check_rule_options
@@ -31,9 +30,9 @@ from kdlab.registry import register
 class MultiTeacherHparams:
     rule: Literal["fixed", "mean_probs", "mean_logits", "entropy", "confidence"] = "mean_probs"  # combination
     weights: Optional[tuple[float, ...]] = None  # rule fixed only: one weight ≥ 0 per teacher (normalised)
-    temperature: float = 4.0  # T: softens the teachers and the student in the soft term
-    alpha: float = 0.9  # weight of the soft (teachers) term; 1 − α weighs the label term
-    weight_temperature: float = 1.0  # rule entropy only: τ_w of w_k ∝ exp(−H_k/τ_w); larger = closer to mean
+    temperature: Positive = 4.0  # T: softens the teachers and the student in the soft term
+    alpha: UnitInterval = 0.9  # weight of the soft (teachers) term; 1 − α weighs the label term
+    weight_temperature: Positive = 1.0  # rule entropy only: τ_w of w_k ∝ exp(−H_k/τ_w); larger = closer to mean
 
 
 @register("method", "multi_teacher")
@@ -51,12 +50,6 @@ class MultiTeacher(Method):
                                weight_temperature=hparams.weight_temperature)
         except KdlabError as exc:
             raise KdlabError(f"method.rule/weights/weight_temperature: {exc}") from None
-        t = hparams.temperature
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (math.isfinite(t) and t > 0):
-            raise KdlabError(f"method.temperature: must be a finite number > 0, got {t!r}")
-        a = hparams.alpha
-        if isinstance(a, bool) or not isinstance(a, numbers.Real) or not 0.0 <= a <= 1.0:
-            raise KdlabError(f"method.alpha: must lie in [0, 1], got {a!r}")
         self.teacher_taps = tuple(teacher.feature_stages)  # "members.0", ..., one per teacher
 
     def loss_terms(self, batch, student_out, teacher_out):

@@ -90,10 +90,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
+from annotated_types import Interval
 import torch
 from torch import Tensor
 
+from kdlab.config.validate import NonNegativeCount, UnitInterval
 from kdlab.data.sequence import prompt_lengths
 from kdlab.errors import KdlabError
 from kdlab.losses.policy_gradient import (  # the estimator (pure functions); re-exported here
@@ -133,13 +136,21 @@ class PolicyGradientKDHparams:
     single_step: bool = True  # add MiniLLM's single-step term; the policy gradient then uses R_{t+1}
     length_normalize: bool = True  # MiniLLM's R^Norm: the mean of the remaining rewards, not their sum
     baseline: str = "loo"  # loo | batch_mean | moving_average | none
-    baseline_decay: float = 0.9  # moving_average: b ← decay·b + (1 − decay)·(this step's mean return)
+    baseline_decay: Annotated[float, Interval(ge=0, lt=1)] = 0.9  # moving_average: b ← decay·b + (1 − decay)·(this step's mean return)
     whiten: bool = False  # divide the advantages by their std over the batch (MiniLLM's code does)
-    teacher_mix_alpha: float = 0.0  # α_mix of teacher-mixed sampling (MiniLLM: 0.2); 0 = pure on-policy
-    importance_clip: float | None = 0.2  # ε of the PPO-style clip of w·ρ (teacher-mixed only); null = none
-    task_reward_weight: float = 0.0  # 1 − α of GKD Eq. 5: weight of the exact-match task reward
+    teacher_mix_alpha: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # α_mix of teacher-mixed sampling (MiniLLM: 0.2); 0 = pure on-policy
+    importance_clip: Optional[Annotated[float, Interval(gt=0, lt=1)]] = 0.2  # ε of the PPO-style clip of w·ρ (teacher-mixed only); null = none
+    task_reward_weight: UnitInterval = 0.0  # 1 − α of GKD Eq. 5: weight of the exact-match task reward
     reduction: str = "token"  # token | sequence | sum
-    sft_steps: int = 0  # steps of SFT on the reference responses before distilling (as gkd)
+    sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling (as gkd)
+
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """Run at config validation: SFT warm-up steps must leave distillation steps (issue 17 item 15)."""
+        sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
+        if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
+            errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
+                          "distillation; lower method.sft_steps or raise train.steps")
 
 
 def _check(h: PolicyGradientKDHparams) -> None:
@@ -147,18 +158,6 @@ def _check(h: PolicyGradientKDHparams) -> None:
         raise KdlabError(f"method.baseline: {h.baseline!r} is not one of {', '.join(BASELINES)}")
     if h.reduction not in REDUCTIONS:
         raise KdlabError(f"method.reduction: {h.reduction!r} is not one of {', '.join(REDUCTIONS)}")
-    if not 0.0 <= h.baseline_decay < 1.0:
-        raise KdlabError(f"method.baseline_decay: {h.baseline_decay!r} must be in [0, 1)")
-    if not 0.0 <= h.teacher_mix_alpha < 1.0:
-        raise KdlabError(f"method.teacher_mix_alpha: {h.teacher_mix_alpha!r} must be in [0, 1) (the teacher's "
-                         "share of the sampling mixture; MiniLLM uses 0.2)")
-    if h.importance_clip is not None and not 0.0 < h.importance_clip < 1.0:
-        raise KdlabError(f"method.importance_clip: {h.importance_clip!r} must be in (0, 1) or null")
-    if not 0.0 <= h.task_reward_weight <= 1.0:
-        raise KdlabError(f"method.task_reward_weight: {h.task_reward_weight!r} must be in [0, 1] (1 − α of "
-                         "GKD Eq. 5; 0 = pure distillation)")
-    if h.sft_steps < 0:
-        raise KdlabError(f"method.sft_steps: {h.sft_steps!r} must be >= 0")
 
 
 _METRICS = ("reverse_kl", "token_reverse_kl", "task_reward", "return", "response_length", "importance_weight")

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kdlab.config.validate import UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.methods.base import Method
 from kdlab.registry import register
@@ -152,7 +153,7 @@ class ProgressiveTargets(nn.Module):
 
 @dataclass
 class PSKDHparams:
-    alpha_T: float = 0.8  # α_T: weight of the previous-epoch prediction in the last epoch (official default 0.8)
+    alpha_T: UnitInterval = 0.8  # α_T: weight of the previous-epoch prediction in the last epoch (official default 0.8)
 
 
 @register("method", "pskd")

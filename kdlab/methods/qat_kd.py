@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from kdlab.config.validate import NonNegative, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.attention import attention_map, attention_output, hidden_mse
@@ -35,12 +36,12 @@ from kdlab.registry import register
 
 @dataclass
 class QatKdHparams:
-    logit_weight: float = 1.0  # soft-label term on the logits
-    temperature: float = 1.0  # T of the soft-label term (TernaryBERT and Kim et al.: 1)
-    ce_weight: float = 0.0  # hard-label cross-entropy (the paper's code: 0)
-    hidden_weight: float = 0.0  # TernaryBERT hidden-state MSE
-    map_weight: float = 0.0  # attention-map KL (Kim et al. §4.1)
-    output_weight: float = 0.0  # attention-output MSE (Kim et al. §4.2)
+    logit_weight: NonNegative = 1.0  # soft-label term on the logits
+    temperature: Positive = 1.0  # T of the soft-label term (TernaryBERT and Kim et al.: 1)
+    ce_weight: NonNegative = 0.0  # hard-label cross-entropy (the paper's code: 0)
+    hidden_weight: NonNegative = 0.0  # TernaryBERT hidden-state MSE
+    map_weight: NonNegative = 0.0  # attention-map KL (Kim et al. §4.1)
+    output_weight: NonNegative = 0.0  # attention-output MSE (Kim et al. §4.2)
     layer_map: Optional[dict] = None  # student layer -> teacher layer; null = identity / uniform
     hidden_embeddings: bool = True  # also match the embedding outputs in the hidden term (TernaryBERT)
     map_reduction: str = "sequence"  # attention-map rows: per-sequence mean (official code) or "token"

@@ -80,17 +80,20 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 from torch import nn
 
+from kdlab.config.validate import Count, Positive, UnitInterval, Width
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.reinforce import categorical_log_prob, debiased, ema_update, reinforce_loss, sample_categorical
 from kdlab.models.ensemble import TeacherEnsemble
 from kdlab.registry import register
+
 
 MODES = ("choice", "weights")
 _PENDING = ("pending_features", "pending_weights", "pending_mask")  # per-batch buffers: their size varies
@@ -99,15 +102,15 @@ _PENDING = ("pending_features", "pending_weights", "pending_mask")  # per-batch 
 @dataclass
 class RLMultiTeacherHparams:
     mode: Literal["choice", "weights"] = "choice"  # one sampled teacher per sample, or Dirichlet-sampled weights
-    temperature: float = 4.0  # T of the KD term
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs the label term
+    temperature: Positive = 4.0  # T of the KD term
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs the label term
     kl_features: bool = True  # add each teacher's KL(teacher ‖ student) at T = 1 to the policy's state
-    hidden: int = 32  # hidden units of the policy MLP
-    policy_lr: float = 1e-3  # learning rate of the policy's own optimiser (train.optimizer, no weight decay)
-    baseline_decay: float = 0.9  # EMA decay of the reward baseline (and of the advantage scale), in [0, 1)
+    hidden: Width = 32  # hidden units of the policy MLP
+    policy_lr: Positive = 1e-3  # learning rate of the policy's own optimiser (train.optimizer, no weight decay)
+    baseline_decay: Annotated[float, Interval(ge=0, lt=1)] = 0.9  # EMA decay of the reward baseline (and of the advantage scale), in [0, 1)
     normalize_advantage: bool = True  # divide r − b by its running RMS (reward units → unit scale)
-    probe_size: int = 64  # held-out probe samples for the reward (capped at half the train split)
-    concentration: float = 1.0  # mode weights: initial Dirichlet α per teacher (1 = uniform on the simplex)
+    probe_size: Count = 64  # held-out probe samples for the reward (capped at half the train split)
+    concentration: Positive = 1.0  # mode weights: initial Dirichlet α per teacher (1 = uniform on the simplex)
 
 
 def policy_features(member_logits: torch.Tensor, student_logits: torch.Tensor, labels: torch.Tensor, *,

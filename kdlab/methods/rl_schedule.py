@@ -47,14 +47,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+from annotated_types import Interval
 import torch
 
+from kdlab.config.validate import NonNegative, Positive, UnitInterval
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
+
 
 KEY = "rl_schedule"
 REWARDS = ("nll", "acc")
@@ -87,11 +90,11 @@ def bandit_update(counts: torch.Tensor, sums: torch.Tensor, arm: int, reward: fl
 
 @dataclass
 class RLScheduleHparams:
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
-    alphas: tuple[float, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
-    exploration: float = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
-    discount: float = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
-    probe_fraction: float = 0.1  # share of the train split held out as the probe (never trained on)
+    temperatures: tuple[Positive, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
+    alphas: tuple[UnitInterval, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
+    exploration: NonNegative = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
+    discount: Annotated[float, Interval(gt=0, le=1)] = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
+    probe_fraction: UnitInterval = 0.1  # share of the train split held out as the probe (never trained on)
     reward: Literal["nll", "acc"] = "nll"  # probe NLL decrease or probe accuracy gain over the epoch
 
 
@@ -126,6 +129,11 @@ class RLSchedule(Method):
     """Hinton KD whose (T, α) a discounted-UCB1 bandit picks each epoch from a held-out probe's NLL decrease."""
 
     Hparams = RLScheduleHparams
+
+    @classmethod
+    def check_hparams(cls, hparams) -> None:
+        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
+        depend on each other); config validation applies the bounds declared on ``Hparams``."""
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

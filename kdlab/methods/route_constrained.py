@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kdlab.config.validate import Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
@@ -32,8 +33,8 @@ from kdlab.registry import register
 
 @dataclass
 class RouteHparams:
-    temperature: float = 4.0  # T of the KD term at every stage
-    alpha: float = 0.9  # weight of the KD term; 1 − α weighs the label term
+    temperature: Positive = 4.0  # T of the KD term at every stage
+    alpha: UnitInterval = 0.9  # weight of the KD term; 1 − α weighs the label term
 
 
 def stage_index(progress: float, stages: int) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses import kl
 from kdlab.methods.base import Batch
@@ -31,11 +32,11 @@ from kdlab.registry import register
 
 @dataclass
 class RSLADHparams:
-    natural_weight: float = 1 / 6  # α: weight of the clean KL; 1 − α (= 5/6) weighs the adversarial KL (code)
+    natural_weight: UnitInterval = 1 / 6  # α: weight of the clean KL; 1 − α (= 5/6) weighs the adversarial KL (code)
     kl_reduction: Literal["paper", "batchmean"] = "paper"  # paper: KL/C as the code's torch.mean; batchmean: KL
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
 

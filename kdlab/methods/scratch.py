@@ -10,9 +10,12 @@ R the response tokens of the batch (EOS included; prompt and padding excluded).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+
+from annotated_types import Interval
 
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
@@ -37,7 +40,7 @@ def sequence_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, reduct
 
 @dataclass
 class ScratchHparams:
-    label_smoothing: float = 0.0  # ε of Szegedy et al. 2016; 0 = plain cross-entropy
+    label_smoothing: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # ε of Szegedy et al. 2016; 0 = plain cross-entropy
 
 
 @register("method", "scratch")

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Batch
@@ -34,10 +35,10 @@ from kdlab.registry import register
 
 @dataclass
 class TradesHparams:
-    beta: float = 6.0  # β = 1/λ: weight of the robust KL term (paper, CIFAR-10)
-    epsilon: float = 8 / 255  # L∞ radius, in [0, 1] pixel units
-    step_size: float = 2 / 255  # PGD step (official code: 0.007 ≈ 1.8/255)
-    steps: int = 10  # PGD steps of the inner maximisation (0 = no attack)
+    beta: NonNegative = 6.0  # β = 1/λ: weight of the robust KL term (paper, CIFAR-10)
+    epsilon: NonNegative = 8 / 255  # L∞ radius, in [0, 1] pixel units
+    step_size: Positive = 2 / 255  # PGD step (official code: 0.007 ≈ 1.8/255)
+    steps: NonNegativeCount = 10  # PGD steps of the inner maximisation (0 = no attack)
     attack_init: Literal["uniform", "normal_0.001", "zero"] = "normal_0.001"  # x + 0.001·N(0, 1) (code)
     attack_mode: Literal["train", "eval"] = "eval"  # student's mode while attacking (code: eval)
 

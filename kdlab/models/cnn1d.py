@@ -3,6 +3,7 @@ from typing import Optional
 
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.models.common import StagedNet, check_common, check_positive, init_conv_bn, resolve_widths
 from kdlab.registry import register
 
@@ -44,10 +45,10 @@ def cnn1d(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    width: int = 32,
-    depth: int = 3,
-    widths: Optional[tuple[int, ...]] = None,
-    kernel_size: int = 5,
+    width: Width = 32,
+    depth: Depth = 3,
+    widths: Optional[tuple[Width, ...]] = None,
+    kernel_size: Width = 5,
 ) -> CNN1d:
     """1-D CNN for (C, L) sequences: conv-BN-ReLU blocks, stride-2 downsampling, global average pool.
 

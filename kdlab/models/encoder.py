@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.registry import register
 
@@ -126,7 +127,7 @@ class _Encoder(nn.Module):
 class BertEncoderClassifier(nn.Module):
     """BERT-style encoder + mean-pooled linear classifier; ``forward(ids) -> (B, num_classes)`` logits."""
 
-    def __init__(self, *, vocab_size: int, num_classes: int, hidden: int = 64, layers: int = 2, heads: int = 4,
+    def __init__(self, *, vocab_size: int, num_classes: int, hidden: Width = 64, layers: Depth = 2, heads: Width = 4,
                  intermediate: int | None = None, max_positions: int = 512, type_vocab_size: int = 2,
                  dropout: float = 0.1, layer_norm_eps: float = 1e-12, pad_token_id: int = 0):
         super().__init__()
@@ -201,8 +202,8 @@ def _vocab_size(vocab_size: int | None, where: str) -> int:
 @register("model", "bert_encoder")
 def bert_encoder(*, input_shape: tuple[int, ...], num_classes: int, mean: Optional[tuple[float, ...]] = None,
                  std: Optional[tuple[float, ...]] = None, vocab_size: Optional[int] = None,
-                 pad_token_id: Optional[int] = None, hidden: int = 64, layers: int = 2, heads: int = 4,
-                 intermediate: Optional[int] = None, dropout: float = 0.1) -> BertEncoderClassifier:
+                 pad_token_id: Optional[int] = None, hidden: Width = 64, layers: Depth = 2, heads: Width = 4,
+                 intermediate: Optional[Width] = None, dropout: float = 0.1) -> BertEncoderClassifier:
     """BERT-style encoder: post-LN transformer on token ids, mean-pooled linear classifier (from scratch)."""
     return BertEncoderClassifier(vocab_size=_vocab_size(vocab_size, "student"), num_classes=num_classes,
                                  hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
@@ -268,7 +269,7 @@ def bert_config(folder: str | Path) -> dict:
 @register("model", "minilm")
 def minilm(*, input_shape: tuple[int, ...], num_classes: int, mean: Optional[tuple[float, ...]] = None,
            std: Optional[tuple[float, ...]] = None, vocab_size: Optional[int] = None, pad_token_id: Optional[int] = None,
-           layers: int = 6, dropout: float = 0.1, path: Optional[str] = None, pretrained: bool = True
+           layers: Depth = 6, dropout: float = 0.1, path: Optional[str] = None, pretrained: bool = True
            ) -> BertEncoderClassifier:
     """Pretrained all-MiniLM-L6-v2 (6×384, 12 heads) with a fresh classifier; ``layers`` keeps the first ones."""
     from kdlab.data.text import minilm_dir

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from kdlab.config.validate import Width
 from kdlab.errors import KdlabError
 
 LEAKY_SLOPE = 0.2  # LeakyReLU slope of the official GeneratorA (and DCGAN)
@@ -190,7 +191,7 @@ def check_generator_output(generator: nn.Module, input_shape: Sequence[int], *, 
                          f"{tuple(input_shape)}; build the generator for the dataset's input_shape")
 
 
-def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: int = 64,
+def build_generator(input_shape: Sequence[int], *, latent_dim: int = 64, width: Width = 64,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """A generator of inputs in [0, 1] of ``input_shape`` (channel first, no batch dim) from ``latent_dim`` noise.
 

@@ -3,6 +3,7 @@ from typing import Optional
 
 from torch import nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.models.common import StagedNet, check_common, check_dropout, resolve_widths
 from kdlab.registry import register
 
@@ -38,9 +39,9 @@ def mlp(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    width: int = 128,
-    depth: int = 2,
-    widths: Optional[tuple[int, ...]] = None,
+    width: Width = 128,
+    depth: Depth = 2,
+    widths: Optional[tuple[Width, ...]] = None,
     dropout: float = 0.0,
 ) -> MLP:
     """MLP on the flattened input: depth hidden ReLU layers of `width` units (any input shape).

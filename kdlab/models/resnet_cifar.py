@@ -10,6 +10,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_positive, init_conv_bn
 from kdlab.registry import register
@@ -88,9 +89,9 @@ def resnet_cifar(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    depth: int = 20,
+    depth: Depth = 20,
     width_multiplier: int = 1,
-    stem_width: Optional[int] = None,
+    stem_width: Optional[Width] = None,
 ) -> ResNetCifar:
     """CIFAR ResNet of any depth 6n+2 and width (He et al. 2016 §4.2), for sweeping depth in grids.
 
@@ -102,7 +103,7 @@ def resnet_cifar(
                               std=std, depth=depth, width_multiplier=width_multiplier, stem_width=stem_width)
 
 
-def _named(depth: int, width_multiplier: int = 1, stem_width: Optional[int] = None):
+def _named(depth: int, width_multiplier: int = 1, stem_width: Optional[Width] = None):
     """Register ``resnet{depth}`` (or ``resnet{depth}x4``) as a fixed configuration."""
     name = f"resnet{depth}" + (f"x{width_multiplier}" if width_multiplier != 1 else "")
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_dropout, check_positive
 from kdlab.registry import register
@@ -108,10 +109,10 @@ def vit_tiny(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    patch_size: int = 4,
-    dim: int = 128,
-    depth: int = 4,
-    heads: int = 4,
+    patch_size: Width = 4,
+    dim: Width = 128,
+    depth: Depth = 4,
+    heads: Width = 4,
     mlp_ratio: float = 2.0,
     dropout: float = 0.0,
 ) -> ViT:

@@ -8,6 +8,7 @@ WRN features); the final BN-ReLU lives in ``pool``.
 """
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import StagedNet, check_common, check_dropout, check_positive, init_conv_bn
 from kdlab.registry import register
@@ -68,8 +69,8 @@ def wrn(
     num_classes: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    depth: int = 16,
-    widen_factor: int = 2,
+    depth: Depth = 16,
+    widen_factor: Width = 2,
     dropout: float = 0.0,
 ) -> WideResNet:
     """Wide ResNet WRN-depth-k for images (Zagoruyko & Komodakis 2016); depth = 6n+4.

@@ -92,6 +92,7 @@ def _register(name: str) -> None:
                                "num_test": int, "seed": int, "context_length": Optional[int],
                                **{p.name: p.annotation for p in own}, "return": SequenceArrays}
     factory.__name__ = name
+    factory.image_inputs = False  # token ids: data.augment crop_flip is refused at config validation
     factory.__doc__ = f"Sequence task {name}: {(builder.__doc__ or '').strip().splitlines()[0]}"
     register("dataset", name)(factory)
 

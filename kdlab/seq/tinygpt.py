@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdlab.config.validate import Depth, Width
 from kdlab.errors import KdlabError
 from kdlab.models.common import check_dropout, check_positive
 from kdlab.registry import register
@@ -145,7 +146,7 @@ def attention_mask_for(attention_mask: Tensor | None, *, past_length: int, new_l
 class TinyGPT(nn.Module):
     """Decoder-only transformer over token ids ``(B, T)`` -> next-token logits ``(B, T, vocab_size)``."""
 
-    def __init__(self, vocab_size: int, context_length: int, layers: int = 2, width: int = 128, heads: int = 4,
+    def __init__(self, vocab_size: int, context_length: int, layers: Depth = 2, width: Width = 128, heads: Width = 4,
                  dropout: float = 0.0, tie_embeddings: bool = True):
         super().__init__()
         model = "tinygpt"
@@ -221,9 +222,9 @@ def tinygpt(
     num_classes: int,
     mean: Optional[tuple[float, ...]] = None,
     std: Optional[tuple[float, ...]] = None,
-    layers: int = 2,
-    width: int = 128,
-    heads: int = 4,
+    layers: Depth = 2,
+    width: Width = 128,
+    heads: Width = 4,
     dropout: float = 0.0,
     context_length: Optional[int] = None,
     tie_embeddings: bool = True,

@@ -62,6 +62,7 @@ import yaml
 
 from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides, content_hash, dotted_leaves,
                           load_yaml_documents, name_problem, parse_experiment, set_path, to_dict)
+from kdlab.config.sections import takes_integers
 from kdlab.errors import KdlabError
 
 INSTALL_HINT = "install the tune extra: pip install 'kdlab[tune]'"
@@ -200,17 +201,6 @@ def _knob(key: str, spec: Any, errors: list[str]) -> Knob | None:
     return Knob(key, "float", low=low, high=high, log=log, step=step)
 
 
-def _key_takes_integers(raw: dict, key: str, entry_grid: dict) -> bool:
-    """Whether the schema types ``key`` as an integer: it refuses 0.5 with "expected an integer"."""
-    try:
-        _resolve(raw, {key: 0.5}, entry_grid)
-    except ConfigError as exc:
-        return any(p.startswith(f"{key}:") and "expected an integer" in p for p in exc.problems)
-    except KdlabError:
-        return False
-    return False
-
-
 def _resolve(raw: dict, values: dict[str, Any], entry_grid: dict[str, list]) -> list[RunSpec]:
     """The runs (one per seed) of ``raw`` with ``values`` set.
 
@@ -265,7 +255,7 @@ def check_space(raw: dict, knobs: dict[str, Knob]) -> None:
     errors: list[str] = []
     entry_grid = entry_grid_of(knobs)
     for key, knob in knobs.items():
-        if knob.kind == "float" and _key_takes_integers(raw, key, entry_grid):
+        if knob.kind == "float" and takes_integers(raw, key, entry_grid):  # declared in the schema
             if not all(isinstance(v, int) for v in (knob.low, knob.high, knob.step or 1)):
                 step = f", step {knob.step}" if knob.step is not None else ""
                 errors.append(f"tune.space.{key}: an integer key; give integer bounds, got low {knob.low}, "

@@ -1,0 +1,124 @@
+"""Sections that name a registry entry (dataset, model, method) and take that entry's options as keys;
+the ``-wN``/``-dN`` model-name syntax (``cnn1d-w16`` = cnn1d with width 16)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any
+
+from kdlab import registry
+from kdlab.config.validate import coerce, hints, unknown_key
+from kdlab.errors import KdlabError
+
+# Factory arguments that kdlab supplies itself; users cannot set them.
+RESERVED_MODEL_ARGS = frozenset({"input_shape", "num_classes", "mean", "std"})
+RESERVED_DATASET_ARGS = frozenset({"root", "cache_dir"})
+
+
+def entry_parameters(kind: str, name: str) -> dict[str, tuple[Any, Any]]:
+    """The user-settable keyword arguments of a registry entry: ``{name: (annotation, default)}``.
+
+    Methods declare a ``Hparams`` dataclass; factories (models, datasets) are
+    read from their signature, without the arguments kdlab supplies itself.
+    Annotations keep their ``Annotated`` bounds.
+    """
+    obj = registry.get(kind, name)
+    hparams = getattr(obj, "Hparams", None)
+    if hparams is not None and dataclasses.is_dataclass(hparams):
+        types_ = hints(hparams)
+        out = {}
+        for f in dataclasses.fields(hparams):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            out[f.name] = (types_[f.name], default)
+        return out
+    reserved = RESERVED_MODEL_ARGS if kind == "model" else RESERVED_DATASET_ARGS if kind == "dataset" else set()
+    types_ = hints(obj)
+    out = {}
+    for p in inspect.signature(obj).parameters.values():
+        if p.name in reserved or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        out[p.name] = (types_.get(p.name, Any), p.default)
+    return out
+
+
+def check_options(section: str, kind: str, name: str, options: dict, also_allowed: set[str],
+                  errors: list[str], *, own_keys: tuple[str, ...] = ()) -> dict:
+    """Type- and bound-check ``options`` against entry ``name``; drop keys only other candidates take.
+
+    ``own_keys`` are the section's own fields, offered too when a key is misspelt
+    (``data.val_fractoin`` → ``val_fraction``, not a factory option).
+    """
+    params = entry_parameters(kind, name)
+    checked = {}
+    for key, value in options.items():
+        path = f"{section}.{key}"
+        if key in params:
+            checked[key] = coerce(value, params[key][0], path, errors)
+        elif key in also_allowed:
+            continue  # belongs to another entry this experiment's grid can select
+        elif kind == "model" and key in RESERVED_MODEL_ARGS:
+            errors.append(f"{path}: set by kdlab from the dataset; remove it")
+        else:
+            errors.append(unknown_key(path, key, list(params) + list(own_keys)) + f" (for {kind} {name!r})")
+    # Fill the entry's defaults so the resolved config (and the run id) names every value the run uses.
+    for key, (tp, default) in params.items():
+        if key not in checked and default is not inspect.Parameter.empty:
+            checked[key] = coerce(copy.deepcopy(default), tp, f"{section}.{key}", [])
+    return {key: checked[key] for key in params if key in checked}
+
+
+# --------------------------------------------------------------------------- the -wN/-dN model-name syntax
+# cnn1d-w16 is cnn1d with width 16; wrn-d40-w2. # "w" sets the family's width knob (the first of these it takes), "d" its depth.
+WIDTH_KNOBS = ("width", "widen_factor", "width_multiplier", "dim")
+
+
+def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
+    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``; a plain name has no suffixes."""
+    if not isinstance(name, str) or "-" not in name:
+        return name, {}
+    base, *parts = name.split("-")
+    knobs = {}
+    for part in parts:
+        if len(part) < 2 or part[0] not in "wd" or not part[1:].isdigit() or len(part) > 10:
+            raise KdlabError(f"model name {name!r}: size suffixes are -wN (width) and -dN (depth), e.g. cnn1d-w16")
+        knobs[part[0]] = int(part[1:])
+    return base, knobs
+
+
+def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
+    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` (refusing a clash with an explicit key)."""
+    name = section_raw.get("model")
+    try:
+        base, knobs = split_sized_name(name)
+    except KdlabError as exc:
+        errors.append(f"{path}.model: {exc}")
+        return section_raw
+    if not knobs:
+        return section_raw
+    out = dict(section_raw, model=base)
+    try:
+        params = entry_parameters("model", base)
+    except KdlabError as exc:
+        errors.append(f"{path}.model: {exc}")
+        return out
+    for code, value in knobs.items():
+        keys = ("depth",) if code == "d" else WIDTH_KNOBS
+        key = next((k for k in keys if k in params), None)
+        if key is None:
+            errors.append(f"{path}.model: {base!r} has no {'depth' if code == 'd' else 'width'} option for -{code}{value}")
+        elif key in section_raw and section_raw[key] != value:
+            errors.append(f"{path}.model: {name!r} sets {key}={value} but {path}.{key} is {section_raw[key]!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def drop_knobs_set_by_sized_name(section: Any, value: Any) -> None:
+    """A grid value like ``teacher.model: cnn1d-w16`` overrides the section's own width/depth."""
+    if not isinstance(value, str) or not isinstance(section, dict):
+        return
+    _, knobs = split_sized_name(value)
+    for code in knobs:
+        for knob in ("depth",) if code == "d" else WIDTH_KNOBS:
+            section.pop(knob, None)

@@ -1,0 +1,159 @@
+"""Run identity: one resolved config per run, its content hash, and the runs that produce teachers."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdlab import registry
+from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, StudentConfig, TeacherConfig,
+                                 TrainConfig)
+
+
+@dataclass
+class RunSpec:
+    """One run: a fully resolved config (no grid), its seed and the grid point it came from."""
+
+    config: ExperimentConfig
+    seed: int
+    point: dict[str, Any]
+    point_names: dict[str, str] = field(default_factory=dict)  # key -> name, for grids given as name: value
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={self.point_names.get(k) or _short(v)}" for k, v in self.point.items()]
+        return " ".join(parts + [f"seed={self.seed}"])
+
+    def resolved(self) -> dict:
+        """The config as saved with the run: every default filled in, one seed, no grid."""
+        out = to_dict(self.config)
+        out.pop("grid")
+        out.pop("seeds")
+        out.pop("tracking", None)  # where metrics are also sent: neither identity nor results of the run
+        out["seed"] = self.seed
+        return out
+
+    @property
+    def group_key(self) -> str:
+        """Identical for runs that differ only by seed."""
+        out = self.resolved()
+        out.pop("seed")
+        return content_hash(out)[:16]
+
+    @property
+    def run_id(self) -> str:
+        return f"{_slug(self.config.name)}-{content_hash(self.resolved())[:10]}"
+
+
+def _short(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_" else "-" for c in name.lower())
+    return keep.strip("-")[:40] or "run"
+
+
+def content_hash(obj: Any) -> str:
+    """SHA-256 of the canonical JSON of ``obj`` (sorted keys): the identity of a config."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def dotted_leaves(obj: Any, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (lists are leaves); ``keep_empty`` keeps an empty
+    mapping as a leaf of its own instead of dropping it."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(dotted_leaves(value, f"{prefix}.{key}" if prefix else str(key), keep_empty=keep_empty))
+        return out or ({prefix: {}} if keep_empty else {})
+    return {prefix: obj}
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass → plain dict, with each section's ``options`` flattened back into the section."""
+    if dataclasses.is_dataclass(cfg):
+        out = {}
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.metadata.get("omit_default") and value == f.default:
+                continue  # a later-added key at its default: not part of the resolved config (run ids unchanged)
+            if f.name == "options":
+                out.update({k: to_dict(v) for k, v in value.items()})
+            else:
+                out[f.name] = to_dict(value)
+            if f.name == "checkpoint" and isinstance(cfg, StudentConfig):
+                out.update(copy.deepcopy(StudentConfig.RUN_ID_KEYS))
+        return out
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def recipe_run_spec(t: TeacherConfig, data: DataConfig) -> RunSpec | None:
+    """A recipe teacher (or assistant-chain base) as a run of its own, or None.
+
+    Trained by ``t.method`` (default ``scratch``; e.g. ``adversarial_training`` for
+    a robust teacher). With ``data.labels_per_class`` the teacher trains on the
+    labelled samples only (``drop_unlabelled``), unless its method uses unlabelled ones.
+    Its identity depends only on what shapes the network — its model, recipe,
+    method, seed and the data — so every student of a study shares one teacher run.
+    (``epoch``/``trajectory`` pick files of this run; they do not change it.)
+    """
+    if t is None or t.checkpoint is not None or t.model is None:
+        return None
+    method = copy.deepcopy(t.method) if t.method is not None else MethodConfig(name="scratch")
+    data = copy.deepcopy(data)
+    if data.labels_per_class is not None and not data.drop_unlabelled and \
+            not getattr(registry.get("method", method.name), "uses_unlabelled", False):
+        data.drop_unlabelled = True  # the teacher sees the student's labels only: the labelled samples
+    teacher_cfg = ExperimentConfig(
+        name="teacher",
+        data=data,
+        teacher=None,
+        student=StudentConfig(model=t.model, options=dict(t.options)),
+        method=method,
+        train=copy.deepcopy(t.train) if t.train is not None else TrainConfig(),
+        seeds=[t.seed],
+    )
+    return RunSpec(config=teacher_cfg, seed=t.seed, point={})
+
+
+def assistant_run_spec(t: TeacherConfig, data: DataConfig, method: MethodConfig) -> RunSpec:
+    """The last assistant of ``t``'s chain as a run: distilled (KD) from the chain before it.
+
+    Mirzadeh et al. (2020) train every stage with the same KD objective: each
+    assistant uses the experiment's ``kd`` hyperparameters when its method is
+    ``kd``/``takd``, KD defaults otherwise. Recursion through ``teacher`` gives the chain.
+    """
+    last = t.assistants[-1]
+    previous = copy.deepcopy(t)
+    previous.assistants = list(t.assistants[:-1])
+    options = dict(method.options) if method.name in ("kd", "takd") else {}
+    options = {k: v for k, v in options.items() if k in ("temperature", "alpha")}
+    stage_cfg = ExperimentConfig(
+        name="assistant",
+        data=copy.deepcopy(data),
+        teacher=previous,
+        student=StudentConfig(model=last.model, checkpoint=last.checkpoint, options=dict(last.options)),
+        method=MethodConfig(name="kd", options=options),
+        train=copy.deepcopy(last.train) if last.train is not None else TrainConfig(),
+        seeds=[last.seed],
+    )
+    return RunSpec(config=stage_cfg, seed=last.seed, point={})
+
+
+def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
+    """The run that produces ``cfg``'s teacher network: the recipe run, or the last assistant's run."""
+    t = cfg.teacher
+    if t is None:
+        return None
+    if t.assistants:
+        return assistant_run_spec(t, cfg.data, cfg.method)
+    return recipe_run_spec(t, cfg.data)
