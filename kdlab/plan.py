@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from kdlab import registry
-from kdlab.config import DataConfig, ExperimentConfig, MethodConfig, ModelConfig, RunSpec, TrainConfig
+from kdlab.config import (DataConfig, ExperimentConfig, MethodConfig, RunSpec, StudentConfig, TeacherConfig,
+                          TrainConfig)
 
 TEACHER_EXPERIMENT = "teachers"  # the experiment that holds every teacher and assistant run of a workspace
 EDGE_KINDS = ("teacher", "assistant", "member", "trajectory")
@@ -65,6 +66,26 @@ class Plan:
         """The teacher and assistant runs, in dependency order."""
         return [node for node in self.nodes.values() if node.role != "student"]
 
+    def reads(self, run_id: str) -> set[str]:
+        """Every run ``run_id`` reads, directly or through the runs it reads."""
+        out: set[str] = set()
+        stack = [edge.run_id for edge in self.nodes[run_id].inputs]
+        while stack:
+            current = stack.pop()
+            if current not in out:
+                out.add(current)
+                stack.extend(edge.run_id for edge in self.nodes[current].inputs)
+        return out
+
+    def shared_upstream(self) -> list[RunNode]:
+        """The teacher and assistant runs that every student reads (in dependency order): what a parallel
+        executor trains first, before it splits the students between workers."""
+        students = self.students()
+        if not students:
+            return []
+        shared = set.intersection(*(self.reads(node.run_id) for node in students))
+        return [node for node in self.upstream() if node.run_id in shared]
+
     def waves(self) -> list[list[RunNode]]:
         """Nodes grouped by depth: every node of a wave depends only on earlier waves (parallel executors)."""
         depth: dict[str, int] = {}
@@ -79,7 +100,7 @@ class Plan:
 # --------------------------------------------------------------------------- teacher and assistant runs
 
 
-def recipe_run_spec(t: ModelConfig, data: DataConfig) -> RunSpec | None:
+def recipe_run_spec(t: TeacherConfig, data: DataConfig) -> RunSpec | None:
     """A recipe teacher (or assistant-chain base) as a run of its own, or None.
 
     Trained by ``t.method`` (default ``scratch``; e.g. ``adversarial_training`` for
@@ -100,7 +121,7 @@ def recipe_run_spec(t: ModelConfig, data: DataConfig) -> RunSpec | None:
         name="teacher",
         data=data,
         teacher=None,
-        student=ModelConfig(model=t.model, options=dict(t.options)),
+        student=StudentConfig(model=t.model, options=dict(t.options)),
         method=method,
         train=copy.deepcopy(t.train) if t.train is not None else TrainConfig(),
         seeds=[t.seed],
@@ -108,7 +129,7 @@ def recipe_run_spec(t: ModelConfig, data: DataConfig) -> RunSpec | None:
     return RunSpec(config=teacher_cfg, seed=t.seed, point={})
 
 
-def assistant_run_spec(t: ModelConfig, data: DataConfig, method: MethodConfig) -> RunSpec:
+def assistant_run_spec(t: TeacherConfig, data: DataConfig, method: MethodConfig) -> RunSpec:
     """The last assistant of ``t``'s chain as a run: distilled from the chain before it.
 
     Mirzadeh et al. (2020) train every stage with the same KD objective: each
@@ -125,7 +146,7 @@ def assistant_run_spec(t: ModelConfig, data: DataConfig, method: MethodConfig) -
         name="assistant",
         data=copy.deepcopy(data),
         teacher=previous,
-        student=ModelConfig(model=last.model, checkpoint=last.checkpoint, options=dict(last.options)),
+        student=StudentConfig(model=last.model, checkpoint=last.checkpoint, options=dict(last.options)),
         method=MethodConfig(name="kd", options=options),
         train=copy.deepcopy(last.train) if last.train is not None else TrainConfig(),
         seeds=[last.seed],
@@ -143,7 +164,7 @@ def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
     return recipe_run_spec(t, cfg.data)
 
 
-def teacher_inputs(t: ModelConfig | None, cfg: ExperimentConfig) -> list[tuple[RunInput, RunSpec, str]]:
+def teacher_inputs(t: TeacherConfig | None, cfg: ExperimentConfig) -> list[tuple[RunInput, RunSpec, str]]:
     """The runs a teacher section reads, as (edge, run spec, role of that run); a file reads none."""
     if t is None or t.checkpoint is not None:
         return []

@@ -20,10 +20,10 @@ from kdlab.config import (
     parse_override,
     quickstart_raw,
     set_path,
-    teacher_run_spec,
     to_dict,
 )
 from kdlab.errors import ConfigError, KdlabError
+from kdlab.plan import teacher_run_spec
 
 
 def quick(**changes) -> dict:

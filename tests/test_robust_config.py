@@ -12,10 +12,9 @@ from kdlab.config import (
     load_experiment,
     parse_experiment,
     quickstart_raw,
-    recipe_run_spec,
-    teacher_run_spec,
 )
 from kdlab.errors import ConfigError
+from kdlab.plan import recipe_run_spec, teacher_run_spec
 
 TEACHER = {"model": "mlp", "width": 16, "train": {"epochs": 2}}
 

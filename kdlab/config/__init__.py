@@ -7,7 +7,7 @@
     sections.py  one grid point: sections → ``ExperimentConfig``
     checks.py    rules tying fields together (teacher kinds, devices, robust section, method hooks)
     load.py      YAML, ``--set``, documents, grid expansion, choosing a variant or grid point
-    runs.py      run identity (``RunSpec``, content hashes) and the runs that produce teachers
+    runs.py      run identity (``RunSpec``, content hashes); the runs that produce teachers: kdlab.plan
 """
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ from kdlab.config.entries import (RESERVED_DATASET_ARGS, RESERVED_MODEL_ARGS, ch
 from kdlab.config.load import (QUICKSTART_PATH, apply_overrides, load_experiment, load_yaml, load_yaml_documents,
                                parse_experiment, parse_override, quickstart_raw)
 from kdlab.config.paths import deep_merge, get_path, set_path
-from kdlab.config.runs import (RunSpec, assistant_run_spec, content_hash, dotted_leaves, recipe_run_spec,
-                               teacher_run_spec, to_dict)
+from kdlab.config.runs import RunSpec, content_hash, dotted_leaves, to_dict
 from kdlab.config.schema import (ATTACK_NAMES, OMIT_DEFAULT, AttackConfig, DataConfig, ExperimentConfig,
                                  MethodConfig, MlflowConfig, ModelConfig, QuantConfig, RobustConfig,
                                  StudentConfig, TeacherConfig, TrackingConfig, TrainConfig)
 from kdlab.config.validate import NonFinite, Says, check_fields, coerce, parse_dataclass
 from kdlab.errors import ConfigError, KdlabError
-
 
 
 def __getattr__(name: str):

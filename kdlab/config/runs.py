@@ -1,4 +1,4 @@
-"""Run identity: one resolved config per run, its content hash, and the runs that produce teachers."""
+"""Run identity: one resolved config per run and its content hash (the runs that produce teachers: kdlab.plan)."""
 from __future__ import annotations
 
 import copy
@@ -8,9 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdlab import registry
-from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, StudentConfig, TeacherConfig,
-                                 TrainConfig)
+from kdlab.config.schema import ExperimentConfig, StudentConfig
 
 
 @dataclass
@@ -94,66 +92,3 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
-
-
-def recipe_run_spec(t: TeacherConfig, data: DataConfig) -> RunSpec | None:
-    """A recipe teacher (or assistant-chain base) as a run of its own, or None.
-
-    Trained by ``t.method`` (default ``scratch``; e.g. ``adversarial_training`` for
-    a robust teacher). With ``data.labels_per_class`` the teacher trains on the
-    labelled samples only (``drop_unlabelled``), unless its method uses unlabelled ones.
-    Its identity depends only on what shapes the network — its model, recipe,
-    method, seed and the data — so every student of a study shares one teacher run.
-    (``epoch``/``trajectory`` pick files of this run; they do not change it.)
-    """
-    if t is None or t.checkpoint is not None or t.model is None:
-        return None
-    method = copy.deepcopy(t.method) if t.method is not None else MethodConfig(name="scratch")
-    data = copy.deepcopy(data)
-    if data.labels_per_class is not None and not data.drop_unlabelled and \
-            not getattr(registry.get("method", method.name), "uses_unlabelled", False):
-        data.drop_unlabelled = True  # the teacher sees the student's labels only: the labelled samples
-    teacher_cfg = ExperimentConfig(
-        name="teacher",
-        data=data,
-        teacher=None,
-        student=StudentConfig(model=t.model, options=dict(t.options)),
-        method=method,
-        train=copy.deepcopy(t.train) if t.train is not None else TrainConfig(),
-        seeds=[t.seed],
-    )
-    return RunSpec(config=teacher_cfg, seed=t.seed, point={})
-
-
-def assistant_run_spec(t: TeacherConfig, data: DataConfig, method: MethodConfig) -> RunSpec:
-    """The last assistant of ``t``'s chain as a run: distilled (KD) from the chain before it.
-
-    Mirzadeh et al. (2020) train every stage with the same KD objective: each
-    assistant uses the experiment's ``kd`` hyperparameters when its method is
-    ``kd``/``takd``, KD defaults otherwise. Recursion through ``teacher`` gives the chain.
-    """
-    last = t.assistants[-1]
-    previous = copy.deepcopy(t)
-    previous.assistants = list(t.assistants[:-1])
-    options = dict(method.options) if method.name in ("kd", "takd") else {}
-    options = {k: v for k, v in options.items() if k in ("temperature", "alpha")}
-    stage_cfg = ExperimentConfig(
-        name="assistant",
-        data=copy.deepcopy(data),
-        teacher=previous,
-        student=StudentConfig(model=last.model, checkpoint=last.checkpoint, options=dict(last.options)),
-        method=MethodConfig(name="kd", options=options),
-        train=copy.deepcopy(last.train) if last.train is not None else TrainConfig(),
-        seeds=[last.seed],
-    )
-    return RunSpec(config=stage_cfg, seed=last.seed, point={})
-
-
-def teacher_run_spec(cfg: ExperimentConfig) -> RunSpec | None:
-    """The run that produces ``cfg``'s teacher network: the recipe run, or the last assistant's run."""
-    t = cfg.teacher
-    if t is None:
-        return None
-    if t.assistants:
-        return assistant_run_spec(t, cfg.data, cfg.method)
-    return recipe_run_spec(t, cfg.data)

@@ -55,6 +55,9 @@ class TrainConfig:
     fused_optimizer: bool = field(default=False, metadata=OMIT_DEFAULT)  # fused optimiser kernel where available
     # The teacher's weights: "same" as the student (float32; autocast applies), or held in bfloat16.
     teacher_dtype: Literal["same", "bf16"] = field(default="same", metadata=OMIT_DEFAULT)
+    # Intra-op CPU threads of this run, wherever it is executed (serially, a --workers process, a Ray task),
+    # so its numbers do not depend on scheduling; 1 suits a shared machine. null: the process's own count.
+    threads: Optional[Annotated[int, Ge(1), Le(1024)]] = field(default=1, metadata=OMIT_DEFAULT)
 
 
 @dataclass

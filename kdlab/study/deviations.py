@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from kdlab.config import ExperimentConfig, parse_experiment, teacher_run_spec
+from kdlab.config import ExperimentConfig, parse_experiment
 from kdlab.data import Splits, build_splits
 from kdlab.errors import KdlabError
 from kdlab.metrics.deviation import (
@@ -30,6 +30,7 @@ from kdlab.metrics.deviation import (
     logit_confidence,
     teacher_class_probabilities,
 )
+from kdlab.plan import teacher_run_spec
 from kdlab.report.table import Table, render
 from kdlab.store import Store, atomic_write_json
 

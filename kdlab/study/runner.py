@@ -31,8 +31,7 @@ from typing import Callable
 import torch
 import yaml
 
-from kdlab.config import (ExperimentConfig, ModelConfig, RunSpec, assistant_run_spec, recipe_run_spec,
-                          to_dict)
+from kdlab.config import ExperimentConfig, RunSpec, TeacherConfig, to_dict
 from kdlab.data import Splits, build_splits
 from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
@@ -44,10 +43,10 @@ from kdlab.engine.seed import intra_op_threads, seed_everything
 from kdlab.engine.teacher import teacher_module
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
+from kdlab.plan import TEACHER_EXPERIMENT, assistant_run_spec, build_plan, recipe_run_spec, teacher_inputs
 from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text
 from kdlab.study.tracking import Sinks, check_available, open_sinks
 
-TEACHER_EXPERIMENT = "teachers"
 MODEL_FILE = "model.safetensors"
 TEACHER_WAIT_SECONDS = 24 * 3600  # how long a run waits for its teacher held by another live process
 TEACHER_POLL_SECONDS = 2.0  # how often it asks the store (the holder may be on another host)
@@ -170,8 +169,12 @@ class Runner:
             return None
         # Under torchrun every rank holds its own replica of the teacher. The teacher-output cache is
         # built inside fit on every rank: its writes are race-safe (a second builder drops its copy).
-        load_run = functools.partial(self._load_run_model, splits=splits)
-        return teacher_module(cfg.teacher, splits, data=cfg.data, method=cfg.method, load_run=load_run)
+        def load_run(section: TeacherConfig, role: str, epoch: int | None):
+            spec = (assistant_run_spec(section, cfg.data, cfg.method) if role == "assistant"
+                    else recipe_run_spec(section, cfg.data))
+            return self._load_run_model(spec, role, epoch, splits=splits)
+
+        return teacher_module(cfg.teacher, splits, load_run=load_run)
 
     def _load_run_model(self, spec: RunSpec, role: str, epoch: int | None, *, splits: Splits):
         """Train ``spec`` as a run of experiment "teachers" unless done, then load its final (or kept) weights."""
@@ -189,6 +192,17 @@ class Runner:
             raise KdlabError(f"teacher.epoch: {role} run {spec.run_id} kept no weights for epoch {epoch} ({path}); "
                              "add the epoch to teacher.train.keep_epochs")
         return load_model_file(path, splits, key=f"{role} run {spec.run_id}")[0]
+
+    def train_upstream(self, spec: RunSpec, role: str) -> None:
+        """Train a teacher or assistant run of the plan ahead of its students. Its failure is recorded in
+        the store and reported by each student that reads it, so it is not raised here."""
+        try:
+            self._train_or_wait(spec, role)
+        except WorkspaceError:
+            raise
+        except KdlabError:
+            if self.dist is not None:
+                raise  # under torchrun every rank must leave together
 
     def _train_or_wait(self, spec: RunSpec, role: str) -> None:
         """Train the run unless finished; while another live process holds it, wait for it.
@@ -208,7 +222,7 @@ class Runner:
 
         The run computes on ``train.threads`` intra-op threads whatever executes it (this process,
         a worker, a Ray task), so its numbers do not depend on how it was scheduled."""
-        with intra_op_threads(getattr(spec.config.train, "threads", 1)):
+        with intra_op_threads(spec.config.train.threads):
             return self._execute(spec, role=role, experiment=experiment)
 
     def _execute(self, spec: RunSpec, *, role: str, experiment: str | None) -> str:
@@ -225,9 +239,11 @@ class Runner:
         previous = None
         if self.main:
             self.store.ensure_experiment(experiment, {} if role == "teacher" else to_dict(cfg))
+            inputs = [(edge.run_id, edge.kind, edge.epoch) for edge, _, _ in teacher_inputs(cfg.teacher, cfg)]
             previous = self.store.claim(run_id, experiment=experiment, role=role, label=spec.label, seed=spec.seed,
                                         group_key=spec.group_key, config=spec.resolved(),
-                                        take_failed_before=self.since if self.retry_failed else -math.inf)
+                                        take_failed_before=self.since if self.retry_failed else -math.inf,
+                                        method=cfg.method.name, point=spec.point, inputs=inputs)
         previous = distributed.broadcast(previous, self.dist)
         if previous in ("finished", "running"):
             return "skipped" if previous == "finished" else "held"
@@ -344,6 +360,9 @@ class Runner:
         if self.main:
             self.store.ensure_experiment(base.name, to_dict(base))
         self.preflight(specs)
+        # The run graph in dependency order: teachers and assistants first, each once, then the students.
+        for node in build_plan(base, specs).upstream():
+            self.train_upstream(node.spec, node.role)
         summary = StudySummary()
         for spec in specs:
             try:
@@ -384,7 +403,7 @@ class Runner:
         """
         cfg = spec.config
         splits = self.splits(cfg)
-        teacher = (teacher_module(cfg.teacher, splits, data=cfg.data, method=cfg.method)
+        teacher = (teacher_module(cfg.teacher, splits)
                    if cfg.teacher is not None else None)
         student = build_student(cfg.student, splits, teacher=teacher)
         check_class_counts(student, teacher, splits)

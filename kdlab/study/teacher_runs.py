@@ -2,7 +2,7 @@
 
 The store does not yet record the run graph (student → teacher recipe run), so a
 teacher section is matched to its recipe run here, once for every view: by the
-content hash of the recipe (:func:`kdlab.config.teacher_run_spec`, the id the
+content hash of the recipe (:func:`kdlab.plan.teacher_run_spec`, the id the
 runner gave the teacher run), else, for stores written by another kdlab version,
 by comparing the resolved model, data, recipe and seed. When the store keeps the
 graph, :func:`teacher_run_finder` becomes a lookup of the run's input edge.
@@ -75,7 +75,8 @@ def teacher_metric_values(store, runs: Iterable[RunRecord], metric: str) -> list
 
 
 def _recipe_run_id(recipe: dict, data: dict) -> str | None:
-    from kdlab.config import parse_experiment, teacher_run_spec
+    from kdlab.config import parse_experiment
+    from kdlab.plan import teacher_run_spec
 
     raw = {"name": "teacher", "data": copy.deepcopy(data), "teacher": copy.deepcopy(recipe),
            "method": {"name": "scratch"}, "seeds": [0]}

@@ -18,7 +18,6 @@ and resume on the next ``kdlab run``.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import signal
@@ -31,6 +30,7 @@ from typing import Any, Callable
 
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
+from kdlab.plan import build_plan
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 
@@ -230,24 +230,16 @@ def pending_specs(specs, records, *, retry_failed: bool) -> list:
             or (retry_failed and records[spec.run_id].status == "failed")]
 
 
-def _train_shared_teacher(runner: Runner, todo: list[RunSpec]) -> None:
-    """A study whose runs all share one teacher: train it here first, before any worker starts.
+def _train_shared_teacher(runner: Runner, base: ExperimentConfig, todo: list[RunSpec]) -> None:
+    """The teacher and assistant runs that every pending run reads: trained here first, before any worker starts.
 
-    Otherwise one worker would train it while the others wait for it (a run's thread count is its own
-    ``train.threads`` wherever it runs, so the teacher's numbers are the same either way).
-    Studies with several teachers keep training them in parallel in the workers. A teacher that fails here
-    is recorded failed in this study, so the workers report their runs without training it again.
+    Otherwise one worker would train them while the others wait (a run's thread count is its own
+    ``train.threads`` wherever it runs, so the numbers are the same either way). Runs read by only some
+    students are trained in parallel by the workers. A run that fails here is recorded failed in this
+    study, so the workers report their runs without training it again.
     """
-    sections = {json.dumps(to_dict(spec.config).get("teacher"), sort_keys=True, default=str) for spec in todo}
-    if len(sections) != 1 or todo[0].config.teacher is None:
-        return
-    cfg = todo[0].config
-    try:
-        runner.teacher(cfg, runner.splits(cfg))
-    except WorkspaceError:
-        raise
-    except KdlabError:
-        pass  # the store holds the failure; each worker reports it for its runs
+    for node in build_plan(base, todo).shared_upstream():
+        runner.train_upstream(node.spec, node.role)
 
 
 def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str | Path, workers: int,
@@ -274,7 +266,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
             display.progress(progress_line(before, specs, since=since, workers=workers))
             display.close()
             return summarize(before, specs, since=since)
-        _train_shared_teacher(runner, todo)
+        _train_shared_teacher(runner, base, todo)
         workers = max(1, min(workers, len(todo)))
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")

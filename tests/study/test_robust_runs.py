@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kdlab.cli import main
-from kdlab.config import AttackConfig, RobustConfig, load_experiment, parse_experiment, teacher_run_spec
+from kdlab.config import AttackConfig, RobustConfig, load_experiment, parse_experiment
+from kdlab.plan import teacher_run_spec
 from kdlab.data import build_splits
 from kdlab.store import Store
 from kdlab.study.robust_eval import REPORT_FILE, robust_report, attack_subset

@@ -202,7 +202,7 @@ def test_a_worker_waiting_for_a_teacher_takes_it_over_when_its_holder_dies(tmp_p
     """The holder of the teacher run dies mid-wait (e.g. an OOM-killed worker): the waiter trains it itself."""
     import threading
 
-    from kdlab.config import teacher_run_spec
+    from kdlab.plan import teacher_run_spec
     from kdlab.study.runner import TEACHER_EXPERIMENT, Runner
 
     base, specs = parse_experiment(TINY)
