@@ -1,11 +1,11 @@
 """Which stored run trained a student's teacher: the one place the study views ask.
 
-The store does not yet record the run graph (student → teacher recipe run), so a
-teacher section is matched to its recipe run here, once for every view: by the
-content hash of the recipe (:func:`kdlab.plan.teacher_run_spec`, the id the
-runner gave the teacher run), else, for stores written by another kdlab version,
-by comparing the resolved model, data, recipe and seed. When the store keeps the
-graph, :func:`teacher_run_finder` becomes a lookup of the run's input edge.
+A run claimed under store schema 2 has its edges in ``run_inputs`` (:mod:`kdlab.plan`): its
+teacher's recipe run is read from them (through an assistant chain to its base). Runs recorded
+before, and teacher sections named by a view without a student run, are matched to their recipe
+run by the content hash of the recipe (:func:`kdlab.plan.teacher_run_spec`, the id the runner
+gave the teacher run), else, for stores written by another kdlab version, by comparing the
+resolved model, data, recipe and seed.
 """
 from __future__ import annotations
 
@@ -63,11 +63,36 @@ def teacher_run_finder(store) -> Finder:
     return find
 
 
+def recipe_run_id(store, run_id: str) -> str | None:
+    """The recipe run behind run ``run_id``'s teacher, from the stored edges (an assistant chain is
+    followed to its base); None for an ensemble, a file teacher, or a run recorded without edges."""
+    seen = set()
+    while run_id not in seen:
+        seen.add(run_id)
+        edges = store.inputs(run_id)
+        kinds = {kind for _, kind, _ in edges}
+        if kinds <= {"teacher", "trajectory"} and edges and len({i for i, _, _ in edges}) == 1:
+            return edges[0][0]
+        if kinds != {"assistant"}:
+            return None
+        run_id = edges[0][0]
+    return None
+
+
 def teacher_metric_values(store, runs: Iterable[RunRecord], metric: str) -> list[float]:
     """``metric`` of each distinct teacher recipe run behind ``runs`` (each teacher counted once)."""
     find, seen, values = teacher_run_finder(store), set(), []
     for run in runs:
-        found = find(run.config.get("teacher"), run.config.get("data", {}))
+        edge = recipe_run_id(store, run.run_id)
+        found = None
+        if edge is not None:
+            try:
+                found = store.run(edge)
+            except KdlabError:
+                found = None
+            found = found if found is not None and found.status == "finished" else None
+        elif not store.inputs(run.run_id):  # recorded before the run graph was stored
+            found = find(run.config.get("teacher"), run.config.get("data", {}))
         if found is not None and found.run_id not in seen and metric in found.final:
             seen.add(found.run_id)
             values.append(found.final[metric])
