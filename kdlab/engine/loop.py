@@ -405,6 +405,7 @@ class _Fit:
         for m, j in enumerate(micro):
             method.micro_batch = m  # its own sampling stream (GenerationMethod.step_generator)
             made.append(self._make_batch(j))
+        method.micro_batch = 0
         weights = self._accumulation_weights([batch for batch, _, _ in made])
         terms: dict[str, torch.Tensor] = {}
         for m, ((batch, index, shard_weight), weight) in enumerate(zip(made, weights)):
