@@ -406,7 +406,7 @@ class _Fit:
             method.micro_batch = m  # its own sampling stream (GenerationMethod.step_generator)
             made.append(self._make_batch(j))
         method.micro_batch = 0
-        weights = self._accumulation_weights([batch for batch, _, _ in made])
+        weights = self._accumulation_weights(made)
         terms: dict[str, torch.Tensor] = {}
         for m, ((batch, index, shard_weight), weight) in enumerate(zip(made, weights)):
             last = m == len(made) - 1
@@ -443,18 +443,26 @@ class _Fit:
             index, inputs, labels = index[positions], inputs[positions], labels[positions]
         return self.method.make_batch(Batch(inputs=inputs, labels=labels, indices=index)), index, weight
 
-    def _accumulation_weights(self, batches: list[Batch]) -> list[torch.Tensor | None]:
+    def _accumulation_weights(self, made: list[tuple[Batch, torch.Tensor, float | None]]) -> list[torch.Tensor | None]:
         """Each micro-batch's share of its optimiser step's loss units (None: a step of one batch).
 
         Weighting micro-batch j's mean loss by count_j / Σ count makes the step's gradient that of one
         batch of all its samples, response tokens or sequences, counted on the batches as trained on
-        (after generation). A step of units 0 in all (all-masked responses) weighs each by 0: no NaN."""
-        if len(batches) == 1:
+        (after generation). Under torchrun the total is summed over ranks and the weight takes the place
+        of the rank's shard weight (times the world size, which DDP's average divides out), so the step is
+        exact over the global batch too. All counts 0 (all-masked responses) weigh each by 0: no NaN."""
+        if len(made) == 1:
             return [None]
-        counts = [torch.as_tensor(self.method.loss_count(batch), device=self.device).to(torch.float64)
-                  for batch in batches]
-        total = functools.reduce(operator.add, counts).clamp_min(1)
-        return [count / total for count in counts]
+        counts = []
+        for batch, _, shard_weight in made:
+            count = torch.as_tensor(self.method.loss_count(batch), device=self.device).to(torch.float64)
+            counts.append(count if shard_weight is None or shard_weight > 0 else count * 0)  # a placeholder row
+        total = functools.reduce(operator.add, counts)
+        scale = 1.0
+        if self.dist is not None:
+            total, scale = distributed.all_sum(total), float(self.dist.world_size)
+        total = total.clamp_min(1)
+        return [count * scale / total for count in counts]
 
     def _forward_backward(self, batch: Batch, index: torch.Tensor, shard_weight: float | None,
                           weight: torch.Tensor | None, *, first: bool,
@@ -477,10 +485,10 @@ class _Fit:
             if first and state.adversary_optimizer is not None and state.step % method.adversary_every == 0:
                 _adversary_step(method, state.adversary_optimizer, batch, student_out, teacher_out, adversary_sums)
             terms = method.loss_terms(batch, student_out, teacher_out)
-            if shard_weight is not None and shard_weight != 1.0:
-                terms = {k: v * shard_weight for k, v in terms.items()}
-            if weight is not None:
+            if weight is not None:  # accumulation: the micro-batch's share of the (global) step
                 terms = {k: v * weight.to(v.dtype) for k, v in terms.items()}
+            elif shard_weight is not None and shard_weight != 1.0:
+                terms = {k: v * shard_weight for k, v in terms.items()}
         loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
         if first:
             state.optimizer.zero_grad(set_to_none=True)

@@ -104,7 +104,7 @@ def test_partial_last_group_is_the_mean_over_its_samples(tmp_path, monkeypatch):
     assert (run.micro_batches, run.steps_per_epoch, run.total_steps) == (7, 3, 3)
     # A group of micro-batches of 6 and 4 samples: weights 6/10 and 4/10 (not 1/2 each).
     batches = [Batch(torch.zeros(6, 12), torch.zeros(6)), Batch(torch.zeros(4, 12), torch.zeros(4))]
-    weights = run._accumulation_weights(batches)
+    weights = run._accumulation_weights([(batch, None, None) for batch in batches])
     assert [float(w) for w in weights] == [0.6, 0.4]
 
 
@@ -294,3 +294,69 @@ def test_resume_with_accumulation_matches_uninterrupted(tmp_path):
         assert resumed.final[key] == pytest.approx(value, abs=1e-6), key
     for name, tensor in weights.items():
         torch.testing.assert_close(student.state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- torchrun (two gloo processes)
+
+_CHILD = """
+import sys, torch
+from kdlab import registry
+from kdlab.config import MethodConfig, TrainConfig
+from kdlab.data import build_splits
+from kdlab.engine import distributed
+from kdlab.engine.build import build_method
+from kdlab.engine.loop import fit
+from safetensors.torch import save_file
+
+out, batch, accum = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.set_num_threads(1)
+ctx = distributed.init_from_environment() if len(sys.argv) > 4 else None
+splits = build_splits("reverse", {"num_train": 40, "num_test": 4, "max_length": 5}, root=None,
+                      cache_dir="/tmp/kdlab-test-accum", val_fraction=0.0, split_seed=0)
+torch.manual_seed(2)
+student = registry.get("model", "tinygpt")(input_shape=splits.input_shape, num_classes=splits.num_classes,
+                                           layers=1, width=8, heads=2)
+method = build_method(MethodConfig("scratch", {}), student=student, teacher=None, input_shape=splits.input_shape,
+                      train_size=40, sequence=splits.sequence)
+train = TrainConfig(steps=2, batch_size=batch, grad_accum_steps=accum, lr=0.5, optimizer="sgd", momentum=0.0,
+                    schedule="constant", device="cpu")
+fit(student=student, method=method, teacher=None, splits=splits, train=train, seed=5)
+save_file({k: v.clone().contiguous() for k, v in student.state_dict().items()}, out)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.integration
+def test_torchrun_accumulation_matches_one_process_with_the_global_batch(tmp_path):
+    """SFT per token: 2 ranks × 2 micro-batches of 8 (4 per rank) = one process's batches of 16."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+
+    def env(rank, world, port):
+        return dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+
+    single = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "single.st"), "16", "1"],
+                            env=env(0, 1, 0), capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = [subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path / f"rank{r}.st"), "8", "2", "ddp"],
+                              env=env(r, 2, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in ranks:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    reference = load_file(str(tmp_path / "single.st"))
+    for r in range(2):
+        got = load_file(str(tmp_path / f"rank{r}.st"))
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
