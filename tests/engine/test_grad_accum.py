@@ -57,7 +57,7 @@ def _gradients(run: _Fit, monkeypatch, *, record: list | None = None) -> list[to
     return seen[0]
 
 
-def _run(splits, student, method, teacher, train, tmp_path=None) -> _Fit:
+def _run(splits, student, method, teacher, train) -> _Fit:
     return _Fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=3,
                 run_dir=None, resume=False, augment="none", progress=False, label="", teacher_cache_dir=None)
 
@@ -252,7 +252,7 @@ def test_tiny_gkd_run_with_accumulation_counts_optimiser_steps(reverse, tmp_path
     assert seen == [(s, 6) for s in range(6)]
     state = json.loads((tmp_path / "run/checkpoints/latest.json").read_text())
     assert state["epoch"] == 2
-    assert "test/exact_match" in result.final or any(k.startswith("test/") for k in result.final)
+    assert "test/acc" in result.final
 
 
 class _Crash(Exception):
@@ -360,3 +360,21 @@ def test_torchrun_accumulation_matches_one_process_with_the_global_batch(tmp_pat
         got = load_file(str(tmp_path / f"rank{r}.st"))
         for key in reference:
             torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_cli_runs_a_tiny_gkd_study_with_accumulation(tmp_path):
+    """`kdlab run` end to end with train.grad_accum_steps: 2 (on-policy GKD after an SFT warm-up)."""
+    from kdlab.store import Store
+
+    cfg = {"name": "accum-tiny", "data": {"dataset": "reverse", "num_train": 48, "num_test": 8, "max_length": 4},
+           "teacher": {"model": "tinygpt", "layers": 1, "width": 16, "heads": 2,
+                       "train": {"steps": 4, "batch_size": 16, "optimizer": "adamw", "lr": 0.003}},
+           "student": {"model": "tinygpt", "layers": 1, "width": 8, "heads": 2},
+           "method": {"name": "gkd", "sft_steps": 1, "on_policy_fraction": 1.0, "reduction": "token"},
+           "train": {"steps": 3, "batch_size": 8, "grad_accum_steps": 2, "optimizer": "adamw", "lr": 0.003},
+           "seeds": [0]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--quiet"]) == 0
+    runs = Store(tmp_path / "ws").runs(experiment="accum-tiny")
+    assert len(runs) == 1 and runs[0].status == "finished" and "test/acc" in runs[0].final
