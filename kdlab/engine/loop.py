@@ -4,10 +4,11 @@ setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``
 ``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
 and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
 forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
-backward → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first makes
-its k micro-batches, weighs each by its share of the step's loss units (``Method.loss_count``), then
-forwards and backpropagates each before the one clip and optimiser step; then the method's own ``metrics()`` if it defines
-one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` → ``final_metrics``.
+backward → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
+makes its k micro-batches, weighs each by its share of the step's loss units (``Method.loss_count``),
+then forwards and backpropagates each before the one clip and optimiser step; then the method's own
+``metrics()`` if it defines one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` →
+``final_metrics``.
 What a checkpoint holds is defined once, in ``engine/state.py``. Resuming loads the latest checkpoint
 and replays the same data order and random numbers, so a resumed run ends where an uninterrupted one
 would.
@@ -443,7 +444,8 @@ class _Fit:
             index, inputs, labels = index[positions], inputs[positions], labels[positions]
         return self.method.make_batch(Batch(inputs=inputs, labels=labels, indices=index)), index, weight
 
-    def _accumulation_weights(self, made: list[tuple[Batch, torch.Tensor, float | None]]) -> list[torch.Tensor | None]:
+    def _accumulation_weights(self, made: list[tuple[Batch, torch.Tensor, float | None]]
+                              ) -> list[torch.Tensor | None]:
         """Each micro-batch's share of its optimiser step's loss units (None: a step of one batch).
 
         Weighting micro-batch j's mean loss by count_j / Σ count makes the step's gradient that of one
