@@ -29,7 +29,7 @@ class TrainConfig:
 
     epochs: Count = 30  # passes over the train split
     steps: Optional[Count] = None  # if set, train for exactly this many optimiser steps instead
-    batch_size: Annotated[int, Ge(1), Le(1 << 24)] = 128
+    batch_size: Annotated[int, Ge(1), Le(1 << 24)] = 128  # the micro-batch when grad_accum_steps > 1
     optimizer: Literal["sgd", "adam", "adamw"] = "adam"
     lr: Annotated[float, Gt(0), Says("a positive finite number")] = 0.01  # peak (after warmup); no upper bound:
     # an exploding run is a legitimate experiment (tests/reliability/test_numerical.py)
@@ -58,6 +58,10 @@ class TrainConfig:
     # Intra-op CPU threads of this run, wherever it is executed (serially, a --workers process, a Ray task),
     # so its numbers do not depend on scheduling; 1 suits a shared machine. null: the process's own count.
     threads: Optional[Annotated[int, Ge(1), Le(1024)]] = field(default=1, metadata=OMIT_DEFAULT)
+    # Gradient accumulation: one optimiser step per this many micro-batches of batch_size samples (an
+    # optimiser batch of grad_accum_steps × batch_size); steps, epochs' step counts, schedule and checkpoints
+    # count optimiser steps. Normalised exactly as one batch of that size (docs/methods.md).
+    grad_accum_steps: Annotated[int, Ge(1), Le(1 << 16)] = field(default=1, metadata=OMIT_DEFAULT)
 
 
 @dataclass

@@ -4,8 +4,11 @@ setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``
 ``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
 and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
 forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
-backward → clip → optimiser step → schedule step; then the method's own ``metrics()`` if it defines
-one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` → ``final_metrics``.
+backward → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
+makes its k micro-batches, weighs each by its share of the step's loss units (``Method.loss_count``),
+then forwards and backpropagates each before the one clip and optimiser step; then the method's own
+``metrics()`` if it defines one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` →
+``final_metrics``.
 What a checkpoint holds is defined once, in ``engine/state.py``. Resuming loads the latest checkpoint
 and replays the same data order and random numbers, so a resumed run ends where an uninterrupted one
 would.
@@ -210,7 +213,11 @@ class _Fit:
         self.num_train = len(self.data)
         if self.num_train == 0:
             raise KdlabError(f"data: dataset {splits.name!r} has an empty train split; check data.val_fraction")
-        self.steps_per_epoch = math.ceil(self.num_train / train.batch_size)
+        # batch_size is the micro-batch; an optimiser step takes grad_accum_steps of them (fewer at an epoch's
+        # end), and every count below (steps, schedule, epochs, checkpoints, set_progress) is of optimiser steps.
+        self.accum = train.grad_accum_steps
+        self.micro_batches = math.ceil(self.num_train / train.batch_size)
+        self.steps_per_epoch = math.ceil(self.micro_batches / self.accum)
         self.total_steps = train.steps if train.steps is not None else train.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         method.steps_per_epoch = self.steps_per_epoch
@@ -385,39 +392,34 @@ class _Fit:
         return metrics
 
     def step(self, i: int, adversary_sums: dict[str, list[float]]) -> dict[str, torch.Tensor]:
-        """One optimiser step on batch ``i`` of the epoch: forwards, loss terms, backward, clip, step, schedule."""
-        method, state, dist_ctx, device = self.method, self.state, self.dist, self.device
+        """Optimiser step ``i`` of the epoch: its micro-batches (``train.grad_accum_steps`` of them, fewer at
+        an epoch's end) are made first (generation included), weighted by their share of the step's loss
+        units (``Method.loss_count``), then each is forwarded and backpropagated; clip, step, schedule.
+
+        Returns the step's loss terms (the weighted sums over its micro-batches, detached)."""
+        method, state, dist_ctx = self.method, self.state, self.dist
         optimizer, scaler = state.optimizer, state.scaler
-        index, inputs, labels = self.data.batch(i)
-        weight = None
-        if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
-            positions, weight = distributed.shard(torch.arange(len(index), device=device),
-                                                  dist_ctx.rank, dist_ctx.world_size)
-            index, inputs, labels = index[positions], inputs[positions], labels[positions]
         method.set_progress(state.step, self.total_steps)
-        batch = method.make_batch(Batch(inputs=inputs, labels=labels, indices=index))
-        inputs = batch.inputs
-        with self.autocast:
-            teacher_out = None
-            if self.uses_teacher and method.teacher_needed():
-                if self.cached is not None:  # float16 on disk, float32 to the method
-                    teacher_out = Outputs(self.cached.logits[index].float(),
-                                          {k: v[index].float() for k, v in self.cached.features.items()})
-                else:
-                    teacher_out = Outputs(*self.run_teacher(inputs))
-            student_out = Outputs(*self.student_step(inputs))
-            if state.adversary_optimizer is not None and state.step % method.adversary_every == 0:
-                _adversary_step(method, state.adversary_optimizer, batch, student_out, teacher_out, adversary_sums)
-            terms = method.loss_terms(batch, student_out, teacher_out)
-            if weight is not None and weight != 1.0:
-                terms = {k: v * weight for k, v in terms.items()}
-        loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
-        optimizer.zero_grad(set_to_none=True)
+        first = i * self.accum
+        micro = range(first, min(first + self.accum, self.micro_batches))
+        made = []
+        for m, j in enumerate(micro):
+            method.micro_batch = m  # its own sampling stream (GenerationMethod.step_generator)
+            made.append(self._make_batch(j))
+        method.micro_batch = 0
+        weights = self._accumulation_weights(made)
+        terms: dict[str, torch.Tensor] = {}
+        for m, ((batch, index, shard_weight), weight) in enumerate(zip(made, weights)):
+            last = m == len(made) - 1
+            # DDP all-reduces on the last micro-batch's backward only (the sum is what it averages).
+            sync = contextlib.nullcontext() if dist_ctx is None or last else self.forward_student.no_sync()
+            with sync:
+                micro_terms = self._forward_backward(batch, index, shard_weight, weight, first=m == 0,
+                                                     adversary_sums=adversary_sums)
+            for name, value in micro_terms.items():
+                terms[name] = terms[name] + value.detach() if name in terms else value.detach()
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if dist_ctx is not None and self.outside_ddp:
             distributed.average_gradients(self.outside_ddp, dist_ctx.world_size)
         if self.train.grad_clip is not None:
@@ -429,6 +431,73 @@ class _Fit:
             optimizer.step()
         state.scheduler.step()
         state.step += 1
+        return terms
+
+    def _make_batch(self, j: int) -> tuple[Batch, torch.Tensor, float | None]:
+        """Micro-batch ``j`` of the epoch as the method trains on it: (batch, train-row indices, rank weight)."""
+        dist_ctx = self.dist
+        index, inputs, labels = self.data.batch(j)
+        weight = None
+        if dist_ctx is not None:  # this rank's share of the global batch (see distributed.shard)
+            positions, weight = distributed.shard(torch.arange(len(index), device=self.device),
+                                                  dist_ctx.rank, dist_ctx.world_size)
+            index, inputs, labels = index[positions], inputs[positions], labels[positions]
+        return self.method.make_batch(Batch(inputs=inputs, labels=labels, indices=index)), index, weight
+
+    def _accumulation_weights(self, made: list[tuple[Batch, torch.Tensor, float | None]]
+                              ) -> list[torch.Tensor | None]:
+        """Each micro-batch's share of its optimiser step's loss units (None: a step of one batch).
+
+        Weighting micro-batch j's mean loss by count_j / Σ count makes the step's gradient that of one
+        batch of all its samples, response tokens or sequences, counted on the batches as trained on
+        (after generation). Under torchrun the total is summed over ranks and the weight takes the place
+        of the rank's shard weight (times the world size, which DDP's average divides out), so the step is
+        exact over the global batch too. All counts 0 (all-masked responses) weigh each by 0: no NaN."""
+        if len(made) == 1:
+            return [None]
+        counts = []
+        for batch, _, shard_weight in made:
+            count = torch.as_tensor(self.method.loss_count(batch), device=self.device).to(torch.float64)
+            counts.append(count if shard_weight is None or shard_weight > 0 else count * 0)  # a placeholder row
+        total = functools.reduce(operator.add, counts)
+        scale = 1.0
+        if self.dist is not None:
+            total, scale = distributed.all_sum(total), float(self.dist.world_size)
+        total = total.clamp_min(1)
+        return [count * scale / total for count in counts]
+
+    def _forward_backward(self, batch: Batch, index: torch.Tensor, shard_weight: float | None,
+                          weight: torch.Tensor | None, *, first: bool,
+                          adversary_sums: dict[str, list[float]]) -> dict[str, torch.Tensor]:
+        """Forwards, loss terms (times the micro-batch's weights) and their backward into the gradients.
+
+        The step's first micro-batch runs the adversary when due and clears the gradients after it (its
+        fresh forwards may reach the student's parameters)."""
+        method, state = self.method, self.state
+        inputs = batch.inputs
+        with self.autocast:
+            teacher_out = None
+            if self.uses_teacher and method.teacher_needed():
+                if self.cached is not None:  # float16 on disk, float32 to the method
+                    teacher_out = Outputs(self.cached.logits[index].float(),
+                                          {k: v[index].float() for k, v in self.cached.features.items()})
+                else:
+                    teacher_out = Outputs(*self.run_teacher(inputs))
+            student_out = Outputs(*self.student_step(inputs))
+            if first and state.adversary_optimizer is not None and state.step % method.adversary_every == 0:
+                _adversary_step(method, state.adversary_optimizer, batch, student_out, teacher_out, adversary_sums)
+            terms = method.loss_terms(batch, student_out, teacher_out)
+            if weight is not None:  # accumulation: the micro-batch's share of the (global) step
+                terms = {k: v * weight.to(v.dtype) for k, v in terms.items()}
+            elif shard_weight is not None and shard_weight != 1.0:
+                terms = {k: v * shard_weight for k, v in terms.items()}
+        loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
+        if first:
+            state.optimizer.zero_grad(set_to_none=True)
+        if state.scaler is not None:
+            state.scaler.scale(loss).backward()
+        else:
+            loss.backward()
         return terms
 
     def _check_finite(self, names: list[str], sums: torch.Tensor, bad_steps: torch.Tensor, *, steps: int,

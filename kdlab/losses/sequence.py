@@ -71,6 +71,7 @@ __all__ = [
     "SequenceDivergenceError",
     "count_denominator",
     "response_mask",
+    "response_units",
     "sequence_divergence",
     "shift_logits_and_mask",
 ]
@@ -240,6 +241,20 @@ def count_denominator(mask: torch.Tensor, reduction: str = "token") -> int:
     if reduction == "token":
         return int(valid.sum())
     return int(valid.any(dim=1).sum())
+
+
+def response_units(labels: torch.Tensor, reduction: str = "token", *, ignore_index: int = IGNORE_INDEX):
+    """What a sequence loss on ``labels`` (B, L) averages over, as a 0-dim tensor (no device sync).
+
+    ``"token"``: the response tokens (``response_mask``); ``"sequence"`` (and the per-sequence ``"sum"``
+    of policy-gradient KD): the rows with at least one. A method's ``loss_count`` under gradient
+    accumulation: micro-batch losses weighted by their share of the group's units sum to the loss of
+    one batch of the whole group, counted on the responses actually trained on (after generation).
+    """
+    if reduction not in ("token", "sequence", "sum"):
+        raise _error(f"unknown reduction {reduction!r}; use one of 'token', 'sequence', 'sum'")
+    valid = response_mask(labels, ignore_index=ignore_index)
+    return valid.sum() if reduction == "token" else valid.any(dim=1).sum()
 
 
 # ---------------------------------------------------------------------------

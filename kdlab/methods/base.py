@@ -99,6 +99,9 @@ class Method(nn.Module):
         self.check_hparams(hparams)
         self.hparams = hparams
         self.step = 0  # optimiser steps taken so far (set by the loop before each step)
+        # Which micro-batch of the optimiser step ``make_batch`` is making (0 .. train.grad_accum_steps − 1;
+        # set by the loop): methods that sample give each micro-batch its own random stream.
+        self.micro_batch = 0
         self.total_steps = 1
         self.steps_per_epoch: int | None = None  # set by the loop before training (per-epoch schedules)
         self.adversary_metrics: dict[str, float] = {}  # set by adversary_loss; logged as adv/<name>
@@ -172,6 +175,18 @@ class Method(nn.Module):
         inputs here; adversarial-robustness methods return perturbed ones.
         """
         return batch
+
+    def loss_count(self, batch: Batch):
+        """Extension point for gradient accumulation: how many units this batch's loss terms average over,
+        counted on the batch ``make_batch`` returned (after any generation); an int or a 0-dim tensor.
+
+        With ``train.grad_accum_steps`` = k the loop weights micro-batch j's terms by
+        count_j / Σ count over the optimiser step's micro-batches, so the step's gradient is that of one
+        batch holding all of them. Default: the samples (per-sample means). Sequence losses averaged per
+        token return the response tokens, per sequence the sequences that have one
+        (``kdlab.losses.sequence.response_units``). Not asked when k = 1.
+        """
+        return int(batch.inputs.shape[0])
 
     # Extension point (optional): ``metrics() -> dict[str, float]``, defined by methods with state worth
     # watching (e.g. MTARD's balanced weights and temperatures). The loop calls it once per epoch, after

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from kdlab.losses.sequence import response_units
 from kdlab.methods.base import Batch, Method
 from kdlab.methods.scratch import sequence_cross_entropy
 
@@ -23,6 +24,7 @@ class GenerationMethod(Method):
     """
 
     data_kinds = ("sequence",)
+    sft_follows_reduction = True  # the SFT warm-up's cross-entropy uses ``hparams.reduction`` (else per token)
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
@@ -48,9 +50,21 @@ class GenerationMethod(Method):
     # ----------------------------------------------------------------- sampling
 
     def step_generator(self, device: torch.device, stream: int) -> torch.Generator:
-        """A generator for this step and ``stream`` (0: schedule draws, 1: student, 2: mixed, ...)."""
-        seed = (self.schedule_seed * 1_000_003 + self.step * 4 + stream) % (2 ** 63)
-        return torch.Generator(device=device).manual_seed(seed)
+        """A generator for this step and ``stream`` (0: schedule draws, 1: student, 2: mixed, ...).
+
+        Stream 0 is per optimiser step (one draw decides a whole accumulated batch, as for one large
+        batch); the sampling streams are per micro-batch (``micro_batch``; 0 gives the seeds used before
+        accumulation existed), so micro-batches do not reuse each other's random numbers."""
+        seed = self.schedule_seed * 1_000_003 + self.step * 4 + stream
+        if stream and self.micro_batch:
+            seed += 0x9E3779B97F4A7C15 * self.micro_batch  # far from every (step, stream) seed of micro 0
+        return torch.Generator(device=device).manual_seed(seed % (2 ** 63))
+
+    def loss_count(self, batch: Batch):
+        """The units the terms average over: the batch's response tokens or sequences (``hparams.reduction``);
+        the SFT warm-up's cross-entropy follows the same reduction (GKD) or is per token."""
+        reduction = self.hparams.reduction if not self.in_sft() or self.sft_follows_reduction else "token"
+        return response_units(batch.labels, reduction)
 
     def prompts(self, batch: Batch):
         """(prompts, prompt lengths) of a canonical batch, right-padded."""

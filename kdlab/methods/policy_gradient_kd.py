@@ -168,6 +168,7 @@ class PolicyGradientKD(GenerationMethod):
     """MiniLLM-style on-policy distillation: policy gradient on the reward log p_T − log p_S (+ task reward)."""
 
     Hparams = PolicyGradientKDHparams
+    sft_follows_reduction = False  # the warm-up's cross-entropy is per token whatever ``reduction`` says
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from annotated_types import Interval
 
 from kdlab.losses import cross_entropy
+from kdlab.losses.sequence import response_units
 from kdlab.methods.base import Method
 from kdlab.registry import register
 
@@ -50,6 +51,12 @@ class Scratch(Method):
     Hparams = ScratchHparams
     needs_teacher = False
     data_kinds = ("classification", "sequence")
+
+    def loss_count(self, batch):
+        """Gradient accumulation: SFT averages over response tokens, classification over samples."""
+        if self.sequence is not None:
+            return response_units(batch.labels, "token")
+        return super().loss_count(batch)
 
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams
