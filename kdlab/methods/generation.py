@@ -16,6 +16,14 @@ from kdlab.methods.base import Batch, Method
 from kdlab.methods.scratch import sequence_cross_entropy
 
 
+def check_sft_steps(cfg, errors: list[str]) -> None:
+    """A generation method's ``check_config``: the SFT warm-up must leave steps to distil (issue 17 item 15)."""
+    sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
+    if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
+        errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
+                      "distillation; lower method.sft_steps or raise train.steps")
+
+
 class GenerationMethod(Method):
     """A method on sequence tasks whose ``make_batch`` may replace the responses by generated ones.
 

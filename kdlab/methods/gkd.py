@@ -33,10 +33,8 @@ from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
 from kdlab.methods.base import Batch
-from kdlab.methods.generation import GenerationMethod
+from kdlab.methods.generation import GenerationMethod, check_sft_steps
 from kdlab.registry import register
-
-
 
 
 @dataclass
@@ -57,13 +55,7 @@ class GKDHparams:
     sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling
     chunk_size: Optional[Count] = None  # divergence computed over this many positions at a time (large vocabularies)
 
-    @staticmethod
-    def check_config(cfg, errors: list[str]) -> None:
-        """Run at config validation: SFT warm-up steps must leave distillation steps (issue 17 item 15)."""
-        sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
-        if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
-            errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
-                          "distillation; lower method.sft_steps or raise train.steps")
+    check_config = staticmethod(check_sft_steps)  # run at config validation
 
 
 def _check(h: GKDHparams) -> None:

@@ -110,7 +110,7 @@ from kdlab.losses.policy_gradient import (  # the estimator (pure functions); re
     returns_to_go,
 )
 from kdlab.methods.base import Batch
-from kdlab.methods.generation import GenerationMethod
+from kdlab.methods.generation import GenerationMethod, check_sft_steps
 from kdlab.registry import register
 from kdlab.seq.sampling import teacher_mixed_generate  # the sampler; re-exported here
 
@@ -144,13 +144,7 @@ class PolicyGradientKDHparams:
     reduction: str = "token"  # token | sequence | sum
     sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling (as gkd)
 
-    @staticmethod
-    def check_config(cfg, errors: list[str]) -> None:
-        """Run at config validation: SFT warm-up steps must leave distillation steps (issue 17 item 15)."""
-        sft, steps = cfg.method.options.get("sft_steps", 0), cfg.train.steps
-        if isinstance(sft, int) and isinstance(steps, int) and sft > 0 and sft >= steps:
-            errors.append(f"method.sft_steps: {sft} warm-up steps leave none of train.steps ({steps}) for "
-                          "distillation; lower method.sft_steps or raise train.steps")
+    check_config = staticmethod(check_sft_steps)  # run at config validation
 
 
 def _check(h: PolicyGradientKDHparams) -> None:
