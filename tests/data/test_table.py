@@ -30,7 +30,7 @@ def test_csv_string_labels_sorted_and_minmax(tmp_path):
     assert data.y_train.tolist()[:3] == [0, 2, 1]  # setosa, virginica, versicolor by sorted name
     assert data.y_test.tolist() == [1]
     assert torch.equal(data.x_train.amin(0), torch.zeros(3)) and torch.equal(data.x_train.amax(0), torch.ones(3))
-    assert data.x_test.tolist() == pytest.approx([[1.0, 1 / 11, 1.0]])  # length 100 is beyond train: clipped
+    assert data.x_test[0].tolist() == pytest.approx([1.0, 1 / 11, 1.0])  # length 100 is beyond train: clipped
     assert data.x_train[1, 0] == pytest.approx(0.5 / 5.5)
 
 
