@@ -103,7 +103,7 @@ def arrays(
     *,
     root: Path | None,
     cache_dir: Path,
-    train: Files,
+    train: Files = "train.npz",
     test: Optional[Files] = None,
     x_key: Annotated[str, MinLen(1)] = "x",
     y_key: Annotated[str, MinLen(1)] = "y",
@@ -115,7 +115,8 @@ def arrays(
 ) -> DatasetArrays:
     """Arrays: your inputs and labels from .npz (x/y keys) or a pair of .npy files, scaled to [0, 1] as you say.
 
-    ``train``/``test``: an .npz path or [inputs.npy, labels.npy] (relative paths are under data.root);
+    ``train``/``test``: an .npz path or [inputs.npy, labels.npy] (relative paths are under data.root;
+    train defaults to root/train.npz);
     without ``test`` a stratified ``test_fraction`` of train is held out. ``scale: 255`` divides,
     ``normalize: per_channel`` min-max scales each channel (feature) over train. ``num_classes``
     defaults to the largest label + 1.

@@ -97,8 +97,8 @@ def table(
     *,
     root: Path | None,
     cache_dir: Path,
-    train: Column,
-    label: Column,
+    train: Column = "train.csv",
+    label: Column = "label",
     test: Optional[Column] = None,
     features: Optional[Annotated[list[Column], MinLen(1)]] = None,
     normalize: Literal["minmax", "none"] = "minmax",
@@ -106,7 +106,9 @@ def table(
 ) -> DatasetArrays:
     """Table: your CSV/Parquet file, numeric feature columns + a label column, for tabular KD.
 
-    ``label`` names the label column; ``features`` the feature columns (default: every other column).
+    ``train``/``test``: CSV or Parquet paths (relative ones under data.root; train defaults to
+    train.csv). ``label`` names the label column (default "label"); ``features`` the feature columns
+    (default: every other column).
     String labels become class ids in sorted order. Features are min-max scaled per column over train
     (``normalize: minmax``). Without ``test`` a stratified ``test_fraction`` of train is held out.
     """
