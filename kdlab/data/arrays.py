@@ -26,9 +26,27 @@ FileName = Annotated[str, MinLen(1)]
 Files = Union[FileName, tuple[FileName, FileName]]
 
 
-def _load(path: Path) -> object:
+def _load(path: Path, keys: tuple[str, ...] | None) -> dict[str, np.ndarray] | np.ndarray:
+    """The arrays ``keys`` of an .npz (a dict), or the one array of an .npy (``keys`` None)."""
+    problem = None
     try:
-        return np.load(path, allow_pickle=False)
+        with open(path, "rb") as handle:  # ours to close, also when numpy fails half-way
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                if keys is not None:
+                    problem = (f"a single .npy holds one array; give it as an .npz with keys {keys[0]!r} and "
+                               f"{keys[1]!r}, or as a pair [inputs.npy, labels.npy]")
+                else:
+                    return loaded
+            elif keys is None:
+                problem = "an .npz where a .npy was expected; give the pair as [inputs.npy, labels.npy]"
+            else:
+                missing = [k for k in keys if k not in loaded.files]
+                if missing:
+                    problem = (f"no array {missing[0]!r} (it holds {', '.join(loaded.files) or 'nothing'}); "
+                               "name the keys with data.x_key / data.y_key")
+                else:
+                    return {k: loaded[k] for k in keys}
     except ValueError as error:
         if "pickle" in str(error):
             raise KdlabError(f"{path}: holds Python objects (pickled), not numbers; save plain numeric arrays "
@@ -36,31 +54,17 @@ def _load(path: Path) -> object:
         raise KdlabError(f"{path}: not a readable .npy/.npz file ({error}); save it with np.save / np.savez") from None
     except (OSError, EOFError, zipfile.BadZipFile) as error:
         raise KdlabError(f"{path}: not a readable .npy/.npz file ({error}); save it with np.save / np.savez") from None
+    raise KdlabError(f"{path}: {problem}")
 
 
 def read_pair(root: Path | None, files: str | tuple[str, str], *, key: str, x_key: str, y_key: str):
     """``(inputs, labels, source)`` as numpy arrays from one .npz or a pair of .npy files."""
     if isinstance(files, str):
         path = user_file(root, files, key=key)
-        loaded = _load(path)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise KdlabError(f"{path}: a single .npy holds one array; give data.{key} as an .npz with keys "
-                             f"{x_key!r} and {y_key!r}, or as [inputs.npy, labels.npy]")
-        with loaded:
-            missing = [k for k in (x_key, y_key) if k not in loaded.files]
-            if missing:
-                raise KdlabError(f"{path}: no array {missing[0]!r} (it holds {', '.join(loaded.files) or 'nothing'}); "
-                                 "name the keys with data.x_key / data.y_key")
-            return loaded[x_key], loaded[y_key], str(path)
-    arrays = []
-    for name in files:
-        path = user_file(root, name, key=key)
-        loaded = _load(path)
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            loaded.close()
-            raise KdlabError(f"{path}: an .npz where a .npy was expected; data.{key} is [inputs.npy, labels.npy]")
-        arrays.append(loaded)
-    return arrays[0], arrays[1], f"{files[0]} + {files[1]}"
+        loaded = _load(path, (x_key, y_key))
+        return loaded[x_key], loaded[y_key], str(path)
+    paths = [user_file(root, name, key=key) for name in files]
+    return _load(paths[0], None), _load(paths[1], None), f"{paths[0]} + {paths[1].name}"
 
 
 def _inputs(x: np.ndarray, source: str, *, channels_last: bool) -> torch.Tensor:

@@ -79,3 +79,10 @@ def test_bad_files(tmp_path):
     np.savez(tmp_path / "b.npz", x=np.zeros((4, 2)), y=np.array([0, 1, 0, 1]))
     with pytest.raises(KdlabError, match=r"b.npz: test inputs have shape \(2,\) per sample but train \(3,\)"):
         arrays(root=tmp_path, cache_dir=tmp_path, train="a.npz", test="b.npz")
+
+
+def test_a_pair_with_mismatched_lengths_names_both_files(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((3, 2)))
+    np.save(tmp_path / "y.npy", np.array([0, 1]))
+    with pytest.raises(KdlabError, match=r"/x.npy \+ y.npy: 3 inputs but 2 labels"):
+        arrays(root=tmp_path, cache_dir=tmp_path, train=["x.npy", "y.npy"])
