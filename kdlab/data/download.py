@@ -101,11 +101,11 @@ def fetch(dataset: str, root: Path | None) -> Path:
     except OSError as error:
         raise KdlabError(f"data.root: cannot create {root} ({error.strerror or error}); choose a writable folder") from None
     staging = root / _STAGING
-    staging.mkdir(exist_ok=True)
     try:
-        with _locked(staging / "lock"):
+        with _locked(staging):
             if target.is_dir():  # another process finished it while this one waited
                 return target
+            staging.mkdir(exist_ok=True)  # one that failed meanwhile removed it
             base = os.environ.get(BASE_URL_ENV) or source.base_url
             paths = [_download(dataset, base.rstrip("/") + "/" + name, staging / name) for name in source.files]
             try:
@@ -120,13 +120,25 @@ def fetch(dataset: str, root: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path):
+def _locked(staging: Path):
+    """Hold the lock file in ``staging`` (created). A process that finishes removes the folder: one
+    that created it again meanwhile (a lost race) just makes it once more."""
+    for _ in range(10):
+        staging.mkdir(exist_ok=True)
+        try:
+            handle = open(staging / "lock", "a+b")
+            break
+        except FileNotFoundError:
+            continue
+    else:  # pragma: no cover - ten lost races in a row
+        raise KdlabError(f"{staging}: cannot create the download lock; check that nothing else removes it")
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows: no lock; the temp-folder-and-rename still holds
-        yield
+        with handle:
+            yield
         return
-    with open(path, "a+b") as handle:
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -209,3 +209,24 @@ def test_download_option_is_a_checked_config_key():
 
     for name in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
         assert entry_parameters("dataset", name)["download"] == (bool, False)
+
+
+def test_concurrent_downloads_into_one_root_fetch_once(tmp_path, server, monkeypatch):
+    archive, _ = _cifar10_archive()
+    _publish(server, monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive})
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(downloads.fetch("cifar10", tmp_path))
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and results == [tmp_path / "cifar-10-batches-py"] * 3
+    assert len(server.requests) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"]
