@@ -48,6 +48,9 @@ class DatasetArrays:
     y_test: torch.Tensor
     num_classes: int
     text: TextInfo | None = None
+    # A validation split the data comes with (an image folder's val/): used as it is, data.val_fraction unused.
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,7 +88,8 @@ def check_arrays(name: str, arrays: Any) -> None:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise KdlabError(f"{where}: num_classes must be an integer >= 2, got {num_classes!r}; fix the dataset factory")
     text = arrays.text
-    for split in ("train", "test"):
+    given_val = ("val",) if arrays.x_val is not None or arrays.y_val is not None else ()
+    for split in ("train", "test", *given_val):
         inputs, labels = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
         if text is not None:
             _check_token_ids(where, split, inputs, labels, text)
@@ -109,11 +113,12 @@ def check_arrays(name: str, arrays: Any) -> None:
                 )
     if arrays.x_train.shape[0] == 0:
         raise KdlabError(f"{where}: the train split is empty; check the dataset's options")
-    if arrays.x_train.shape[1:] != arrays.x_test.shape[1:]:
-        raise KdlabError(
-            f"{where}: train inputs have shape {tuple(arrays.x_train.shape[1:])} but test inputs "
-            f"{tuple(arrays.x_test.shape[1:])}; fix the dataset factory"
-        )
+    for split in ("test", *given_val):
+        if arrays.x_train.shape[1:] != getattr(arrays, f"x_{split}").shape[1:]:
+            raise KdlabError(
+                f"{where}: train inputs have shape {tuple(arrays.x_train.shape[1:])} but {split} inputs "
+                f"{tuple(getattr(arrays, f'x_{split}').shape[1:])}; fix the dataset factory"
+            )
 
 
 def _check_token_ids(where: str, split: str, inputs: Any, labels: Any, text: TextInfo) -> None:
@@ -138,7 +143,8 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
     to its count, chosen by a ``torch.Generator`` seeded with ``split_seed``
     (see ``stratify.stratified_holdout``); the remaining train samples keep
     their original order, and so do the val samples. ``val_fraction == 0``
-    gives val tensors with 0 rows. The test split is passed through untouched.
+    gives val tensors with 0 rows. The test split is passed through untouched, and so
+    is a val split the arrays bring (``x_val``/``y_val``): then nothing is carved.
     mean/std: per channel over the final train split (population std).
     """
     _check_split_arguments(val_fraction, split_seed)
@@ -146,9 +152,11 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
         return split_sequences(name, arrays, val_fraction=val_fraction, split_seed=split_seed)
     check_arrays(name, arrays)
     x_train, y_train = arrays.x_train, arrays.y_train
-    if val_fraction > 0 and x_train.shape[0] < 2:
+    if arrays.x_val is not None:  # the data's own val split
+        val = (arrays.x_val, arrays.y_val)
+    elif val_fraction > 0 and x_train.shape[0] < 2:
         raise KdlabError(f"data.val_fraction: dataset {name!r} has {x_train.shape[0]} train sample(s), too few to carve a val split; set data.val_fraction: 0")
-    if holdout_size(x_train.shape[0], val_fraction) == 0:
+    elif holdout_size(x_train.shape[0], val_fraction) == 0:
         val = (x_train[:0], y_train[:0])
     else:
         generator = torch.Generator().manual_seed(split_seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab.data import download as downloads
 from kdlab.data.base import DatasetArrays
 from kdlab.data.files import find_folder, require_root
 from kdlab.errors import KdlabError
@@ -80,8 +81,10 @@ def read_batch(path: Path, *, label_key: bytes, num_classes: int, source: str) -
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
-def _locate(root: Path | None, *, dataset: str, folder: str, first_file: str, source: str) -> Path:
-    """The folder holding the batch files: ``root/folder`` or ``root`` itself."""
+def _locate(root: Path | None, *, dataset: str, folder: str, first_file: str, source: str, download: bool) -> Path:
+    """The folder holding the batch files: ``root/folder`` or ``root`` itself (downloaded there if asked)."""
+    if download and (root is None or find_folder([Path(root) / folder, Path(root)], (first_file,)) is None):
+        downloads.fetch(dataset, root)
     root = require_root(root, dataset=dataset, expected=f"{folder}/", source=source)
     found = find_folder([root / folder, root], (first_file,))
     if found is None:
@@ -105,27 +108,31 @@ def _load(folder: Path, train: list[str], test: list[str], *, label_key: bytes, 
 
 
 @register("dataset", "cifar10")
-def cifar10(*, root: Path | None, cache_dir: Path) -> DatasetArrays:
+def cifar10(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
     """CIFAR-10: 32x32 colour images, 10 classes, 50000/10000 (files under data.root).
 
     Reads ``<root>/cifar-10-batches-py/`` (or ``root`` pointing at that folder).
     Inputs (3, 32, 32) = uint8 / 255; train is data_batch_1..5 in order.
+    ``download: true`` fetches and checks the archive into root if it is not there (kdlab.data.download).
     """
-    folder = _locate(root, dataset="cifar10", folder=_CIFAR10_FOLDER, first_file="data_batch_1", source=CIFAR10_URL)
+    folder = _locate(root, dataset="cifar10", folder=_CIFAR10_FOLDER, first_file="data_batch_1", source=CIFAR10_URL,
+                     download=download)
     train = [f"data_batch_{index}" for index in range(1, 6)]
     return _load(folder, train, ["test_batch"], label_key=b"labels", num_classes=10, source=CIFAR10_URL)
 
 
 @register("dataset", "cifar100")
-def cifar100(*, root: Path | None, cache_dir: Path, label_mode: str = "fine") -> DatasetArrays:
+def cifar100(*, root: Path | None, cache_dir: Path, label_mode: str = "fine", download: bool = False) -> DatasetArrays:
     """CIFAR-100: 32x32 colour images, 100 fine or 20 coarse classes, 50000/10000 (files under data.root).
 
     Reads ``<root>/cifar-100-python/`` (or ``root`` pointing at that folder).
     Inputs (3, 32, 32) = uint8 / 255; label_mode "fine" (100 classes) or
-    "coarse" (the 20 superclasses).
+    "coarse" (the 20 superclasses). ``download: true`` fetches and checks the
+    archive into root if it is not there (kdlab.data.download).
     """
     if label_mode not in _LABEL_MODES:
         raise KdlabError(f"data.label_mode: {label_mode!r} is not allowed; choose one of {', '.join(map(repr, _LABEL_MODES))}")
     label_key, num_classes = _LABEL_MODES[label_mode]
-    folder = _locate(root, dataset="cifar100", folder=_CIFAR100_FOLDER, first_file="train", source=CIFAR100_URL)
+    folder = _locate(root, dataset="cifar100", folder=_CIFAR100_FOLDER, first_file="train", source=CIFAR100_URL,
+                     download=download)
     return _load(folder, ["train"], ["test"], label_key=label_key, num_classes=num_classes, source=CIFAR100_URL)

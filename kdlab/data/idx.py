@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdlab.data import download as downloads
 from kdlab.data.base import DatasetArrays
 from kdlab.data.files import find_folder, require_root
 from kdlab.errors import KdlabError
@@ -87,9 +88,11 @@ def _read_pair(folder: Path, images_name: str, labels_name: str, *, source: str)
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def _load(root: Path | None, *, dataset: str, subfolder: Path, source: str) -> DatasetArrays:
-    root = require_root(root, dataset=dataset, expected="the four IDX files", source=source)
+def _load(root: Path | None, *, dataset: str, subfolder: Path, source: str, download: bool) -> DatasetArrays:
     marker = IDX_FILES[0]
+    if download and (root is None or find_folder([Path(root), Path(root) / subfolder], (marker, f"{marker}.gz")) is None):
+        downloads.fetch(dataset, root)
+    root = require_root(root, dataset=dataset, expected="the four IDX files", source=source)
     folder = find_folder([root, root / subfolder], (marker, f"{marker}.gz"))
     if folder is None:
         raise KdlabError(
@@ -102,20 +105,23 @@ def _load(root: Path | None, *, dataset: str, subfolder: Path, source: str) -> D
 
 
 @register("dataset", "mnist")
-def mnist(*, root: Path | None, cache_dir: Path) -> DatasetArrays:
+def mnist(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
     """MNIST: 28x28 handwritten digits, 10 classes, 60000/10000 (IDX files under data.root).
 
     Reads the four IDX files (plain or .gz) from ``root`` or ``root/MNIST/raw``
-    (torchvision's layout). Inputs (1, 28, 28) = uint8 / 255.
+    (torchvision's layout). Inputs (1, 28, 28) = uint8 / 255. ``download: true``
+    fetches and checks the four .gz files into ``root/MNIST/raw`` if they are not there.
     """
-    return _load(root, dataset="mnist", subfolder=Path("MNIST", "raw"), source=MNIST_SOURCE)
+    return _load(root, dataset="mnist", subfolder=Path("MNIST", "raw"), source=MNIST_SOURCE, download=download)
 
 
 @register("dataset", "fashion_mnist")
-def fashion_mnist(*, root: Path | None, cache_dir: Path) -> DatasetArrays:
+def fashion_mnist(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
     """Fashion-MNIST: 28x28 clothing images, 10 classes, 60000/10000 (IDX files under data.root).
 
     Reads the four IDX files (plain or .gz) from ``root`` or
     ``root/FashionMNIST/raw`` (torchvision's layout). Inputs (1, 28, 28) = uint8 / 255.
+    ``download: true`` fetches and checks the four .gz files into ``root/FashionMNIST/raw``.
     """
-    return _load(root, dataset="fashion_mnist", subfolder=Path("FashionMNIST", "raw"), source=FASHION_MNIST_SOURCE)
+    return _load(root, dataset="fashion_mnist", subfolder=Path("FashionMNIST", "raw"), source=FASHION_MNIST_SOURCE,
+                 download=download)
