@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from kdlab.config.entries import identity_free_options
 from kdlab.config.schema import ExperimentConfig, StudentConfig
 
 
@@ -31,6 +32,12 @@ class RunSpec:
         out.pop("grid")
         out.pop("seeds")
         out.pop("tracking", None)  # where metrics are also sent: neither identity nor results of the run
+        for section, name_key, kind in (("data", "dataset", "dataset"), ("student", "model", "model"),
+                                        ("teacher", "model", "model")):
+            options = out.get(section)
+            if isinstance(options, dict) and isinstance(options.get(name_key), str):
+                for key in identity_free_options(kind, options[name_key]):  # e.g. data.download
+                    options.pop(key, None)
         out["seed"] = self.seed
         return out
 

@@ -40,6 +40,12 @@ class NonFinite:
     """Field metadata: this float may be NaN or ±inf (the default refuses both)."""
 
 
+@dataclass(frozen=True)
+class NotInRunId:
+    """Factory-option metadata: the option changes how inputs are obtained, never the results (e.g. a
+    dataset's ``download``), so it is left out of the run's identity (``RunSpec.resolved``)."""
+
+
 def hints(cls: Any) -> dict[str, Any]:
     """Type hints with their ``Annotated`` metadata kept."""
     return typing.get_type_hints(cls, include_extras=True)

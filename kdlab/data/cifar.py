@@ -8,10 +8,12 @@ keys: ``b"data"`` a uint8 array (N, 3072) holding the red, green then blue
 """
 import pickle
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
+from kdlab.config.validate import NotInRunId
 from kdlab.data import download as downloads
 from kdlab.data.base import DatasetArrays
 from kdlab.data.files import find_folder, require_root
@@ -108,7 +110,7 @@ def _load(folder: Path, train: list[str], test: list[str], *, label_key: bytes, 
 
 
 @register("dataset", "cifar10")
-def cifar10(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
+def cifar10(*, root: Path | None, cache_dir: Path, download: Annotated[bool, NotInRunId()] = False) -> DatasetArrays:
     """CIFAR-10: 32x32 colour images, 10 classes, 50000/10000 (files under data.root).
 
     Reads ``<root>/cifar-10-batches-py/`` (or ``root`` pointing at that folder).
@@ -122,7 +124,8 @@ def cifar10(*, root: Path | None, cache_dir: Path, download: bool = False) -> Da
 
 
 @register("dataset", "cifar100")
-def cifar100(*, root: Path | None, cache_dir: Path, label_mode: str = "fine", download: bool = False) -> DatasetArrays:
+def cifar100(*, root: Path | None, cache_dir: Path, label_mode: str = "fine",
+             download: Annotated[bool, NotInRunId()] = False) -> DatasetArrays:
     """CIFAR-100: 32x32 colour images, 100 fine or 20 coarse classes, 50000/10000 (files under data.root).
 
     Reads ``<root>/cifar-100-python/`` (or ``root`` pointing at that folder).

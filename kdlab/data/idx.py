@@ -10,10 +10,12 @@ import math
 import struct
 import zlib
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
 
+from kdlab.config.validate import NotInRunId
 from kdlab.data import download as downloads
 from kdlab.data.base import DatasetArrays
 from kdlab.data.files import find_folder, require_root
@@ -105,7 +107,7 @@ def _load(root: Path | None, *, dataset: str, subfolder: Path, source: str, down
 
 
 @register("dataset", "mnist")
-def mnist(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
+def mnist(*, root: Path | None, cache_dir: Path, download: Annotated[bool, NotInRunId()] = False) -> DatasetArrays:
     """MNIST: 28x28 handwritten digits, 10 classes, 60000/10000 (IDX files under data.root).
 
     Reads the four IDX files (plain or .gz) from ``root`` or ``root/MNIST/raw``
@@ -116,7 +118,7 @@ def mnist(*, root: Path | None, cache_dir: Path, download: bool = False) -> Data
 
 
 @register("dataset", "fashion_mnist")
-def fashion_mnist(*, root: Path | None, cache_dir: Path, download: bool = False) -> DatasetArrays:
+def fashion_mnist(*, root: Path | None, cache_dir: Path, download: Annotated[bool, NotInRunId()] = False) -> DatasetArrays:
     """Fashion-MNIST: 28x28 clothing images, 10 classes, 60000/10000 (IDX files under data.root).
 
     Reads the four IDX files (plain or .gz) from ``root`` or

@@ -214,3 +214,21 @@ def test_boolean_and_integer_weights_are_refused(tmp_path):
         read_model_file(path)
     with pytest.raises(KdlabError, match=r"weight holds torch.int64 values where the model has floating-point"):
         load_into(torch.nn.Linear(2, 2, bias=False), {"weight": torch.ones(2, 2, dtype=torch.int64)}, source="f")
+
+
+def test_options_marked_not_in_run_id_leave_ids_unchanged():
+    """``download`` fetches the same files: run ids (pinned from before the option existed) do not move."""
+    from kdlab.config import parse_experiment
+
+    pinned = {"cifar10": "c-ee179fa1cc", "cifar100": "c-2a872b4965", "mnist": "c-40e17440b3",
+              "fashion_mnist": "c-3116bd155f"}
+    for dataset, run_id in pinned.items():
+        for download in (None, False, True):
+            data = {"dataset": dataset, "root": "/nonexistent"}
+            if download is not None:
+                data["download"] = download
+            raw = {"name": "c", "data": data, "student": {"model": "mlp"}, "method": {"name": "scratch"},
+                   "seeds": [0]}
+            spec = parse_experiment(raw)[1][0]
+            assert spec.run_id == run_id and "download" not in spec.resolved()["data"]
+            assert spec.config.data.options["download"] is (download is True)  # the factory still gets it

@@ -7,6 +7,7 @@ import pickle
 import struct
 import tarfile
 import threading
+import typing
 
 import numpy as np
 import pytest
@@ -208,7 +209,8 @@ def test_download_option_is_a_checked_config_key():
     from kdlab.config.entries import entry_parameters
 
     for name in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
-        assert entry_parameters("dataset", name)["download"] == (bool, False)
+        annotation, default = entry_parameters("dataset", name)["download"]
+        assert typing.get_args(annotation)[0] is bool and default is False
 
 
 def test_concurrent_downloads_into_one_root_fetch_once(tmp_path, server, monkeypatch):
