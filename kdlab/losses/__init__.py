@@ -8,7 +8,7 @@ feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
 Not registered (not teacher/student losses of the usual signature):
 ``policy_gradient`` (MiniLLM's estimator) and ``balancing`` (MTARD's rules).
 """
-from kdlab.losses import attention, divergences, features, logit  # noqa: F401  (registration)
+from kdlab.losses import attention, divergences, features, logit, zoo  # noqa: F401  (registration)
 from kdlab.losses.adversarial import (  # GAN losses for discriminators (not registered: not teacher/student losses)
     GAN_LOSSES,
     discriminator_accuracy,

@@ -1,0 +1,206 @@
+"""Feature losses of the mdistiller / torchdistill zoo: NST, CC, AB and VID's likelihood.
+
+Each is a pure function of the (adapted) student and the teacher feature, following its authors'
+or the reference zoo's code where it fixes a constant the paper leaves open (each docstring says
+which file). ``nst``, ``correlation_congruence`` and ``activation_boundary`` have the feature-loss
+signature and are registered (``loss_kind == "feature"``, usable in ``distill`` terms);
+``vid_nll`` takes the method's learned variance as well and is not registered.
+Inputs are upcast to at least float32, as in ``kdlab.losses.features``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from kdlab.errors import KdlabError
+from kdlab.losses.features import _check_pair, _check_positive, _flatten
+from kdlab.registry import register
+
+
+def match_spatial(student_feature: torch.Tensor, teacher_feature: torch.Tensor):
+    """Average-pool the larger of two ``(N, C, H, W)`` maps to the other's spatial size.
+
+    As mdistiller's NST and VID do (``F.adaptive_avg_pool2d`` of the larger map); needed where
+    stages of different depth are paired. Equal sizes are returned unchanged.
+    """
+    s_hw, t_hw = tuple(student_feature.shape[2:]), tuple(teacher_feature.shape[2:])
+    if s_hw == t_hw:
+        return student_feature, teacher_feature
+    if all(s >= t for s, t in zip(s_hw, t_hw)):
+        return F.adaptive_avg_pool2d(student_feature, t_hw), teacher_feature
+    if all(s <= t for s, t in zip(s_hw, t_hw)):
+        return student_feature, F.adaptive_avg_pool2d(teacher_feature, s_hw)
+    raise KdlabError(f"spatial sizes {s_hw} (student) and {t_hw} (teacher) are larger in one dim and smaller "
+                     "in the other; tap stages whose maps nest")
+
+
+def _check_maps(loss: str, student, teacher) -> torch.dtype:
+    dtype = _check_pair(loss, student, teacher)
+    if student.ndim != 4 or teacher.ndim != 4:
+        raise KdlabError(f"loss {loss}: needs (N, C, H, W) feature maps, got student {tuple(student.shape)} and "
+                         f"teacher {tuple(teacher.shape)}; tap convolutional stages (e.g. stage1..stage3)")
+    return dtype
+
+
+# ---------------------------------------------------------------------------
+# Neuron selectivity transfer (NST)
+# ---------------------------------------------------------------------------
+
+
+def _mean_poly2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch and every channel pair of ``k(a_i, b_j) = (a_i · b_j)²``."""
+    return torch.bmm(a, b.transpose(1, 2)).square().mean()
+
+
+@register("loss", "nst")
+def nst(student_feature, teacher_feature):
+    """NST: squared MMD with the polynomial kernel between the channels' spatial distributions.
+
+    Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer"
+    (arXiv 1707.01219, 2017), §3: each channel's activation map over the H·W positions is one
+    sample of a distribution (``f^{k·}``, L2-normalised over positions), and the loss is the
+    squared MMD between the teacher's C_T and the student's C_S samples,
+
+        MMD² = 1/C_T² Σ_{i,i'} k(t_i, t_i') + 1/C_S² Σ_{j,j'} k(s_j, s_j') − 2/(C_T C_S) Σ_{i,j} k(s_j, t_i),
+
+    with the polynomial kernel ``k(x, y) = (xᵀy + c)^d``, d = 2, c = 0 (the paper's best kernel;
+    the one mdistiller uses). As in mdistiller (``mdistiller/distillers/NST.py``,
+    ``single_stage_nst_loss``): the larger map is average-pooled to the smaller's size first,
+    and the value is averaged over the batch. Channel counts may differ.
+
+    Shapes: ``(N, C_S, H, W)``, ``(N, C_T, H', W')``. Dtype: at least float32.
+    """
+    dtype = _check_maps("nst", student_feature, teacher_feature)
+    s, t = match_spatial(student_feature.to(dtype), teacher_feature.to(dtype))
+    s = F.normalize(s.flatten(2), dim=2)  # each channel: a unit vector over positions
+    t = F.normalize(t.flatten(2), dim=2)
+    return _mean_poly2(t, t) + _mean_poly2(s, s) - 2.0 * _mean_poly2(s, t)
+
+
+nst.loss_kind = "feature"
+
+
+# ---------------------------------------------------------------------------
+# Correlation congruence (CC)
+# ---------------------------------------------------------------------------
+
+
+def cc_gaussian_taylor(embedding: torch.Tensor, *, gamma: float, max_p: int) -> torch.Tensor:
+    """``(N, N)`` correlation matrix by the order-``max_p`` Taylor form of the Gaussian RBF.
+
+    Peng et al. (ICCV 2019), eq. 9 (the Taylor expansion of ``exp(−γ‖F_i − F_j‖²)`` for unit
+    vectors): ``k(F_i, F_j) ≈ Σ_{p=0}^{P} exp(−2γ) (2γ)^p / p! · (F_i · F_j)^p``.
+    """
+    dot = embedding @ embedding.T
+    out = torch.ones_like(dot)
+    for p in range(1, max_p + 1):
+        out = out + (2.0 * gamma) ** p / math.factorial(p) * dot.pow(p)
+    return math.exp(-2.0 * gamma) * out
+
+
+@register("loss", "correlation_congruence")
+def correlation_congruence(student_feature, teacher_feature, *, gamma: float = 0.4, max_p: int = 2,
+                           kernel: str = "gaussian"):
+    """CC: distance between the batch correlation matrices of student and teacher embeddings.
+
+    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019: eq. 7
+    ``L_CC = 1/n² ‖ψ(F_t) − ψ(F_s)‖`` with the correlation ``ψ`` of eq. 8 by the kernel
+    (``kernel="gaussian"``: the Taylor form of eq. 9, order ``max_p``, see
+    ``cc_gaussian_taylor``; ``"bilinear"``: ``F·Fᵀ``).
+
+    As in torchdistill (``torchdistill/losses/mid_level.py``, ``CCKDLoss``, reduction
+    ``batchmean``): ``torch.dist(C_s, C_t, 2) / n²``, the Frobenius norm (not squared) divided by
+    n²; γ = 0.4 and P = 2 from its ILSVRC-2012 sample config
+    (``configs/sample/ilsvrc2012/cckd/resnet18_from_resnet50.yaml``). Neither torchdistill nor this
+    function normalises the embeddings (the Taylor form assumes unit vectors): pass normalised
+    ones for the paper's exact kernel.
+
+    Shapes: ``(N, D)``, flattened; ``D_s`` and ``D_t`` may differ. Dtype: at least float32.
+    """
+    dtype = _check_pair("correlation_congruence", student_feature, teacher_feature)
+    if kernel not in ("gaussian", "bilinear"):
+        raise KdlabError(f"loss correlation_congruence: kernel {kernel!r} is not one of gaussian, bilinear")
+    gamma = _check_positive("correlation_congruence", "gamma", gamma)
+    if isinstance(max_p, bool) or not isinstance(max_p, int) or max_p < 0:
+        raise KdlabError(f"loss correlation_congruence: max_p must be an integer >= 0, got {max_p!r}")
+    s, t = _flatten(student_feature, dtype), _flatten(teacher_feature, dtype)
+    if kernel == "bilinear":
+        c_s, c_t = s @ s.T, t @ t.T
+    else:
+        c_s = cc_gaussian_taylor(s, gamma=gamma, max_p=max_p)
+        c_t = cc_gaussian_taylor(t, gamma=gamma, max_p=max_p)
+    n = s.shape[0]
+    # The norm's gradient at C_s = C_t is undefined; the tiny floor keeps it 0 there, not NaN.
+    return torch.sqrt((c_s - c_t).square().sum() + torch.finfo(dtype).tiny) / (n * n)
+
+
+correlation_congruence.loss_kind = "feature"
+
+
+# ---------------------------------------------------------------------------
+# Activation boundaries (AB)
+# ---------------------------------------------------------------------------
+
+
+@register("loss", "activation_boundary")
+def activation_boundary(student_feature, teacher_feature, *, margin: float = 1.0):
+    """AB: the hinge-squared activation-transfer loss with a margin, summed, per sample.
+
+    Heo, Lee, Yun & Choi, "Knowledge Transfer via Distillation of Activation Boundaries Formed by
+    Hidden Neurons", AAAI 2019, eq. 5: for every neuron (element) of the student's pre-activation
+    ``s`` (after the connector) and the teacher's pre-activation ``t``,
+
+        ‖ρ(t) ⊙ σ(μ1 − s) + (1 − ρ(t)) ⊙ σ(μ1 + s)‖²,   ρ(t) = 1[t > 0],  σ = ReLU,
+
+    i.e. ``(s − μ)²`` where the teacher neuron is active and ``s ≤ μ``, ``(s + μ)²`` where it is
+    inactive and ``s > −μ``. As in the authors' code (bhheo/AB_distillation,
+    ``criterion_alternative_L2``) and torchdistill's ``AltActTransferLoss``: summed over all elements,
+    divided by the batch size; margin μ = 1.0 (torchdistill's DAB config).
+
+    Shapes: equal, ``(N, ...)`` (map the student with a connector first). Dtype: at least float32.
+    """
+    dtype = _check_pair("activation_boundary", student_feature, teacher_feature, min_ndim=1)
+    if student_feature.shape != teacher_feature.shape:
+        raise KdlabError(f"loss activation_boundary: student shape {tuple(student_feature.shape)} != teacher shape "
+                         f"{tuple(teacher_feature.shape)}; map the student with a connector first")
+    margin = _check_positive("activation_boundary", "margin", margin, allow_zero=True)
+    s, t = student_feature.to(dtype), teacher_feature.to(dtype)
+    active = (t > 0).to(dtype)
+    per_element = active * F.relu(margin - s).square() + (1.0 - active) * F.relu(margin + s).square()
+    return per_element.sum() / s.shape[0]
+
+
+activation_boundary.loss_kind = "feature"
+
+
+# ---------------------------------------------------------------------------
+# Variational information distillation (VID)
+# ---------------------------------------------------------------------------
+
+
+def vid_variance(log_scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """The per-channel variance ``σ² = softplus(α) + ε`` (Ahn et al. eq. 6's heteroscedastic σ_c)."""
+    return F.softplus(log_scale) + eps
+
+
+def vid_nll(mean: torch.Tensor, teacher_feature: torch.Tensor, log_scale: torch.Tensor, *, eps: float = 1e-5):
+    """VID: the Gaussian negative log-likelihood of the teacher feature under the student's prediction.
+
+    Ahn, Hu, Damianou, Lawrence & Dai, "Variational Information Distillation for Knowledge
+    Transfer", CVPR 2019, eq. 6 (without its constant): per element,
+    ``log σ_c + (t − μ(s))² / (2σ_c²)``, with μ(s) the regressor's prediction from the student
+    feature and one learned variance per channel ``σ_c² = log(1 + e^{α_c}) + ε``.
+
+    As mdistiller (``mdistiller/distillers/VID.py``, ``vid_loss``): ``½ ((μ − t)²/σ² + log σ²)``
+    averaged over every element (batch, channels, positions).
+
+    Shapes: ``mean`` and ``teacher_feature`` ``(N, C, *spatial)`` (equal), ``log_scale`` ``(C,)``.
+    """
+    dtype = _check_pair("vid", mean, teacher_feature)
+    if mean.shape != teacher_feature.shape or log_scale.shape != (mean.shape[1],):
+        raise KdlabError(f"loss vid: prediction {tuple(mean.shape)}, teacher {tuple(teacher_feature.shape)} and "
+                         f"log_scale {tuple(log_scale.shape)} do not fit; expected equal maps and one scale per channel")
+    var = vid_variance(log_scale.to(dtype), eps).reshape(1, -1, *([1] * (mean.ndim - 2)))
+    return 0.5 * ((mean.to(dtype) - teacher_feature.to(dtype)).square() / var + torch.log(var)).mean()
