@@ -1,0 +1,236 @@
+"""The zoo's feature losses (NST, CC, AB, VID) against float64 loops written from the papers' equations."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kdlab import registry
+from kdlab.errors import KdlabError
+from kdlab.losses.zoo import (
+    activation_boundary,
+    cc_gaussian_taylor,
+    correlation_congruence,
+    match_spatial,
+    nst,
+    vid_nll,
+)
+
+
+def randn(*shape, seed, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+# ---------------------------------------------------------------------------
+# NST: MMD² with k(x, y) = (xᵀy)² between channel distributions (Huang & Wang §3)
+# ---------------------------------------------------------------------------
+
+
+def nst_reference(s, t):
+    """Per sample: each channel's map flattened and L2-normalised; the three kernel means of MMD², by loops."""
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    total = 0.0
+    for n in range(s.shape[0]):
+        fs = [c.ravel() / np.linalg.norm(c.ravel()) for c in s[n]]
+        ft = [c.ravel() / np.linalg.norm(c.ravel()) for c in t[n]]
+
+        def mean_k(a, b):
+            return sum(float(x @ y) ** 2 for x in a for y in b) / (len(a) * len(b))
+
+        total += mean_k(ft, ft) + mean_k(fs, fs) - 2.0 * mean_k(fs, ft)
+    return total / s.shape[0]
+
+
+def test_nst_hand_worked():
+    # one channel each, orthogonal spatial patterns: k(t,t) = k(s,s) = 1, k(s,t) = 0 → MMD² = 2
+    s = torch.tensor([[[[2.0, 0.0]]]])
+    t = torch.tensor([[[[0.0, 3.0]]]])
+    assert nst(s, t).item() == pytest.approx(2.0)
+    # teacher channels e1, e2; student channel e1: mean k(t,t) = 2/4, k(s,s) = 1, mean k(s,t) = 1/2 → 0.5
+    t2 = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    assert nst(s, t2).item() == pytest.approx(0.5)
+    # the kernel sees only each channel's normalised pattern: rescaling a channel changes nothing
+    assert nst(5.0 * s, t).item() == pytest.approx(2.0)
+
+
+def test_nst_matches_reference_with_different_channel_counts():
+    s, t = randn(3, 4, 3, 3, seed=0), randn(3, 6, 3, 3, seed=1)
+    assert nst(s, t).item() == pytest.approx(nst_reference(s, t), rel=1e-10)
+    assert nst(t, t).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nst_pools_the_larger_map_first():
+    s, t = randn(2, 4, 4, 4, seed=2), randn(2, 5, 2, 2, seed=3)
+    pooled = s.reshape(2, 4, 2, 2, 2, 2).mean(dim=(3, 5))  # 2×2 average pooling by hand
+    assert nst(s, t).item() == pytest.approx(nst_reference(pooled, t), rel=1e-10)
+    assert nst(t, s).item() == pytest.approx(nst_reference(t, pooled), rel=1e-10)
+
+
+def test_nst_gradcheck():
+    s = randn(2, 3, 2, 2, seed=4).requires_grad_()
+    t = randn(2, 4, 2, 2, seed=5)
+    assert torch.autograd.gradcheck(lambda x: nst(x, t), (s,))
+
+
+def test_nst_refuses_vectors():
+    with pytest.raises(KdlabError, match=r"\(N, C, H, W\)"):
+        nst(torch.randn(4, 8), torch.randn(4, 8))
+
+
+def test_match_spatial_refuses_crossed_sizes():
+    with pytest.raises(KdlabError, match="nest"):
+        match_spatial(torch.randn(1, 1, 4, 2), torch.randn(1, 1, 2, 4))
+
+
+# ---------------------------------------------------------------------------
+# CC: ‖ψ(F_t) − ψ(F_s)‖ / n², ψ by the Taylor form of the Gaussian RBF (Peng et al. eqs. 7–9)
+# ---------------------------------------------------------------------------
+
+
+def cc_reference(s, t, gamma, max_p):
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    n = s.shape[0]
+
+    def psi(f):
+        out = np.zeros((n, n))
+        for i in range(n):
+            for j in range(n):
+                dot = float(f[i] @ f[j])
+                out[i, j] = sum(math.exp(-2 * gamma) * (2 * gamma) ** p / math.factorial(p) * dot ** p
+                                for p in range(max_p + 1))
+        return out
+
+    return math.sqrt(((psi(s) - psi(t)) ** 2).sum()) / n ** 2
+
+
+def test_cc_matches_reference():
+    s, t = randn(5, 3, seed=6), randn(5, 7, seed=7)
+    for gamma, max_p in [(0.4, 2), (1.3, 4), (0.2, 0)]:
+        got = correlation_congruence(s, t, gamma=gamma, max_p=max_p).item()
+        assert got == pytest.approx(cc_reference(s, t, gamma, max_p), rel=1e-10)
+
+
+def test_cc_hand_worked_bilinear():
+    # C_s = I, C_t = all ones: the difference has two off-diagonal −1s → √2 / 2²
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert correlation_congruence(s, t, kernel="bilinear").item() == pytest.approx(math.sqrt(2) / 4)
+
+
+def test_cc_taylor_kernel_tends_to_the_gaussian_rbf_on_unit_vectors():
+    f = torch.nn.functional.normalize(randn(4, 3, seed=8), dim=1)
+    rbf = torch.exp(-0.7 * torch.cdist(f, f).square())
+    assert torch.allclose(cc_gaussian_taylor(f, gamma=0.7, max_p=25), rbf, atol=1e-12)
+    assert not torch.allclose(cc_gaussian_taylor(f, gamma=0.7, max_p=1), rbf, atol=1e-3)
+
+
+def test_cc_gradcheck_and_zero_at_equality():
+    s = randn(4, 3, seed=9).requires_grad_()
+    t = randn(4, 5, seed=10)
+    assert torch.autograd.gradcheck(lambda x: correlation_congruence(x, t), (s,))
+    same = randn(4, 3, seed=11).requires_grad_()
+    value = correlation_congruence(same, same.detach())
+    value.backward()
+    assert value.item() == pytest.approx(0.0, abs=1e-12) and torch.isfinite(same.grad).all()
+
+
+def test_cc_refuses_bad_options():
+    with pytest.raises(KdlabError, match="kernel"):
+        correlation_congruence(torch.randn(2, 3), torch.randn(2, 3), kernel="rbf")
+    with pytest.raises(KdlabError, match="max_p"):
+        correlation_congruence(torch.randn(2, 3), torch.randn(2, 3), max_p=-1)
+
+
+# ---------------------------------------------------------------------------
+# AB: per neuron, (s − μ)² where the teacher is active and s ≤ μ, (s + μ)² where inactive and s > −μ
+# ---------------------------------------------------------------------------
+
+
+def ab_reference(s, t, margin):
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    total = 0.0
+    for sv, tv in zip(s.ravel(), t.ravel()):
+        if tv > 0:
+            total += max(margin - sv, 0.0) ** 2
+        else:
+            total += max(margin + sv, 0.0) ** 2
+    return total / s.shape[0]
+
+
+def test_ab_hand_worked():
+    s = torch.tensor([[0.5, -2.0], [2.0, -0.5]])
+    t = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    # (0.5−1)² + (−2−1)² + (2+1)² + (−0.5+1)² = 0.25 + 9 + 9 + 0.25, over 2 samples
+    assert activation_boundary(s, t).item() == pytest.approx(18.5 / 2)
+    # beyond the margin on the right side: nothing to learn
+    assert activation_boundary(torch.tensor([[1.5, -1.5]]), torch.tensor([[2.0, -3.0]])).item() == 0.0
+
+
+def test_ab_matches_reference_and_gradcheck():
+    s, t = randn(3, 2, 4, 4, seed=12), randn(3, 2, 4, 4, seed=13)
+    for margin in (1.0, 0.3, 0.0):
+        assert activation_boundary(s, t, margin=margin).item() == pytest.approx(ab_reference(s, t, margin), rel=1e-10)
+    x = s.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: activation_boundary(v, t), (x,))
+
+
+def test_ab_needs_equal_shapes():
+    with pytest.raises(KdlabError, match="connector"):
+        activation_boundary(torch.randn(2, 3), torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------
+# VID: ½((μ − t)²/σ² + log σ²), σ² = softplus(α) + ε per channel (Ahn et al. eq. 6)
+# ---------------------------------------------------------------------------
+
+
+def vid_reference(mean, t, alpha, eps):
+    mean, t, alpha = (np.asarray(x, dtype=np.float64) for x in (mean, t, alpha))
+    values = []
+    for n in range(mean.shape[0]):
+        for c in range(mean.shape[1]):
+            var = math.log(1.0 + math.exp(alpha[c])) + eps
+            for m, tv in zip(mean[n, c].ravel(), t[n, c].ravel()):
+                values.append(0.5 * ((m - tv) ** 2 / var + math.log(var)))
+    return sum(values) / len(values)
+
+
+def test_vid_hand_worked():
+    alpha = torch.tensor([math.log(math.e - 1.0)])  # softplus(α) = 1, so with ε = 0 the variance is 1
+    mean = torch.tensor([[[1.0, 3.0]]])
+    t = torch.zeros(1, 1, 2)
+    assert vid_nll(mean, t, alpha, eps=0.0).item() == pytest.approx(0.5 * (1 + 9) / 2)
+
+
+def test_vid_matches_reference_and_gradcheck():
+    mean, t, alpha = randn(2, 3, 2, 2, seed=14), randn(2, 3, 2, 2, seed=15), randn(3, seed=16)
+    assert vid_nll(mean, t, alpha).item() == pytest.approx(vid_reference(mean, t, alpha, 1e-5), rel=1e-10)
+    m, a = mean.clone().requires_grad_(), alpha.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: vid_nll(x, t, y), (m, a))
+
+
+def test_vid_refuses_a_scale_per_wrong_channel_count():
+    with pytest.raises(KdlabError, match="one scale per channel"):
+        vid_nll(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["nst", "correlation_congruence", "activation_boundary"])
+def test_registered_as_feature_losses(name):
+    assert registry.get("loss", name).loss_kind == "feature"
+
+
+def test_vid_nll_is_not_a_registered_loss():  # it needs the method's variance, not just two features
+    assert "vid" not in registry.names("loss") and "vid_nll" not in registry.names("loss")
+
+
+def test_float32_inputs_are_computed_in_float32():
+    s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)
+    assert nst(s, t).dtype == torch.float32
+    assert nst(s.half(), t.half()).dtype == torch.float32

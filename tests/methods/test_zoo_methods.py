@@ -1,0 +1,173 @@
+"""The vision zoo's methods (NST, VID, CC): defaults from the official code, their terms, gradients, bad taps, CLI."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdlab import registry
+from kdlab.cli import main
+from kdlab.config import MethodConfig
+from kdlab.engine.build import build_method
+from kdlab.errors import ConfigError, KdlabError
+from kdlab.losses import cross_entropy, kl
+from kdlab.losses.zoo import correlation_congruence, nst, vid_nll
+from kdlab.methods.base import Batch, Outputs
+from kdlab.models import Taps
+from kdlab.store import Store
+
+SHAPE = (3, 8, 8)
+ZOO = ("nst", "vid", "cc")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
+
+
+def resnet(arch):
+    return registry.get("model", arch)(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+
+
+def build(name, **options):
+    torch.manual_seed(0)
+    student, teacher = resnet("resnet8"), resnet("resnet14")
+    method = build_method(MethodConfig(name, options), student=student, teacher=teacher, input_shape=SHAPE)
+    return method, student, teacher
+
+
+def forward(method, student, teacher, n=6):
+    inputs = torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(n) % 4
+    with Taps(student, method.student_taps) as s_taps:
+        s_out = Outputs(student(inputs), dict(s_taps.captured))
+    with Taps(teacher, method.teacher_taps, detach=True) as t_taps, torch.no_grad():
+        t_out = Outputs(teacher(inputs), dict(t_taps.captured))
+    return Batch(inputs, labels), s_out, t_out
+
+
+def test_defaults_are_the_official_ones():
+    """mdistiller cfg.py (NST, VID) and torchdistill's CCKD sample config (CC); docs/methods.md names them."""
+    h = registry.get("method", "nst").Hparams()
+    assert (h.ce_weight, h.feature_weight, h.student_taps) == (1.0, 50.0, ("stage1", "stage2", "stage3"))
+    h = registry.get("method", "vid").Hparams()
+    assert (h.ce_weight, h.feature_weight, h.init_variance, h.eps) == (1.0, 1.0, 5.0, 1e-5)
+    h = registry.get("method", "cc").Hparams()
+    assert (h.ce_weight, h.kl_weight, h.temperature, h.cc_weight) == (0.0, 1.0, 1.0, 0.003)
+    assert (h.gamma, h.max_p, h.kernel, h.embed_dim) == (0.4, 2, "gaussian", 128)
+
+
+def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
+    method, student, teacher = build("nst")
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    stages = ("stage1", "stage2", "stage3")
+    expected = 50.0 * sum(nst(s_out.features[k], t_out.features[k]) for k in stages)
+    assert list(terms) == ["ce", "nst"]
+    assert terms["nst"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert terms["ce"].item() == pytest.approx(cross_entropy(s_out.logits, batch.labels).item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert student.get_submodule("stage1").parameters().__next__().grad.abs().sum() > 0
+    assert not list(method.parameters())  # NST owns nothing
+
+
+def test_vid_starts_at_the_initial_variance_and_learns_it():
+    method, student, teacher = build("vid", init_variance=2.5)
+    assert len(method.regressors) == 3 and len(method.log_scales) == 3
+    for log_scale, channels in zip(method.log_scales, (16, 32, 64)):
+        assert log_scale.shape == (channels,)
+        variance = torch.nn.functional.softplus(log_scale) + 1e-5
+        assert torch.allclose(variance, torch.full_like(variance, 2.5))
+    # the variances are the method's parameters (mdistiller leaves them out of its optimiser; see vid.py)
+    owned = {id(p) for p in method.parameters()}
+    assert all(id(p) in owned for p in method.log_scales)
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    expected = sum(vid_nll(reg(s_out.features[k]), t_out.features[k], a, eps=1e-5)
+                   for k, reg, a in zip(("stage1", "stage2", "stage3"), method.regressors, method.log_scales))
+    assert terms["vid"].item() == pytest.approx(expected.item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.log_scales)
+    assert all(p.grad is not None for p in method.regressors.parameters())
+    assert next(student.parameters()).grad.abs().sum() > 0
+
+
+def test_vid_pools_a_larger_student_map():
+    method, student, teacher = build("vid", student_taps=["stage1"], teacher_taps=["stage2"])
+    assert method.regressors[0][0].in_channels == 16 and method.regressors[0][-1].out_channels == 32
+    batch, s_out, t_out = forward(method, student, teacher)
+    assert torch.isfinite(method.loss_terms(batch, s_out, t_out)["vid"])
+
+
+def test_cc_trains_both_embeddings_and_its_terms_are_the_formula():
+    method, student, teacher = build("cc")
+    assert method.student_embed.weight.shape == (128, 64) and method.teacher_embed.weight.shape == (128, 64)
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    e_s, e_t = method.student_embed(s_out.features["pool"]), method.teacher_embed(t_out.features["pool"])
+    assert terms["cc"].item() == pytest.approx(0.003 * correlation_congruence(e_s, e_t).item(), rel=1e-6)
+    assert terms["kl"].item() == pytest.approx(kl(s_out.logits, t_out.logits).item(), rel=1e-6)
+    assert terms["ce"].item() == 0.0
+    sum(terms.values()).backward()
+    assert method.student_embed.weight.grad.abs().sum() > 0 and method.teacher_embed.weight.grad.abs().sum() > 0
+    assert next(student.parameters()).grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher network itself stays frozen
+
+
+@pytest.mark.parametrize("name", ["nst", "vid"])
+def test_unknown_tap_lists_the_valid_ones(name):
+    with pytest.raises(KdlabError, match=r"method.student_taps: student tap 'block9' does not exist; named stages: "
+                                         r"stem, stage1, stage2, stage3, pool"):
+        build(name, student_taps=["block9"], teacher_taps=["stage1"])
+
+
+@pytest.mark.parametrize("name", ["nst", "vid"])
+def test_vector_taps_and_unequal_counts_are_refused(name):
+    with pytest.raises(KdlabError, match=r"\(C, H, W\) feature maps.*pool"):
+        build(name, student_taps=["pool"], teacher_taps=["pool"])
+    with pytest.raises(ConfigError, match="2 teacher taps for 1 student taps"):
+        build(name, student_taps=["stage1"], teacher_taps=["stage1", "stage2"])
+
+
+def test_cc_refuses_a_map_tap():
+    with pytest.raises(KdlabError, match="tap the 'pool' stage"):
+        build("cc", student_tap="stage3")
+
+
+# ---------------------------------------------------------------------------
+# Through the CLI: configs/zoo/<method>.yaml, a dry run and one epoch
+# ---------------------------------------------------------------------------
+
+
+def _tiny(tmp_path, name):
+    cfg = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+    cfg["data"].update(num_train=64, num_test=16)
+    cfg["teacher"]["train"].update(epochs=1, device="cpu")
+    cfg["train"].update(epochs=1, batch_size=16, device="cpu")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_cli_dry_run_and_one_epoch(tmp_path, capsys, name):
+    path = _tiny(tmp_path, name)
+    ws = ["--workspace", str(tmp_path / "ws")]
+    assert main([*ws, "run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"method {name}:" in out and "stage1 (2, 16, 8, 8)" in out
+    assert main([*ws, "run", str(path), "--quiet"]) == 0
+    runs = [r for r in Store(tmp_path / "ws").runs() if r.config["method"]["name"] == name]
+    assert len(runs) == 1 and runs[0].status == "finished"
+    assert math.isfinite(runs[0].final["test/acc"])
+    logged = (runs[0].run_dir / "metrics.jsonl").read_text()
+    assert f'"train/loss/{name}"' in logged  # the method's own term was trained and logged
+
+
+def test_cli_bad_tap_exits_2(tmp_path, capsys):
+    cfg = yaml.safe_load(_tiny(tmp_path, "nst").read_text())
+    cfg["method"]["teacher_taps"] = ["stage1", "stage2"]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "method.teacher_taps" in err and "Traceback" not in err
