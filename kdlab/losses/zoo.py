@@ -204,3 +204,87 @@ def vid_nll(mean: torch.Tensor, teacher_feature: torch.Tensor, log_scale: torch.
                          f"log_scale {tuple(log_scale.shape)} do not fit; expected equal maps and one scale per channel")
     var = vid_variance(log_scale.to(dtype), eps).reshape(1, -1, *([1] * (mean.ndim - 2)))
     return 0.5 * ((mean.to(dtype) - teacher_feature.to(dtype)).square() / var + torch.log(var)).mean()
+
+
+# ---------------------------------------------------------------------------
+# KDSVD
+# ---------------------------------------------------------------------------
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def _right_singular(feature: torch.Tensor, count: int):
+    """mdistiller's ``svd``: the map viewed as ``(N, C·H, W)``, its first ``count`` right singular vectors
+    ``(N, W, count)`` and singular values ``(N, count)``, each L2-normalised (non-finite entries zeroed)."""
+    n, c, h, w = feature.shape
+    _, s, vh = torch.linalg.svd(feature.reshape(n, c * h, w), full_matrices=False)
+    v = _finite(vh.transpose(1, 2))[:, :, :count]
+    return F.normalize(v, dim=1), F.normalize(_finite(s)[:, :count], dim=1)
+
+
+def canonical_signs(v: torch.Tensor) -> torch.Tensor:
+    """Flip each singular vector (columns of ``(N, W, k)``) so its largest-magnitude entry is positive.
+
+    A singular vector's sign is arbitrary (LAPACK's choice); the official code leaves it so, which makes the
+    teacher's inter-stage RBF depend on the platform. Fixing it makes the loss a function of the features.
+    """
+    index = v.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(torch.gather(v, 1, index))
+    return v * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+def align_singular(student_v: torch.Tensor, teacher_v: torch.Tensor) -> torch.Tensor:
+    """mdistiller's ``align_rsv``: for each teacher vector, the student vector of largest |cosine|, sign-matched."""
+    cosine = student_v.transpose(1, 2) @ teacher_v  # (N, k_s, k_t)
+    best = cosine.abs().amax(dim=1, keepdim=True)
+    mask = torch.where(cosine.abs() == best, torch.sign(cosine), torch.zeros_like(cosine))
+    return student_v @ mask
+
+
+def kdsvd(student_features, teacher_features, *, k: int = 1):
+    """KDSVD: match the RBF correlations of consecutive stages' SVD-compressed features.
+
+    Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition", ECCV 2018,
+    §3 (SVD compression, eq. 3; the radial-basis correlation between two stages, eqs. 5–6), in mdistiller's
+    form (``mdistiller/distillers/KDSVD.py``, ``kdsvd_loss``): per stage, the teacher's first ``k`` right
+    singular vectors ``V_t`` and the student's first ``k + 3`` (each L2-normalised, singular values too); the
+    student's are aligned to the teacher's (``align_singular``); both are scaled by the teacher's normalised
+    singular values; then for every pair of consecutive stages
+
+        G[a, b, j] = exp(−(V[a, j] − V'[b, j])² / 8),   loss += Σ (G_s − G_t)²  (non-finite terms dropped),
+
+    and the total is divided by the batch size. Maps are viewed as ``(N, C·H, W)`` as mdistiller does, so
+    student and teacher stages must share their width W (they may differ in C and H). One addition: the
+    teacher's singular vectors get a canonical sign (``canonical_signs``), which the official code leaves to
+    the SVD routine.
+
+    Shapes: lists of ``(N, C, H, W)`` maps, one per stage (at least two). Not registered: it reads several
+    stages at once. Dtype: at least float32.
+    """
+    if len(student_features) != len(teacher_features) or len(student_features) < 2:
+        raise KdlabError(f"loss kdsvd: needs the same number (at least 2) of student and teacher stages, got "
+                         f"{len(student_features)} and {len(teacher_features)}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise KdlabError(f"loss kdsvd: k must be an integer >= 1, got {k!r}")
+    total, previous = None, None
+    for i, (fs, ft) in enumerate(zip(student_features, teacher_features)):
+        dtype = _check_maps("kdsvd", fs, ft)
+        if fs.shape[3] != ft.shape[3]:
+            raise KdlabError(f"loss kdsvd: stage {i} widths differ (student {fs.shape[3]}, teacher {ft.shape[3]}); "
+                             "the SVD is taken over the width, so pair stages of equal width")
+        v_t, s_t = _right_singular(ft.to(dtype), k)
+        v_t = canonical_signs(v_t)
+        v_s, _ = _right_singular(fs.to(dtype), k + 3)
+        v_s = align_singular(v_s, v_t)
+        scale = s_t.unsqueeze(1)
+        v_t, v_s = v_t * scale, v_s * scale
+        if previous is not None:
+            v_sb, v_tb = previous
+            g_s = torch.exp(-(v_s.unsqueeze(2) - v_sb.unsqueeze(1)).square() / 8)
+            g_t = torch.exp(-(v_t.unsqueeze(2) - v_tb.unsqueeze(1)).square() / 8)
+            term = _finite((g_s - g_t.detach()).square()).sum()
+            total = term if total is None else total + term
+        previous = (v_s, v_t)
+    return total / student_features[0].shape[0]

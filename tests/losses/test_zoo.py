@@ -11,8 +11,10 @@ from kdlab import registry
 from kdlab.errors import KdlabError
 from kdlab.losses.zoo import (
     activation_boundary,
+    canonical_signs,
     cc_gaussian_taylor,
     correlation_congruence,
+    kdsvd,
     match_spatial,
     nst,
     vid_nll,
@@ -214,6 +216,93 @@ def test_vid_matches_reference_and_gradcheck():
 def test_vid_refuses_a_scale_per_wrong_channel_count():
     with pytest.raises(KdlabError, match="one scale per channel"):
         vid_nll(torch.randn(2, 3, 2, 2), torch.randn(2, 3, 2, 2), torch.zeros(4))
+
+
+# ---------------------------------------------------------------------------
+# KDSVD (mdistiller's form): RBF of consecutive stages' aligned right singular vectors
+# ---------------------------------------------------------------------------
+
+
+def _svd_parts(f, count, teacher):
+    """Per sample: right singular vectors of the (C·H, W) view (numpy), first ``count``, normalised values."""
+    out = []
+    for x in f:
+        _, sv, vt = np.linalg.svd(x.reshape(-1, x.shape[-1]), full_matrices=False)
+        v = vt.T[:, :count].copy()
+        if teacher:  # the canonical sign: largest-magnitude entry positive
+            for j in range(v.shape[1]):
+                if v[np.argmax(np.abs(v[:, j])), j] < 0:
+                    v[:, j] *= -1
+        out.append((v, sv[:count] / np.linalg.norm(sv[:count])))
+    return out
+
+
+def kdsvd_reference(student, teacher, k):
+    student = [np.asarray(f, dtype=np.float64) for f in student]
+    teacher = [np.asarray(f, dtype=np.float64) for f in teacher]
+    n = student[0].shape[0]
+    total = 0.0
+    for b in range(n):
+        previous = None
+        for fs, ft in zip(student, teacher):
+            v_t, s_t = _svd_parts(ft[b:b + 1], k, True)[0]
+            v_s, _ = _svd_parts(fs[b:b + 1], k + 3, False)[0]
+            aligned = np.zeros_like(v_t)
+            for j in range(v_t.shape[1]):  # the student vector of largest |cos| with teacher vector j, sign-matched
+                cos = v_s.T @ v_t[:, j]
+                i = int(np.argmax(np.abs(cos)))
+                aligned[:, j] = np.sign(cos[i]) * v_s[:, i]
+            v_t, aligned = v_t * s_t, aligned * s_t
+            if previous is not None:
+                ps, pt = previous
+                for a in range(v_t.shape[0]):
+                    for c in range(pt.shape[0]):
+                        for j in range(v_t.shape[1]):
+                            g_s = math.exp(-(aligned[a, j] - ps[c, j]) ** 2 / 8)
+                            g_t = math.exp(-(v_t[a, j] - pt[c, j]) ** 2 / 8)
+                            total += (g_s - g_t) ** 2
+            previous = (aligned, v_t)
+    return total / n
+
+
+def test_kdsvd_hand_worked():
+    # 1×1×2 maps: one singular vector each, the normalised row; singular values normalise to 1.
+    t1, t2 = torch.tensor([[[[3.0, 4.0]]]]), torch.tensor([[[[-4.0, 3.0]]]])  # v_t: (.6, .8), (.8, −.6) (sign fixed)
+    s1, s2 = torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[1.0, 0.0]]]])  # v_s: (0, 1), (1, 0) (aligned: cos > 0)
+    e = math.exp
+    expected = ((e(-1 / 8) - e(-0.04 / 8)) ** 2 + (e(-0 / 8) - e(-0 / 8)) ** 2
+                + (e(-0 / 8) - e(-1.44 / 8)) ** 2 + (e(-1 / 8) - e(-1.96 / 8)) ** 2)
+    assert kdsvd([s1, s2], [t1, t2]).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_matches_reference(k):
+    student = [randn(3, 2, 3, 4, seed=20), randn(3, 3, 2, 2, seed=21), randn(3, 4, 1, 2, seed=22)]
+    teacher = [randn(3, 3, 2, 4, seed=23), randn(3, 2, 3, 2, seed=24), randn(3, 5, 2, 2, seed=25)]
+    assert kdsvd(student, teacher, k=k).item() == pytest.approx(kdsvd_reference(student, teacher, k), rel=1e-8)
+
+
+def test_canonical_signs_remove_the_svd_routine_s_choice():
+    v = randn(3, 5, 2, seed=26)
+    fixed = canonical_signs(v)
+    assert torch.equal(canonical_signs(-v), fixed) and torch.equal(canonical_signs(fixed), fixed)
+    peak = fixed.gather(1, fixed.abs().argmax(dim=1, keepdim=True))
+    assert (peak > 0).all()
+
+
+def test_kdsvd_gradient_reaches_the_student():
+    student = [randn(2, 2, 3, 4, seed=30).requires_grad_(), randn(2, 2, 3, 2, seed=31).requires_grad_()]
+    teacher = [randn(2, 3, 3, 4, seed=32), randn(2, 3, 3, 2, seed=33)]
+    kdsvd(student, teacher).backward()
+    assert all(torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0 for f in student)
+
+
+def test_kdsvd_refuses_bad_stages():
+    maps = [torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 2)]
+    with pytest.raises(KdlabError, match="at least 2"):
+        kdsvd(maps[:1], maps[:1])
+    with pytest.raises(KdlabError, match="widths differ"):
+        kdsvd(maps, [torch.randn(2, 2, 2, 3), maps[1]])
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The vision zoo's methods (NST, VID, CC): defaults from the official code, their terms, gradients, bad taps, CLI."""
+"""The vision zoo's methods (NST, VID, CC, KDSVD): official defaults, their terms, gradients, bad taps, the CLI."""
 from __future__ import annotations
 
 import math
@@ -14,13 +14,13 @@ from kdlab.config import MethodConfig
 from kdlab.engine.build import build_method
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, kl
-from kdlab.losses.zoo import correlation_congruence, nst, vid_nll
+from kdlab.losses.zoo import correlation_congruence, kdsvd, nst, vid_nll
 from kdlab.methods.base import Batch, Outputs
 from kdlab.models import Taps
 from kdlab.store import Store
 
 SHAPE = (3, 8, 8)
-ZOO = ("nst", "vid", "cc")
+ZOO = ("nst", "vid", "cc", "kdsvd")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
 
 
@@ -54,6 +54,8 @@ def test_defaults_are_the_official_ones():
     h = registry.get("method", "cc").Hparams()
     assert (h.ce_weight, h.kl_weight, h.temperature, h.cc_weight) == (0.0, 1.0, 1.0, 0.003)
     assert (h.gamma, h.max_p, h.kernel, h.embed_dim) == (0.4, 2, "gaussian", 128)
+    h = registry.get("method", "kdsvd").Hparams()
+    assert (h.ce_weight, h.feature_weight, h.k) == (1.0, 1.0, 1)
 
 
 def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
@@ -171,3 +173,19 @@ def test_cli_bad_tap_exits_2(tmp_path, capsys):
     assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "method.teacher_taps" in err and "Traceback" not in err
+
+
+def test_kdsvd_terms_and_its_stage_rules():
+    method, student, teacher = build("kdsvd")
+    assert not list(method.parameters())
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    stages = ("stage1", "stage2", "stage3")
+    expected = kdsvd([s_out.features[k] for k in stages], [t_out.features[k] for k in stages], k=1)
+    assert list(terms) == ["ce", "kdsvd"] and terms["kdsvd"].item() == pytest.approx(expected.item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert next(student.parameters()).grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="at least two taps"):
+        build("kdsvd", student_taps=["stage1"], teacher_taps=["stage1"])
+    with pytest.raises(KdlabError, match="equal widths"):
+        build("kdsvd", student_taps=["stage1", "stage2"], teacher_taps=["stage2", "stage3"])
