@@ -1,4 +1,4 @@
-"""Feature losses of the mdistiller / torchdistill zoo: NST, CC, AB and VID's likelihood.
+"""Feature losses of the mdistiller / torchdistill zoo: NST, CC, AB, KDSVD and VID's likelihood.
 
 Each is a pure function of the (adapted) student and the teacher feature, following its authors'
 or the reference zoo's code where it fixes a constant the paper leaves open (each docstring says
@@ -201,7 +201,7 @@ def vid_nll(mean: torch.Tensor, teacher_feature: torch.Tensor, log_scale: torch.
     dtype = _check_pair("vid", mean, teacher_feature)
     if mean.shape != teacher_feature.shape or log_scale.shape != (mean.shape[1],):
         raise KdlabError(f"loss vid: prediction {tuple(mean.shape)}, teacher {tuple(teacher_feature.shape)} and "
-                         f"log_scale {tuple(log_scale.shape)} do not fit; expected equal maps and one scale per channel")
+                         f"log_scale {tuple(log_scale.shape)} do not fit; give equal maps and one scale per channel")
     var = vid_variance(log_scale.to(dtype), eps).reshape(1, -1, *([1] * (mean.ndim - 2)))
     return 0.5 * ((mean.to(dtype) - teacher_feature.to(dtype)).square() / var + torch.log(var)).mean()
 
