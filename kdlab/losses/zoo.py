@@ -4,7 +4,7 @@ Each is a pure function of the (adapted) student and the teacher feature, follow
 or the reference zoo's code where it fixes a constant the paper leaves open (each docstring says
 which file). ``nst``, ``correlation_congruence`` and ``activation_boundary`` have the feature-loss
 signature and are registered (``loss_kind == "feature"``, usable in ``distill`` terms);
-``vid_nll`` takes the method's learned variance as well and is not registered.
+``vid_nll`` (it needs the method's learned variance) and ``kdsvd`` (it reads several stages at once) are not.
 Inputs are upcast to at least float32, as in ``kdlab.losses.features``.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The vision zoo's methods (NST, VID, CC, KDSVD): official defaults, their terms, gradients, bad taps, the CLI."""
+"""The vision zoo's methods (NST, VID, CC, KDSVD, AB): official defaults, their terms, gradients, bad taps, the CLI."""
 from __future__ import annotations
 
 import math
@@ -14,13 +14,13 @@ from kdlab.config import MethodConfig
 from kdlab.engine.build import build_method
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, kl
-from kdlab.losses.zoo import correlation_congruence, kdsvd, nst, vid_nll
+from kdlab.losses.zoo import activation_boundary, correlation_congruence, kdsvd, nst, vid_nll
 from kdlab.methods.base import Batch, Outputs
 from kdlab.models import Taps
 from kdlab.store import Store
 
 SHAPE = (3, 8, 8)
-ZOO = ("nst", "vid", "cc", "kdsvd")
+ZOO = ("nst", "vid", "cc", "kdsvd", "ab")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
 
 
@@ -56,6 +56,8 @@ def test_defaults_are_the_official_ones():
     assert (h.gamma, h.max_p, h.kernel, h.embed_dim) == (0.4, 2, "gaussian", 128)
     h = registry.get("method", "kdsvd").Hparams()
     assert (h.ce_weight, h.feature_weight, h.k) == (1.0, 1.0, 1)
+    h = registry.get("method", "ab").Hparams()
+    assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (1.0, 1.0, 0.05, 1.0)
 
 
 def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
@@ -189,3 +191,32 @@ def test_kdsvd_terms_and_its_stage_rules():
         build("kdsvd", student_taps=["stage1"], teacher_taps=["stage1"])
     with pytest.raises(KdlabError, match="equal widths"):
         build("kdsvd", student_taps=["stage1", "stage2"], teacher_taps=["stage2", "stage3"])
+
+
+def test_ab_initialises_through_connectors_then_trains_on_labels_alone():
+    method, student, teacher = build("ab", init_fraction=0.25)
+    assert [(c[0].in_channels, c[0].out_channels, c[0].bias) for c in method.connectors] == \
+        [(16, 16, None), (32, 32, None), (64, 64, None)]
+    assert all(isinstance(c[1], torch.nn.BatchNorm2d) for c in method.connectors)
+    method.set_progress(1, 10)  # 10 % < 25 %: the initialisation phase
+    assert method.teacher_needed()
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    stages = ("stage1", "stage2", "stage3")
+    expected = sum(activation_boundary(c(s_out.features[k]), t_out.features[k])
+                   for k, c in zip(stages, method.connectors))
+    assert list(terms) == ["ab", "ce"] and terms["ce"].item() == 0.0
+    assert terms["ab"].item() == pytest.approx(expected.item(), rel=1e-6) and terms["ab"].item() > 0
+    sum(terms.values()).backward()
+    assert all(c[0].weight.grad.abs().sum() > 0 for c in method.connectors)
+    assert next(student.parameters()).grad.abs().sum() > 0
+    method.set_progress(3, 10)  # past it: CE alone, and no teacher forward
+    assert not method.teacher_needed()
+    terms = method.loss_terms(batch, s_out, None)
+    assert list(terms) == ["ab", "ce"] and terms["ab"].item() == 0.0
+    assert terms["ce"].item() == pytest.approx(cross_entropy(s_out.logits, batch.labels).item(), rel=1e-6)
+
+
+def test_ab_refuses_unequal_spatial_sizes():
+    with pytest.raises(KdlabError, match="equal spatial sizes"):
+        build("ab", student_taps=["stage1"], teacher_taps=["stage2"])
