@@ -1,9 +1,9 @@
-"""Feature losses of the mdistiller / torchdistill zoo: NST, CC, AB, KDSVD and VID's likelihood.
+"""Feature losses of the mdistiller / torchdistill zoo: NST, CC, AB, FT, KDSVD and VID's likelihood.
 
 Each is a pure function of the (adapted) student and the teacher feature, following its authors'
 or the reference zoo's code where it fixes a constant the paper leaves open (each docstring says
-which file). ``nst``, ``correlation_congruence`` and ``activation_boundary`` have the feature-loss
-signature and are registered (``loss_kind == "feature"``, usable in ``distill`` terms);
+which file). ``nst``, ``correlation_congruence``, ``activation_boundary`` and ``factor_transfer`` have the
+feature-loss signature and are registered (``loss_kind == "feature"``, usable in ``distill`` terms);
 ``vid_nll`` (it needs the method's learned variance) and ``kdsvd`` (it reads several stages at once) are not.
 Inputs are upcast to at least float32, as in ``kdlab.losses.features``.
 """
@@ -173,6 +173,39 @@ def activation_boundary(student_feature, teacher_feature, *, margin: float = 1.0
 
 
 activation_boundary.loss_kind = "feature"
+
+
+# ---------------------------------------------------------------------------
+# Factor transfer (FT)
+# ---------------------------------------------------------------------------
+
+
+@register("loss", "factor_transfer")
+def factor_transfer(student_feature, teacher_feature, *, p: int = 1):
+    """FT: the p-norm distance between the L2-normalised student factor and teacher factor.
+
+    Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS
+    2018, eq. 3: ``‖F_T/‖F_T‖₂ − F_S/‖F_S‖₂‖_p`` with p = 1, F_T the teacher's paraphraser factor and F_S
+    the student's translator factor, each flattened per sample. As torchdistill (``FTLoss``, reduction
+    ``mean``): for p = 1 the mean absolute difference over all elements (``l1_loss``), otherwise the
+    per-sample p-norm averaged over the batch.
+
+    Shapes: equal ``(N, ...)``. Dtype: at least float32.
+    """
+    dtype = _check_pair("factor_transfer", student_feature, teacher_feature)
+    if student_feature.shape != teacher_feature.shape:
+        raise KdlabError(f"loss factor_transfer: student factor {tuple(student_feature.shape)} != teacher factor "
+                         f"{tuple(teacher_feature.shape)}; the translator must output the paraphraser's shape")
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise KdlabError(f"loss factor_transfer: p must be an integer >= 1, got {p!r}")
+    s = F.normalize(_flatten(student_feature, dtype), dim=1)
+    t = F.normalize(_flatten(teacher_feature, dtype), dim=1)
+    if p == 1:
+        return (s - t).abs().mean()
+    return torch.linalg.vector_norm(s - t, ord=p, dim=1).mean()
+
+
+factor_transfer.loss_kind = "feature"
 
 
 # ---------------------------------------------------------------------------
