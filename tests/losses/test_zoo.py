@@ -14,6 +14,7 @@ from kdlab.losses.zoo import (
     canonical_signs,
     cc_gaussian_taylor,
     correlation_congruence,
+    factor_transfer,
     kdsvd,
     match_spatial,
     nst,
@@ -306,11 +307,47 @@ def test_kdsvd_refuses_bad_stages():
 
 
 # ---------------------------------------------------------------------------
+# FT: ‖F_T/‖F_T‖ − F_S/‖F_S‖‖_p (Kim et al. eq. 3), torchdistill's reduction
+# ---------------------------------------------------------------------------
+
+
+def ft_reference(s, t, p):
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    rows = []
+    for a, b in zip(s.reshape(len(s), -1), t.reshape(len(t), -1)):
+        d = a / math.sqrt(sum(x * x for x in a)) - b / math.sqrt(sum(x * x for x in b))
+        rows.append(d)
+    if p == 1:  # l1_loss, mean over every element
+        return sum(abs(x) for d in rows for x in d) / sum(len(d) for d in rows)
+    return sum(sum(abs(x) ** p for x in d) ** (1 / p) for d in rows) / len(rows)
+
+
+def test_ft_hand_worked():
+    s = torch.tensor([[3.0, 4.0]])  # → (.6, .8)
+    t = torch.tensor([[0.0, 2.0]])  # → (0, 1)
+    assert factor_transfer(s, t).item() == pytest.approx((0.6 + 0.2) / 2)
+    assert factor_transfer(s, t, p=2).item() == pytest.approx(math.sqrt(0.36 + 0.04))
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_ft_matches_reference_and_gradcheck(p):
+    s, t = randn(3, 2, 2, 2, seed=40), randn(3, 2, 2, 2, seed=41)
+    assert factor_transfer(s, t, p=p).item() == pytest.approx(ft_reference(s, t, p), rel=1e-10)
+    x = s.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: factor_transfer(v, t, p=p), (x,))
+
+
+def test_ft_refuses_unequal_factors():
+    with pytest.raises(KdlabError, match="translator"):
+        factor_transfer(torch.randn(2, 3), torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nst", "correlation_congruence", "activation_boundary"])
+@pytest.mark.parametrize("name", ["nst", "correlation_congruence", "activation_boundary", "factor_transfer"])
 def test_registered_as_feature_losses(name):
     assert registry.get("loss", name).loss_kind == "feature"
 

@@ -1,4 +1,4 @@
-"""The vision zoo's methods (NST, VID, CC, KDSVD, AB): official defaults, their terms, gradients, bad taps, the CLI."""
+"""The vision zoo's methods (NST, VID, CC, KDSVD, AB, FT): official defaults, terms, gradients, bad taps, CLI."""
 from __future__ import annotations
 
 import math
@@ -12,15 +12,17 @@ from kdlab import registry
 from kdlab.cli import main
 from kdlab.config import MethodConfig
 from kdlab.engine.build import build_method
+from kdlab.engine.state import load_model_tensors, model_tensors
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, kl
-from kdlab.losses.zoo import activation_boundary, correlation_congruence, kdsvd, nst, vid_nll
+from kdlab.losses.zoo import (activation_boundary, correlation_congruence, factor_transfer, kdsvd, nst,
+                              vid_nll)
 from kdlab.methods.base import Batch, Outputs
 from kdlab.models import Taps
 from kdlab.store import Store
 
 SHAPE = (3, 8, 8)
-ZOO = ("nst", "vid", "cc", "kdsvd", "ab")
+ZOO = ("nst", "vid", "cc", "kdsvd", "ab", "ft")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
 
 
@@ -58,6 +60,8 @@ def test_defaults_are_the_official_ones():
     assert (h.ce_weight, h.feature_weight, h.k) == (1.0, 1.0, 1)
     h = registry.get("method", "ab").Hparams()
     assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (1.0, 1.0, 0.05, 1.0)
+    h = registry.get("method", "ft").Hparams()
+    assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 1000.0, 0.5, 1, 0.05)
 
 
 def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
@@ -220,3 +224,53 @@ def test_ab_initialises_through_connectors_then_trains_on_labels_alone():
 def test_ab_refuses_unequal_spatial_sizes():
     with pytest.raises(KdlabError, match="equal spatial sizes"):
         build("ab", student_taps=["stage1"], teacher_taps=["stage2"])
+
+
+def test_ft_trains_the_paraphraser_first_then_the_student_through_the_translator():
+    method, student, teacher = build("ft", paraphraser_fraction=0.25)
+    enc, dec = method.paraphraser.encoder, method.paraphraser.decoder
+    assert [(m.in_channels, m.out_channels) for m in enc if isinstance(m, torch.nn.Conv2d)] == \
+        [(64, 64), (64, 32), (32, 32)]
+    assert [(m.in_channels, m.out_channels) for m in dec if isinstance(m, torch.nn.ConvTranspose2d)] == \
+        [(32, 32), (32, 64), (64, 64)]
+    assert [m.out_channels for m in method.translator if isinstance(m, torch.nn.Conv2d)] == [64, 32, 32]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in method.modules())  # uses_bn: False
+    method.set_progress(1, 10)  # the paraphraser phase: reconstruction only, the student untouched
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    t = t_out.features["stage3"]
+    assert list(terms) == ["reconstruction", "ce", "ft"] and terms["ce"].item() == 0.0 == terms["ft"].item()
+    assert terms["reconstruction"].item() == pytest.approx(((method.paraphraser(t) - t) ** 2).sum().item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in student.parameters())
+    assert all(p.grad is None for p in method.translator.parameters())
+    assert all(p.grad is not None for p in method.paraphraser.parameters())
+    method.zero_grad(set_to_none=True)
+    method.set_progress(3, 10)  # then: CE + FT through the translator, the paraphraser frozen
+    batch, s_out, t_out = forward(method, student, teacher)
+    terms = method.loss_terms(batch, s_out, t_out)
+    expected = 1000.0 * factor_transfer(method.translator(s_out.features["stage3"]), method.paraphraser.encoder(t))
+    assert terms["reconstruction"].item() == 0.0 and terms["ft"].item() == pytest.approx(expected.item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in method.paraphraser.parameters())
+    assert all(p.grad is not None for p in method.translator.parameters())
+    assert next(student.parameters()).grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab"])
+def test_method_parameters_survive_a_checkpoint_exactly(name):
+    """The paraphraser, VID's variances, CC's embeddings and AB's connectors are saved and restored with the run."""
+    method, student, _ = build(name)
+    with torch.no_grad():
+        for p in method.parameters():
+            p.add_(torch.randn_like(p))  # as if trained
+    saved = {k: v.clone() for k, v in model_tensors(student, method).items()}
+    fresh, fresh_student, _ = build(name)
+    load_model_tensors(saved, fresh_student, fresh)
+    assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), fresh.state_dict().values()))
+    assert any(k.startswith("method.") for k in saved)
+
+
+def test_ft_refuses_unequal_spatial_sizes():
+    with pytest.raises(KdlabError, match="equal spatial sizes"):
+        build("ft", student_tap="stage2")
