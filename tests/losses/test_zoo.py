@@ -1,4 +1,4 @@
-"""The zoo's feature losses (NST, CC, AB, VID) against float64 loops written from the papers' equations."""
+"""The zoo's feature losses (NST, CC, AB, VID, KDSVD, FT, OFD) against float64 loops from the papers' equations."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import torch
 
 from kdlab import registry
 from kdlab.errors import KdlabError
+from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.losses.zoo import (
     activation_boundary,
     canonical_signs,
@@ -360,3 +361,49 @@ def test_float32_inputs_are_computed_in_float32():
     s, t = torch.randn(2, 3, 2, 2), torch.randn(2, 4, 2, 2)
     assert nst(s, t).dtype == torch.float32
     assert nst(s.half(), t.half()).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------
+# OFD: the BN-derived margin E[x | x < 0] (eq. 3) and the partial L2 (eq. 4)
+# ---------------------------------------------------------------------------
+
+
+def test_ofd_margin_is_the_mean_of_the_negative_part_of_the_bn_gaussian():
+    gamma, beta = torch.tensor([1.0, 2.0, -0.5, 0.1]), torch.tensor([0.0, 1.0, -0.3, 1.0])
+    got = ofd_margin(gamma, beta)
+    grid = np.linspace(-40, 0, 400001)
+    for i, (g, b) in enumerate(zip(gamma.tolist(), beta.tolist())):
+        s = abs(g)
+        if 0.5 * math.erfc(b / s / math.sqrt(2)) <= 0.001:  # almost no negative mass: mdistiller's −3σ
+            assert got[i].item() == pytest.approx(-3 * s)
+            continue
+        density = np.exp(-((grid - b) / s) ** 2 / 2)  # E[x | x < 0] by the trapezoid rule over x < 0
+        density[[0, -1]] *= 0.5
+        assert got[i].item() == pytest.approx(float((grid * density).sum() / density.sum()), rel=1e-5)
+    assert got[0].item() == pytest.approx(-math.sqrt(2 / math.pi))  # the half-normal mean, by hand
+
+
+def ofd_reference(s, t, m):
+    s, t, m = (np.asarray(x, dtype=np.float64) for x in (s, t, m))
+    total = 0.0
+    for n, c, h, w in np.ndindex(*s.shape):
+        sv, tv, mv = s[n, c, h, w], t[n, c, h, w], m[c]
+        if tv > 0 or (mv < tv <= 0 and sv > tv):
+            total += (sv - tv) ** 2
+        elif tv <= mv and sv > mv:
+            total += (sv - mv) ** 2
+    return total / s.shape[0]
+
+
+def test_ofd_partial_l2_hand_worked_and_reference():
+    m = torch.tensor([-1.0])
+    s = torch.tensor([[[[2.0, -3.0, 0.5, -2.0, 0.0]]]])
+    t = torch.tensor([[[[1.0, 1.0, -0.5, -0.5, -2.0]]]])
+    # t > 0: (2−1)², (−3−1)²; −1 < t ≤ 0 and s > t: (0.5+0.5)²; s < t: 0; t ≤ m and s > m: (0+1)²
+    assert ofd_partial_l2(s, t, m).item() == pytest.approx(1 + 16 + 1 + 0 + 1)
+    s, t, m = randn(2, 3, 2, 2, seed=50), randn(2, 3, 2, 2, seed=51), -randn(3, seed=52).abs()
+    assert ofd_partial_l2(s, t, m).item() == pytest.approx(ofd_reference(s, t, m), rel=1e-10)
+    x = s.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: ofd_partial_l2(v, t, m), (x,))
+    with pytest.raises(KdlabError, match="one margin"):
+        ofd_partial_l2(s, t, torch.zeros(2))

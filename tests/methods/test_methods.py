@@ -72,7 +72,7 @@ def _teacher_for(method_name, make):
     return make(16)
 
 
-MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "vid")  # feature-map methods of the vision zoo (issue 21)
+MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "ofd", "vid")  # feature-map methods of the vision zoo (issue 21)
 
 
 @pytest.mark.parametrize("name", registry.names("method"))

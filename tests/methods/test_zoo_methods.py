@@ -1,4 +1,4 @@
-"""The vision zoo's methods (NST, VID, CC, KDSVD, AB, FT): official defaults, terms, gradients, bad taps, CLI."""
+"""The vision zoo's methods (NST, VID, CC, KDSVD, AB, FT, OFD): official defaults, terms, gradients, bad taps, CLI."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,7 @@ from kdlab.engine.build import build_method
 from kdlab.engine.state import load_model_tensors, model_tensors
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, kl
+from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.losses.zoo import (activation_boundary, correlation_congruence, factor_transfer, kdsvd, nst,
                               vid_nll)
 from kdlab.methods.base import Batch, Outputs
@@ -22,7 +23,7 @@ from kdlab.models import Taps
 from kdlab.store import Store
 
 SHAPE = (3, 8, 8)
-ZOO = ("nst", "vid", "cc", "kdsvd", "ab", "ft")
+ZOO = ("nst", "vid", "cc", "kdsvd", "ab", "ft", "ofd")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
 
 
@@ -62,6 +63,8 @@ def test_defaults_are_the_official_ones():
     assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (1.0, 1.0, 0.05, 1.0)
     h = registry.get("method", "ft").Hparams()
     assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 1000.0, 0.5, 1, 0.05)
+    h = registry.get("method", "ofd").Hparams()
+    assert (h.ce_weight, h.feature_weight, h.student_taps) == (1.0, 0.001, ("stage1", "stage2", "stage3"))
 
 
 def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
@@ -257,7 +260,7 @@ def test_ft_trains_the_paraphraser_first_then_the_student_through_the_translator
     assert next(student.parameters()).grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab"])
+@pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab", "ofd"])
 def test_method_parameters_survive_a_checkpoint_exactly(name):
     """The paraphraser, VID's variances, CC's embeddings and AB's connectors are saved and restored with the run."""
     method, student, _ = build(name)
@@ -274,3 +277,35 @@ def test_method_parameters_survive_a_checkpoint_exactly(name):
 def test_ft_refuses_unequal_spatial_sizes():
     with pytest.raises(KdlabError, match="equal spatial sizes"):
         build("ft", student_tap="stage2")
+
+
+def test_ofd_taps_pre_relu_outputs_and_weighs_stages_by_halves():
+    method, student, teacher = build("ofd")
+    assert method.student_taps == ("stage1.0.relu2:input", "stage2.0.relu2:input", "stage3.0.relu2:input")
+    assert method.teacher_taps[-1] == "stage3.1.relu2:input"  # resnet14: two blocks per stage, the last one's
+    for i, stage in enumerate(("stage1", "stage2", "stage3")):
+        bn = teacher.get_submodule(f"{stage}.1.bn2")
+        assert torch.equal(getattr(method, f"margin{i}"), ofd_margin(bn.weight, bn.bias).float())
+    batch, s_out, t_out = forward(method, student, teacher)
+    with Taps(student, ["stage3"]) as plain:
+        student(batch.inputs)
+        # the tap is what the stage's last ReLU receives: it turns it into the stage output
+        assert torch.allclose(torch.relu(s_out.features["stage3.0.relu2:input"]), plain["stage3"].detach())
+    assert (s_out.features["stage3.0.relu2:input"] < 0).any()
+    terms = method.loss_terms(batch, s_out, t_out)
+    expected = sum(ofd_partial_l2(c(s_out.features[s]), t_out.features[t], getattr(method, f"margin{i}")) * w
+                   for i, (s, t, c, w) in enumerate(zip(method.student_taps, method.teacher_taps, method.connectors,
+                                                        (0.25, 0.5, 1.0))))
+    assert terms["ofd"].item() == pytest.approx(0.001 * expected.item(), rel=1e-6)
+    sum(terms.values()).backward()
+    assert all(c[0].weight.grad.abs().sum() > 0 for c in method.connectors)
+    assert next(student.parameters()).grad.abs().sum() > 0
+
+
+def test_ofd_refuses_models_without_residual_stages():
+    torch.manual_seed(0)
+    mlp = registry.get("model", "mlp")(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3, std=(1.0,) * 3, width=8)
+    with pytest.raises(KdlabError, match="method.student_taps: student stage 'stage1' does not exist"):
+        build_method(MethodConfig("ofd", {}), student=mlp, teacher=resnet("resnet14"), input_shape=SHAPE)
+    with pytest.raises(KdlabError, match="blocks ending in bn2 and relu2"):
+        build("ofd", student_taps=["stem"], teacher_taps=["stage1"])
