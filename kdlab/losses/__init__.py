@@ -18,8 +18,8 @@ from kdlab.losses.adversarial import (  # GAN losses for discriminators (not reg
 )
 from kdlab.losses.divergences import REDUCTIONS, cross_entropy, generalized_jsd, kl, mse_logits, reverse_kl, tvd
 from kdlab.losses.ensemble import combine_teacher_probs, multi_teacher_kl, teacher_weights
+from kdlab.losses.features import FEATURE_LOSSES as _FEATURE_LOSSES
 from kdlab.losses.features import (
-    FEATURE_LOSSES,
     attention_map,
     attention_transfer,
     batchnorm_standardize,
@@ -41,6 +41,10 @@ from kdlab.losses.logit import (
     skew_kl,
     standardize_logits,
 )
+
+from kdlab.losses.zoo import FEATURE_LOSSES as _ZOO_FEATURE_LOSSES
+
+FEATURE_LOSSES = _FEATURE_LOSSES + _ZOO_FEATURE_LOSSES  # every registered loss of kind "feature"
 
 __all__ = [
     "FEATURE_LOSSES",

@@ -2,9 +2,10 @@
 
 Each is a pure function of the (adapted) student and the teacher feature, following its authors'
 or the reference zoo's code where it fixes a constant the paper leaves open (each docstring says
-which file). ``nst``, ``correlation_congruence``, ``activation_boundary`` and ``factor_transfer`` have the
-feature-loss signature and are registered (``loss_kind == "feature"``, usable in ``distill`` terms);
-``vid_nll`` (it needs the method's learned variance) and ``kdsvd`` (it reads several stages at once) are not.
+which file). ``nst`` and ``correlation_congruence`` compare any two widths and are registered
+(``loss_kind == "feature"``, usable in ``distill`` terms, listed in ``FEATURE_LOSSES``). Not registered:
+``activation_boundary`` and ``factor_transfer`` compare element by element, so they need the connector or
+translator their method owns; ``vid_nll`` needs the method's learned variance; ``kdsvd`` reads several stages.
 Inputs are upcast to at least float32, as in ``kdlab.losses.features``.
 """
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from kdlab.errors import KdlabError
 from kdlab.losses.features import _check_pair, _check_positive, _flatten
 from kdlab.registry import register
+
+
+FEATURE_LOSSES = ("nst", "correlation_congruence")  # the registered ones
 
 
 def match_spatial(student_feature: torch.Tensor, teacher_feature: torch.Tensor):
@@ -144,7 +148,6 @@ correlation_congruence.loss_kind = "feature"
 # ---------------------------------------------------------------------------
 
 
-@register("loss", "activation_boundary")
 def activation_boundary(student_feature, teacher_feature, *, margin: float = 1.0):
     """AB: the hinge-squared activation-transfer loss with a margin, summed, per sample.
 
@@ -172,15 +175,12 @@ def activation_boundary(student_feature, teacher_feature, *, margin: float = 1.0
     return per_element.sum() / s.shape[0]
 
 
-activation_boundary.loss_kind = "feature"
-
 
 # ---------------------------------------------------------------------------
 # Factor transfer (FT)
 # ---------------------------------------------------------------------------
 
 
-@register("loss", "factor_transfer")
 def factor_transfer(student_feature, teacher_feature, *, p: int = 1):
     """FT: the p-norm distance between the L2-normalised student factor and teacher factor.
 
@@ -204,8 +204,6 @@ def factor_transfer(student_feature, teacher_feature, *, p: int = 1):
         return (s - t).abs().mean()
     return torch.linalg.vector_norm(s - t, ord=p, dim=1).mean()
 
-
-factor_transfer.loss_kind = "feature"
 
 
 # ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from kdlab import registry
 from kdlab.errors import KdlabError
+from kdlab.losses import FEATURE_LOSSES
 from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.losses.zoo import (
     activation_boundary,
@@ -348,9 +349,15 @@ def test_ft_refuses_unequal_factors():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["nst", "correlation_congruence", "activation_boundary", "factor_transfer"])
+@pytest.mark.parametrize("name", ["nst", "correlation_congruence"])
 def test_registered_as_feature_losses(name):
     assert registry.get("loss", name).loss_kind == "feature"
+    assert name in FEATURE_LOSSES
+
+
+def test_elementwise_losses_are_left_to_their_methods():  # they need the method's connector or translator
+    names = registry.names("loss")
+    assert "activation_boundary" not in names and "factor_transfer" not in names
 
 
 def test_vid_nll_is_not_a_registered_loss():  # it needs the method's variance, not just two features
