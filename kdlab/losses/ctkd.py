@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kdlab.errors import KdlabError
+from kdlab.losses.divergences import _compute_dtype
 
 
 def kl_at_learned_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -23,9 +24,10 @@ def kl_at_learned_temperature(student_logits: torch.Tensor, teacher_logits: torc
     if student_logits.shape != teacher_logits.shape or student_logits.ndim != 2:
         raise KdlabError(f"loss ctkd: logits {tuple(student_logits.shape)} and {tuple(teacher_logits.shape)} must be "
                          "equal (N, C)")
-    t = temperature.reshape(())
-    log_q = F.log_softmax(student_logits.float() / t, dim=1)
-    log_p = F.log_softmax(teacher_logits.float() / t, dim=1)
+    dtype = _compute_dtype(student_logits, teacher_logits)  # at least float32; float64 stays float64
+    t = temperature.reshape(()).to(dtype)
+    log_q = F.log_softmax(student_logits.to(dtype) / t, dim=1)
+    log_p = F.log_softmax(teacher_logits.to(dtype) / t, dim=1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean() * t * t
 
 

@@ -10,6 +10,7 @@ import torch
 from kdlab import registry
 from kdlab.errors import KdlabError
 from kdlab.losses import FEATURE_LOSSES
+from kdlab.losses.ctkd import cosine_lambda, kl_at_learned_temperature, reverse_gradient
 from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.losses.zoo import (
     activation_boundary,
@@ -414,3 +415,45 @@ def test_ofd_partial_l2_hand_worked_and_reference():
     assert torch.autograd.gradcheck(lambda v: ofd_partial_l2(v, t, m), (x,))
     with pytest.raises(KdlabError, match="one margin"):
         ofd_partial_l2(s, t, torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------
+# CTKD: KD at a learned temperature, the gradient reversal, the cosine λ
+# ---------------------------------------------------------------------------
+
+
+def kd_reference(s, t, temp):
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    total = 0.0
+    for zs, zt in zip(s, t):
+        p = np.exp(zt / temp) / np.exp(zt / temp).sum()
+        q = np.exp(zs / temp) / np.exp(zs / temp).sum()
+        total += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    return total / len(s) * temp * temp
+
+
+def test_kl_at_learned_temperature_matches_reference_and_gradcheck():
+    s, t = randn(4, 5, seed=60), 3 * randn(4, 5, seed=61)
+    temp = torch.tensor([2.5], dtype=torch.float64)
+    assert kl_at_learned_temperature(s, t, temp).item() == pytest.approx(kd_reference(s, t, 2.5), rel=1e-6)
+    # hand-worked: uniform teacher, student logits (log 3, 0) at T = 1: KL(½,½ ‖ ¾,¼) = ½ log(⅔) + ½ log 2
+    got = kl_at_learned_temperature(torch.tensor([[math.log(3.0), 0.0]]), torch.zeros(1, 2), torch.ones(1))
+    assert got.item() == pytest.approx(0.5 * math.log(2 / 3) + 0.5 * math.log(2))
+    x, tt = s.clone().requires_grad_(), temp.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: kl_at_learned_temperature(a, t, b), (x, tt))
+
+
+def test_reverse_gradient_is_identity_forward_and_negated_scaled_backward():
+    x = torch.tensor([1.5, -2.0], requires_grad=True)
+    y = reverse_gradient(x, 0.3)
+    assert torch.equal(y, x.detach())
+    (y * torch.tensor([2.0, 5.0])).sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([-0.6, -1.5]))
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 3, 5, 9, 10, 11, 240])
+def test_cosine_lambda_is_the_official_cosine_decay_with_the_sign_moved(epoch):
+    # train_student.py CosineDecay(max_value=0, min_value=-1, num_loops=10).get_value(epoch), transcribed
+    i = min(max(epoch, 0), 10)
+    official = (math.cos(i * math.pi / 10) + 1.0) * 0.5 * (0 - (-1)) + (-1)
+    assert cosine_lambda(epoch, lambda_max=1.0, epochs=10) == pytest.approx(-official, abs=1e-15)

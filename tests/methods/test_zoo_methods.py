@@ -1,4 +1,4 @@
-"""The vision zoo's methods (NST, VID, CC, KDSVD, AB, FT, OFD): official defaults, terms, gradients, bad taps, CLI."""
+"""The vision zoo's methods (NST, VID, CC, KDSVD, AB, FT, OFD, CTKD): defaults, terms, gradients, bad taps, CLI."""
 from __future__ import annotations
 
 import math
@@ -15,6 +15,7 @@ from kdlab.engine.build import build_method
 from kdlab.engine.state import load_model_tensors, model_tensors
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, kl
+from kdlab.losses.ctkd import kl_at_learned_temperature
 from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.losses.zoo import (activation_boundary, correlation_congruence, factor_transfer, kdsvd, nst,
                               vid_nll)
@@ -23,7 +24,7 @@ from kdlab.models import Taps
 from kdlab.store import Store
 
 SHAPE = (3, 8, 8)
-ZOO = ("nst", "vid", "cc", "kdsvd", "ab", "ft", "ofd")
+ZOO = ("nst", "vid", "cc", "kdsvd", "ab", "ft", "ofd", "ctkd")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "zoo"
 
 
@@ -65,6 +66,9 @@ def test_defaults_are_the_official_ones():
     assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 1000.0, 0.5, 1, 0.05)
     h = registry.get("method", "ofd").Hparams()
     assert (h.ce_weight, h.feature_weight, h.student_taps) == (1.0, 0.001, ("stage1", "stage2", "stage3"))
+    h = registry.get("method", "ctkd").Hparams()
+    assert (h.ce_weight, h.kl_weight, h.t_start, h.t_range, h.init, h.lambda_max, h.lambda_epochs) == \
+        (0.1, 0.9, 1.0, 20.0, 1.0, 1.0, 10)
 
 
 def test_nst_terms_are_ce_and_fifty_times_the_stage_sum():
@@ -171,7 +175,10 @@ def test_cli_dry_run_and_one_epoch(tmp_path, capsys, name):
     assert len(runs) == 1 and runs[0].status == "finished"
     assert math.isfinite(runs[0].final["test/acc"])
     logged = (runs[0].run_dir / "metrics.jsonl").read_text()
-    assert f'"train/loss/{name}"' in logged  # the method's own term was trained and logged
+    term = {"ctkd": "kl"}.get(name, name)
+    assert f'"train/loss/{term}"' in logged  # the method's own term was trained and logged
+    if name == "ctkd":  # its learned temperature, logged each epoch by the loop
+        assert '"method/temperature"' in logged
 
 
 def test_cli_bad_tap_exits_2(tmp_path, capsys):
@@ -260,7 +267,7 @@ def test_ft_trains_the_paraphraser_first_then_the_student_through_the_translator
     assert next(student.parameters()).grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab", "ofd"])
+@pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab", "ofd", "ctkd"])
 def test_method_parameters_survive_a_checkpoint_exactly(name):
     """The paraphraser, VID's variances, CC's embeddings and AB's connectors are saved and restored with the run."""
     method, student, _ = build(name)
@@ -309,3 +316,27 @@ def test_ofd_refuses_models_without_residual_stages():
         build_method(MethodConfig("ofd", {}), student=mlp, teacher=resnet("resnet14"), input_shape=SHAPE)
     with pytest.raises(KdlabError, match="blocks ending in bn2 and relu2"):
         build("ofd", student_taps=["stem"], teacher_taps=["stage1"])
+
+
+def test_ctkd_temperature_ascends_the_kd_loss_with_the_curriculum_strength():
+    method, student, teacher = build("ctkd")
+    assert method.temperature().item() == pytest.approx(1 + 20 / (1 + math.exp(-1)), rel=1e-6)  # τ = 1
+    method.steps_per_epoch = 4
+    batch, s_out, t_out = forward(method, student, teacher)
+    grads = {}
+    for step in (0, 12):  # epoch 1 (λ = (1 − cos(π/10))/2) and epoch 4
+        method.set_progress(step, 100)
+        method.zero_grad(set_to_none=True)
+        terms = method.loss_terms(batch, s_out, t_out)
+        tau = method.tau.detach().clone().requires_grad_()  # the plain derivative of the KD term in τ
+        h = method.hparams
+        plain = h.kl_weight * kl_at_learned_temperature(s_out.logits.detach(), t_out.logits,
+                                                        h.t_start + h.t_range * torch.sigmoid(tau))
+        (d_plain,) = torch.autograd.grad(plain, tau)
+        terms["kl"].backward(retain_graph=True)
+        lam = (1 - math.cos(math.pi * (step // 4 + 1) / 10)) / 2
+        assert method.tau.grad.item() == pytest.approx(-lam * d_plain.item(), rel=1e-5)
+        grads[step] = method.tau.grad.item()
+    assert abs(grads[12]) > abs(grads[0])
+    assert method.metrics()["lambda"] == pytest.approx((1 - math.cos(math.pi * 4 / 10)) / 2)
+    assert next(student.parameters()).grad.abs().sum() > 0  # the student descends as usual
