@@ -2,7 +2,8 @@
 
 Logit and label losses: ``kdlab.losses.divergences``; more logit losses (skew
 KL, DKD, DIST, logit standardization, hinge, LogSum): ``kdlab.losses.logit``;
-feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``.
+feature losses (and ``batchnorm_standardize``): ``kdlab.losses.features``; the mdistiller/torchdistill
+zoo's (NST, CC, ...; issue 21): ``kdlab.losses.zoo``, ``kdlab.losses.ofd``, ``kdlab.losses.ctkd``.
 ``kdlab.losses.divergences`` is also the home of the divergence family that
 ``kdlab.losses.sequence`` (token-level divergences of sequence models) shares.
 Not registered (not teacher/student losses of the usual signature):
@@ -41,7 +42,6 @@ from kdlab.losses.logit import (
     skew_kl,
     standardize_logits,
 )
-
 from kdlab.losses.zoo import FEATURE_LOSSES as _ZOO_FEATURE_LOSSES
 
 FEATURE_LOSSES = _FEATURE_LOSSES + _ZOO_FEATURE_LOSSES  # every registered loss of kind "feature"
