@@ -340,3 +340,54 @@ def test_ctkd_temperature_ascends_the_kd_loss_with_the_curriculum_strength():
     assert abs(grads[12]) > abs(grads[0])
     assert method.metrics()["lambda"] == pytest.approx((1 - math.cos(math.pi * 4 / 10)) / 2)
     assert next(student.parameters()).grad.abs().sum() > 0  # the student descends as usual
+
+
+# ---------------------------------------------------------------------------
+# Resume exact: a run killed after epoch 3 (epoch 2 on disk) ends where the uninterrupted one does
+# ---------------------------------------------------------------------------
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("name, options", [("ft", {"paraphraser_fraction": 0.3}),  # the switch falls in epoch 2
+                                           ("ctkd", {"lambda_epochs": 3})])
+def test_resume_is_exact_for_the_stateful_zoo_methods(tmp_path, name, options):
+    from kdlab.config import TrainConfig
+    from kdlab.data import build_splits
+    from kdlab.engine.build import build_model
+    from kdlab.engine.loop import fit
+
+    splits = build_splits("synthetic", {"num_classes": 4, "input_shape": SHAPE, "num_train": 80, "num_test": 16},
+                          root=None, cache_dir=tmp_path / "cache", val_fraction=0.2, split_seed=0)
+    train = TrainConfig(epochs=4, batch_size=16, lr=0.01, checkpoint_every=1, eval_every=1, device="cpu")
+
+    def fresh(seed):
+        torch.manual_seed(123)
+        teacher = build_model("resnet14", {}, splits)
+        torch.manual_seed(seed)
+        student = build_model("resnet8", {}, splits)
+        method = build_method(MethodConfig(name, dict(options)), student=student, teacher=teacher, input_shape=SHAPE)
+        return teacher, student, method
+
+    teacher, student, method = fresh(0)
+    fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5, run_dir=tmp_path / "a")
+    expected = {**{f"s.{k}": v.clone() for k, v in student.state_dict().items()},
+                **{f"m.{k}": v.clone() for k, v in method.state_dict().items()}}
+
+    def crash_in_epoch_3(epoch, metrics):
+        if epoch == 3:
+            raise _Crash
+
+    teacher, student, method = fresh(0)
+    with pytest.raises(_Crash):
+        fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5,
+            run_dir=tmp_path / "b", on_epoch=crash_in_epoch_3)
+    teacher, student, method = fresh(7)  # a new process: other initial weights, all restored from the checkpoint
+    fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=5, run_dir=tmp_path / "b")
+    got = {**{f"s.{k}": v for k, v in student.state_dict().items()},
+           **{f"m.{k}": v for k, v in method.state_dict().items()}}
+    assert any(k.startswith("m.") for k in got)  # the paraphraser and translator / the temperature
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
