@@ -7,7 +7,9 @@
 A name is any module path accepted by ``model.get_submodule`` (``"stage2"``,
 ``"stage2.0.conv1"``); zoo models publish their top-level ones as
 ``model.feature_stages``. Each forward of the model replaces what was captured,
-so no stale tensor from an earlier batch outlives the next forward.
+so no stale tensor from an earlier batch outlives the next forward. A name ending in ``:input``
+captures the module's (first) input instead of its output, e.g. ``"stage1.0.relu2:input"``, the
+pre-activation a ReLU receives (OFD distils those).
 """
 import difflib
 from collections.abc import Iterator, Sequence
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from kdlab.errors import KdlabError
+
+INPUT_SUFFIX = ":input"  # tap the module's input rather than its output
 
 
 def valid_tap_names(model: nn.Module) -> list[str]:
@@ -58,7 +62,8 @@ class Taps:
         modules = {}
         for name in self.names:  # resolve every name before hooking anything: no half-installed taps
             try:
-                modules[name] = model.get_submodule(name)
+                path = name[:-len(INPUT_SUFFIX)] if name.endswith(INPUT_SUFFIX) else name
+                modules[name] = model.get_submodule(path)
             except AttributeError:
                 raise KdlabError(_unknown_tap_message(model, name)) from None
         # Clearing at the start of each forward of the whole model guarantees that a
@@ -72,8 +77,11 @@ class Taps:
 
     def _make_hook(self, name: str):
         captured, detach = self._captured, self.detach
+        wants_input = name.endswith(INPUT_SUFFIX)
 
         def hook(module: nn.Module, args: tuple, output) -> None:
+            if wants_input:
+                output = args[0]
             if isinstance(output, (tuple, list)):
                 output = output[0]
             captured[name] = output.detach() if detach else output

@@ -72,6 +72,9 @@ def _teacher_for(method_name, make):
     return make(16)
 
 
+MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "ofd", "vid")  # feature-map methods of the vision zoo (issue 21)
+
+
 @pytest.mark.parametrize("name", registry.names("method"))
 def test_method_contract(name):
     """Every registered method: a docstring, typed hyperparameters with defaults, finite terms that backprop."""
@@ -87,8 +90,13 @@ def test_method_contract(name):
     student = mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,), width=6)
     teacher = _teacher_for(name, lambda width: mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,),
                                                     width=width)) if cls.needs_teacher else None
-    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=(1, 5), train_size=8)
-    inputs = torch.rand(8, 1, 5)
+    shape = (1, 5)
+    if name in MAP_METHODS:  # they compare (C, H, W) stage maps: CIFAR ResNets on 8×8 images
+        shape = (3, 8, 8)
+        student, teacher = (registry.get("model", arch)(input_shape=shape, num_classes=3, mean=(0.0,) * 3,
+                                                        std=(1.0,) * 3) for arch in ("resnet8", "resnet14"))
+    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=shape, train_size=8)
+    inputs = torch.rand(8, *shape)
     labels = torch.randint(0, 3, (8,))
     if cls.uses_unlabelled:  # the low-label regime: hidden labels are -1
         labels[::2] = -1
