@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kdlab.config.validate import NonNegative, NonNegativeCount, Positive, UnitInterval
+from kdlab.config.validate import NonNegative, NonNegativeCount, Positive
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Batch
 from kdlab.methods.robust_common import RobustMethod

@@ -47,7 +47,6 @@ import math
 import os
 import socket
 import sqlite3
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
