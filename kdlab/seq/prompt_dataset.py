@@ -36,7 +36,7 @@ BUILTIN = ("arithmetic", "docstrings")
 DOCSTRING_TEST_FAMILIES = ("numbers",)  # held out whole: test prompts name modules never trained on
 
 
-def tokenizer_source(tokenizer: Optional[str]) -> Path:
+def tokenizer_source(tokenizer: Optional[str], cache_dir: Optional[Path] = None) -> Path:
     """The HF folder holding the tokenizer named by ``data.tokenizer`` (a GGUF is converted once and cached)."""
     from kdlab.seq.hf_load import resolve_source
 
@@ -47,8 +47,8 @@ def tokenizer_source(tokenizer: Optional[str]) -> Path:
         raise KdlabError("data.tokenizer: 'teacher' is not resolved here yet; give the teacher's folder, .gguf "
                          "file or bundled:NAME")
     if tokenizer.startswith("bundled:"):
-        return resolve_source(bundled=tokenizer.split(":", 1)[1], key="data.tokenizer")
-    return resolve_source(path=tokenizer, key="data.tokenizer")
+        return resolve_source(bundled=tokenizer.split(":", 1)[1], key="data.tokenizer", cache_dir=cache_dir)
+    return resolve_source(path=tokenizer, key="data.tokenizer", cache_dir=cache_dir)
 
 
 def _vocab_size(folder: Path, tokenizer) -> int:
@@ -122,7 +122,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
                          "prompts")
     from kdlab.seq.hf_load import load_generation_config, load_tokenizer
 
-    folder = tokenizer_source(tokenizer)
+    folder = tokenizer_source(tokenizer, cache_dir)
     hf_tokenizer = load_tokenizer(folder)
     pad_id, eos_id, stops = special_ids(hf_tokenizer, load_generation_config(folder))
     options = dict(eos_id=eos_id, pad_id=pad_id, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens,
@@ -145,6 +145,6 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     is_correct, answer_correct = _checkers(texts, references, numeric=builtin == "arithmetic")
     info = SequenceInfo(task=task, pad_id=pad_id, eos_id=eos_id, decode=decode, is_correct=is_correct,
                         answer_correct=answer_correct, max_response_tokens=max_new_tokens,
-                        context_length=max_prompt_tokens + max_new_tokens)
+                        context_length=max_prompt_tokens + max_new_tokens, generation_room=0)
     return SequenceArrays(train.tokens, train.labels, test.tokens, test.labels, _vocab_size(folder, hf_tokenizer),
                           info)
