@@ -34,6 +34,9 @@ class SequenceInfo:
     # on-policy sampling): room for a model that overshoots a little on tasks with exact references; 0 for
     # open-ended prompts, where max_response_tokens is the user's max_new_tokens and is generated exactly.
     generation_room: int = 4
+    # Train rows whose response is a placeholder EOS (a prompt given without a completion): on-policy methods
+    # replace it by a generation; methods that would learn from it (SFT, off-policy KD) are refused.
+    missing_references: int = 0
 
 
 @dataclass

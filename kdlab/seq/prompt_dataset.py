@@ -145,6 +145,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     is_correct, answer_correct = _checkers(texts, references, numeric=builtin == "arithmetic")
     info = SequenceInfo(task=task, pad_id=pad_id, eos_id=eos_id, decode=decode, is_correct=is_correct,
                         answer_correct=answer_correct, max_response_tokens=max_new_tokens,
-                        context_length=max_prompt_tokens + max_new_tokens, generation_room=0)
+                        context_length=max_prompt_tokens + max_new_tokens, generation_room=0,
+                        missing_references=int((~train.has_reference).sum()))
     return SequenceArrays(train.tokens, train.labels, test.tokens, test.labels, _vocab_size(folder, hf_tokenizer),
                           info)

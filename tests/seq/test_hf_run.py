@@ -76,3 +76,47 @@ def test_gkd_on_a_hf_teacher_runs_exports_and_resumes(tmp_path, tiny_llama_folde
     # A second `kdlab run` finds the run finished.
     assert _run(tmp_path, _config(tiny_llama_folder, prompts_file)) == 0
     assert Store(tmp_path / "ws").run(runs[0].run_id).status == "finished"
+
+
+def test_prompt_datasets_generate_exactly_max_new_tokens(tmp_path, tiny_llama_folder, prompts_file):
+    from kdlab.registry import get
+    from kdlab.seq.evaluate import max_new_tokens
+
+    arrays = get("dataset", "prompts")(root=None, cache_dir=tmp_path, path=str(prompts_file),
+                                       tokenizer=str(tiny_llama_folder), chat_template=True, max_prompt_tokens=40,
+                                       max_new_tokens=7, test_fraction=0.2)
+    info = arrays.info
+    assert info.missing_references == 0
+    assert {max_new_tokens(info, width) for width in (1, 20, 40)} == {7}  # not 7 + EXTRA_TOKENS
+
+
+def test_prompts_without_completions_refuse_training_on_references(tmp_path, tiny_llama_folder, capsys):
+    path = tmp_path / "bare.jsonl"
+    path.write_text("".join(json.dumps({"prompt": row["prompt"]}) + "\n" for row in PROMPTS))
+    cfg = _config(tiny_llama_folder, path, **{"method.on_policy_fraction": 0.5})
+    assert _run(tmp_path, cfg) == 2
+    assert "have no reference completion" in capsys.readouterr().err
+    assert _run(tmp_path, _config(tiny_llama_folder, path)) == 0  # on-policy only: the placeholders never teach
+
+
+def test_teacher_and_student_tokenizers_must_match(tmp_path, tiny_llama_folder):
+    from kdlab.engine.build import check_sequence_models
+    from kdlab.errors import KdlabError
+    from kdlab.seq.hf import load_hf_causal_lm
+
+    from .conftest import make_tokenizer
+
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_llama_folder, other)
+    tokenizer = make_tokenizer(chat_template="{{ messages[0]['content'] }}")
+    tokenizer.save_pretrained(other)
+    teacher, student = load_hf_causal_lm(path=tiny_llama_folder), load_hf_causal_lm(path=other)
+
+    class Splits:
+        sequence = type("Info", (), {"context_length": 10, "task": "t"})()
+
+    with pytest.raises(KdlabError, match="student: its tokenizer differs from the teacher's .chat templates differ"):
+        check_sequence_models(student, teacher, Splits())
+    check_sequence_models(load_hf_causal_lm(path=tiny_llama_folder), teacher, Splits())  # same folder: fine
