@@ -139,6 +139,9 @@ def check_llm(cfg: Any, errors: list[str]) -> None:
     from kdlab.seq.hf_export import layers_to_keep
 
     student, teacher, data = cfg.student, cfg.teacher, cfg.data
+    if pretrained_teacher(teacher) and getattr(teacher, "train", None) is not None:
+        errors.append("teacher.train: a pretrained hf_causal_lm teacher (path: or bundled:) is used as it is; remove "
+                      "teacher.train (fine-tune it in a run of its own and give that run's hf/ folder as path:)")
     keep = getattr(student, "keep_layers", None)
     if keep is not None and getattr(student, "init", None) != "teacher":
         errors.append("student.keep_layers: keeps layers of the teacher; set student.init: teacher too")

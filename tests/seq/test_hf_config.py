@@ -59,6 +59,12 @@ def test_keep_layers_problems_are_one_line_each(tiny_llama_folder):
     assert any(p.startswith("student.keep_layers: keeps layers of the teacher; set student.init") for p in _problems(raw))
 
 
+def test_a_pretrained_teacher_takes_no_recipe(tiny_llama_folder):
+    raw = _raw(tiny_llama_folder)
+    raw["teacher"]["train"] = {"steps": 3}
+    assert any(p.startswith("teacher.train: a pretrained hf_causal_lm teacher") for p in _problems(raw))
+
+
 def test_tokenizer_teacher_needs_a_teacher(tiny_llama_folder):
     raw = _raw(tiny_llama_folder, **{"student.init": None, "student.keep_layers": None})
     raw["student"].update(model="hf_causal_lm", path=str(tiny_llama_folder))

@@ -120,3 +120,25 @@ def test_teacher_and_student_tokenizers_must_match(tmp_path, tiny_llama_folder):
     with pytest.raises(KdlabError, match="student: its tokenizer differs from the teacher's .chat templates differ"):
         check_sequence_models(student, teacher, Splits())
     check_sequence_models(load_hf_causal_lm(path=tiny_llama_folder), teacher, Splits())  # same folder: fine
+
+
+def test_a_run_failed_after_training_is_resumed_and_exported(tmp_path, tiny_llama_folder, prompts_file, monkeypatch):
+    """The LM outputs come after training: a failure there leaves a checkpoint that --retry-failed resumes from."""
+    import kdlab.study.runner as runner
+    from kdlab.errors import KdlabError
+
+    real = runner.finish_llm_run
+
+    def broken(*args, **kwargs):
+        raise KdlabError("disk hiccup")
+
+    monkeypatch.setattr(runner, "finish_llm_run", broken)
+    cfg = _config(tiny_llama_folder, prompts_file)
+    assert _run(tmp_path, cfg) == 1
+    (run,) = Store(tmp_path / "ws").runs(experiment="hf-tiny")
+    assert run.status == "failed" and not (Path(run.run_dir) / "hf").exists()
+    monkeypatch.setattr(runner, "finish_llm_run", real)
+    assert _run(tmp_path, cfg, "--retry-failed") == 0
+    run = Store(tmp_path / "ws").run(run.run_id)
+    assert run.status == "finished" and (Path(run.run_dir) / "hf" / "config.json").is_file()
+    assert (Path(run.run_dir) / "samples.jsonl").is_file()
