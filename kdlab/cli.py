@@ -247,31 +247,9 @@ def cmd_show(args) -> int:
         last = max(epochs)
         print(f"epochs logged: {len(epochs)} (last {last}); last epoch: "
               + json.dumps({k: round(v, 6) for k, v in sorted(epochs[last].items())}))
-    if args.samples:  # a language-model run's generations on held-out prompts
-        from kdlab.study.llm_outputs import format_samples, read_samples
-
-        print("\n".join(format_samples(read_samples(Path(record.run_dir), args.samples))))
-    return 0
-
-
-def cmd_export(args) -> int:
-    """Copy a finished language-model run's Hugging Face folder (``runs/<id>/hf``) to DIR."""
-    import shutil
-
-    from kdlab.study.llm_outputs import HF_FOLDER
-
-    matches = _read_store(args).find(args.run, skip_damaged=False)
-    if len(matches) != 1:
-        raise KdlabError(f"{args.run!r} matches {len(matches)} runs; give a full run id")
-    source = Path(matches[0].run_dir) / HF_FOLDER
-    if not (source / "config.json").is_file():
-        raise KdlabError(f"export: run {matches[0].run_id} has no Hugging Face folder ({source}); only finished "
-                         "hf_causal_lm students are exported")
-    target = Path(args.dir).expanduser()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise KdlabError(f"export: {str(target)!r} already exists and is not empty; choose a new folder")
-    shutil.copytree(source, target, dirs_exist_ok=True)
-    print(f"exported {matches[0].run_id} to {target}")
+    if getattr(args, "samples", 0):  # a language-model run's generations on held-out prompts
+        from kdlab.study.llm_outputs import show_samples
+        show_samples(Path(record.run_dir), args.samples)
     return 0
 
 
@@ -500,14 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="one run's resolved config and metrics")
     show.add_argument("run", help="run id or unique prefix")
-    show.add_argument("--samples", type=int, default=0, metavar="N",
-                      help="also print N generations of a language-model run (samples.jsonl)")
     show.set_defaults(func=cmd_show)
-
-    export = sub.add_parser("export", help="copy a language-model run's Hugging Face folder (runs/<id>/hf) to DIR")
-    export.add_argument("run", help="run id or unique prefix")
-    export.add_argument("dir", help="where to write it (new or empty folder)")
-    export.set_defaults(func=cmd_export)
+    from kdlab.study.llm_outputs import add_llm_commands  # show --samples N, export RUN DIR
+    add_llm_commands(sub, show, _read_store)
 
     runs = sub.add_parser("runs", help="list runs with their status and wall time")
     runs.add_argument("experiment", nargs="?", help="only this experiment")

@@ -2,7 +2,7 @@
 
 Config use (``tokenizer`` names where the tokenizer lives: a model folder, a
 ``.gguf`` file, or ``bundled:smollm2``; ``tokenizer: teacher`` is resolved by the
-config layer into the teacher's source once that wiring exists)::
+config layer into the teacher's source, ``kdlab.config.llm``)::
 
     data: {dataset: prompts, path: my_prompts.jsonl, tokenizer: ./qwen-1.5b-instruct, chat_template: true,
            max_prompt_tokens: 256, max_new_tokens: 128}
@@ -13,7 +13,10 @@ It returns ``SequenceArrays`` in the canonical layout (prompt, reference + EOS,
 pad), so the existing split (val carved from train by ``data.split_seed``) and
 the GKD/SFT methods take it unchanged. Rows without a reference completion get
 EOS alone as their response (see ``kdlab.data.prompts.tokenize_records``):
-right for on-policy methods, wrong for supervised ones. ``num_classes`` is the
+right for on-policy methods, wrong for supervised ones, so their count is
+``SequenceInfo.missing_references`` and methods that learn from the data's
+responses are refused on such data (``kdlab.engine.build.build_method``).
+Generation is exactly ``max_new_tokens`` long at most (``generation_room=0``). ``num_classes`` is the
 vocabulary (the larger of the tokenizer's length and the model config's
 ``vocab_size``, as models pad their embedding); the context is
 ``max_prompt_tokens + max_new_tokens``, which ``hf_causal_lm`` checks against
@@ -44,8 +47,8 @@ def tokenizer_source(tokenizer: Optional[str], cache_dir: Optional[Path] = None)
         raise KdlabError("data.tokenizer: the prompts dataset needs a tokenizer: a model folder, a .gguf file or "
                          "bundled:smollm2 (the teacher's)")
     if tokenizer == "teacher":
-        raise KdlabError("data.tokenizer: 'teacher' is not resolved here yet; give the teacher's folder, .gguf "
-                         "file or bundled:NAME")
+        raise KdlabError("data.tokenizer: 'teacher' is not resolved here yet (an experiment config resolves it from "
+                         "its teacher section); give the teacher's folder, .gguf file or bundled:NAME")
     if tokenizer.startswith("bundled:"):
         return resolve_source(bundled=tokenizer.split(":", 1)[1], key="data.tokenizer", cache_dir=cache_dir)
     return resolve_source(path=tokenizer, key="data.tokenizer", cache_dir=cache_dir)

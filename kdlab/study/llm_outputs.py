@@ -67,6 +67,11 @@ def read_samples(run_dir: Path, count: int) -> list[dict]:
     return rows
 
 
+def show_samples(run_dir: Path, count: int) -> None:
+    """``kdlab show RUN --samples N``: print the first N generations of a run."""
+    print("\n".join(format_samples(read_samples(run_dir, count))))
+
+
 def format_samples(rows: list[dict]) -> list[str]:
     lines = []
     for index, row in enumerate(rows, 1):
@@ -75,3 +80,37 @@ def format_samples(rows: list[dict]) -> list[str]:
             if row.get(key) is not None:
                 lines.append(f"{key}: {row[key]}")
     return lines
+
+
+def copy_hf_folder(record, target: str | Path) -> Path:
+    """``kdlab export``: copy run ``record``'s ``hf/`` folder to ``target`` (a new or empty folder)."""
+    import shutil
+
+    source = Path(record.run_dir) / HF_FOLDER
+    if not (source / "config.json").is_file():
+        raise KdlabError(f"export: run {record.run_id} has no Hugging Face folder ({source}); only finished "
+                         "hf_causal_lm students are exported")
+    target = Path(target).expanduser()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise KdlabError(f"export: {str(target)!r} already exists and is not empty; choose a new folder")
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+def add_llm_commands(sub, show, read_store) -> None:
+    """``kdlab show RUN --samples N`` and ``kdlab export RUN DIR`` on the CLI's parsers (``read_store(args)``: the
+    workspace's store, read-only)."""
+    show.add_argument("--samples", type=int, default=0, metavar="N",
+                      help="also print N generations of a language-model run (samples.jsonl)")
+
+    def cmd_export(args) -> int:
+        matches = read_store(args).find(args.run, skip_damaged=False)
+        if len(matches) != 1:
+            raise KdlabError(f"{args.run!r} matches {len(matches)} runs; give a full run id")
+        print(f"exported {matches[0].run_id} to {copy_hf_folder(matches[0], args.dir)}")
+        return 0
+
+    export = sub.add_parser("export", help="copy a language-model run's Hugging Face folder (runs/<id>/hf) to DIR")
+    export.add_argument("run", help="run id or unique prefix")
+    export.add_argument("dir", help="where to write it (new or empty folder)")
+    export.set_defaults(func=cmd_export)
