@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from kdlab.data import Splits
-from kdlab.engine.run_files import safe_path
 from kdlab.errors import KdlabError
-from kdlab.store import atomic_write_text
+
+if TYPE_CHECKING:  # the CLI builds its parser from this module: torch is imported only when a run needs it
+    import torch
+    from torch import nn
+
+    from kdlab.data import Splits
 
 SAMPLES_FILE = "samples.jsonl"
 HF_FOLDER = "hf"
@@ -28,9 +29,11 @@ def is_hf_student(student: nn.Module) -> bool:
     return isinstance(student, HFCausalLM)
 
 
-def finish_llm_run(student: nn.Module, teacher: nn.Module | None, splits: Splits, run_dir: Path, *,
+def finish_llm_run(student: nn.Module, teacher: nn.Module | None, splits: Splits, run_dir: Path, *
                    device: torch.device, seed: int = 0) -> dict[str, float]:
     """Evaluate generation (with a teacher), write ``samples.jsonl`` and export ``hf/``; the ``gen/`` metrics."""
+    from kdlab.engine.run_files import safe_path
+    from kdlab.store import atomic_write_text
     from kdlab.seq.generation_eval import evaluate_generation
     from kdlab.seq.hf_export import export_student
 
