@@ -29,13 +29,13 @@ def is_hf_student(student: nn.Module) -> bool:
     return isinstance(student, HFCausalLM)
 
 
-def finish_llm_run(student: nn.Module, teacher: nn.Module | None, splits: Splits, run_dir: Path, *
+def finish_llm_run(student: nn.Module, teacher: nn.Module | None, splits: Splits, run_dir: Path, *,
                    device: torch.device, seed: int = 0) -> dict[str, float]:
     """Evaluate generation (with a teacher), write ``samples.jsonl`` and export ``hf/``; the ``gen/`` metrics."""
     from kdlab.engine.run_files import safe_path
-    from kdlab.store import atomic_write_text
     from kdlab.seq.generation_eval import evaluate_generation
     from kdlab.seq.hf_export import export_student
+    from kdlab.store import atomic_write_text
 
     final: dict[str, float] = {}
     info = splits.sequence
