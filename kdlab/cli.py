@@ -247,6 +247,9 @@ def cmd_show(args) -> int:
         last = max(epochs)
         print(f"epochs logged: {len(epochs)} (last {last}); last epoch: "
               + json.dumps({k: round(v, 6) for k, v in sorted(epochs[last].items())}))
+    if getattr(args, "samples", 0):  # a language-model run's generations on held-out prompts
+        from kdlab.study.llm_outputs import show_samples
+        show_samples(Path(record.run_dir), args.samples)
     return 0
 
 
@@ -476,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="one run's resolved config and metrics")
     show.add_argument("run", help="run id or unique prefix")
     show.set_defaults(func=cmd_show)
+    from kdlab.study.llm_outputs import add_llm_commands  # show --samples N, export RUN DIR
+    add_llm_commands(sub, show, _read_store)
 
     runs = sub.add_parser("runs", help="list runs with their status and wall time")
     runs.add_argument("experiment", nargs="?", help="only this experiment")

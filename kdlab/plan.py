@@ -21,6 +21,7 @@ from typing import Iterable
 from kdlab import registry
 from kdlab.config import (DataConfig, ExperimentConfig, MethodConfig, RunSpec, StudentConfig, TeacherConfig,
                           TrainConfig)
+from kdlab.config.llm import pretrained_teacher
 
 TEACHER_EXPERIMENT = "teachers"  # the experiment that holds every teacher and assistant run of a workspace
 EDGE_KINDS = ("teacher", "assistant", "member", "trajectory")
@@ -110,8 +111,8 @@ def recipe_run_spec(t: TeacherConfig, data: DataConfig) -> RunSpec | None:
     method, seed and the data — so every student of a study shares one teacher run.
     (``epoch``/``trajectory`` pick files of this run; they do not change it.)
     """
-    if t is None or t.checkpoint is not None or t.model is None:
-        return None
+    if t is None or t.checkpoint is not None or t.model is None or pretrained_teacher(t):
+        return None  # a file, or a pretrained model used as it is: no run of its own
     method = copy.deepcopy(t.method) if t.method is not None else MethodConfig(name="scratch")
     data = copy.deepcopy(data)
     if data.labels_per_class is not None and not data.drop_unlabelled and \

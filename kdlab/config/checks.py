@@ -107,6 +107,10 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append(problem)
     _check_sections(cfg, errors)
     _check_data(cfg, errors)
+    if isinstance(cfg.student, StudentConfig) and isinstance(cfg.data.options, dict):
+        from kdlab.config.llm import check_llm
+
+        check_llm(cfg, errors)
     trains = [("train", cfg.train)]
     if isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))

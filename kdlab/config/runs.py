@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kdlab.config.entries import identity_free_options
@@ -41,16 +42,67 @@ class RunSpec:
         out["seed"] = self.seed
         return out
 
+    def identity(self) -> dict:
+        """What the run id hashes: the resolved config, plus the content hashes of the model files it names by
+        path (``source_hashes``) when there are any (so configs without them keep their ids)."""
+        out = self.resolved()
+        sources = source_hashes(out)
+        if sources:
+            out["source_sha256"] = sources
+        return out
+
     @property
     def group_key(self) -> str:
         """Identical for runs that differ only by seed."""
-        out = self.resolved()
+        out = self.identity()
         out.pop("seed")
         return content_hash(out)[:16]
 
     @property
     def run_id(self) -> str:
-        return f"{_slug(self.config.name)}-{content_hash(self.resolved())[:10]}"
+        return f"{_slug(self.config.name)}-{content_hash(self.identity())[:10]}"
+
+
+_HASHES: dict[tuple, str] = {}  # (path, file stats) -> content hash: a study hashes each model once
+
+
+def _stat_key(path: Path) -> tuple | None:
+    try:
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+        else:
+            return None
+        return (str(path.resolve()),) + tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    except OSError:
+        return None
+
+
+def source_hashes(resolved: dict) -> dict[str, str]:
+    """``{dotted key: SHA-256}`` of each Hugging Face model folder / GGUF file (and tokenizer) ``resolved`` names
+    by path: the one place where a model named by path joins a run's identity by its content, so replacing the
+    model at the same path makes a new run. A path that does not exist is left out (the loader names it)."""
+    paths = {}
+    for section in ("teacher", "student"):
+        value = resolved.get(section)
+        if isinstance(value, dict) and value.get("model") == "hf_causal_lm" and isinstance(value.get("path"), str):
+            paths[f"{section}.path"] = value["path"]
+    tokenizer = (resolved.get("data") or {}).get("tokenizer") if isinstance(resolved.get("data"), dict) else None
+    if isinstance(tokenizer, str) and not tokenizer.startswith("bundled:") and tokenizer != "teacher":
+        paths["data.tokenizer"] = tokenizer
+    out = {}
+    for key, text in paths.items():
+        path = Path(text).expanduser()
+        stats = _stat_key(path)
+        if stats is None:
+            continue
+        if stats not in _HASHES:
+            from kdlab.seq.hf_load import source_sha256
+
+            _HASHES[stats] = source_sha256(path)
+        out[key] = _HASHES[stats]
+    return out
 
 
 def _short(value: Any) -> str:

@@ -117,6 +117,10 @@ class StudentConfig:
     quant: Optional[dict] = field(default=None, metadata=OMIT_DEFAULT)
     # "teacher" = start from the teacher's weights (same model and options), as QAT of a fine-tuned model.
     init: Optional[Literal["teacher"]] = field(default=None, metadata=OMIT_DEFAULT)
+    # With init: teacher (a Hugging Face causal LM): keep only these decoder layers of the teacher (a list of
+    # indices, or a count spread evenly over its depth), as layer-dropping distillation recipes start students.
+    keep_layers: Optional[Union[Annotated[int, Ge(1)], Annotated[list[Annotated[int, Ge(0)]], MinLen(1)]]] = field(
+        default=None, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
     # The teacher-only keys at their defaults, written into the resolved student section exactly as when

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional, Union
 from kdlab import registry
 from kdlab.config.checks import check_experiment
 from kdlab.config.entries import check_options, entry_parameters, expand_sized_name, split_sized_name
+from kdlab.config.llm import pretrained_teacher, resolve_llm_raw
 from kdlab.config.paths import get_path
 from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, QuantConfig, StudentConfig,
                                  TeacherConfig, TrainConfig)
@@ -148,6 +149,7 @@ def _recipe_method(raw: Any, path: str, errors: list[str]) -> Optional[MethodCon
 
 def parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
     """One grid point's raw mapping → ``ExperimentConfig``, every problem appended to ``errors``."""
+    raw = resolve_llm_raw(raw, errors)  # student.init: teacher's model, data.tokenizer: teacher
     top_raw = {k: v for k, v in raw.items() if k not in REGISTRY_SECTIONS}
     cfg: ExperimentConfig = parse_dataclass(ExperimentConfig, top_raw, "", errors)
     for section, (cls, name_key, kind) in REGISTRY_SECTIONS.items():
@@ -190,7 +192,7 @@ def parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         own = tuple(f.name for f in dataclasses.fields(cls) if f.name != "options")
         obj.options = check_options(section, kind, name, obj.options, others, errors, own_keys=own)
     if cfg.teacher is not None and cfg.teacher.checkpoint is None and cfg.teacher.model is not None \
-            and cfg.teacher.train is None:
+            and cfg.teacher.train is None and not pretrained_teacher(cfg.teacher):
         cfg.teacher.train = TrainConfig()
     check_experiment(cfg, errors)
     return cfg

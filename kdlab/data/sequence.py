@@ -30,6 +30,13 @@ class SequenceInfo:
     answer_correct: Callable[[str, str], bool]  # (prompt, response) -> the final answer is right
     max_response_tokens: int  # longest reference response, EOS included
     context_length: int  # prompt + response room every model of this task must have
+    # Tokens generated beyond max_response_tokens before a response that has not stopped is cut (evaluation and
+    # on-policy sampling): room for a model that overshoots a little on tasks with exact references; 0 for
+    # open-ended prompts, where max_response_tokens is the user's max_new_tokens and is generated exactly.
+    generation_room: int = 4
+    # Train rows whose response is a placeholder EOS (a prompt given without a completion): on-policy methods
+    # replace it by a generation; methods that would learn from it (SFT, off-policy KD) are refused.
+    missing_references: int = 0
 
 
 @dataclass

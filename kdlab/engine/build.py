@@ -82,6 +82,10 @@ def build_student(cfg: ModelConfig, splits: Splits, teacher: nn.Module | None = 
             quant = spec["quant"]
         elif quant is not None:
             quantize_model(student, quant_spec(quant))
+    elif cfg.init == "teacher" and getattr(cfg, "keep_layers", None) is not None:
+        student = _cut_from_teacher(teacher, cfg.keep_layers)
+        if quant is not None:
+            quantize_model(student, quant_spec(quant))
     else:
         student = build_model(cfg.model, cfg.options, splits)
         if cfg.init == "teacher":
@@ -89,6 +93,20 @@ def build_student(cfg: ModelConfig, splits: Splits, teacher: nn.Module | None = 
         if quant is not None:
             quantize_model(student, quant_spec(quant))
     student.quant_options = quant
+    return student
+
+
+def _cut_from_teacher(teacher: nn.Module | None, keep) -> nn.Module:
+    """``student.init: teacher`` + ``keep_layers``: a copy of the (Hugging Face) teacher keeping those decoder
+    layers; it shares the teacher's tokenizer (``source``)."""
+    from kdlab.seq.hf import HFCausalLM
+    from kdlab.seq.hf_export import drop_layers
+
+    if not isinstance(teacher, HFCausalLM):
+        raise KdlabError("student.keep_layers: drops decoder layers of a Hugging Face teacher (model: hf_causal_lm); "
+                         "remove keep_layers for this teacher")
+    student = drop_layers(teacher, keep)
+    student.source = teacher.source
     return student
 
 
@@ -124,6 +142,13 @@ def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | 
     method = method_cls(method_cls.Hparams(**cfg.options), student=student, teacher=teacher, input_shape=input_shape,
                         train_size=train_size)
     method.sequence = sequence
+    missing = getattr(sequence, "missing_references", 0)
+    trains_on_references = getattr(method, "trains_on_references", lambda: True)
+    if missing and trains_on_references():  # a placeholder EOS would teach the student to stop at once
+        raise KdlabError(f"method.name: {missing} train prompts of {sequence.task!r} have no reference completion, "
+                         f"and {cfg.name!r} with these settings learns from the data's responses (SFT or off-policy "
+                         "batches); add completions, or train on-policy only (gkd: on_policy_fraction: 1.0, "
+                         "sft_steps: 0)")
     return method
 
 
@@ -134,6 +159,12 @@ def _sequence_methods() -> list[str]:
 def check_sequence_models(student: nn.Module, teacher: nn.Module | None, splits: Splits) -> None:
     """Token models must cover the task's vocabulary and context (one line naming the fix otherwise)."""
     info = splits.sequence
+    sources = [getattr(net, "source", None) for net in (teacher, student)]
+    if all(source is not None for source in sources) and sources[0] != sources[1]:
+        from kdlab.seq.hf_export import check_same_tokenizer
+        from kdlab.seq.hf_load import load_tokenizer
+
+        check_same_tokenizer(load_tokenizer(sources[0]), load_tokenizer(sources[1]))
     for role, net in (("student", student), ("teacher", teacher)):
         context = getattr(net, "context_length", None)
         if net is not None and context is not None and context < info.context_length:

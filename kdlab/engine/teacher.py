@@ -18,6 +18,7 @@ from typing import Callable
 from torch import nn
 
 from kdlab.config import TeacherConfig
+from kdlab.config.llm import pretrained_teacher
 from kdlab.data import Splits
 from kdlab.engine.build import build_model, load_model_file
 
@@ -44,6 +45,6 @@ def teacher_module(t: TeacherConfig, splits: Splits, *, load_run: LoadRun | None
         if load_run is None:
             return TeacherTrajectory([build_model(t.model, t.options, splits) for _ in range(len(epochs) + 1)])
         return TeacherTrajectory([load_run(t, "teacher", e) for e in epochs] + [load_run(t, "teacher", None)])
-    if load_run is None:
+    if load_run is None or pretrained_teacher(t):  # untrained, or a pretrained model used as it is
         return build_model(t.model, t.options, splits)
     return load_run(t, "teacher", t.epoch)

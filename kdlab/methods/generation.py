@@ -55,6 +55,10 @@ class GenerationMethod(Method):
         """Next-token cross-entropy on the batch's responses (the SFT warm-up's term)."""
         return sequence_cross_entropy(student_logits, labels, reduction=reduction)
 
+    def trains_on_references(self) -> bool:
+        """Whether some step learns from the data's own responses (here: the SFT warm-up)."""
+        return self.hparams.sft_steps > 0
+
     # ----------------------------------------------------------------- sampling
 
     def step_generator(self, device: torch.device, stream: int) -> torch.Generator:

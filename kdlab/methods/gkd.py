@@ -126,6 +126,11 @@ class GKD(GenerationMethod):
         return Batch(inputs=tokens.to(device), labels=labels.to(device), indices=batch.indices,
                      extras={"source": "teacher"})
 
+    def trains_on_references(self) -> bool:
+        """The SFT warm-up, and off-policy batches of the data's responses (λ < 1 without SeqKD)."""
+        h = self.hparams
+        return h.sft_steps > 0 or (h.on_policy_fraction < 1 and not h.seqkd)
+
     def teacher_needed(self) -> bool:
         """No teacher forward during the SFT warm-up, nor for hard-target (``ce``) SeqKD steps."""
         return not self.in_sft() and self.hparams.divergence != "ce"

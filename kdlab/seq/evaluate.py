@@ -29,7 +29,8 @@ EXTRA_TOKENS = 4
 
 
 def max_new_tokens(info: SequenceInfo, prompt_width: int) -> int:
-    return max(1, min(info.max_response_tokens + EXTRA_TOKENS, info.context_length - prompt_width))
+    room = getattr(info, "generation_room", EXTRA_TOKENS)
+    return max(1, min(info.max_response_tokens + room, info.context_length - prompt_width))
 
 
 @torch.no_grad()

@@ -45,6 +45,20 @@ MANIFEST = "kdlab_gguf.json"
 _MANIFEST_VERSION = 1
 
 
+_WORKSPACE_CACHE: list[Path] = []  # set by ``workspace_cache`` (the runner): converted GGUF files go there
+
+
+@contextlib.contextmanager
+def workspace_cache(folder: str | os.PathLike) -> Iterator[None]:
+    """Within the block, GGUF files loaded without an explicit ``cache_dir`` are converted into ``folder``
+    (a workspace's cache), so a model built deep inside the registry needs no extra argument."""
+    _WORKSPACE_CACHE.append(Path(folder))
+    try:
+        yield
+    finally:
+        _WORKSPACE_CACHE.pop()
+
+
 def default_cache_dir() -> Path:
     """``$KDLAB_CACHE`` or ``~/.cache/kdlab`` (the same root the teacher-output cache uses)."""
     return Path(os.environ.get("KDLAB_CACHE", Path.home() / ".cache" / "kdlab"))
@@ -190,7 +204,8 @@ def gguf_folder(gguf: str | os.PathLike, *, cache_dir: str | os.PathLike | None 
     """The cached Hugging Face folder converted from ``gguf`` (converted now if absent or damaged)."""
     gguf = Path(gguf)
     digest = file_sha256(gguf)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    root = (Path(cache_dir).expanduser() if cache_dir is not None
+            else _WORKSPACE_CACHE[-1] if _WORKSPACE_CACHE else default_cache_dir())
     folder = root / "gguf" / digest
     problem = cache_problem(folder, digest)
     if problem is None:

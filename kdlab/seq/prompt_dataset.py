@@ -2,7 +2,7 @@
 
 Config use (``tokenizer`` names where the tokenizer lives: a model folder, a
 ``.gguf`` file, or ``bundled:smollm2``; ``tokenizer: teacher`` is resolved by the
-config layer into the teacher's source once that wiring exists)::
+config layer into the teacher's source, ``kdlab.config.llm``)::
 
     data: {dataset: prompts, path: my_prompts.jsonl, tokenizer: ./qwen-1.5b-instruct, chat_template: true,
            max_prompt_tokens: 256, max_new_tokens: 128}
@@ -13,7 +13,10 @@ It returns ``SequenceArrays`` in the canonical layout (prompt, reference + EOS,
 pad), so the existing split (val carved from train by ``data.split_seed``) and
 the GKD/SFT methods take it unchanged. Rows without a reference completion get
 EOS alone as their response (see ``kdlab.data.prompts.tokenize_records``):
-right for on-policy methods, wrong for supervised ones. ``num_classes`` is the
+right for on-policy methods, wrong for supervised ones, so their count is
+``SequenceInfo.missing_references`` and methods that learn from the data's
+responses are refused on such data (``kdlab.engine.build.build_method``).
+Generation is exactly ``max_new_tokens`` long at most (``generation_room=0``). ``num_classes`` is the
 vocabulary (the larger of the tokenizer's length and the model config's
 ``vocab_size``, as models pad their embedding); the context is
 ``max_prompt_tokens + max_new_tokens``, which ``hf_causal_lm`` checks against
@@ -36,7 +39,7 @@ BUILTIN = ("arithmetic", "docstrings")
 DOCSTRING_TEST_FAMILIES = ("numbers",)  # held out whole: test prompts name modules never trained on
 
 
-def tokenizer_source(tokenizer: Optional[str]) -> Path:
+def tokenizer_source(tokenizer: Optional[str], cache_dir: Optional[Path] = None) -> Path:
     """The HF folder holding the tokenizer named by ``data.tokenizer`` (a GGUF is converted once and cached)."""
     from kdlab.seq.hf_load import resolve_source
 
@@ -44,11 +47,11 @@ def tokenizer_source(tokenizer: Optional[str]) -> Path:
         raise KdlabError("data.tokenizer: the prompts dataset needs a tokenizer: a model folder, a .gguf file or "
                          "bundled:smollm2 (the teacher's)")
     if tokenizer == "teacher":
-        raise KdlabError("data.tokenizer: 'teacher' is not resolved here yet; give the teacher's folder, .gguf "
-                         "file or bundled:NAME")
+        raise KdlabError("data.tokenizer: 'teacher' is not resolved here yet (an experiment config resolves it from "
+                         "its teacher section); give the teacher's folder, .gguf file or bundled:NAME")
     if tokenizer.startswith("bundled:"):
-        return resolve_source(bundled=tokenizer.split(":", 1)[1], key="data.tokenizer")
-    return resolve_source(path=tokenizer, key="data.tokenizer")
+        return resolve_source(bundled=tokenizer.split(":", 1)[1], key="data.tokenizer", cache_dir=cache_dir)
+    return resolve_source(path=tokenizer, key="data.tokenizer", cache_dir=cache_dir)
 
 
 def _vocab_size(folder: Path, tokenizer) -> int:
@@ -122,7 +125,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
                          "prompts")
     from kdlab.seq.hf_load import load_generation_config, load_tokenizer
 
-    folder = tokenizer_source(tokenizer)
+    folder = tokenizer_source(tokenizer, cache_dir)
     hf_tokenizer = load_tokenizer(folder)
     pad_id, eos_id, stops = special_ids(hf_tokenizer, load_generation_config(folder))
     options = dict(eos_id=eos_id, pad_id=pad_id, chat_template=chat_template, max_prompt_tokens=max_prompt_tokens,
@@ -145,6 +148,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     is_correct, answer_correct = _checkers(texts, references, numeric=builtin == "arithmetic")
     info = SequenceInfo(task=task, pad_id=pad_id, eos_id=eos_id, decode=decode, is_correct=is_correct,
                         answer_correct=answer_correct, max_response_tokens=max_new_tokens,
-                        context_length=max_prompt_tokens + max_new_tokens)
+                        context_length=max_prompt_tokens + max_new_tokens, generation_room=0,
+                        missing_references=int((~train.has_reference).sum()))
     return SequenceArrays(train.tokens, train.labels, test.tokens, test.labels, _vocab_size(folder, hf_tokenizer),
                           info)

@@ -45,6 +45,8 @@ from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
 from kdlab.plan import TEACHER_EXPERIMENT, assistant_run_spec, build_plan, recipe_run_spec, teacher_inputs
 from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text
+from kdlab.seq.hf_load import workspace_cache
+from kdlab.study.llm_outputs import finish_llm_run, is_hf_student
 from kdlab.study.tracking import Sinks, check_available, open_sinks
 
 MODEL_FILE = "model.safetensors"
@@ -222,7 +224,7 @@ class Runner:
 
         The run computes on ``train.threads`` intra-op threads whatever executes it (this process,
         a worker, a Ray task), so its numbers do not depend on how it was scheduled."""
-        with intra_op_threads(spec.config.train.threads):
+        with intra_op_threads(spec.config.train.threads), workspace_cache(self.cache_dir):
             return self._execute(spec, role=role, experiment=experiment)
 
     def _execute(self, spec: RunSpec, *, role: str, experiment: str | None) -> str:
@@ -311,6 +313,11 @@ class Runner:
             save_model(file(run_dir / MODEL_FILE), student, spec_of_model)
             if quant is not None:
                 final.update(_export_quantized(student, splits, run_dir))
+            if is_hf_student(student):  # issue 18: gen/ metrics, samples.jsonl and the hf/ folder
+                from kdlab.engine.optim import resolve_device
+
+                final.update(finish_llm_run(student, teacher, splits, run_dir, seed=spec.seed,
+                                            device=resolve_device(cfg.train.device)))
             if cfg.robust is not None:  # on the test split, after training; the settings are kept with the numbers
                 from kdlab.engine.optim import resolve_device
                 from kdlab.study.robust_eval import REPORT_FILE, robust_report
@@ -393,7 +400,8 @@ class Runner:
             key = _architecture_key(spec)
             if key not in checked:
                 checked.add(key)
-                self._assemble_untrained(spec)
+                with workspace_cache(self.cache_dir):
+                    self._assemble_untrained(spec)
 
     def _assemble_untrained(self, spec: RunSpec):
         """Data, teacher (its checkpoint, or its untrained architecture), student and method of ``spec``.
@@ -422,7 +430,8 @@ class Runner:
             if key in seen:
                 continue
             seen.add(key)
-            splits, teacher, student, method = self._assemble_untrained(spec)
+            with workspace_cache(self.cache_dir):
+                splits, teacher, student, method = self._assemble_untrained(spec)
             example = splits.train[0][:2]
             lines.append(f"[{spec.label}] data {splits.name}: train {len(splits.train[0])}, val {len(splits.val[0])}, "
                          f"test {len(splits.test[0])}, input {tuple(splits.input_shape)}, {splits.num_classes} classes")
