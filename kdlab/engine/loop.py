@@ -50,7 +50,7 @@ CHECK_EVERY = 16
 
 @dataclass
 class FitResult:
-    final: dict[str, float]  # test/* and val/* metrics of the selected epoch, selected_epoch, ...
+    final: dict[str, float]  # test/* and val/* of the selected weights, selected_epoch (selected_step with train.steps)
     epochs_run: int  # epochs trained in this call (0 if the run was already complete)
 
 
@@ -572,5 +572,8 @@ class _Fit:
                          **kwargs)
         final.update(evaluate(self.student, self.splits.test, prefix="test", final=True,
                               teacher_logits=self.teacher_logits.get("test"), **kwargs))
-        final["selected_epoch"] = float(selected_epoch)
+        if train.steps is None:
+            final["selected_epoch"] = float(selected_epoch)
+        else:  # a step budget: name the optimiser step whose weights were tested, not a partial "epoch"
+            final["selected_step"] = float(min(selected_epoch * self.steps_per_epoch, self.total_steps))
         return final

@@ -131,7 +131,7 @@ def test_steps_budget_overrides_epochs(tmp_path):
     result = fit(student=student, method=method, teacher=None, splits=splits, train=_train(epochs=100, steps=8),
                  seed=0, on_epoch=lambda e, m: seen.append(e))
     assert seen == [1, 2]  # 8 steps = one full epoch + 2 steps
-    assert result.final["selected_epoch"] == 2
+    assert result.final["selected_step"] == 8 and "selected_epoch" not in result.final  # issue 17 item 15
 
 
 def test_best_val_selection_reports_the_best_epoch(tmp_path):
@@ -278,3 +278,17 @@ def test_mtard_balance_state_is_logged(tmp_path):
     assert {"method/weight_adv", "method/weight_nat", "method/temperature_adv", "method/temperature_nat"} <= set(logged)
     assert logged["method/weight_adv"] + logged["method/weight_nat"] == pytest.approx(1.0)
     assert logged["method/temperature_adv"] != 1.0 or logged["method/temperature_nat"] != 1.0  # balanced, moved
+
+
+def test_a_step_budget_reports_the_selected_step_not_an_epoch(tmp_path):
+    """Issue 17 item 15: a run trained for train.steps names the optimiser step whose weights were tested."""
+    from kdlab.cli import main
+    from kdlab.store import Store
+
+    config = tmp_path / "steps.yaml"
+    config.write_text("name: steps\ndata: {dataset: synthetic, num_train: 64, num_test: 32}\n"
+                      "student: {model: mlp, width: 8, depth: 1}\nmethod: {name: scratch}\n"
+                      "train: {steps: 5, batch_size: 16, device: cpu}\nseeds: [0]\n")
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]) == 0
+    (record,) = Store(tmp_path / "ws").runs()
+    assert record.final["selected_step"] == 5 and "selected_epoch" not in record.final
