@@ -8,7 +8,6 @@ full disk it is not the run's fault, so the run is left resumable and the study 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -88,32 +87,3 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
             remove_path(run_dir, entry)
             removed.append(entry)
     return removed
-
-
-def read_metric_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """(rows, problems) of a ``metrics.jsonl``: each line that is not a JSON object with an integer
-    ``epoch`` is skipped and named (a cut-short last line from a crash is skipped silently)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return [], []
-    except OSError as exc:
-        raise RunFolderError(f"{path}: cannot read ({exc.strerror}); check the file's permissions") from None
-    lines = data.split(b"\n")
-    rows, problems = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
-            row = None
-            if number == len(lines):  # no newline after it: a write cut short
-                continue
-        epoch = row.get("epoch") if isinstance(row, dict) else None
-        if not isinstance(epoch, int) or isinstance(epoch, bool):
-            problems.append(f"{path}: line {number} is not a metrics record (a JSON object with an integer epoch); "
-                            "skipped")
-            continue
-        rows.append(row)
-    return rows, problems

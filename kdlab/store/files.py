@@ -161,6 +161,27 @@ def append_jsonl(path: str | Path, obj: Any) -> None:
         raise workspace_error(path, error) or error from None
 
 
+def _jsonl_lines(data: bytes) -> list[tuple[int, Any, bool]]:
+    """(line number, record or ``_NOT_JSON``, complete) of each non-blank line of a JSON-lines file.
+
+    ``complete``: the line ends in a newline; the last line without one may be a write cut short.
+    """
+    lines = data.split(b"\n")
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = _NOT_JSON
+        out.append((number, record, number < len(lines)))
+    return out
+
+
+_NOT_JSON = object()
+
+
 def read_jsonl(path: str | Path) -> list[Any]:
     """Records of a JSON-lines file, skipping blank lines and a truncated last line.
 
@@ -174,23 +195,33 @@ def read_jsonl(path: str | Path) -> list[Any]:
         raise KdlabError(f"{path}: file not found; check the run folder path (see `kdlab runs`)") from None
     except OSError as error:
         raise KdlabError(f"{path}: cannot read ({error.strerror}); check the file's permissions") from None
-    lines = data.split(b"\n")
-    # After the split, the last element is what follows the last newline:
-    # empty for a complete file, a cut-short record after a crash.
-    complete, tail = lines[:-1], lines[-1]
     records = []
-    for number, line in enumerate(complete, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise KdlabError(
-                f"{path}: line {number} is not valid JSON; delete or repair that line"
-            ) from None
-    if tail.strip():
-        try:
-            records.append(json.loads(tail))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass  # a record whose write was cut short by a crash
+    for number, record, complete in _jsonl_lines(data):
+        if record is _NOT_JSON:
+            if complete:
+                raise KdlabError(f"{path}: line {number} is not valid JSON; delete or repair that line")
+            continue  # a record whose write was cut short by a crash
+        records.append(record)
     return records
+
+
+def read_metric_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """(rows, problems) of a run's ``metrics.jsonl``: each line that is not a JSON object with an integer
+    ``epoch`` is skipped and named (a cut-short last line from a crash is skipped silently)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    except OSError as exc:
+        raise WorkspaceError(f"{path}: cannot read ({exc.strerror}); check the file's permissions") from None
+    rows, problems = [], []
+    for number, row, complete in _jsonl_lines(data):
+        if row is _NOT_JSON and not complete:
+            continue
+        epoch = row.get("epoch") if isinstance(row, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool):
+            problems.append(f"{path}: line {number} is not a metrics record (a JSON object with an integer epoch); "
+                            "skipped")
+            continue
+        rows.append(row)
+    return rows, problems

@@ -38,13 +38,14 @@ from kdlab.engine.build import build_method, build_student, check_class_counts, 
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import read_pointer, save_model
 from kdlab.engine.loop import fit
-from kdlab.engine.run_files import clean_temporaries, read_metric_rows, remove_path, safe_path
+from kdlab.engine.run_files import clean_temporaries, remove_path, safe_path
 from kdlab.engine.seed import intra_op_threads, seed_everything
 from kdlab.engine.teacher import teacher_module
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
 from kdlab.plan import TEACHER_EXPERIMENT, assistant_run_spec, build_plan, recipe_run_spec, teacher_inputs
 from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text
+from kdlab.store.files import read_metric_rows
 from kdlab.seq.hf_load import workspace_cache
 from kdlab.study.llm_outputs import finish_llm_run, is_hf_student
 from kdlab.study.tracking import Sinks, check_available, open_sinks
