@@ -63,19 +63,20 @@ def teacher_run_finder(store) -> Finder:
     return find
 
 
-def recipe_run_id(store, run_id: str) -> str | None:
+def recipe_run_id(store, run_id: str, edges: list | None = None) -> str | None:
     """The recipe run behind run ``run_id``'s teacher, from the stored edges (an assistant chain is
-    followed to its base); None for an ensemble, a file teacher, or a run recorded without edges."""
+    followed to its base); None for an ensemble, a file teacher, or a run recorded without edges.
+    ``edges``: the run's own edges when the caller has read them already."""
     seen = set()
     while run_id not in seen:
         seen.add(run_id)
-        edges = store.inputs(run_id)
+        edges = store.inputs(run_id) if edges is None else edges
         kinds = {kind for _, kind, _ in edges}
         if kinds <= {"teacher", "trajectory"} and edges and len({i for i, _, _ in edges}) == 1:
             return edges[0][0]
         if kinds != {"assistant"}:
             return None
-        run_id = edges[0][0]
+        run_id, edges = edges[0][0], None
     return None
 
 
@@ -83,7 +84,8 @@ def teacher_metric_values(store, runs: Iterable[RunRecord], metric: str) -> list
     """``metric`` of each distinct teacher recipe run behind ``runs`` (each teacher counted once)."""
     find, seen, values = teacher_run_finder(store), set(), []
     for run in runs:
-        edge = recipe_run_id(store, run.run_id)
+        edges = store.inputs(run.run_id)
+        edge = recipe_run_id(store, run.run_id, edges)
         found = None
         if edge is not None:
             try:
@@ -91,7 +93,7 @@ def teacher_metric_values(store, runs: Iterable[RunRecord], metric: str) -> list
             except KdlabError:
                 found = None
             found = found if found is not None and found.status == "finished" else None
-        elif not store.inputs(run.run_id):  # recorded before the run graph was stored
+        elif not edges:  # recorded before the run graph was stored
             found = find(run.config.get("teacher"), run.config.get("data", {}))
         if found is not None and found.run_id not in seen and metric in found.final:
             seen.add(found.run_id)
