@@ -83,7 +83,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
             builtin: Optional[str] = None, tokenizer: Optional[str] = None, chat_template: bool = False,
             system: Optional[str] = None, max_prompt_tokens: int = 256, max_new_tokens: int = 128,
             test_fraction: float = 0.1, seed: int = 0, num_prompts: Optional[int] = None,
-            digits: int = 2) -> SequenceArrays:
+            digits: int = 2, num_test_prompts: Optional[int] = None) -> SequenceArrays:
     """Prompts (file or built-in arithmetic/docstrings) tokenized by a Hugging Face tokenizer, for LM distillation.
 
     ``path``: a JSONL/JSON/CSV/Parquet prompt file (relative to ``data.root``
@@ -92,7 +92,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     the tokenizer's chat template (``system`` adds a system turn). Test split:
     ``test_fraction`` by ``seed`` (docstrings: the ``numbers`` family, unseen).
     ``num_prompts``: the first N records (arithmetic: how many to draw, default
-    2000). ``digits``: arithmetic operand size.
+    2000). ``digits``: arithmetic operand size. ``num_test_prompts``: evaluate on
+    the first N test prompts only (the same N for every seed and arm: decoding the
+    test split is the costly part of a CPU study).
     """
     if (path is None) == (builtin is None):
         raise KdlabError("data: the prompts dataset needs exactly one of path (a prompt file) or builtin "
@@ -100,6 +102,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     if num_prompts is not None and (isinstance(num_prompts, bool) or not isinstance(num_prompts, int)
                                     or num_prompts < 2):
         raise KdlabError(f"data.num_prompts: must be an integer >= 2, got {num_prompts!r}")
+    if num_test_prompts is not None and (isinstance(num_test_prompts, bool) or not isinstance(num_test_prompts, int)
+                                         or num_test_prompts < 1):
+        raise KdlabError(f"data.num_test_prompts: must be an integer >= 1, got {num_test_prompts!r}")
     test_groups = None
     if builtin == "arithmetic":
         records: list[PromptRecord] = arithmetic_prompts(num_prompts or 2000, seed=seed, digits=digits)
@@ -123,6 +128,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     if not parts["test"]:
         raise KdlabError(f"data.test_fraction: {len(records)} prompts leave an empty test split; raise it or add "
                          "prompts")
+    parts["test"] = parts["test"][:num_test_prompts]
     from kdlab.seq.hf_load import load_generation_config, load_tokenizer
 
     folder = tokenizer_source(tokenizer, cache_dir)
