@@ -1,6 +1,7 @@
 """CRD — Tian, Krishnan & Isola (ICLR 2020), "Contrastive Representation Distillation".
 
-    L = ce_weight · CE + kl_weight · T²·KL(p_t^T ‖ p_s^T) + crd_weight · (L_nce(s → memory_t) + L_nce(t → memory_s))
+    L = ce_weight · CE + kl_weight · T²·KL(p_t^T ‖ p_s^T)
+        + crd_weight · (L_nce(e_s against memory_t) + L_nce(e_t against memory_s))
 
 Embeddings ``e_s = normalize(W_s f_s + b_s)`` and ``e_t = normalize(W_t f_t + b_t)`` (``Embed``: linear to
 ``feat_dim``, then L2 norm) of the penultimate features. Each sample of the train split has a row in two
