@@ -137,6 +137,18 @@ def test_z_is_fixed_after_the_first_batch():
     assert torch.equal(method.z, z)
 
 
+def test_the_contrast_runs_in_float32_under_autocast():
+    """exp(1/0.07) ≈ 1.6e6 overflows fp16: the contrast ignores the loop's autocast and matches fp32."""
+    plain, student, teacher = build()
+    mixed, _, _ = build()
+    batch, s_out, t_out = forward(plain, student, teacher, [0, 1, 2], [0, 1, 2])
+    want = plain.loss_terms(batch, s_out, t_out)["crd"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = mixed.loss_terms(batch, s_out, t_out)["crd"]
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert mixed.memory_s.dtype == torch.float32 and torch.equal(mixed.memory_s, plain.memory_s)
+
+
 def test_nce_gradcheck_through_the_scores():
     torch.manual_seed(0)
     memory = l2_normalize(torch.randn(9, 5, dtype=torch.float64))
@@ -231,6 +243,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_resume_after_a_kill_is_exact(tmp_path):
     """A run killed in epoch 3 (epoch 2 on disk) and resumed in a fresh build ends as the uninterrupted one."""
     from kdlab.config import TrainConfig
@@ -284,11 +297,18 @@ def _tiny(tmp_path, **method):
     return path
 
 
-def test_cli_dry_run_and_one_epoch(tmp_path, capsys):
+def test_cli_dry_run(tmp_path, capsys):
     path = _tiny(tmp_path)
     ws = ["--workspace", str(tmp_path / "ws")]
     assert main([*ws, "run", str(path), "--dry-run"]) == 0
     assert "method crd:" in capsys.readouterr().out
+    assert not list(Store(tmp_path / "ws").runs())
+
+
+@pytest.mark.integration
+def test_cli_one_epoch(tmp_path):
+    path = _tiny(tmp_path)
+    ws = ["--workspace", str(tmp_path / "ws")]
     assert main([*ws, "run", str(path), "--quiet"]) == 0
     [run] = [r for r in Store(tmp_path / "ws").runs() if r.config["method"]["name"] == "crd"]
     assert run.status == "finished" and math.isfinite(run.final["test/acc"])

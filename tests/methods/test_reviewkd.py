@@ -231,11 +231,18 @@ def _tiny(tmp_path, **method):
     return path
 
 
-def test_cli_dry_run_and_one_epoch(tmp_path, capsys):
+def test_cli_dry_run(tmp_path, capsys):
     path = _tiny(tmp_path)
     ws = ["--workspace", str(tmp_path / "ws")]
     assert main([*ws, "run", str(path), "--dry-run"]) == 0
     assert "method reviewkd:" in capsys.readouterr().out
+    assert not list(Store(tmp_path / "ws").runs())
+
+
+@pytest.mark.integration
+def test_cli_one_epoch(tmp_path):
+    path = _tiny(tmp_path)
+    ws = ["--workspace", str(tmp_path / "ws")]
     assert main([*ws, "run", str(path), "--quiet"]) == 0
     [run] = [r for r in Store(tmp_path / "ws").runs() if r.config["method"]["name"] == "reviewkd"]
     assert run.status == "finished" and math.isfinite(run.final["test/acc"])
