@@ -162,6 +162,11 @@ class ReviewKD(Method):
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams
         features = [_as_map(student_out.features[tap]) for tap in self.student_taps]
+        if self.training and any(f.shape[0] * f.shape[2] * f.shape[3] < 2 for f in features):
+            # BatchNorm in training mode needs two values per channel; the pooled 1×1 stage has one per sample.
+            raise KdlabError(f"method reviewkd: a training batch of {features[0].shape[0]} sample(s) leaves its ABF "
+                             "BatchNorm one value per channel on a 1×1 stage; choose train.batch_size so that no "
+                             "batch (the last one of an epoch included) holds a single sample")
         targets = [_as_map(teacher_out.features[tap]) for tap in self.teacher_taps]
         fused = review(self.abfs, features, self.out_sizes)
         return {"ce": h.ce_weight * cross_entropy(student_out.logits, batch.labels),

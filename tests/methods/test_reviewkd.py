@@ -208,6 +208,15 @@ def test_bad_taps_are_refused_with_the_valid_ones():
         build(student_taps=["stem", "stage1"], teacher_taps=["stem", "stage1"])
 
 
+def test_a_single_sample_batch_is_refused_in_one_line():
+    method, student, teacher = build()
+    batch, s_out, t_out = forward(method, student, teacher, n=1)
+    with pytest.raises(KdlabError, match=r"^method reviewkd: a training batch of 1 sample\(s\).*train.batch_size"):
+        method.loss_terms(batch, s_out, t_out)
+    method.eval()  # BatchNorm on running statistics: one sample is fine
+    assert torch.isfinite(method.loss_terms(batch, s_out, t_out)["reviewkd"])
+
+
 def test_abfs_survive_a_checkpoint_exactly():
     method, student, _ = build()
     with torch.no_grad():
