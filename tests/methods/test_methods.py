@@ -72,7 +72,8 @@ def _teacher_for(method_name, make):
     return make(16)
 
 
-MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "ofd", "vid")  # feature-map methods of the vision zoo (issue 21)
+MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "ofd", "reviewkd", "vid")  # feature-map methods (vision zoo, issue 21)
+SMALL_DATA = {"crd": {"nce_k": 4}}  # options for the 8-sample batch below (CRD: at most train_size − 1 negatives)
 
 
 @pytest.mark.parametrize("name", registry.names("method"))
@@ -95,7 +96,8 @@ def test_method_contract(name):
         shape = (3, 8, 8)
         student, teacher = (registry.get("model", arch)(input_shape=shape, num_classes=3, mean=(0.0,) * 3,
                                                         std=(1.0,) * 3) for arch in ("resnet8", "resnet14"))
-    method = cls(cls.Hparams(), student=student, teacher=teacher, input_shape=shape, train_size=8)
+    method = cls(cls.Hparams(**SMALL_DATA.get(name, {})), student=student, teacher=teacher, input_shape=shape,
+                 train_size=8)
     inputs = torch.rand(8, *shape)
     labels = torch.randint(0, 3, (8,))
     if cls.uses_unlabelled:  # the low-label regime: hidden labels are -1
