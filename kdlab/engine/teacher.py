@@ -108,6 +108,8 @@ def place_teacher(teacher: nn.Module, train, student_device: torch.device) -> Pl
             device = resolve_device(placement.device)
         except KdlabError as error:  # its message names the student's key
             raise KdlabError(str(error).replace("train.device", "teacher.device", 1)) from None
+        if device.index is None and device.type == student_device.type:
+            device = student_device  # "cuda" is the student's GPU (under torchrun: the rank's)
     dtype = DTYPES[placement.dtype] if placement.dtype is not None else None
     if dtype is torch.float16 and device.type == "cpu":
         raise KdlabError("teacher.dtype: fp16 on the CPU is not supported (slow or missing kernels); use bf16 or "
