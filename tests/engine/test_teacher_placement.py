@@ -139,3 +139,20 @@ def test_cuda_teacher_without_cuda_is_refused(tmp_path, capsys):
     path = _write(tmp_path, device="cuda")
     assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--quiet"]) == 2
     assert "teacher.device: cuda requested but CUDA is not available" in capsys.readouterr().err
+
+
+def test_generation_methods_sample_the_teacher_in_inference_mode(monkeypatch):
+    """GKD's SeqKD responses (and any generation method's teacher samples) come from an inference-mode teacher."""
+    from kdlab.methods.gkd import GKD
+    from kdlab.seq import sampling
+
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    seen = {}
+    monkeypatch.setattr(sampling, "generate",
+                        lambda net, *args, **kwargs: seen.setdefault(id(net), torch.is_inference_mode_enabled()))
+    method = GKD(GKD.Hparams(), student=student, teacher=teacher)
+    monkeypatch.setattr(method, "generation_options", lambda prompts: {})
+    prompts, lengths = torch.zeros(1, 3, dtype=torch.long), torch.tensor([3])
+    for role in ("teacher", "student"):
+        method.generate(role, prompts, lengths, temperature=0.0, generator=None)
+    assert seen == {id(teacher): True, id(student): False}

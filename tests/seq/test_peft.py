@@ -250,3 +250,25 @@ def test_a_checkpoint_of_another_base_is_refused(tmp_path):
     state_of(0).restore(tensors, saved, folder=tmp_path, expected_step=lambda epoch: 0)  # the same base: fine
     with pytest.raises(RunFolderError, match="was trained on another student base"):
         state_of(1).restore(tensors, saved, folder=tmp_path, expected_step=lambda epoch: 0)
+
+
+def test_a_lora_mlp_student_trains_its_adapter_and_saves_merged_weights(tmp_path):
+    """Any torch student: an MLP on synthetic data, through `kdlab run`; model.safetensors holds the merged weights
+    under the plain names, which rebuild the plain MLP."""
+    from kdlab.data import build_splits
+    from kdlab.engine.build import load_model_file
+
+    cfg = {"name": "lora-mlp", "data": {"dataset": "synthetic", "num_train": 64, "num_test": 32},
+           "student": {"model": "mlp", "peft": {"lora_r": 2, "lora_alpha": 4, "target_modules": ["head"]}},
+           "method": {"name": "scratch"}, "train": {"epochs": 2, "batch_size": 32, "device": "cpu"}}
+    assert _run(tmp_path, cfg) == 0
+    (run,) = Store(tmp_path / "ws").runs(experiment="lora-mlp")
+    run_dir = Path(run.run_dir)
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())["dir"]
+    saved = load_file(run_dir / "checkpoints" / latest / "weights.safetensors")
+    assert sorted(k for k in saved if k.startswith("student.")) == ["student.head.lora_A.default.weight",
+                                                                    "student.head.lora_B.default.weight"]
+    splits = build_splits("synthetic", {"num_train": 64, "num_test": 32}, root=None, cache_dir=tmp_path / "c",
+                          val_fraction=0.1, split_seed=0)
+    model, _ = load_model_file(run_dir / "model.safetensors", splits)  # the plain MLP: no peft names
+    assert "head.weight" in model.state_dict()
