@@ -311,7 +311,7 @@ class _Fit:
             elif len(inputs):
                 with torch.inference_mode():
                     out[name] = predict(self.teacher, inputs, device=device, precision=self.train.precision,
-                                        input_dtype=input_dtype).clone()
+                                        input_dtype=input_dtype)
         return out
 
     def _forwards(self) -> None:

@@ -138,10 +138,10 @@ class TrainingState:
                 raise refuse(f"is damaged: tensor {changed[0]} is {_manifest(tensors)[changed[0]]} in "
                              f"weights.safetensors but {manifest[changed[0]]} in state.json")
         adapter = getattr(self.student, "kdlab_adapter", None)
-        base = adapter.base_sha256 if adapter is not None else None
-        if state.get("student_base_sha256") != base:
-            raise refuse(f"was trained on another student base (SHA-256 {str(state.get('student_base_sha256'))[:12]}, "
-                         f"this LoRA student's base {str(base)[:12]}: its source or its library changed)")
+        base, recorded = adapter.base_sha256 if adapter is not None else None, state.get("student_base_sha256")
+        if recorded != base:  # an adapter is only meaningful on the base it was trained on
+            raise refuse(f"was trained on another student base (SHA-256 {str(recorded)[:12]}, this LoRA student's "
+                         f"base {str(base)[:12]}: its source or its library changed)")
         epoch, step = state["epoch"], state["step"]
         expected = expected_step(epoch) if _whole(epoch) else None
         if expected is None:

@@ -119,8 +119,8 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike, *, tokenizer: An
     """Write ``model`` as a Hugging Face folder (safetensors weights, config, generation config, tokenizer).
 
     A LoRA student's weights are merged (a plain folder ``AutoModelForCausalLM`` loads) and its adapter is
-    written alone to ``adapter/`` inside the folder. ``generation_config`` replaces the model's own (e.g. the teacher's, with its
-    EOS/pad ids). Written to a temporary sibling and renamed into place; an
+    written alone to ``adapter/`` inside the folder. ``generation_config`` replaces the model's own (e.g. the
+    teacher's, with its EOS/pad ids). Written to a temporary sibling and renamed into place; an
     existing non-empty ``folder`` is refused unless ``overwrite``.
     """
     folder = Path(folder).expanduser()

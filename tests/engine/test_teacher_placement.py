@@ -57,8 +57,10 @@ def test_a_bf16_teacher_gives_the_fp32_loss_to_bf16_tolerance(tmp_path):
 
 def test_teacher_forwards_run_in_inference_mode_and_its_parameters_get_no_gradient(tmp_path):
     seen = []
-    metrics, teacher, student = _fit(tmp_path, Placement(device="cpu", dtype="fp32"),
-                                     watch=lambda module, inputs, output: seen.append(torch.is_inference_mode_enabled()))
+    def watch(module, inputs, output):
+        seen.append(torch.is_inference_mode_enabled())
+
+    metrics, teacher, student = _fit(tmp_path, Placement(device="cpu", dtype="fp32"), watch=watch)
     assert len(seen) >= 4 and all(seen)  # training batches and the agreement predictions
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
@@ -103,8 +105,8 @@ def test_cache_keys_are_unchanged_for_unplaced_teachers():
 
 def _write(tmp_path, **teacher):
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump({"name": "t", "data": {"dataset": "synthetic"}, "teacher": {"model": "mlp", **teacher},
-                                    "student": {"model": "mlp"}}))
+    path.write_text(yaml.safe_dump({"name": "t", "data": {"dataset": "synthetic"},
+                                    "teacher": {"model": "mlp", **teacher}, "student": {"model": "mlp"}}))
     return path
 
 
