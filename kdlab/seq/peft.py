@@ -3,9 +3,9 @@
 
 LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, Eq. 3) replaces each
 targeted layer's ``h = W₀x`` by ``h = W₀x + (α/r)·B·A·x`` with ``A ∈ R^{r×k}`` (random), ``B ∈ R^{d×r}``
-(zero at the start, so the student starts as its base) and ``W₀`` frozen. ``apply_lora`` injects peft's LoRA layers in place
-(``peft.get_peft_model``: the student keeps its class, its forward and its module paths, so feature taps and
-generation are unchanged), freezes everything else and attaches an ``Adapter`` record as
+(zero at the start, so the student starts as its base) and ``W₀`` frozen. ``apply_lora`` injects peft's LoRA
+layers in place (``peft.get_peft_model``: the student keeps its class, its forward and its module paths, so
+feature taps and generation are unchanged), freezes everything else and attaches an ``Adapter`` record as
 ``student.kdlab_adapter``, which the engine reads:
 
 * the optimiser sees only the adapter's parameters (``requires_grad``; ``engine/loop.py``);
