@@ -111,6 +111,11 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
         from kdlab.config.llm import check_llm
 
         check_llm(cfg, errors)
+    from kdlab.engine.teacher import check_teacher_placement  # teacher.device / teacher.dtype
+    from kdlab.seq.peft import check_peft  # student.peft
+
+    check_teacher_placement(cfg, errors)
+    check_peft(cfg, errors)
     trains = [("train", cfg.train)]
     if isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))

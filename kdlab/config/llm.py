@@ -23,7 +23,7 @@ from kdlab.errors import KdlabError
 
 HF_MODEL = "hf_causal_lm"
 _SECTION_KEYS = {"model", "checkpoint", "train", "seed", "epoch", "trajectory", "assistants", "members", "method",
-                 "options", "quant", "init", "keep_layers"}
+                 "options", "quant", "init", "keep_layers", "peft", "device", "dtype"}
 
 
 def _teacher_source(teacher: Any) -> Optional[str]:

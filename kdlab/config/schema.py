@@ -53,7 +53,8 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=OMIT_DEFAULT)  # torch.compile the student and teacher forwards
     channels_last: bool = field(default=False, metadata=OMIT_DEFAULT)  # NHWC memory format (image conv nets)
     fused_optimizer: bool = field(default=False, metadata=OMIT_DEFAULT)  # fused optimiser kernel where available
-    # The teacher's weights: "same" as the student (float32; autocast applies), or held in bfloat16.
+    # The teacher's weights: "same" as the student (float32; autocast applies), or a bfloat16 copy for the training
+    # forward (evaluation keeps the float32 teacher). The older spelling of teacher.dtype (kdlab.engine.teacher).
     teacher_dtype: Literal["same", "bf16"] = field(default="same", metadata=OMIT_DEFAULT)
     # Intra-op CPU threads of this run, wherever it is executed (serially, a --workers process, a Ray task),
     # so its numbers do not depend on scheduling; 1 suits a shared machine. null: the process's own count.
@@ -107,6 +108,18 @@ class QuantConfig:
 
 
 @dataclass
+class PeftConfig:
+    """``student.peft``: a LoRA adapter trained on a frozen student (``kdlab.seq.peft``, the ``peft`` extra)."""
+
+    lora_r: Annotated[int, Ge(1), Le(1 << 16)] = 16  # the adapter's rank r
+    lora_alpha: Annotated[float, Gt(0), Le(1e6)] = 32  # α: the update is scaled by α / r
+    lora_dropout: Annotated[float, Interval(ge=0, lt=1)] = 0.0  # dropout on the adapter's input
+    # Layers to adapt: module names (a name matches itself and any module path ending in ".name"), or
+    # "all-linear"; null = peft's default for the architecture (q_proj and v_proj for Llama).
+    target_modules: Optional[Union[Literal["all-linear"], Annotated[list[Annotated[str, MinLen(1)]], MinLen(1)]]] = None
+
+
+@dataclass
 class StudentConfig:
     """The student network: a zoo model with its options, optionally started from a checkpoint."""
 
@@ -121,6 +134,8 @@ class StudentConfig:
     # indices, or a count spread evenly over its depth), as layer-dropping distillation recipes start students.
     keep_layers: Optional[Union[Annotated[int, Ge(1)], Annotated[list[Annotated[int, Ge(0)]], MinLen(1)]]] = field(
         default=None, metadata=OMIT_DEFAULT)
+    # A LoRA adapter (PeftConfig's keys): only the adapter trains and is checkpointed; null = train every weight.
+    peft: Optional[PeftConfig] = field(default=None, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
     # The teacher-only keys at their defaults, written into the resolved student section exactly as when
@@ -146,6 +161,10 @@ class TeacherConfig:
     members: list = field(default_factory=list)  # several teachers (multi_teacher)
     # The method that trains a recipe teacher (no teacher of its own), e.g. adversarial_training; null = scratch.
     method: Optional[MethodConfig] = field(default=None, metadata=OMIT_DEFAULT)
+    # Where the teacher runs (kdlab.engine.teacher): auto | cpu | cuda | cuda:N | mps; null = the student's device.
+    device: Optional[str] = field(default=None, metadata=OMIT_DEFAULT)
+    # The teacher's weights held in this dtype (no float32 copy kept); null = as loaded, or train.teacher_dtype.
+    dtype: Optional[Literal["fp32", "bf16", "fp16"]] = field(default=None, metadata=OMIT_DEFAULT)
     options: dict = field(default_factory=dict)  # model factory keyword arguments
 
 

@@ -93,6 +93,12 @@ def build_student(cfg: ModelConfig, splits: Splits, teacher: nn.Module | None = 
         if quant is not None:
             quantize_model(student, quant_spec(quant))
     student.quant_options = quant
+    if getattr(cfg, "peft", None) is not None:  # LoRA: the adapter trains on the frozen student built above
+        from kdlab.seq.peft import apply_lora
+
+        source = getattr(student, "source", None)  # the base is that folder only if loaded from it as is
+        as_is = source is not None and cfg.checkpoint is None and getattr(cfg, "keep_layers", None) is None
+        apply_lora(student, cfg.peft, base_source=str(source) if as_is else None)
     return student
 
 

@@ -131,8 +131,14 @@ def load_latest_checkpoint(root: Path) -> tuple[dict[str, torch.Tensor], dict] |
 
 
 def save_model(path: Path, model: torch.nn.Module, spec: dict) -> None:
-    """Save one network's weights with its architecture ``spec`` in the metadata, atomically."""
-    atomic_write_bytes(path, save(_contiguous(model.state_dict()), metadata={MODEL_METADATA_KEY: json.dumps(spec)}))
+    """Save one network's weights with its architecture ``spec`` in the metadata, atomically; a LoRA student's
+    are its merged weights under the plain names (``kdlab.seq.peft``), which the spec rebuilds."""
+    state = model.state_dict()
+    if getattr(model, "kdlab_adapter", None) is not None:
+        from kdlab.seq.peft import merged_state_dict
+
+        state = merged_state_dict(model)
+    atomic_write_bytes(path, save(_contiguous(state), metadata={MODEL_METADATA_KEY: json.dumps(spec)}))
 
 
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:

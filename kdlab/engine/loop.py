@@ -39,6 +39,7 @@ from kdlab.engine.seed import epoch_generator
 from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
                                 default_cache_root, teacher_network, use_channels_last)
 from kdlab.engine.state import TrainingState, load_model_tensors, model_tensors, restore_model
+from kdlab.engine.teacher import cache_precision, place_teacher
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method, Outputs
 from kdlab.metrics import classification_metrics
@@ -65,14 +66,18 @@ def _autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def predict(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, precision: str = "fp32",
-            batch_size: int = 1024) -> torch.Tensor:
-    """Eval-mode logits for ``inputs`` (float32, on the CPU); the model's mode is restored."""
+            batch_size: int = 1024, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Eval-mode logits for ``inputs`` (float32, on the CPU); the model's mode is restored. ``input_dtype``: the
+    dtype floating inputs are cast to (a teacher held in bf16/fp16)."""
     was_training = model.training
     model.eval()
     chunks = []
     for start in range(0, len(inputs), batch_size):
+        batch = inputs[start:start + batch_size].to(device)
+        if input_dtype is not None and batch.is_floating_point():
+            batch = batch.to(input_dtype)
         with _autocast(device, precision):
-            chunks.append(model(inputs[start:start + batch_size].to(device)).float().cpu())
+            chunks.append(model(batch).float().cpu())
     model.train(was_training)
     return torch.cat(chunks) if chunks else torch.empty(0)
 
@@ -201,9 +206,8 @@ class _Fit:
         student.to(device)
         method.to(device)
         self.uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
-        if teacher is not None:
-            teacher.to(device).eval()
-            teacher.requires_grad_(False)
+        # The teacher's device and dtype (teacher.device/dtype; the student's device by default), frozen, eval.
+        self.placed = place_teacher(teacher, train, device) if teacher is not None else None
         if train.teacher_cache:
             check_teacher_cache(method, teacher, splits, train)
         # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
@@ -242,7 +246,7 @@ class _Fit:
             transform = "none" if augment == "none" else f"{augment}/per_sample"
             self.cache = TeacherCache(teacher_cache_dir or default_cache_root(), teacher=teacher,
                                       inputs=splits.train[0], transform=transform,
-                                      precision=f"{train.precision}/{train.teacher_dtype}",
+                                      precision=cache_precision(teacher, train),
                                       taps=tuple(method.teacher_taps))
         self.bar = _Progress(progress and self.main_rank, label)
         method_metrics = getattr(method, "metrics", None)
@@ -272,8 +276,9 @@ class _Fit:
         train, method = self.train, self.method
         adversary = list(method.adversary_parameters())
         adversary_ids = {id(p) for p in adversary}
-        self.main_parameters = list(self.student.parameters()) + [p for p in method.parameters()
-                                                                  if id(p) not in adversary_ids]
+        # A frozen student base (a LoRA student, kdlab.seq.peft) is not the optimiser's: only what trains is.
+        self.main_parameters = ([p for p in self.student.parameters() if p.requires_grad]
+                                + [p for p in method.parameters() if id(p) not in adversary_ids])
         optimizer = build_optimizer(self.main_parameters, train)
         adversary_optimizer = None
         if adversary:
@@ -294,15 +299,19 @@ class _Fit:
         out = {}
         if self.teacher is None or not self.main_rank:
             return out
+        device = self.placed.device
+        input_dtype = None if self.placed.training_copy else self.placed.input_dtype  # the copy trains only
         for name in ("val", "test"):
             inputs, labels = getattr(self.splits, name)
             if len(inputs) and self.sequence is not None:
                 from kdlab.seq.evaluate import generate_responses
 
-                with _autocast(self.device, self.train.precision):
-                    out[name] = generate_responses(self.teacher, inputs, labels, self.sequence, device=self.device)
+                with torch.inference_mode(), _autocast(self.device, self.train.precision):
+                    out[name] = generate_responses(self.teacher, inputs, labels, self.sequence, device=device)
             elif len(inputs):
-                out[name] = predict(self.teacher, inputs, device=self.device, precision=self.train.precision)
+                with torch.inference_mode():
+                    out[name] = predict(self.teacher, inputs, device=device, precision=self.train.precision,
+                                        input_dtype=input_dtype)
         return out
 
     def _forwards(self) -> None:
@@ -320,9 +329,11 @@ class _Fit:
         if self.uses_teacher:
             if channels_last:
                 teacher.to(memory_format=torch.channels_last)
-            teacher_net, teacher_input_dtype = teacher_network(teacher, train, device)
-            self.teacher_forward = TappedForward(teacher_net, method.teacher_taps, detach=True,
-                                                 input_dtype=teacher_input_dtype, channels_last=channels_last)
+            placed = self.placed  # another device: inputs there, outputs back here as float32
+            self.teacher_forward = TappedForward(teacher_network(teacher, placed), method.teacher_taps, detach=True,
+                                                 input_dtype=placed.input_dtype, channels_last=channels_last,
+                                                 device=placed.device if placed.placed else None,
+                                                 output_device=device if placed.placed else None)
         self.student_step = compile_forward(self.student_forward) if train.compile else self.student_forward
         self.teacher_step = (compile_forward(self.teacher_forward) if (train.compile and self.teacher_forward
                                                                        is not None) else self.teacher_forward)

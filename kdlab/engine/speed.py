@@ -29,29 +29,38 @@ log = logging.getLogger(__name__)
 class TappedForward(nn.Module):
     """``model``'s forward returning ``(logits, {tap: feature})``.
 
-    ``input_dtype`` casts the inputs first (a teacher held in bfloat16) and its outputs back
-    to float32; ``channels_last`` hands 4-d inputs over in NHWC memory format. ``tap_model``: the
-    module whose paths ``names`` are, when ``model`` wraps it (DistributedDataParallel); default ``model``.
+    ``input_dtype`` casts floating-point inputs first (a teacher held in bfloat16; token ids stay integers)
+    and its outputs back to float32; ``device`` moves the inputs to a network held on another device than the
+    batch (``teacher.device``) and ``output_device`` the outputs back (as float32); ``channels_last`` hands
+    4-d inputs over in NHWC memory format. ``tap_model``: the module whose paths ``names`` are, when ``model``
+    wraps it (DistributedDataParallel); default ``model``.
     """
 
     def __init__(self, model: nn.Module, names: tuple[str, ...] = (), *, detach: bool = False,
                  input_dtype: torch.dtype | None = None, channels_last: bool = False,
-                 tap_model: nn.Module | None = None):
+                 tap_model: nn.Module | None = None, device: torch.device | None = None,
+                 output_device: torch.device | None = None):
         super().__init__()
         self.model = model
         # Hooks only when features are asked for: an empty Taps would still put the model on nn.Module's
         # slower hook path every forward.
         self.taps = Taps(tap_model if tap_model is not None else model, names, detach=detach) if names else None
         self.input_dtype, self.channels_last = input_dtype, channels_last
+        self.device, self.output_device = device, output_device
 
     def forward(self, inputs: torch.Tensor):
-        if self.input_dtype is not None:
+        if self.device is not None:
+            inputs = inputs.to(self.device)
+        if self.input_dtype is not None and inputs.is_floating_point():
             inputs = inputs.to(self.input_dtype)
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = self.model(inputs)
         features = self.taps.captured if self.taps is not None else {}
-        if self.input_dtype is not None:
+        if self.output_device is not None:
+            logits = logits.to(self.output_device, torch.float32)
+            features = {name: value.to(self.output_device, torch.float32) for name, value in features.items()}
+        elif self.input_dtype is not None:
             logits = logits.float()
             features = {name: value.float() for name, value in features.items()}
         return logits, features
@@ -85,15 +94,15 @@ def use_channels_last(model: nn.Module, input_shape: tuple[int, ...], *, role: s
     return True
 
 
-def teacher_network(teacher: nn.Module, train, device: torch.device) -> tuple[nn.Module, torch.dtype | None]:
-    """The teacher module the training forward runs, and the dtype its inputs need.
+def teacher_network(teacher: nn.Module, placed) -> nn.Module:
+    """The teacher module the training forward runs, where ``kdlab.engine.teacher.place_teacher`` put it.
 
-    ``teacher_dtype: bf16`` runs a bfloat16 copy (the float32 teacher stays for evaluation
-    and agreement metrics).
+    ``train.teacher_dtype: bf16`` (``placed.training_copy``) runs a bfloat16 copy (the float32 teacher stays
+    for evaluation and agreement metrics); ``teacher.dtype`` converted the teacher itself (no copy).
     """
-    if train.teacher_dtype != "bf16":
-        return teacher, None
-    return copy.deepcopy(teacher).to(device=device, dtype=torch.bfloat16), torch.bfloat16
+    if not placed.training_copy:
+        return teacher
+    return copy.deepcopy(teacher).to(device=placed.device, dtype=torch.bfloat16)
 
 
 def check_device_options(train, device: torch.device) -> None:

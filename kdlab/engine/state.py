@@ -25,14 +25,25 @@ STATE_KEYS = ("epoch", "step", "optimizer", "adversary_optimizer", "scheduler", 
 
 
 def model_tensors(student: nn.Module, method: nn.Module) -> dict[str, torch.Tensor]:
-    """The student's and the method's tensors under ``student.``/``method.`` (also the best-val snapshot)."""
-    out = {f"student.{k}": v for k, v in student.state_dict().items()}
+    """The student's and the method's tensors under ``student.``/``method.`` (also the best-val snapshot).
+
+    A LoRA student (``kdlab.seq.peft``) gives its adapter's tensors only: its frozen base is rebuilt from its
+    source, not saved."""
+    state = student.state_dict()
+    adapter = getattr(student, "kdlab_adapter", None)
+    if adapter is not None:
+        state = {k: state[k] for k in adapter.trained_keys}
+    out = {f"student.{k}": v for k, v in state.items()}
     out.update({f"method.{k}": v for k, v in method.state_dict().items()})
     return out
 
 
 def load_model_tensors(tensors: dict[str, torch.Tensor], student: nn.Module, method: nn.Module) -> None:
-    student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")})
+    adapter = getattr(student, "kdlab_adapter", None)  # a LoRA student loads its adapter onto its rebuilt base
+    loaded = student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")},
+                                     strict=adapter is None)
+    if adapter is not None and loaded.unexpected_keys:
+        raise RuntimeError(f"unexpected student tensors {loaded.unexpected_keys[:3]}")
     method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
 
 
@@ -96,6 +107,9 @@ class TrainingState:
                  "adversary_optimizer": adv_meta, "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None, "rng": rng_meta,
                  "best": self.best, "best_epoch": self.best_epoch, "tensors": _manifest(tensors)}
+        adapter = getattr(self.student, "kdlab_adapter", None)
+        if adapter is not None:  # the frozen base the adapter was trained on, checked at resume
+            state["student_base_sha256"] = adapter.base_sha256
         return tensors, state
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict, *, folder: Path,
@@ -123,6 +137,11 @@ class TrainingState:
             if changed:
                 raise refuse(f"is damaged: tensor {changed[0]} is {_manifest(tensors)[changed[0]]} in "
                              f"weights.safetensors but {manifest[changed[0]]} in state.json")
+        adapter = getattr(self.student, "kdlab_adapter", None)
+        base, recorded = adapter.base_sha256 if adapter is not None else None, state.get("student_base_sha256")
+        if recorded != base:  # an adapter is only meaningful on the base it was trained on
+            raise refuse(f"was trained on another student base (SHA-256 {str(recorded)[:12]}, this LoRA student's "
+                         f"base {str(base)[:12]}: its source or its library changed)")
         epoch, step = state["epoch"], state["step"]
         expected = expected_step(epoch) if _whole(epoch) else None
         if expected is None:

@@ -6,6 +6,9 @@
 * ``assistants`` — the last assistant's run, distilled down the chain;
 * ``members`` — an ensemble of teacher sections, each one of these.
 
+Where and in what dtype the teacher runs is decided here too (``place_teacher``, the one home of ``teacher.device``,
+``teacher.dtype`` and their older spelling ``train.teacher_dtype``).
+
 Runs are trained and stored by the caller (``kdlab.study.runner``): it passes ``load_run``,
 which returns the weights of the run a section names (training it first if needed; which run
 that is, is the run graph's business, ``kdlab.plan``). Without ``load_run`` the same sections
@@ -13,14 +16,17 @@ give their untrained networks, enough to check files, shapes and taps before any
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from kdlab.config import TeacherConfig
 from kdlab.config.llm import pretrained_teacher
 from kdlab.data import Splits
 from kdlab.engine.build import build_model, load_model_file
+from kdlab.errors import KdlabError
 
 # (section, "teacher" for its recipe run or "assistant" for the last stage of its chain, epoch or None for the
 # final weights) -> the trained network
@@ -28,7 +34,16 @@ LoadRun = Callable[[TeacherConfig, str, "int | None"], nn.Module]
 
 
 def teacher_module(t: TeacherConfig, splits: Splits, *, load_run: LoadRun | None = None) -> nn.Module:
-    """The network of teacher section ``t`` (trained through ``load_run``; untrained without it)."""
+    """The network of teacher section ``t`` (trained through ``load_run``; untrained without it), carrying
+    ``t.device``/``t.dtype`` as ``kdlab_placement`` when set (applied by ``fit``, after the student is built
+    from the teacher's float32 weights)."""
+    net = _network(t, splits, load_run=load_run)
+    if getattr(t, "device", None) is not None or getattr(t, "dtype", None) is not None:
+        net.kdlab_placement = Placement(device=t.device, dtype=t.dtype)
+    return net
+
+
+def _network(t: TeacherConfig, splits: Splits, *, load_run: LoadRun | None = None) -> nn.Module:
     from kdlab.models.ensemble import TeacherEnsemble
     from kdlab.models.trajectory import TeacherTrajectory
 
@@ -48,3 +63,104 @@ def teacher_module(t: TeacherConfig, splits: Splits, *, load_run: LoadRun | None
     if load_run is None or pretrained_teacher(t):  # untrained, or a pretrained model used as it is
         return build_model(t.model, t.options, splits)
     return load_run(t, "teacher", t.epoch)
+
+
+# --------------------------------------------------------------------------- placement
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``teacher.device`` (None: the student's) and ``teacher.dtype`` (None: as loaded)."""
+
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class PlacedTeacher:
+    """Where ``place_teacher`` put the teacher: its device, the dtype its floating inputs are cast to (None:
+    none), whether the training forward runs a bfloat16 copy (``train.teacher_dtype: bf16``), and whether its
+    outputs are moved back to the student's device as float32 (placement given)."""
+
+    device: torch.device
+    input_dtype: Optional[torch.dtype]
+    training_copy: bool
+    placed: bool
+
+
+def place_teacher(teacher: nn.Module, train, student_device: torch.device) -> PlacedTeacher:
+    """Move the teacher where it runs, in eval mode with no gradients (``requires_grad`` off).
+
+    ``teacher.dtype`` converts the teacher itself (every forward, training and evaluation, runs in it: no
+    float32 copy is kept, which is what lets a large teacher fit beside the student); ``teacher.device`` puts
+    it on another device than the student. ``train.teacher_dtype: bf16``, the older spelling, keeps its recorded
+    meaning (a bfloat16 copy for the training forward, the float32 teacher for evaluation), so runs made with it
+    keep their results; given with a ``teacher.dtype`` they must agree (checked with the config).
+    """
+    from kdlab.engine.optim import resolve_device
+
+    placement = getattr(teacher, "kdlab_placement", None) or Placement()
+    device = student_device
+    if placement.device is not None:
+        try:
+            device = resolve_device(placement.device)
+        except KdlabError as error:  # its message names the student's key
+            raise KdlabError(str(error).replace("train.device", "teacher.device", 1)) from None
+        if device.index is None and device.type == student_device.type:
+            device = student_device  # "cuda" is the student's GPU (under torchrun: the rank's)
+    dtype = DTYPES[placement.dtype] if placement.dtype is not None else None
+    if dtype is torch.float16 and device.type == "cpu":
+        raise KdlabError("teacher.dtype: fp16 on the CPU is not supported (slow or missing kernels); use bf16 or "
+                         "fp32, or put the teacher on a GPU (teacher.device: cuda)")
+    teacher.to(device=device, dtype=dtype) if dtype is not None else teacher.to(device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    legacy = dtype is None and getattr(train, "teacher_dtype", "same") == "bf16"
+    return PlacedTeacher(device=device, input_dtype=torch.bfloat16 if legacy else dtype, training_copy=legacy,
+                         placed=placement != Placement())
+
+
+def cache_precision(teacher: nn.Module | None, train) -> str:
+    """The teacher's precision as the teacher-output cache keys it (unchanged strings for unplaced teachers)."""
+    placement = getattr(teacher, "kdlab_placement", None)
+    dtype = placement.dtype if placement is not None and placement.dtype is not None else None
+    tag = train.teacher_dtype if dtype is None else {"fp32": "same", "bf16": "bf16", "fp16": "fp16"}[dtype]
+    return f"{train.precision}/{tag}"
+
+
+def check_teacher_placement(cfg, errors: list[str]) -> None:
+    """``teacher.device``/``teacher.dtype`` rules known before any work: a device this machine has, no fp16 teacher
+    on the CPU, agreement with ``train.teacher_dtype``, and placement only on the whole teacher."""
+    from kdlab.config.checks import device_problem
+
+    t, train = cfg.teacher, cfg.train
+    if not isinstance(t, TeacherConfig):
+        return
+    for kind, members in (("members", t.members), ("assistants", t.assistants)):
+        for i, member in enumerate(members or []):
+            for key in ("device", "dtype"):
+                if getattr(member, key, None) is not None:
+                    errors.append(f"teacher.{kind}[{i}].{key}: placement applies to the whole teacher; set "
+                                  f"teacher.{key} instead")
+    device = t.device if isinstance(t.device, str) else None
+    if device is not None:
+        problem = device_problem(device, "fp32", "teacher")
+        if problem:
+            errors.append(problem)
+            return
+    if t.dtype == "fp16":
+        where = device if device is not None else (train.device if isinstance(train.device, str) else "auto")
+        on_cpu = where == "cpu" or (where == "auto" and not torch.cuda.is_available() and not (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()))
+        if on_cpu:
+            errors.append("teacher.dtype: fp16 on the CPU is not supported (slow or missing kernels); use bf16 or "
+                          "fp32, or put the teacher on a GPU (teacher.device: cuda)")
+    if t.dtype is not None and train.teacher_dtype == "bf16" and t.dtype != "bf16":
+        errors.append(f"train.teacher_dtype: bf16 disagrees with teacher.dtype: {t.dtype}; keep teacher.dtype "
+                      "(train.teacher_dtype is its older spelling)")
+    mixed = cfg.method.options.get("teacher_mix_alpha", 0) if isinstance(cfg.method.options, dict) else 0
+    if device is not None and device != train.device and cfg.method.name == "policy_gradient_kd" and mixed:
+        errors.append("teacher.device: policy_gradient_kd's teacher-mixed sampling (teacher_mix_alpha > 0) runs "
+                      "the teacher beside the student; leave teacher.device unset or set teacher_mix_alpha: 0")

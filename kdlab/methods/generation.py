@@ -96,8 +96,10 @@ class GenerationMethod(Method):
         from kdlab.seq import sampling  # looked up per call: tests stand in for ``sampling.generate``
 
         self.generation_calls[role] += 1
-        return sampling.generate(self._networks[role], prompts, lengths, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, generator=generator, **self.generation_options(prompts))
+        # The frozen teacher samples in inference mode (its responses are data, never differentiated).
+        with torch.inference_mode(role == "teacher"):
+            return sampling.generate(self._networks[role], prompts, lengths, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, generator=generator, **self.generation_options(prompts))
 
     @staticmethod
     def data_batch(batch: Batch) -> Batch:

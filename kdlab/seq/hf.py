@@ -108,15 +108,22 @@ class HFCausalLM(nn.Module):
 
         ``attention_mask``: ``(B, past + T)`` 1/0 or bool (0 = padding key), None =
         all valid. ``position_ids``: ``(B, T)``, None = ``past .. past + T - 1``.
+        A model held on another device than ``input_ids`` (``teacher.device``) gets them moved there and
+        gives its logits back on their device.
         """
+        home, device = input_ids.device, self.model.device
+        if device != home:
+            input_ids, attention_mask, position_ids = (None if t is None else t.to(device)
+                                                       for t in (input_ids, attention_mask, position_ids))
         if attention_mask is not None:
             attention_mask = attention_mask.long()
         cache = {self._cache_argument: past_key_values} if past_key_values is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=use_cache, return_dict=True, **cache)
+        logits = out.logits if device == home else out.logits.to(home)
         if not use_cache:
-            return out.logits
-        return out.logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
+            return logits
+        return logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Write the wrapped model in the ``transformers`` format (reload with ``path=``)."""

@@ -9,6 +9,8 @@
   ``AutoModelForCausalLM.from_pretrained`` with nothing from kdlab.
 * ``export_student(student, folder, tokenizer_source=teacher.source)`` — the same
   with the teacher's tokenizer and generation config.
+* A LoRA student (``kdlab.seq.peft``) is written merged (``W₀ + (α/r)·B·A``, a plain folder) with its adapter
+  alone in ``adapter/`` inside it (``adapter_config.json`` + ``adapter_model.safetensors``).
 * ``check_same_tokenizer(a, b)`` — teacher and student must tokenize alike:
   vocabulary, special tokens, chat template; one line naming the first difference.
 """
@@ -116,14 +118,19 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike, *, tokenizer: An
                    generation_config: Any = None, overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face folder (safetensors weights, config, generation config, tokenizer).
 
-    ``generation_config`` replaces the model's own (e.g. the teacher's, with its
-    EOS/pad ids). Written to a temporary sibling and renamed into place; an
+    A LoRA student's weights are merged (a plain folder ``AutoModelForCausalLM`` loads) and its adapter is
+    written alone to ``adapter/`` inside the folder. ``generation_config`` replaces the model's own (e.g. the
+    teacher's, with its EOS/pad ids). Written to a temporary sibling and renamed into place; an
     existing non-empty ``folder`` is refused unless ``overwrite``.
     """
     folder = Path(folder).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise KdlabError(f"export: {str(folder)!r} already exists and is not empty; choose a new folder or remove it")
+    from kdlab.seq.peft import adapter_of, merged_state_dict, save_adapter
+
+    adapter = adapter_of(model)
     inner = plain_copy(model)
+    weights = {"state_dict": merged_state_dict(inner)} if adapter is not None else {}
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
@@ -134,11 +141,13 @@ def save_hf_folder(model: nn.Module, folder: str | os.PathLike, *, tokenizer: An
 
         with quiet_transformers():  # no "Writing model shards" bar
             try:
-                inner.save_pretrained(temporary, safe_serialization=True)
+                inner.save_pretrained(temporary, safe_serialization=True, **weights)
             finally:
                 inner.generation_config = saved
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
+            if adapter is not None:
+                save_adapter(model, temporary / "adapter")
         if folder.exists():
             shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
         os.replace(temporary, folder)
