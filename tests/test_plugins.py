@@ -228,3 +228,26 @@ def test_a_plugin_loss_and_method_run_from_yaml_with_two_workers(tmp_path):
     assert sorted(r.method for r in records) == ["distill", "pg_l1_kd"]
     assert all(r.status == "finished" for r in records)
     store.close()
+
+
+@pytest.mark.integration
+def test_a_plugin_module_found_from_the_working_directory_runs_on_ray_tasks(tmp_path):
+    pytest.importorskip("ray")
+    _plugin(tmp_path / "userpkg", "ph", "losses.py")
+    (tmp_path / "userpkg" / "__init__.py").write_text("")
+    study = {"name": "plugins-ray", "data": DATA, "teacher": {"model": "mlp", "train": {"epochs": 1}},
+             "student": {"model": "mlp", "width": 8}, "train": {"epochs": 1, "batch_size": 20, "device": "cpu"},
+             "method": {"name": "ph_l1_kd"}, "seeds": [0, 1]}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    # `python -m` puts the working directory on sys.path: the module is found there, not through PYTHONPATH
+    # (the executor hands its folder to the tasks; a local Ray also puts the driver's directory on their path).
+    done = subprocess.run([sys.executable, "-m", "kdlab.cli", "--import", "userpkg.losses", "--workspace",
+                           str(tmp_path / "ws"), "run", str(config), "--executor", "ray", "--quiet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(tmp_path / "ws")
+    records = store.runs(experiment="plugins-ray", role="student")
+    assert len(records) == 2 and all(r.status == "finished" and r.method == "ph_l1_kd" for r in records)
+    store.close()
