@@ -11,7 +11,7 @@ Data (``as_splits``), each ending in kdlab ``Splits`` of float32 inputs in [0, 1
   loader reads the user's ``.npz``, image folder, ... exactly as ``kdlab run`` does.
 
 A sample is ``(input, label, ...)`` or a mapping with an input key (``INPUT_KEYS``) and a label key
-(``LABEL_KEYS``). Inputs of any real dtype and range are scaled as the caller says (``scale=255`` divides,
+(``LABEL_KEYS``); an input may be a PIL image (made channels-first, 8-bit: pass ``scale=255``). Inputs of any real dtype and range are scaled as the caller says (``scale=255`` divides,
 ``normalize="per_channel"`` min-max scales each channel over train); values left outside [0, 1] are refused
 with one line naming the fix, never clipped silently. Models may return logits, a mapping with ``"logits"``,
 or an object with ``.logits`` (Hugging Face outputs): ``logits_hooks`` makes them return the tensor.
@@ -39,6 +39,9 @@ NORMALIZE = ("none", "per_channel")
 def _tensor(value: Any, what: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
+    if type(value).__module__.startswith("PIL."):  # a PIL image (a torchvision dataset without ToTensor)
+        pixels = np.asarray(value)
+        return torch.from_numpy(np.ascontiguousarray(pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)))
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as exc:

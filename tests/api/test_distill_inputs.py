@@ -86,6 +86,15 @@ def test_a_dataset_or_loader_gives_the_same_splits_as_its_tensors(wrap):
         assert torch.equal(a, b)
 
 
+def test_a_dataset_of_pil_images_is_read_channels_first():
+    image = pytest.importorskip("PIL.Image")
+    x, y = _pixels(40)
+    rgb = np.stack([x, x // 2, 255 - x], axis=-1)  # (N, H, W, 3): PIL's layout
+    splits = as_splits({"train": _Pairs([image.fromarray(a) for a in rgb], y), "test": _Pairs([image.fromarray(a)
+                        for a in rgb[:6]], y[:6])}, val_fraction=0.0, test_fraction=0.2, split_seed=0, scale=255)
+    assert torch.equal(splits.train[0] * 255, torch.from_numpy(rgb).permute(0, 3, 1, 2).float())
+
+
 def test_materialising_is_refused_past_the_memory_limit_and_for_iterable_datasets():
     x, y = torch.rand(100, 3, 8, 8), torch.zeros(100, dtype=torch.long)
     with pytest.raises(KdlabError, match=r"^data: train needs about .* GiB as float32, over kdlab.distill's"):
