@@ -166,6 +166,10 @@ def scale_inputs(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], *, scale: 
         raise KdlabError(f"distill: scale={scale!r}; give a positive number, e.g. scale=255 for 8-bit pixels")
     names = list(parts)
     inputs = [_inputs(parts[n][0], n) for n in names]
+    for name, x in zip(names, inputs):
+        bad = int((~torch.isfinite(x)).sum()) if x.is_floating_point() else 0
+        if bad:  # named before the range check, whose bounds would skip them
+            raise KdlabError(f"data: {name} inputs hold {bad} NaN or infinite value(s); drop or repair those samples")
     dims = (0, *range(2, inputs[0].dim()))
     try:
         scaled = scale_to_unit(inputs[0], inputs[1:], scale=scale, normalize=normalize, source="data", dims=dims)

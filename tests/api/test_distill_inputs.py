@@ -116,6 +116,8 @@ def test_materialising_is_refused_past_the_memory_limit_and_for_iterable_dataset
     ((np.zeros((4, 3)), np.array([0, 1, -1, 0])), "data: data labels include -1"),
     ((np.array(["a", "b"]), np.array([0, 1])), "data: data inputs are <U1, not numbers"),
     (_Pairs([torch.zeros(3), torch.zeros(4)], [0, 1]), "data: data inputs come in several shapes"),
+    ((np.array([[0.5, np.nan], [0.5, 0.5], [0.1, 0.2]]), np.array([0, 1, 0])),
+     "data: train inputs hold 1 NaN or infinite value(s); drop or repair those samples"),
 ])
 def test_bad_data_is_one_line(bad, message):
     with pytest.raises(KdlabError) as info:
