@@ -14,7 +14,7 @@ Three ways in, all ending in ``kdlab.registry.register`` calls made by the user'
 A module that cannot be imported is one ``KdlabError`` line naming it and where it was named (``imports[1]``,
 ``--import``, the entry point) before any work. Every import done here is remembered (``loaded()``), so the
 processes of ``kdlab run --workers N`` and the Ray tasks of ``--executor ray`` repeat them (``load_all``)
-before they unpickle a run. ``imports`` is not part of a run's identity (``RunSpec.identity``): which module
+before they build a run. ``imports`` is not part of a run's identity (``RunSpec.identity``): which module
 registered a name is like PYTHONPATH, while the name and its options, which are in the identity, say what ran.
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ def search_paths() -> list[str]:
 
 
 def load_all(entries: list[str]) -> None:
-    """Repeat a parent's imports (``loaded()``) in a worker, before it unpickles or runs anything."""
+    """Repeat a parent's imports (``loaded()``) in a worker, before it builds or runs anything."""
     for entry in entries:
         import_one(entry, where="imports")
 

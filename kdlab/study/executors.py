@@ -15,7 +15,6 @@ path: one machine, or a shared filesystem that SQLite can lock.
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +61,11 @@ def import_ray():
     return ray
 
 
-def _ray_worker(workspace: str, specs: bytes, resume: bool, retry_failed: bool, since: float,
+def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
                 threads: int, imports: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """One Ray task: execute every spec (claims in the store split the work); return its messages.
 
-    The driver's plugin imports (kdlab.plugins) are repeated first; the specs, pickled, are read after them."""
-    import pickle
-
+    The driver's plugin imports (kdlab.plugins) are repeated before any run is built."""
     import torch
 
     from kdlab.plugins import load_all
@@ -77,7 +74,6 @@ def _ray_worker(workspace: str, specs: bytes, resume: bool, retry_failed: bool, 
         load_all(list(imports))
     except KdlabError as exc:  # e.g. a plugin file not at the same path on this node
         return [("fatal", "-", "imports", str(exc))]
-    specs = pickle.loads(specs)
 
     torch.set_num_threads(threads)  # the task's default; each run sets its own train.threads (Runner.execute)
     messages: list[tuple[str, ...]] = []
@@ -170,8 +166,8 @@ class RayExecutor:
             refs = []
             for index in range(workers):
                 offset = index * len(todo) // workers  # start apart, so the tasks do not queue on one run
-                refs.append(task.remote(str(runner.workspace), pickle.dumps(todo[offset:] + todo[:offset]), resume,
-                                        retry_failed, since, threads, tuple(plugins.loaded())))
+                refs.append(task.remote(str(runner.workspace), todo[offset:] + todo[:offset], resume, retry_failed,
+                                        since, threads, tuple(plugins.loaded())))
             reported: dict[str, str] = {}
             fatal: list[str] = []
             pending = list(refs)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import pickle
 import signal
 import threading
 import sys
@@ -55,12 +54,12 @@ def _parent_terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _worker(workspace: str, specs: bytes, resume: bool, retry_failed: bool, since: float,
+def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
             threads: int, conn: Connection, imports: tuple[str, ...] = ()) -> None:
     """One worker: execute every spec (from this worker's offset on), reporting to the parent via ``conn``.
 
-    ``imports`` are the parent's plugin imports (kdlab.plugins), repeated first; ``specs`` come pickled, so
-    they are read only after that (a spec may name a class of a plugin module)."""
+    ``imports`` are the parent's plugin imports (kdlab.plugins), repeated before any run is built (a spec is
+    plain data: names and options, so it arrives before them)."""
     def send(*message: Any) -> None:
         try:
             conn.send(message)
@@ -70,14 +69,11 @@ def _worker(workspace: str, specs: bytes, resume: bool, retry_failed: bool, sinc
     try:
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGINT, _interrupt)
-        import pickle
-
         import torch
 
         from kdlab.plugins import load_all
 
         load_all(list(imports))
-        specs = pickle.loads(specs)
         # The process's default: each run sets its own train.threads (Runner.execute); this count
         # (cpus / workers, never oversubscribed) serves runs with train.threads: null.
         torch.set_num_threads(threads)
@@ -295,8 +291,8 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
             order = todo[offset:] + todo[:offset]
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
-                                      args=(str(runner.workspace), pickle.dumps(order), resume, retry_failed,
-                                            since, threads, writer, tuple(loaded_plugins())))
+                                      args=(str(runner.workspace), order, resume, retry_failed, since,
+                                            threads, writer, tuple(loaded_plugins())))
             process.start()
             writer.close()
             processes.append(process)
