@@ -54,7 +54,8 @@ def _first_difference(old: Any, new: Any, path: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new), key=str):
             if old.get(key, "(absent)") != new.get(key, "(absent)"):
-                return _first_difference(old.get(key, "(absent)"), new.get(key, "(absent)"), f"{path}.{key}".lstrip("."))
+                where = f"{path}.{key}".lstrip(".")
+                return _first_difference(old.get(key, "(absent)"), new.get(key, "(absent)"), where)
     return f"{path or 'settings'}: {old!r} then, {new!r} now"
 
 

@@ -11,7 +11,8 @@ Data (``as_splits``), each ending in kdlab ``Splits`` of float32 inputs in [0, 1
   loader reads the user's ``.npz``, image folder, ... exactly as ``kdlab run`` does.
 
 A sample is ``(input, label, ...)`` or a mapping with an input key (``INPUT_KEYS``) and a label key
-(``LABEL_KEYS``); an input may be a PIL image (made channels-first, 8-bit: pass ``scale=255``). Inputs of any real dtype and range are scaled as the caller says (``scale=255`` divides,
+(``LABEL_KEYS``); an input may be a PIL image (made channels-first, 8-bit: pass ``scale=255``). Inputs of
+any real dtype and range are scaled as the caller says (``scale=255`` divides,
 ``normalize="per_channel"`` min-max scales each channel over train); values left outside [0, 1] are refused
 with one line naming the fix, never clipped silently. Models may return logits, a mapping with ``"logits"``,
 or an object with ``.logits`` (Hugging Face outputs): ``logits_hooks`` makes them return the tensor.
@@ -174,8 +175,8 @@ def scale_inputs(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], *, scale: 
     try:
         scaled = scale_to_unit(inputs[0], inputs[1:], scale=scale, normalize=normalize, source="data", dims=dims)
     except KdlabError as exc:
-        raise KdlabError(str(exc).replace("set scale: 255", "pass scale=255").replace("normalize: per_channel",
-                                                                                     "normalize='per_channel'")) from None
+        text = str(exc).replace("set scale: 255", "pass scale=255")  # the loaders' hint, in distill's words
+        raise KdlabError(text.replace("normalize: per_channel", "normalize='per_channel'")) from None
     return {n: (x, parts[n][1]) for n, x in zip(names, scaled)}
 
 
