@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,61 +11,97 @@ import torch
 from torch import nn
 
 from kdlab import registry
-from kdlab.config import (ExperimentConfig, TrainConfig, load_experiment, parse_experiment, parse_method,
-                          parse_train, to_dict)
-from kdlab.data import Splits, make_splits
-from kdlab.data.base import DatasetArrays
-from kdlab.data.stratify import stratified_holdout
+from kdlab.config import (ExperimentConfig, TrainConfig, content_hash, load_experiment, parse_experiment,
+                          parse_method, parse_train, to_dict)
+from kdlab.distill_inputs import as_splits, kept_as_found, logits_hooks
 from kdlab.engine.build import build_method, check_class_counts
 from kdlab.engine.loop import fit
 from kdlab.errors import KdlabError
+from kdlab.store.files import atomic_write_text
+
+SETTINGS_FILE = "distill.json"  # in a distill run_dir: the settings it was started with
 
 
-def _as_splits(data: Any, *, val_fraction: float, test_fraction: float, split_seed: int) -> Splits:
-    """Accept ``Splits``, ``{"train": (x, y), "val": ..., "test": ...}`` or ``(x, y)``.
+def _sha256_tensors(tensors) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
-    A tuple gets a stratified test split (``test_fraction``) and then a val split (``val_fraction``)
-    carved off, so ``distill`` returns ``test/*`` metrics as for a dataset; a dict keeps exactly the
-    splits it names (no test metrics without ``"test"``).
-    """
-    if isinstance(data, Splits):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        x, y = data
-        if not 0.0 <= test_fraction < 1.0:
-            raise KdlabError(f"distill: test_fraction must be in [0, 1), got {test_fraction!r}; use e.g. 0.1")
-        if not isinstance(y, torch.Tensor) or y.ndim != 1 or len(y) < 2:
-            raise KdlabError("data: a tuple (x, y) needs a 1-D label tensor y with at least 2 samples")
-        kept, held = stratified_holdout(y.long().cpu(), fraction=test_fraction,
-                                        generator=torch.Generator().manual_seed(split_seed + 1))
-        data = {"train": (x[kept], y[kept]), "test": (x[held], y[held])}
-    if isinstance(data, dict):
-        if "train" not in data:
-            raise KdlabError("data: a dict must have a 'train' entry (x, y), and optionally 'val' and 'test'")
-        x, y = data["train"]
-        test = data.get("test", (x[:0], y[:0]))
-        arrays = DatasetArrays(x_train=x, y_train=y, x_test=test[0], y_test=test[1],
-                               num_classes=int(torch.cat([y, test[1]]).max()) + 1)
-        splits = make_splits("tensors", arrays, val_fraction=0.0 if "val" in data else val_fraction,
-                             split_seed=split_seed)
-        if "val" in data:
-            splits.val = tuple(data["val"])
-        return splits
-    raise KdlabError("data: pass kdlab Splits, a dict {'train': (x, y), 'val': ..., 'test': ...} or a tuple (x, y)")
+
+def _architecture(model: nn.Module | None) -> dict | None:
+    if model is None:
+        return None
+    shapes = {name: list(p.shape) for name, p in model.state_dict().items()}
+    return {"class": type(model).__qualname__, "sha256": content_hash(shapes)}
+
+
+def _settings(*, method: str, method_options: dict, train: TrainConfig, seed: int, splits, student, teacher,
+              scale, normalize) -> dict:
+    """What a distill run in ``run_dir`` is: resuming it under other settings would mix two runs."""
+    split_tensors = [t for split in (splits.train, splits.val, splits.test) for t in split]
+    teacher_id = _architecture(teacher)
+    if teacher is not None:
+        teacher_id["weights_sha256"] = _sha256_tensors(teacher.state_dict().values())
+    return {"method": method, "method_options": to_dict(method_options), "train": to_dict(train), "seed": seed,
+            "scale": scale, "normalize": normalize, "data_sha256": _sha256_tensors(split_tensors),
+            "student": _architecture(student), "teacher": teacher_id}
+
+
+def _first_difference(old: Any, new: Any, path: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key, "(absent)") != new.get(key, "(absent)"):
+                where = f"{path}.{key}".lstrip(".")
+                return _first_difference(old.get(key, "(absent)"), new.get(key, "(absent)"), where)
+    return f"{path or 'settings'}: {old!r} then, {new!r} now"
+
+
+def _claim_run_dir(run_dir: Path, settings: dict) -> None:
+    """A new or empty ``run_dir`` is claimed (``distill.json``); one of the same settings resumes; else refused."""
+    record = run_dir / SETTINGS_FILE
+    if record.is_file():
+        try:
+            old = json.loads(record.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old == json.loads(json.dumps(settings)):
+            return  # the same run: fit resumes from its latest checkpoint
+        what = _first_difference(old, json.loads(json.dumps(settings))) if isinstance(old, dict) else "unreadable"
+        raise KdlabError(f"run_dir {run_dir} holds a distill run of other settings ({what}); give a new run_dir, "
+                         "or delete that folder to start over")
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise KdlabError(f"run_dir {run_dir} holds files but no kdlab.distill run ({SETTINGS_FILE}); give a new or "
+                         "empty folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def distill(student: nn.Module, teacher: nn.Module | None, data: Any, method: str = "kd", *,
-            seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1,
-            run_dir: str | Path | None = None, **options) -> dict[str, float]:
+            seed: int = 0, val_fraction: float = 0.1, test_fraction: float = 0.1, scale: float | None = None,
+            normalize: str = "none", run_dir: str | Path | None = None, **options) -> dict[str, float]:
     """Distil ``teacher`` into ``student`` (in place) with a registered method; return val/test metrics.
 
-    ``data``: a tuple ``(x, y)`` (a stratified ``test_fraction`` and then ``val_fraction`` of it are held
-    out, seeded by ``seed``), a dict ``{"train": (x, y), "val": ..., "test": ...}`` (val carved off
-    train when absent; test metrics only with ``"test"``) or kdlab ``Splits``.
+    ``data`` (kdlab.distill_inputs): ``(x, y)`` tensors or numpy arrays (a stratified ``test_fraction`` and then
+    ``val_fraction`` are held out, seeded by ``seed``); ``{"train": ..., "val": ..., "test": ...}`` of pairs,
+    Datasets or DataLoaders (val carved off train when absent; test metrics only with ``"test"``); a map-style
+    ``Dataset`` or a ``DataLoader`` (iterated once into memory, up to 4 GiB of float32 inputs); a config's data
+    section (``{"dataset": "arrays", "train": "x.npz", "scale": 255}``, ``{"dataset": "image_folder", "root":
+    ...}``); or kdlab ``Splits``. Inputs of another range than [0, 1] need ``scale`` (e.g. 255: divided) or
+    ``normalize="per_channel"`` (min-max over train); otherwise they are refused. Both models see the scaled
+    inputs.
+
+    Models may return logits, a dict with ``"logits"`` or an object with ``.logits``. Both come back as they
+    were found (each module's train/eval mode, each parameter's ``requires_grad``, their device), also when
+    this raises; the student's weights are the trained ones.
+
+    ``run_dir`` keeps checkpoints and ``distill.json`` (the settings): calling again with the same settings
+    resumes; a folder holding a run of other settings, or other files, is refused.
 
     ``options`` are the method's hyperparameters (e.g. ``temperature``, ``alpha``)
-    and ``TrainConfig`` fields (``epochs``, ``lr``, ``optimizer``, ...). Inputs
-    should be in [0, 1] for kdlab's attacks; any ``nn.Module`` returning logits works.
+    and ``TrainConfig`` fields (``epochs``, ``lr``, ``optimizer``, ...).
     """
     method_cls = registry.get("method", method, key="method")
     method_fields = {f.name for f in dataclasses.fields(method_cls.Hparams)}
@@ -74,14 +112,21 @@ def distill(student: nn.Module, teacher: nn.Module | None, data: Any, method: st
                          f"{sorted(method_fields) or 'no options'}, training takes {sorted(train_fields)}")
     method_cfg = parse_method(method, {k: v for k, v in options.items() if k in method_fields})
     train = parse_train({k: v for k, v in options.items() if k in train_fields})
-    splits = _as_splits(data, val_fraction=val_fraction, test_fraction=test_fraction, split_seed=seed)
-    torch.manual_seed(seed)
-    built = build_method(method_cfg, student=student, teacher=teacher,
-                         input_shape=tuple(splits.train[0].shape[1:]), train_size=len(splits.train[0]),
-                         sequence=splits.sequence)
-    check_class_counts(student, teacher, splits)
-    result = fit(student=student, method=built, teacher=teacher, splits=splits, train=train, seed=seed,
-                 run_dir=Path(run_dir) if run_dir is not None else None)
+    run_dir = Path(run_dir).expanduser() if run_dir is not None else None
+    splits = as_splits(data, scale=scale, normalize=normalize, val_fraction=val_fraction, test_fraction=test_fraction,
+                       split_seed=seed)
+    with kept_as_found(student=student, teacher=teacher), logits_hooks(student=student, teacher=teacher):
+        torch.manual_seed(seed)
+        built = build_method(method_cfg, student=student, teacher=teacher,
+                             input_shape=tuple(splits.train[0].shape[1:]), train_size=len(splits.train[0]),
+                             sequence=splits.sequence)
+        check_class_counts(student, teacher, splits)
+        if run_dir is not None:
+            _claim_run_dir(run_dir, _settings(method=method, method_options=method_cfg.options, train=train,
+                                              seed=seed, splits=splits, student=student, teacher=teacher,
+                                              scale=scale, normalize=normalize))
+        result = fit(student=student, method=built, teacher=teacher, splits=splits, train=train, seed=seed,
+                     run_dir=run_dir)
     return result.final
 
 

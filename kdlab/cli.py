@@ -1,5 +1,6 @@
 """The ``kdlab`` command: parse, call, print. Bad input exits with code 2.
 
+    kdlab [--import MODULE_OR_FILE.py ...] COMMAND ...   (the user's plugins, imported first: README "Plugins")
     kdlab run [CONFIG.yaml] [--set key.path=value ...] [--seeds 0,1,2] [--dry-run] [--no-resume]
               [--variant NAME] [--point key.path=value ...]
               [--workers N] [--retry-failed] [--executor local|ray] [--ray-address ADDR]
@@ -7,14 +8,10 @@
     kdlab list models|datasets|losses|methods|metrics [PATTERN]
     kdlab compare [RUN_OR_EXPERIMENT ...] [--metrics a,b] [--markdown] [--baseline LABEL] [--plot PNG]
     kdlab compare EXPERIMENT --view VIEW [--metrics test/acc] [--markdown]     (--capacity: --view capacity-gap)
-    kdlab show RUN
-    kdlab runs [EXPERIMENT]
-    kdlab doctor [--fix]
+    kdlab show RUN  ·  kdlab runs [EXPERIMENT]  ·  kdlab doctor [--fix]  ·  kdlab analyze deviations RUN [--out DIR]
     kdlab eval RUN [--attack pgd] [--eps 8/255] [--steps 20] [--norm linf] [--restarts N] [--subset N]
                [--faithfulness] [--no-sanity-checks]
-    kdlab analyze deviations RUN [--out DIR]
-    kdlab tune CONFIG [--trials N] [--seed S] [--metric val/acc] [--direction maximize|minimize]
-               [--set key.path=value ...] [--seeds 0,1]
+    kdlab tune CONFIG [--trials N] [--seed S] [--metric val/acc] [--direction max|min] [--set k.path=v ...] [--seeds 0,1]
     kdlab plot VIEW EXPERIMENT [--out DIR] [--metric test/acc] [--method kd]
                (VIEW: a registered study view: capacity-gap, comparison, deviations, gkd-grid, qat, robustness)
     kdlab report [EXPERIMENT ...] [--out report.html] [--baseline LABEL] [--metrics a,b] [--no-eval]
@@ -32,6 +29,7 @@ import time
 from pathlib import Path
 
 from kdlab.errors import KdlabError
+from kdlab.plugins import add_import_flag, load_flag
 
 DEFAULT_WORKSPACE = "kdlab-workspace"
 KIND_PLURALS = {"models": "model", "datasets": "dataset", "losses": "loss", "methods": "method",
@@ -431,6 +429,7 @@ def cmd_report(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdlab", description="Knowledge distillation toolkit and laboratory.")
     parser.add_argument("--workspace", help=f"results folder (default $KDLAB_WORKSPACE or ./{DEFAULT_WORKSPACE})")
+    add_import_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run an experiment (the quickstart when no config is given)")
@@ -567,6 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_flag(args.imports)  # before the command, so its registrations serve validation and workers
         return args.func(args)
     except KdlabError as exc:
         for line in str(exc).splitlines():

@@ -10,7 +10,8 @@
 Registering a name twice is an error (silent overwrites hide bugs). An
 unknown name raises ``KdlabError`` listing the closest matches and every name
 of that kind. The built-in entries are imported lazily on first lookup, so
-importing this module is free and has no dependencies.
+importing this module is free and has no dependencies; the installed packages'
+``kdlab.plugins`` entry points load right after them (kdlab.plugins).
 """
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def _load_builtins(kind: str | None = None) -> None:
         for module in _BUILTIN_MODULES:
             importlib.import_module(module)
         _loaded = True  # only once every import succeeded: a failed import is retried, not half-registered
+        from kdlab.plugins import load_entry_points
+
+        load_entry_points()  # installed packages' ``kdlab.plugins`` entry points, once, after the built-ins
 
 
 def get(kind: str, name: str, *, key: str | None = None) -> Any:

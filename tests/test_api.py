@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kdlab
-from kdlab.api import _as_splits
+from kdlab.distill_inputs import as_splits as _as_splits
 from kdlab.errors import KdlabError
 
 

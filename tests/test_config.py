@@ -107,7 +107,7 @@ def test_integer_for_a_float_is_converted():
 
 
 @pytest.mark.parametrize("key, value, expected", [
-    ("bogus", 1, ["bogus: unknown key", "allowed keys: data, grid, method"]),
+    ("bogus", 1, ["bogus: unknown key", "allowed keys: data, grid, imports, method"]),
     ("train.foo", 1, ["train.foo: unknown key", "lr", "epochs"]),
     ("train.epoch", 3, ["train.epoch: unknown key (did you mean 'epochs'?)"]),
     ("student.widht", 8, ["student.widht: unknown key (did you mean 'width'?)", "model 'cnn1d'"]),

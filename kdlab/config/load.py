@@ -155,6 +155,15 @@ def _overrides_for(docs: list[dict], overrides: list[str]) -> list[list[str]]:
     return out
 
 
+def _with_imports(raw: dict, base_dir: Path | None) -> dict:
+    """``raw`` after importing its ``imports`` (kdlab.plugins), relative files made absolute: before validation."""
+    if raw.get("imports") is None:
+        return raw
+    from kdlab.plugins import load_imports
+
+    return {**raw, "imports": load_imports(raw["imports"], base_dir=base_dir)}
+
+
 def parse_experiment(raw: dict):
     """Validate an experiment (every grid point) and expand it into runs (grid product × seeds).
 
@@ -163,6 +172,7 @@ def parse_experiment(raw: dict):
     """
     if not isinstance(raw, dict):
         raise ConfigError([f"config: expected a mapping, got {raw!r}"])
+    raw = _with_imports(raw, None)
     errors: list[str] = []
     grid_raw = raw.get("grid") or {}
     if not isinstance(grid_raw, dict):
@@ -268,6 +278,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         if variant is not None and names[index] != variant:
             continue
         raw = apply_overrides(raw, per_doc[index])
+        raw = _with_imports(raw, Path(path).parent if path is not None else None)
         if seeds is not None:
             raw["seeds"] = list(seeds)
         try:

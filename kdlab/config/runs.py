@@ -46,6 +46,7 @@ class RunSpec:
         """What the run id hashes: the resolved config, plus the content hashes of the model files it names by
         path (``source_hashes``) when there are any (so configs without them keep their ids)."""
         out = self.resolved()
+        out.pop("imports", None)  # which module registered a name is not what ran (kdlab.plugins)
         sources = source_hashes(out)
         if sources:
             out["source_sha256"] = sources

@@ -238,3 +238,6 @@ class ExperimentConfig:
     grid: dict[str, Any] = field(default_factory=dict)  # key.path -> [values] or {name: value}; product × seeds
     robust: Optional[RobustConfig] = field(default=None, metadata=OMIT_DEFAULT)  # null: no robust evaluation
     tracking: Optional[TrackingConfig] = field(default=None, metadata=OMIT_DEFAULT)  # null: store only
+    # The user's modules imported before validation (kdlab.plugins): names on sys.path or .py files (absolute once
+    # loaded). Not part of a run's identity (RunSpec.identity).
+    imports: Optional[list[str]] = field(default=None, metadata=OMIT_DEFAULT)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab import plugins
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.study.runner import Runner, StudySummary
 
@@ -61,9 +62,18 @@ def import_ray():
 
 
 def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
-                threads: int) -> list[tuple[str, ...]]:
-    """One Ray task: execute every spec (claims in the store split the work); return its messages."""
+                threads: int, imports: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """One Ray task: execute every spec (claims in the store split the work); return its messages.
+
+    The driver's plugin imports (kdlab.plugins) are repeated before any run is built."""
     import torch
+
+    from kdlab.plugins import load_all
+
+    try:
+        load_all(list(imports))
+    except KdlabError as exc:  # e.g. a plugin file not at the same path on this node
+        return [("fatal", "-", "imports", str(exc))]
 
     torch.set_num_threads(threads)  # the task's default; each run sets its own train.threads (Runner.execute)
     messages: list[tuple[str, ...]] = []
@@ -119,7 +129,9 @@ class RayExecutor:
             return False
         if self.address not in (None, "auto", "local"):
             check_reachable(self.address)  # Ray itself retries an unreachable address for minutes
-        env = {"PYTHONPATH": os.pathsep.join(p for p in (_source_root(), os.environ.get("PYTHONPATH")) if p)}
+        # The plugin modules' folders too (kdlab.plugins): a module found on this process's sys.path is found there.
+        paths = [_source_root(), *plugins.search_paths(), os.environ.get("PYTHONPATH")]
+        env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
         try:
             ray.init(address=self.address, runtime_env={"env_vars": env}, include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
@@ -155,7 +167,7 @@ class RayExecutor:
             for index in range(workers):
                 offset = index * len(todo) // workers  # start apart, so the tasks do not queue on one run
                 refs.append(task.remote(str(runner.workspace), todo[offset:] + todo[:offset], resume, retry_failed,
-                                        since, threads))
+                                        since, threads, tuple(plugins.loaded())))
             reported: dict[str, str] = {}
             fatal: list[str] = []
             pending = list(refs)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from kdlab.config import ExperimentConfig, RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.plan import build_plan
+from kdlab.plugins import loaded as loaded_plugins
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 
@@ -54,8 +55,11 @@ def _parent_terminated(signum: int, frame: Any) -> None:
 
 
 def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
-            threads: int, conn: Connection) -> None:
-    """One worker: execute every spec (from this worker's offset on), reporting to the parent via ``conn``."""
+            threads: int, conn: Connection, imports: tuple[str, ...] = ()) -> None:
+    """One worker: execute every spec (from this worker's offset on), reporting to the parent via ``conn``.
+
+    ``imports`` are the parent's plugin imports (kdlab.plugins), repeated before any run is built (a spec is
+    plain data: names and options, so it arrives before them)."""
     def send(*message: Any) -> None:
         try:
             conn.send(message)
@@ -67,6 +71,9 @@ def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bo
         signal.signal(signal.SIGINT, _interrupt)
         import torch
 
+        from kdlab.plugins import load_all
+
+        load_all(list(imports))
         # The process's default: each run sets its own train.threads (Runner.execute); this count
         # (cpus / workers, never oversubscribed) serves runs with train.threads: null.
         torch.set_num_threads(threads)
@@ -81,6 +88,8 @@ def _worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bo
                 return
             except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
                 send("failed", spec.run_id, spec.label, str(exc))
+    except KdlabError as exc:  # a plugin import that worked in the parent fails here: every run would fail
+        send("fatal", "-", "imports", str(exc))
     except KeyboardInterrupt:
         sys.exit(INTERRUPTED)  # Runner.execute has marked the run interrupted; no traceback
     finally:
@@ -283,7 +292,7 @@ def run_parallel(base: ExperimentConfig, specs: list[RunSpec], *, workspace: str
             reader, writer = context.Pipe(duplex=False)
             process = context.Process(target=_worker, name=f"kdlab-worker-{index + 1}",
                                       args=(str(runner.workspace), order, resume, retry_failed, since,
-                                            threads, writer))
+                                            threads, writer, tuple(loaded_plugins())))
             process.start()
             writer.close()
             processes.append(process)
