@@ -315,7 +315,8 @@ def cmd_eval(args) -> int:
     """Attack a finished run's model on its test split; print, and keep the numbers with their settings."""
     import datetime
 
-    from kdlab.config import AttackConfig, RobustConfig, _check_robust
+    from kdlab.config import AttackConfig, RobustConfig
+    from kdlab.robust.section import check_robust
     from kdlab.engine.build import load_model_file
     from kdlab.engine.optim import resolve_device
     from kdlab.store import Store, append_jsonl
@@ -323,7 +324,7 @@ def cmd_eval(args) -> int:
     from kdlab.study.robust_eval import EVALS_FILE, format_report, robust_report
     from kdlab.study.runner import MODEL_FILE, Runner
 
-    eps = args.eps.strip()  # kept as written ("8/255"), parsed and range-checked by _check_robust below
+    eps = args.eps.strip()  # kept as written ("8/255"), parsed and range-checked by check_robust below
     attack = AttackConfig(name=args.attack, eps=eps, norm=args.norm, steps=args.steps, step_size=args.step_size,
                           restarts=args.restarts, loss=args.loss, seed=args.seed)
     robust = RobustConfig(eps=eps, attacks=[attack], subset=args.subset if args.subset > 0 else None,
@@ -333,7 +334,7 @@ def cmd_eval(args) -> int:
     problems: list[str] = []
     if args.subset < 0:
         problems.append(f"--subset {args.subset}: give a number of test samples >= 1, or 0 for the whole split")
-    _check_robust(robust, problems)
+    check_robust(robust, problems)
     if problems:
         first = problems[0]
         for key, flag in _EVAL_FLAGS:

@@ -52,6 +52,18 @@ def identity_free_options(kind: str, name: str) -> tuple[str, ...]:
                  if any(isinstance(m, NotInRunId) for m in getattr(tp, "__metadata__", ())))
 
 
+def pretrained_teacher(t: Any) -> bool:
+    """Whether teacher section ``t`` names a pretrained model used as it is, with no recipe run of its own: its
+    model entry says so through a ``pretrained(options)`` attribute (``hf_causal_lm`` with ``path:``/``bundled:``)."""
+    if getattr(t, "checkpoint", None) is not None or not isinstance(getattr(t, "model", None), str):
+        return False
+    try:
+        used_as_is = getattr(registry.get("model", t.model), "pretrained", None)
+    except KdlabError:
+        return False
+    return used_as_is is not None and bool(used_as_is(getattr(t, "options", None) or {}))
+
+
 def check_options(section: str, kind: str, name: str, options: dict, also_allowed: set[str],
                   errors: list[str], *, own_keys: tuple[str, ...] = ()) -> dict:
     """Type- and bound-check ``options`` against entry ``name``; drop keys only other candidates take.

@@ -16,10 +16,10 @@ from typing import Any
 import yaml
 
 from kdlab.config.entries import drop_knobs_set_by_sized_name, entry_parameters, split_sized_name
-from kdlab.config.paths import MISSING, deep_merge, get_path, set_path
-from kdlab.config.runs import RunSpec
 from kdlab.config.sections import REGISTRY_SECTIONS, parse_point
+from kdlab.dotted import MISSING, deep_merge, get_path, set_path
 from kdlab.errors import ConfigError, KdlabError
+from kdlab.run_ids import RunSpec
 
 
 class _YamlLoader(yaml.SafeLoader):

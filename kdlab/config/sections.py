@@ -13,13 +13,13 @@ import typing
 from typing import Annotated, Any, Optional, Union
 
 from kdlab import registry
-from kdlab.config.checks import check_experiment
-from kdlab.config.entries import check_options, entry_parameters, expand_sized_name, split_sized_name
-from kdlab.config.llm import pretrained_teacher, resolve_llm_raw
-from kdlab.config.paths import get_path
+from kdlab.config.checks import check_experiment, raw_rules
+from kdlab.config.entries import (check_options, entry_parameters, expand_sized_name, pretrained_teacher,
+                                  split_sized_name)
 from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, QuantConfig, StudentConfig,
                                  TeacherConfig, TrainConfig)
 from kdlab.config.validate import hints, parse_dataclass
+from kdlab.dotted import get_path
 from kdlab.errors import KdlabError
 
 # section -> (dataclass, key naming the entry, registry kind)
@@ -149,7 +149,8 @@ def _recipe_method(raw: Any, path: str, errors: list[str]) -> Optional[MethodCon
 
 def parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
     """One grid point's raw mapping → ``ExperimentConfig``, every problem appended to ``errors``."""
-    raw = resolve_llm_raw(raw, errors)  # student.init: teacher's model, data.tokenizer: teacher
+    for rule in raw_rules():  # e.g. student.init: teacher takes the teacher's model (kdlab.seq.hf_rules)
+        raw = rule(raw, errors)
     top_raw = {k: v for k, v in raw.items() if k not in REGISTRY_SECTIONS}
     cfg: ExperimentConfig = parse_dataclass(ExperimentConfig, top_raw, "", errors)
     for section, (cls, name_key, kind) in REGISTRY_SECTIONS.items():

@@ -18,7 +18,7 @@ from typing import Callable
 from torch import nn
 
 from kdlab.config import TeacherConfig
-from kdlab.config.llm import pretrained_teacher
+from kdlab.config.entries import pretrained_teacher
 from kdlab.data import Splits
 from kdlab.engine.build import build_model, load_model_file
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab.config import ExperimentConfig
+from kdlab.run_ids import RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.study.runner import Runner, StudySummary
 

@@ -31,7 +31,8 @@ from typing import Callable
 import torch
 import yaml
 
-from kdlab.config import ExperimentConfig, RunSpec, TeacherConfig, to_dict
+from kdlab.config import ExperimentConfig, TeacherConfig
+from kdlab.run_ids import RunSpec, to_dict
 from kdlab.data import Splits, build_splits
 from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec

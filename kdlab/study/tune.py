@@ -58,7 +58,9 @@ from typing import Any, Callable
 
 import yaml
 
-from kdlab.config import ExperimentConfig, content_hash, dotted_leaves, to_dict
+from kdlab.config import ExperimentConfig
+from kdlab.dotted import dotted_leaves
+from kdlab.run_ids import content_hash, to_dict
 from kdlab.errors import KdlabError
 from kdlab.study.tune_space import TuneSettings, entry_grid_of, load_tune_config, resolve_point
 

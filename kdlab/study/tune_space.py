@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides,
-                          load_yaml_documents, name_problem, parse_experiment, set_path)
+from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, load_yaml_documents, name_problem,
+                          parse_experiment)
 from kdlab.config.sections import takes_integers
+from kdlab.dotted import set_path
+from kdlab.run_ids import RunSpec
 from kdlab.errors import KdlabError
 
 TUNE_KEYS = ("metric", "direction", "trials", "seed", "study", "space")

@@ -28,7 +28,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable
 
-from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab.config import ExperimentConfig
+from kdlab.run_ids import RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.plan import build_plan
 from kdlab.store import RunRecord, Store

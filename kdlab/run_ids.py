@@ -1,4 +1,8 @@
-"""Run identity: one resolved config per run and its content hash (the runs that produce teachers: kdlab.plan)."""
+"""Run identity: one run's resolved config, its content hash (the run id) and group key.
+
+The graph of runs (who trains before whom) is ``kdlab.plan``; ``kdlab.config.load`` expands a config into
+run specs, one per grid point and seed.
+"""
 from __future__ import annotations
 
 import copy
@@ -118,17 +122,6 @@ def content_hash(obj: Any) -> str:
     """SHA-256 of the canonical JSON of ``obj`` (sorted keys): the identity of a config."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def dotted_leaves(obj: Any, prefix: str = "", *, keep_empty: bool = False) -> dict[str, Any]:
-    """``{"train": {"lr": 0.1}}`` → ``{"train.lr": 0.1}`` (lists are leaves); ``keep_empty`` keeps an empty
-    mapping as a leaf of its own instead of dropping it."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for key, value in obj.items():
-            out.update(dotted_leaves(value, f"{prefix}.{key}" if prefix else str(key), keep_empty=keep_empty))
-        return out or ({prefix: {}} if keep_empty else {})
-    return {prefix: obj}
 
 
 def to_dict(cfg: Any) -> Any:
