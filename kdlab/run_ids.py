@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kdlab.config.entries import identity_free_options
+from kdlab.config.entries import entry_parameters
 from kdlab.config.schema import ExperimentConfig, StudentConfig
+from kdlab.config.validate import NotInRunId
+from kdlab.errors import KdlabError
 
 
 @dataclass
@@ -65,6 +67,17 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return f"{_slug(self.config.name)}-{content_hash(self.identity())[:10]}"
+
+
+def identity_free_options(kind: str, name: str) -> tuple[str, ...]:
+    """The options of a registry entry marked ``NotInRunId`` (left out of run ids); () for an unknown entry."""
+    try:
+        params = entry_parameters(kind, name)
+    except KdlabError:
+        return ()
+    return tuple(key for key, (tp, _) in params.items()
+                 if any(isinstance(m, NotInRunId) for m in getattr(tp, "__metadata__", ())))
+
 
 
 _HASHES: dict[tuple, str] = {}  # (path, file stats) -> content hash: a study hashes each model once

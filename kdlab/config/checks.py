@@ -1,8 +1,9 @@
 """Rules that tie fields together (bounds of single fields are declared in ``schema.py``).
 
 A package that owns a section's meaning registers its rules here (``@raw_rule``, ``@config_rule``), so the
-config imports none of them: ``kdlab.seq.hf_rules`` (language models), ``kdlab.robust.section`` (the robust
-section). They are registered when the registry loads its built-in modules.
+config imports none of them: ``kdlab.methods.base`` (the method contract: teachers, unlabelled samples, the
+teacher cache, each method's ``check_config``), ``kdlab.seq.hf_rules`` (language models), ``kdlab.robust.section``
+(the robust section). They are registered when the registry loads its built-in modules.
 """
 from __future__ import annotations
 
@@ -133,9 +134,6 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append(problem)
     _check_sections(cfg, errors)
     _check_data(cfg, errors)
-    registry.names("model")  # the built-in modules register their rules when loaded
-    for rule in _RULES:
-        rule(cfg, errors)
     trains = [("train", cfg.train)]
     if isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))
@@ -146,24 +144,6 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
                 errors.append(problem)
     if isinstance(cfg.seeds, list) and not cfg.seeds:
         errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
-    if not isinstance(cfg.method.name, str):
-        return
-    try:
-        method_cls = registry.get("method", cfg.method.name)
-    except KdlabError:
-        return  # reported where the method section is parsed
-    lpc = cfg.data.labels_per_class
-    if lpc is not None and cfg.data.drop_unlabelled is False and not getattr(method_cls, "uses_unlabelled", False):
-        errors.append(f"data.labels_per_class: method {cfg.method.name!r} cannot use unlabelled samples (their "
-                      "labels are -1); set data.drop_unlabelled: true to train on the labelled ones only, or use "
-                      "a method that uses them (awr_kd)")
-    if hasattr(method_cls, "teacher_problem"):
-        problem = method_cls.teacher_problem(cfg.method.name, cfg.teacher is not None)
-        if problem:
-            errors.append(problem)
-    if cfg.train.teacher_cache is True and hasattr(method_cls, "teacher_cache_problem"):
-        problem = method_cls.teacher_cache_problem(cfg.method.name)
-        if problem:
-            errors.append(problem)
-    if hasattr(method_cls, "check_config"):  # the method's own cross-field rules (e.g. sft_steps < train.steps)
-        method_cls.check_config(cfg, errors)
+    registry.names("model")  # the built-in modules register their rules when loaded
+    for rule in _RULES:
+        rule(cfg, errors)

@@ -8,7 +8,7 @@ import inspect
 from typing import Any
 
 from kdlab import registry
-from kdlab.config.validate import NotInRunId, coerce, hints, unknown_key
+from kdlab.config.validate import coerce, hints, unknown_key
 from kdlab.errors import KdlabError
 
 # Factory arguments that kdlab supplies itself; users cannot set them.
@@ -40,16 +40,6 @@ def entry_parameters(kind: str, name: str) -> dict[str, tuple[Any, Any]]:
             continue
         out[p.name] = (types_.get(p.name, Any), p.default)
     return out
-
-
-def identity_free_options(kind: str, name: str) -> tuple[str, ...]:
-    """The options of a registry entry marked ``NotInRunId`` (left out of run ids); () for an unknown entry."""
-    try:
-        params = entry_parameters(kind, name)
-    except KdlabError:
-        return ()
-    return tuple(key for key, (tp, _) in params.items()
-                 if any(isinstance(m, NotInRunId) for m in getattr(tp, "__metadata__", ())))
 
 
 def pretrained_teacher(t: Any) -> bool:

@@ -3,19 +3,23 @@ space, each entry checked against the schema's declarations before any trial run
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
-from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, load_yaml_documents, name_problem,
-                          parse_experiment)
-from kdlab.config.sections import takes_integers
-from kdlab.dotted import set_path
-from kdlab.run_ids import RunSpec
+from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, entry_parameters, load_yaml_documents,
+                          name_problem, parse_experiment, split_sized_name)
+from kdlab.config.sections import REGISTRY_SECTIONS
+from kdlab.config.validate import hints
+from kdlab.dotted import get_path, set_path
 from kdlab.errors import KdlabError
+from kdlab.run_ids import RunSpec
 
 TUNE_KEYS = ("metric", "direction", "trials", "seed", "study", "space")
 KNOB_KEYS = ("low", "high", "log", "step", "choices")
@@ -318,3 +322,50 @@ def load_tune_config(config: str | Path | dict, *, overrides: list[str] | None =
     settings = TuneSettings(metric=metric, direction=direction, trials=trials, seed=seed, study=study, space=knobs,
                             space_raw=copy.deepcopy(section.get("space")))
     return raw, base, settings
+
+
+# --------------------------------------------------------------------------- the declared type of a key
+
+
+def key_annotation(raw: dict, key: str, entry_grid: dict | None = None) -> Any:
+    """The declared type (bounds included) of dotted ``key`` in experiment ``raw``, or None if unknown:
+    a schema field, or an option of the entry its section names (any of ``entry_grid``'s choices)."""
+    parts = key.split(".")
+    cls: Any = ExperimentConfig
+    for i, part in enumerate(parts):
+        tp = hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if tp is None and parts[0] in REGISTRY_SECTIONS and i == 1:
+            section_cls, name_key, kind = REGISTRY_SECTIONS[parts[0]]
+            names = [get_path(raw, f"{parts[0]}.{name_key}", getattr(section_cls(), name_key))]
+            names += list((entry_grid or {}).get(f"{parts[0]}.{name_key}", []))
+            for name in names:
+                try:
+                    params = entry_parameters(kind, split_sized_name(name)[0])
+                except (KdlabError, TypeError):
+                    continue
+                if part in params and i == len(parts) - 1:
+                    return params[part][0]
+            return None
+        if tp is None:
+            return None
+        cls = _unwrap(tp)
+    return tp
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Optional[Annotated[X, ...]]`` → ``X``."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp):
+            non_null = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(non_null) != 1:
+                return tp
+            tp = non_null[0]
+        else:
+            return tp
+
+
+def takes_integers(raw: dict, key: str, entry_grid: dict | None = None) -> bool:
+    """Whether the schema declares ``key`` an integer (``tune.space`` samples it as one)."""
+    return _unwrap(key_annotation(raw, key, entry_grid)) is int

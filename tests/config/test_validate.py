@@ -105,7 +105,7 @@ def test_mtard_cross_field_rules_run_at_config_validation():
 
 
 def test_tune_reads_integer_keys_from_the_declarations():
-    from kdlab.config.sections import takes_integers
+    from kdlab.study.tune_space import takes_integers
 
     raw = {"student": {"model": "cnn1d"}, "teacher": {"model": "mlp"}, "method": {"name": "scratch"}}
     grid = {"method.name": ["scratch", "kd"]}
