@@ -75,7 +75,7 @@ def cmd_run(args) -> int:
 
 
 def _run_study(args, before_open=None, after_open=None) -> int:
-    from kdlab.config import load_experiment
+    from kdlab.runs import load_experiment
     from kdlab.study.compare import compare_table, render_table
     from kdlab.study.runner import Runner
 

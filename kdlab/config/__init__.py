@@ -8,7 +8,8 @@
     checks.py    rules tying fields together; the hooks by which other packages register theirs
     load.py      YAML, ``--set``, documents, grid expansion, choosing a variant or grid point
 
-Run identity (``RunSpec``, run ids) is ``kdlab.run_ids``; the graph of runs ``kdlab.plan``; dotted key paths
+A config's runs (documents × grid points × seeds, ``load_experiment``) and their identity (``RunSpec``, run ids)
+are ``kdlab.runs``; the graph of runs ``kdlab.plan``; dotted key paths
 ``kdlab.dotted``; the language-model rules ``kdlab.seq.hf_rules``; the robust section's ``kdlab.robust.section``.
 """
 from __future__ import annotations
@@ -16,13 +17,22 @@ from __future__ import annotations
 from kdlab import registry
 from kdlab.config.checks import name_problem
 from kdlab.config.entries import check_options, entry_parameters, split_sized_name
-from kdlab.config.load import (QUICKSTART_PATH, apply_overrides, load_experiment, load_yaml, load_yaml_documents,
-                               parse_experiment, parse_override, quickstart_raw)
+from kdlab.config.load import (QUICKSTART_PATH, apply_overrides, load_yaml, load_yaml_documents, parse_override,
+                               quickstart_raw)
 from kdlab.config.schema import (AttackConfig, DataConfig, ExperimentConfig, MethodConfig, MlflowConfig, ModelConfig,
                                  QuantConfig, RobustConfig, StudentConfig, TeacherConfig, TrackingConfig, TrainConfig)
 from kdlab.config.validate import parse_dataclass
 from kdlab.errors import ConfigError, KdlabError
-from kdlab.run_ids import to_dict
+
+
+def __getattr__(name: str):
+    """``load_experiment``/``parse_experiment``/``to_dict`` (a config → its runs, a run's resolved config) live in
+    ``kdlab.runs``, which builds on this package; importable from here too, as many callers do."""
+    if name in ("load_experiment", "parse_experiment", "to_dict"):
+        from kdlab import runs
+
+        return getattr(runs, name)
+    raise AttributeError(f"module 'kdlab.config' has no attribute {name!r}")
 
 
 def parse_train(raw: dict, *, path: str = "train") -> TrainConfig:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from kdlab.config import ExperimentConfig
-from kdlab.run_ids import RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
+from kdlab.runs import RunSpec, to_dict
 from kdlab.study.runner import Runner, StudySummary
 
 EXECUTORS = ("local", "ray")

@@ -60,8 +60,8 @@ import yaml
 
 from kdlab.config import ExperimentConfig
 from kdlab.dotted import dotted_leaves
-from kdlab.run_ids import content_hash, to_dict
 from kdlab.errors import KdlabError
+from kdlab.runs import content_hash, to_dict
 from kdlab.study.tune_space import TuneSettings, entry_grid_of, load_tune_config, resolve_point
 
 INSTALL_HINT = "install the tune extra: pip install 'kdlab[tune]'"

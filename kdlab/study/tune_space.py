@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, entry_parameters, load_yaml_documents,
-                          name_problem, parse_experiment, split_sized_name)
+                          name_problem, split_sized_name)
 from kdlab.config.sections import REGISTRY_SECTIONS
 from kdlab.config.validate import hints
 from kdlab.dotted import get_path, set_path
 from kdlab.errors import KdlabError
-from kdlab.run_ids import RunSpec
+from kdlab.runs import RunSpec, parse_experiment
 
 TUNE_KEYS = ("metric", "direction", "trials", "seed", "study", "space")
 KNOB_KEYS = ("low", "high", "log", "step", "choices")

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kdlab.config import ExperimentConfig
-from kdlab.run_ids import RunSpec, to_dict
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.plan import build_plan
+from kdlab.runs import RunSpec, to_dict
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 
