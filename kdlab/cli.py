@@ -91,8 +91,6 @@ def _run_study(args, before_open=None, after_open=None) -> int:
         for line in runner.dry_run(specs):
             print(line)
         return 0
-    if args.workers is not None and args.workers < 1:
-        raise KdlabError(f"--workers {args.workers}: expected a whole number ≥ 1, e.g. --workers 2")
     print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
     if args.executor == "local" and (args.workers or 1) == 1 and args.ray_address is None:
         summary = runner.run(base, specs)  # in this process, with this runner
@@ -316,9 +314,9 @@ def cmd_eval(args) -> int:
     import datetime
 
     from kdlab.config import AttackConfig, RobustConfig
-    from kdlab.robust.section import check_robust
     from kdlab.engine.build import load_model_file
     from kdlab.engine.optim import resolve_device
+    from kdlab.robust.section import check_robust
     from kdlab.store import Store, append_jsonl
     from kdlab.study.deviations import run_config
     from kdlab.study.robust_eval import EVALS_FILE, format_report, robust_report
@@ -331,9 +329,7 @@ def cmd_eval(args) -> int:
                           subset_seed=args.subset_seed, faithfulness=args.faithfulness,
                           faithfulness_steps=args.faithfulness_steps, delta=args.delta,
                           sanity_checks=args.sanity_checks)
-    problems: list[str] = []
-    if args.subset < 0:
-        problems.append(f"--subset {args.subset}: give a number of test samples >= 1, or 0 for the whole split")
+    problems: list[str] = []  # the flags' own bounds were checked (kdlab.cli_flags); these tie them together
     check_robust(robust, problems)
     if problems:
         first = problems[0]
@@ -568,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from kdlab.cli_flags import check_flags  # the numeric flags, bounded like config keys
+        check_flags(args)
         return args.func(args)
     except KdlabError as exc:
         for line in str(exc).splitlines():

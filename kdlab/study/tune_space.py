@@ -13,15 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Union
 
+from annotated_types import Ge, Le
+
 from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, entry_parameters, load_yaml_documents,
                           name_problem, split_sized_name)
 from kdlab.config.sections import REGISTRY_SECTIONS
-from kdlab.config.validate import hints
+from kdlab.config.validate import Says, coerce, hints
 from kdlab.dotted import get_path, set_path
 from kdlab.errors import KdlabError
 from kdlab.runs import RunSpec, parse_experiment
 
 TUNE_KEYS = ("metric", "direction", "trials", "seed", "study", "space")
+# tune.trials and tune.seed (also the flags --trials and --seed, kdlab.cli_flags): a total of trials (a study
+# already past it runs none) and the TPE sampler's seed (numpy seeds are below 2^32).
+Trials = Annotated[int, Ge(0), Le(1 << 20), Says("a whole number >= 0 (the total number of trials)")]
+SamplerSeed = Annotated[int, Ge(0), Le((1 << 32) - 1)]
 KNOB_KEYS = ("low", "high", "log", "step", "choices")
 # Keys naming a registry entry: tuned through a grid over the choices, so every run keeps only its entry's keys.
 ENTRY_KEYS = ("data.dataset", "student.model", "teacher.model", "method.name")
@@ -303,11 +309,10 @@ def load_tune_config(config: str | Path | dict, *, overrides: list[str] | None =
     trials = trials if trials is not None else section.get("trials")
     if trials is None:
         errors.append("--trials: give the total number of trials, e.g. --trials 20 (or tune.trials in the config)")
-    elif isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
-        errors.append(f"--trials: expected a whole number >= 0 (the total number of trials), got {trials!r}")
+    else:
+        coerce(trials, Trials, "tune.trials", errors)
     seed = seed if seed is not None else section.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        errors.append(f"tune.seed: expected an integer, got {seed!r}")
+    coerce(seed, SamplerSeed, "tune.seed", errors)
     study = section.get("study") or f"{base.name}-tune"
     if not isinstance(study, str) or study.strip() != study or not study:
         errors.append(f"tune.study: expected a name, got {study!r}")
