@@ -1,4 +1,4 @@
-"""Dotted key paths into nested mappings (raw YAML configs, resolved configs): ``train.lr`` → ``raw["train"]["lr"]``."""
+"""Dotted key paths into nested mappings (raw and resolved configs): ``train.lr`` → ``raw["train"]["lr"]``."""
 from __future__ import annotations
 
 import copy

@@ -7,7 +7,8 @@ them, prompts tokenized by the teacher's tokenizer. Registered with the config's
   ``bundled:NAME``), so the dataset is built from the same tokenizer.
 * ``check_llm(cfg, errors)`` — what can be known from the files before any work: layers the teacher lacks, a chat
   template the tokenizer lacks, prompts that leave no room for ``max_new_tokens`` in the model's context.
-  (An ``hf_causal_lm`` teacher named by ``path``/``bundled`` is used as it is, not trained: ``hf_causal_lm.pretrained``.)
+  (An ``hf_causal_lm`` teacher named by ``path``/``bundled`` is used as it is, not trained:
+  ``hf_causal_lm.pretrained``.)
 
 Facts about a model source are read cheaply (``config.json``/``tokenizer_config.json`` of a folder, the metadata of
 a GGUF file); a source that cannot be read is left to the loader, which names the problem when it builds.
