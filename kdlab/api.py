@@ -11,16 +11,35 @@ import torch
 from torch import nn
 
 from kdlab import registry
-from kdlab.config import (ExperimentConfig, TrainConfig, content_hash, load_experiment, parse_experiment,
-                          parse_method, parse_train, to_dict)
+from kdlab.config import ConfigError, ExperimentConfig, MethodConfig, TrainConfig, check_options, parse_dataclass
 from kdlab.distill_inputs import as_splits, kept_as_found, logits_hooks
 from kdlab.engine.build import build_method, check_class_counts
 from kdlab.engine.loop import fit
 from kdlab.errors import KdlabError
+from kdlab.runs import content_hash, load_experiment, parse_experiment, to_dict
 from kdlab.store.files import atomic_write_text
 
 SETTINGS_FILE = "distill.json"  # in a distill run_dir: the settings it was started with
 
+
+
+def parse_train(raw: dict, *, path: str = "train") -> TrainConfig:
+    """Validate a ``train`` mapping on its own (used by the Python API)."""
+    errors: list[str] = []
+    out = parse_dataclass(TrainConfig, raw, path, errors)
+    if errors:
+        raise ConfigError(errors)
+    return out
+
+
+def parse_method(name: str, options: dict) -> MethodConfig:
+    """Validate a method name and its hyperparameters on their own (used by the Python API)."""
+    registry.get("method", name, key="method.name")
+    errors: list[str] = []
+    checked = check_options("method", "method", name, options, set(), errors)
+    if errors:
+        raise ConfigError(errors)
+    return MethodConfig(name=name, options=checked)
 
 def _sha256_tensors(tensors) -> str:
     digest = hashlib.sha256()

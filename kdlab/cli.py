@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
 
 
 def _run_study(args, before_open=None, after_open=None) -> int:
-    from kdlab.config import load_experiment
+    from kdlab.runs import load_experiment
     from kdlab.study.compare import compare_table, render_table
     from kdlab.study.runner import Runner
 
@@ -89,8 +89,6 @@ def _run_study(args, before_open=None, after_open=None) -> int:
         for line in runner.dry_run(specs):
             print(line)
         return 0
-    if args.workers is not None and args.workers < 1:
-        raise KdlabError(f"--workers {args.workers}: expected a whole number ≥ 1, e.g. --workers 2")
     print(f"experiment {base.name}: {len(specs)} runs (grid × seeds), workspace {runner.workspace}")
     if args.executor == "local" and (args.workers or 1) == 1 and args.ray_address is None:
         summary = runner.run(base, specs)  # in this process, with this runner
@@ -313,25 +311,24 @@ def cmd_eval(args) -> int:
     """Attack a finished run's model on its test split; print, and keep the numbers with their settings."""
     import datetime
 
-    from kdlab.config import AttackConfig, RobustConfig, _check_robust
+    from kdlab.config import AttackConfig, RobustConfig
     from kdlab.engine.build import load_model_file
     from kdlab.engine.optim import resolve_device
+    from kdlab.robust.section import check_robust
     from kdlab.store import Store, append_jsonl
     from kdlab.study.deviations import run_config
     from kdlab.study.robust_eval import EVALS_FILE, format_report, robust_report
     from kdlab.study.runner import MODEL_FILE, Runner
 
-    eps = args.eps.strip()  # kept as written ("8/255"), parsed and range-checked by _check_robust below
+    eps = args.eps.strip()  # kept as written ("8/255"), parsed and range-checked by check_robust below
     attack = AttackConfig(name=args.attack, eps=eps, norm=args.norm, steps=args.steps, step_size=args.step_size,
                           restarts=args.restarts, loss=args.loss, seed=args.seed)
     robust = RobustConfig(eps=eps, attacks=[attack], subset=args.subset if args.subset > 0 else None,
                           subset_seed=args.subset_seed, faithfulness=args.faithfulness,
                           faithfulness_steps=args.faithfulness_steps, delta=args.delta,
                           sanity_checks=args.sanity_checks)
-    problems: list[str] = []
-    if args.subset < 0:
-        problems.append(f"--subset {args.subset}: give a number of test samples >= 1, or 0 for the whole split")
-    _check_robust(robust, problems)
+    problems: list[str] = []  # the flags' own bounds were checked (kdlab.cli_flags); these tie them together
+    check_robust(robust, problems)
     if problems:
         first = problems[0]
         for key, flag in _EVAL_FLAGS:
@@ -566,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from kdlab.cli_flags import check_flags  # the numeric flags, bounded like config keys
+        check_flags(args)
         load_flag(args.imports)  # before the command, so its registrations serve validation and workers
         return args.func(args)
     except KdlabError as exc:

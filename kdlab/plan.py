@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from kdlab import registry
-from kdlab.config import (DataConfig, ExperimentConfig, MethodConfig, RunSpec, StudentConfig, TeacherConfig,
-                          TrainConfig)
-from kdlab.config.llm import pretrained_teacher
+from kdlab.config import DataConfig, ExperimentConfig, MethodConfig, StudentConfig, TeacherConfig, TrainConfig
+from kdlab.config.entries import pretrained_teacher
+from kdlab.runs import RunSpec
 
 TEACHER_EXPERIMENT = "teachers"  # the experiment that holds every teacher and assistant run of a workspace
 EDGE_KINDS = ("teacher", "assistant", "member", "trajectory")

@@ -19,9 +19,9 @@ from kdlab.config import (
     parse_experiment,
     parse_override,
     quickstart_raw,
-    set_path,
     to_dict,
 )
+from kdlab.dotted import set_path
 from kdlab.errors import ConfigError, KdlabError
 from kdlab.plan import teacher_run_spec
 

@@ -1,12 +1,39 @@
-"""Rules that tie fields together (bounds of single fields are declared in ``schema.py``)."""
+"""Rules that tie fields together (bounds of single fields are declared in ``schema.py``).
+
+A package that owns a section's meaning registers its rules here (``@raw_rule``, ``@config_rule``), so the
+config imports none of them: ``kdlab.methods.base`` (the method contract: teachers, unlabelled samples, the
+teacher cache, each method's ``check_config``), ``kdlab.seq.hf_rules`` (language models), ``kdlab.robust.section``
+(the robust section). They are registered when the registry loads its built-in modules.
+"""
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from kdlab import registry
-from kdlab.config.schema import ExperimentConfig, RobustConfig, StudentConfig, TeacherConfig
+from kdlab.config.schema import ExperimentConfig, StudentConfig, TeacherConfig
 from kdlab.errors import KdlabError
+
+_RAW_RULES: list[Callable[[dict, list[str]], dict]] = []
+_RULES: list[Callable[[ExperimentConfig, list[str]], None]] = []
+
+
+def raw_rule(fn: Callable[[dict, list[str]], dict]) -> Callable:
+    """Register ``fn(raw, errors) -> raw``: rewrites one grid point's mapping before it is parsed (the input is
+    not modified)."""
+    _RAW_RULES.append(fn)
+    return fn
+
+
+def config_rule(fn: Callable[[ExperimentConfig, list[str]], None]) -> Callable:
+    """Register ``fn(cfg, errors)``: a rule of one parsed grid point; each problem appended to ``errors``."""
+    _RULES.append(fn)
+    return fn
+
+
+def raw_rules() -> list[Callable[[dict, list[str]], dict]]:
+    registry.names("model")  # the built-in modules register their rules when loaded
+    return list(_RAW_RULES)
 
 
 def name_problem(value: Any, key: str) -> str | None:
@@ -107,15 +134,6 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append(problem)
     _check_sections(cfg, errors)
     _check_data(cfg, errors)
-    if isinstance(cfg.student, StudentConfig) and isinstance(cfg.data.options, dict):
-        from kdlab.config.llm import check_llm
-
-        check_llm(cfg, errors)
-    from kdlab.engine.teacher import check_teacher_placement  # teacher.device / teacher.dtype
-    from kdlab.seq.peft import check_peft  # student.peft
-
-    check_teacher_placement(cfg, errors)
-    check_peft(cfg, errors)
     trains = [("train", cfg.train)]
     if isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.train is not None:
         trains.append(("teacher.train", cfg.teacher.train))
@@ -126,28 +144,6 @@ def check_experiment(cfg: ExperimentConfig, errors: list[str]) -> None:
                 errors.append(problem)
     if isinstance(cfg.seeds, list) and not cfg.seeds:
         errors.append("seeds: give at least one seed, e.g. seeds: [0, 1, 2]")
-    if isinstance(cfg.robust, RobustConfig):
-        from kdlab.robust.section import check_robust  # the attacks' own rules (AttackSpec), with torch
-
-        check_robust(cfg.robust, errors)
-    if not isinstance(cfg.method.name, str):
-        return
-    try:
-        method_cls = registry.get("method", cfg.method.name)
-    except KdlabError:
-        return  # reported where the method section is parsed
-    lpc = cfg.data.labels_per_class
-    if lpc is not None and cfg.data.drop_unlabelled is False and not getattr(method_cls, "uses_unlabelled", False):
-        errors.append(f"data.labels_per_class: method {cfg.method.name!r} cannot use unlabelled samples (their "
-                      "labels are -1); set data.drop_unlabelled: true to train on the labelled ones only, or use "
-                      "a method that uses them (awr_kd)")
-    if hasattr(method_cls, "teacher_problem"):
-        problem = method_cls.teacher_problem(cfg.method.name, cfg.teacher is not None)
-        if problem:
-            errors.append(problem)
-    if cfg.train.teacher_cache is True and hasattr(method_cls, "teacher_cache_problem"):
-        problem = method_cls.teacher_cache_problem(cfg.method.name)
-        if problem:
-            errors.append(problem)
-    if hasattr(method_cls, "check_config"):  # the method's own cross-field rules (e.g. sft_steps < train.steps)
-        method_cls.check_config(cfg, errors)
+    registry.names("model")  # the built-in modules register their rules when loaded
+    for rule in _RULES:
+        rule(cfg, errors)

@@ -8,7 +8,7 @@ import inspect
 from typing import Any
 
 from kdlab import registry
-from kdlab.config.validate import NotInRunId, coerce, hints, unknown_key
+from kdlab.config.validate import coerce, hints, unknown_key
 from kdlab.errors import KdlabError
 
 # Factory arguments that kdlab supplies itself; users cannot set them.
@@ -42,14 +42,16 @@ def entry_parameters(kind: str, name: str) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def identity_free_options(kind: str, name: str) -> tuple[str, ...]:
-    """The options of a registry entry marked ``NotInRunId`` (left out of run ids); () for an unknown entry."""
+def pretrained_teacher(t: Any) -> bool:
+    """Whether teacher section ``t`` names a pretrained model used as it is, with no recipe run of its own: its
+    model entry says so through a ``pretrained(options)`` attribute (``hf_causal_lm`` with ``path:``/``bundled:``)."""
+    if getattr(t, "checkpoint", None) is not None or not isinstance(getattr(t, "model", None), str):
+        return False
     try:
-        params = entry_parameters(kind, name)
+        used_as_is = getattr(registry.get("model", t.model), "pretrained", None)
     except KdlabError:
-        return ()
-    return tuple(key for key, (tp, _) in params.items()
-                 if any(isinstance(m, NotInRunId) for m in getattr(tp, "__metadata__", ())))
+        return False
+    return used_as_is is not None and bool(used_as_is(getattr(t, "options", None) or {}))
 
 
 def check_options(section: str, kind: str, name: str, options: dict, also_allowed: set[str],

@@ -171,7 +171,6 @@ class TeacherConfig:
 ModelConfig = StudentConfig  # the name engine/build.py and older callers use for a network to build
 
 
-ATTACK_NAMES = ("fgsm", "pgd", "apgd", "autoattack")  # autoattack: the standard version, extra "autoattack"
 Eps = Union[Annotated[float, Interval(ge=0, le=1e3)], str]  # a radius: 0.1 or "8/255"
 
 
@@ -179,7 +178,7 @@ Eps = Union[Annotated[float, Interval(ge=0, le=1e3)], str]  # a radius: 0.1 or "
 class AttackConfig:
     """One attack run on the test subset after training (``kdlab.robust.protocol.AttackSpec``)."""
 
-    name: Literal["fgsm", "pgd", "apgd", "autoattack"] = "pgd"
+    name: Literal["fgsm", "pgd", "apgd", "autoattack"] = "pgd"  # autoattack: the standard version, extra "autoattack"
     eps: Optional[Eps] = None  # radius in input units ([0, 1]): 0.1 or "8/255"; null = robust.eps
     norm: Literal["linf", "l2"] = "linf"
     # Lower bounds (and the per-attack rules) are AttackSpec's; these upper bounds stop absurd budgets early.

@@ -8,18 +8,16 @@ keeps only the keys its own entry takes (so ``scratch`` runs of a temperature gr
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from typing import Annotated, Any, Optional, Union
+from typing import Any, Optional
 
 from kdlab import registry
-from kdlab.config.checks import check_experiment
-from kdlab.config.entries import check_options, entry_parameters, expand_sized_name, split_sized_name
-from kdlab.config.llm import pretrained_teacher, resolve_llm_raw
-from kdlab.config.paths import get_path
+from kdlab.config.checks import check_experiment, raw_rules
+from kdlab.config.entries import (check_options, entry_parameters, expand_sized_name, pretrained_teacher,
+                                  split_sized_name)
 from kdlab.config.schema import (DataConfig, ExperimentConfig, MethodConfig, QuantConfig, StudentConfig,
                                  TeacherConfig, TrainConfig)
-from kdlab.config.validate import hints, parse_dataclass
+from kdlab.config.validate import parse_dataclass
+from kdlab.dotted import get_path
 from kdlab.errors import KdlabError
 
 # section -> (dataclass, key naming the entry, registry kind)
@@ -149,7 +147,8 @@ def _recipe_method(raw: Any, path: str, errors: list[str]) -> Optional[MethodCon
 
 def parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
     """One grid point's raw mapping → ``ExperimentConfig``, every problem appended to ``errors``."""
-    raw = resolve_llm_raw(raw, errors)  # student.init: teacher's model, data.tokenizer: teacher
+    for rule in raw_rules():  # e.g. student.init: teacher takes the teacher's model (kdlab.seq.hf_rules)
+        raw = rule(raw, errors)
     top_raw = {k: v for k, v in raw.items() if k not in REGISTRY_SECTIONS}
     cfg: ExperimentConfig = parse_dataclass(ExperimentConfig, top_raw, "", errors)
     for section, (cls, name_key, kind) in REGISTRY_SECTIONS.items():
@@ -196,47 +195,3 @@ def parse_point(raw: dict, grid: dict, errors: list[str]) -> ExperimentConfig:
         cfg.teacher.train = TrainConfig()
     check_experiment(cfg, errors)
     return cfg
-
-
-def key_annotation(raw: dict, key: str, entry_grid: dict | None = None) -> Any:
-    """The declared type (bounds included) of dotted ``key`` in experiment ``raw``, or None if unknown:
-    a schema field, or an option of the entry its section names (any of ``entry_grid``'s choices)."""
-    parts = key.split(".")
-    cls: Any = ExperimentConfig
-    for i, part in enumerate(parts):
-        tp = hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
-        if tp is None and parts[0] in REGISTRY_SECTIONS and i == 1:
-            section_cls, name_key, kind = REGISTRY_SECTIONS[parts[0]]
-            names = [get_path(raw, f"{parts[0]}.{name_key}", getattr(section_cls(), name_key))]
-            names += list((entry_grid or {}).get(f"{parts[0]}.{name_key}", []))
-            for name in names:
-                try:
-                    params = entry_parameters(kind, split_sized_name(name)[0])
-                except (KdlabError, TypeError):
-                    continue
-                if part in params and i == len(parts) - 1:
-                    return params[part][0]
-            return None
-        if tp is None:
-            return None
-        cls = _unwrap(tp)
-    return tp
-
-
-def _unwrap(tp: Any) -> Any:
-    """``Optional[Annotated[X, ...]]`` → ``X``."""
-    while True:
-        if typing.get_origin(tp) is Annotated:
-            tp = typing.get_args(tp)[0]
-        elif typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp):
-            non_null = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(non_null) != 1:
-                return tp
-            tp = non_null[0]
-        else:
-            return tp
-
-
-def takes_integers(raw: dict, key: str, entry_grid: dict | None = None) -> bool:
-    """Whether the schema declares ``key`` an integer (``tune.space`` samples it as one)."""
-    return _unwrap(key_annotation(raw, key, entry_grid)) is int

@@ -7,6 +7,8 @@ import math
 import torch
 
 from kdlab.config import TrainConfig
+from kdlab.config.checks import device_problem
+from kdlab.errors import KdlabError
 
 
 def build_optimizer(params, train: TrainConfig) -> torch.optim.Optimizer:
@@ -66,21 +68,14 @@ def build_scheduler(optimizer, train: TrainConfig, *, total_steps: int, steps_pe
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; an unavailable device is a clear error."""
-    from kdlab.errors import KdlabError
-
+    """``auto`` picks CUDA, then MPS, then the CPU; a device this machine lacks is the config's one-line error."""
+    problem = device_problem(name, "fp32", "train")
+    if problem:
+        raise KdlabError(problem)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise KdlabError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdlabError(f"train.device: {name} requested but CUDA is not available; use device: auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise KdlabError(f"train.device: {name} requested but MPS is not available; use device: auto or cpu")
-    return device
+    return torch.device(name)

@@ -47,11 +47,21 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Annotated
 
 import torch
+from annotated_types import Ge, Gt, Interval
 
 from kdlab.errors import KdlabError
 from kdlab.registry import register
+
+# Bounds of the losses' float options, declared on their signatures: a config's ``distill`` terms are coerced
+# against them before any work (kdlab.methods.distill). The runtime checks below stay for Python callers
+# (a tensor temperature, e.g. a learned one, is passed in Python only).
+Temperature = Annotated[float, Gt(0)]
+NonNegative = Annotated[float, Ge(0)]
+Positive = Annotated[float, Gt(0)]
+Unit = Annotated[float, Interval(ge=0, le=1)]
 
 REDUCTIONS = ("batchmean", "sum", "none")
 
@@ -346,7 +356,7 @@ def logit_divergence(name, student_logits, teacher_logits, *, temperature, mask,
 
 
 @register("loss", "kl")
-def kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+def kl(student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean"):
     """Forward KL of Hinton KD: T² · KL(p_T^teacher ‖ p_T^student).
 
     Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural
@@ -375,7 +385,7 @@ kl.loss_kind = "logit"
 
 
 @register("loss", "reverse_kl")
-def reverse_kl(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+def reverse_kl(student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean"):
     """Reverse KL: T² · KL(p_T^student ‖ p_T^teacher) (mode-seeking).
 
     The reverse direction of Hinton et al. (2015) §2's KL, as used for
@@ -391,7 +401,8 @@ reverse_kl.loss_kind = "logit"
 
 @register("loss", "generalized_jsd")
 def generalized_jsd(
-    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", beta=0.5, scaled=False
+    student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean",
+    beta: Unit = 0.5, scaled=False
 ):
     """Generalized Jensen–Shannon divergence JSD(β) of GKD, times T².
 
@@ -430,7 +441,7 @@ generalized_jsd.loss_kind = "logit"
 
 
 @register("loss", "tvd")
-def tvd(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+def tvd(student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean"):
     """Total variation distance ½·Σ_c |p_T^teacher − p_T^student| (no T² factor).
 
     Bounded in [0, 1] per position. Why no T²: its gradient with respect to the
@@ -455,7 +466,7 @@ tvd.loss_kind = "logit"
 
 
 @register("loss", "mse_logits")
-def mse_logits(student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean"):
+def mse_logits(student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean"):
     """Logit regression: mean over classes of (z_s/T − z_t/T)².
 
     Ba & Caruana (2014), "Do Deep Nets Really Need to be Deep?", §2.2: the
@@ -485,7 +496,7 @@ mse_logits.loss_kind = "logit"
 
 
 @register("loss", "cross_entropy")
-def cross_entropy(student_logits, labels, *, label_smoothing=0.0, mask=None, reduction="batchmean"):
+def cross_entropy(student_logits, labels, *, label_smoothing: Unit = 0.0, mask=None, reduction="batchmean"):
     """Cross-entropy with hard labels and optional label smoothing.
 
     Target ``(1 − ε)·onehot(y) + ε/C`` (Szegedy et al. 2016, "Rethinking the

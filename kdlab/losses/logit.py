@@ -27,6 +27,10 @@ import torch
 from kdlab import registry
 from kdlab.errors import KdlabError
 from kdlab.losses.divergences import (
+    NonNegative,
+    Positive,
+    Temperature,
+    Unit,
     _check_labels,
     _check_reduction,
     _check_unit_interval,
@@ -70,7 +74,8 @@ def _safe_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 @register("loss", "skew_kl")
 def skew_kl(
-    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", skew=0.1, reverse=False
+    student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean",
+    skew: Unit = 0.1, reverse=False
 ):
     """α-skew KL of DistiLLM, times T²: KL(p ‖ α·p + (1−α)·q) (or the reverse skew).
 
@@ -172,12 +177,12 @@ def dkd(
     student_logits,
     teacher_logits,
     *,
-    temperature=1.0,
+    temperature: Temperature = 1.0,
     mask=None,
     reduction="batchmean",
     labels=None,
-    alpha=1.0,
-    beta=8.0,
+    alpha: NonNegative = 1.0,
+    beta: NonNegative = 8.0,
 ):
     """Decoupled KD: α·TCKD + β·NCKD, both at temperature T and times T².
 
@@ -263,7 +268,8 @@ def pearson_distance(a, b, *, dim=-1, eps=1e-8):
 
 @register("loss", "dist")
 def dist(
-    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", beta=1.0, gamma=1.0
+    student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean",
+    beta: NonNegative = 1.0, gamma: NonNegative = 1.0
 ):
     """DIST: T²·(β·inter-class + γ·intra-class Pearson distance) of the softmax outputs.
 
@@ -382,11 +388,11 @@ def logit_standardization(
     student_logits,
     teacher_logits,
     *,
-    temperature=1.0,
+    temperature: Temperature = 1.0,
     mask=None,
     reduction="batchmean",
     base="kl",
-    eps=1e-7,
+    eps: Positive = 1e-7,
     **base_options,
 ):
     """Z-score both logit vectors, then apply the registered logit loss ``base``.
@@ -434,7 +440,8 @@ logit_standardization.loss_kind = "logit"
 
 @register("loss", "hinge_logits")
 def hinge_logits(
-    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", margin=0.0, squared=True
+    student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean",
+    margin: NonNegative = 0.0, squared=True
 ):
     """Margin (hinge) regression on logits: mean_c max(0, |z_s − z_t|/T − m)^k, k = 2 or 1.
 
@@ -475,7 +482,8 @@ _LOGSUM_FLOOR = 1e-12
 
 @register("loss", "logsum")
 def logsum(
-    student_logits, teacher_logits, *, temperature=1.0, mask=None, reduction="batchmean", power=4.0, eps=0.0
+    student_logits, teacher_logits, *, temperature: Temperature = 1.0, mask=None, reduction="batchmean",
+    power: Positive = 4.0, eps: NonNegative = 0.0
 ):
     """LogSum soft-maximum distance: log Σ_c |s_c/T − t_c/T|^p over the last dim.
 

@@ -38,10 +38,11 @@ from annotated_types import Interval
 import torch
 
 from kdlab.config.validate import Count
-from kdlab.errors import KdlabError
+from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy, mse_logits
 from kdlab.methods.base import Method
-from kdlab.methods.continuation_kd import UNITS, _check_max_temperature, phi, temperature_at, unit_index
+from kdlab.methods.continuation_kd import (UNITS, known_units, max_temperature_problem, phi, temperature_at,
+                                          temperatures_problem, unit_index)
 from kdlab.registry import register
 
 
@@ -49,11 +50,19 @@ KEY = "annealing_kd"
 REDUCTIONS = ("mean", "sum")
 
 
+def _fraction_problem(phase1_fraction) -> str | None:
+    if isinstance(phase1_fraction, bool) or not isinstance(phase1_fraction, (int, float)) or \
+            not (math.isfinite(phase1_fraction) and 0 < phase1_fraction <= 1):
+        return f"method.phase1_fraction ({KEY}): must lie in (0, 1], got {phase1_fraction!r}"
+    return None
+
+
 def annealing_schedule(e: int, n: int, *, max_temperature: int, phase1_fraction: float) -> tuple[int, int, float]:
     """``(phase, T, φ)`` at the 0-based unit ``e`` of ``n``: phase 1 for e < round(phase1_fraction·n), else 2
     (where T = 1 and φ = 1, the last phase-1 values; the teacher is unused)."""
-    if not (math.isfinite(phase1_fraction) and 0 < phase1_fraction <= 1):
-        raise KdlabError(f"method.phase1_fraction ({KEY}): must lie in (0, 1], got {phase1_fraction!r}")
+    problem = _fraction_problem(phase1_fraction)
+    if problem:
+        raise KdlabError(problem)
     phase1 = round(phase1_fraction * n)
     if e >= phase1:
         return 2, 1, 1.0
@@ -68,6 +77,28 @@ class AnnealingKDHparams:
     reduction: Literal["mean", "sum"] = "mean"  # over classes: mean = the code's F.mse_loss; sum = ‖·‖²₂
     unit: Literal["epoch", "step"] = "epoch"  # e counts epochs (the paper, the code) or optimiser steps
 
+    def problems(self) -> list[str]:
+        """This method's rules, each message naming it: at config validation once the declared bounds hold,
+        and for a method built in Python (``check_hparams``)."""
+        out = [max_temperature_problem(self.max_temperature, KEY), _fraction_problem(self.phase1_fraction)]
+        if self.reduction not in REDUCTIONS:
+            out.append(f"method.reduction ({KEY}): {self.reduction!r} is not one of {', '.join(REDUCTIONS)}")
+        if self.unit not in UNITS:
+            out.append(f"method.unit ({KEY}): {self.unit!r} is not one of {', '.join(UNITS)}")
+        return [p for p in out if p]
+
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """At config validation: the T_max temperatures fit in phase 1, when the config gives the run's length."""
+        options = cfg.method.options
+        max_temperature, fraction = options.get("max_temperature", 7), options.get("phase1_fraction", 2 / 3)
+        n = known_units(cfg.train, options.get("unit", "epoch"))
+        if n is not None and max_temperature_problem(max_temperature, KEY) is None \
+                and _fraction_problem(fraction) is None:
+            problem = temperatures_problem(max_temperature, round(fraction * n), KEY)
+            if problem:
+                errors.append(problem)
+
 
 @register("method", KEY)
 class AnnealingKD(Method):
@@ -77,18 +108,11 @@ class AnnealingKD(Method):
 
     @classmethod
     def check_hparams(cls, hparams) -> None:
-        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
-        depend on each other); config validation applies the bounds declared on ``Hparams``."""
-
-    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        h = hparams
-        _check_max_temperature(h.max_temperature, KEY)
-        annealing_schedule(0, 1, max_temperature=1, phase1_fraction=h.phase1_fraction)  # validates the fraction
-        if h.reduction not in REDUCTIONS:
-            raise KdlabError(f"method.reduction ({KEY}): {h.reduction!r} is not one of {', '.join(REDUCTIONS)}")
-        if h.unit not in UNITS:
-            raise KdlabError(f"method.unit ({KEY}): {h.unit!r} is not one of {', '.join(UNITS)}")
+        """Built in Python: ``Hparams.problems()``, whose messages name the method (a config met the declared
+        bounds, then the same rules, when it was validated)."""
+        problems = hparams.problems()
+        if problems:
+            raise ConfigError(problems[:1])
 
     def schedule(self) -> tuple[int, int, float]:
         """``(phase, T, φ)`` at the current step (after ``set_progress``)."""

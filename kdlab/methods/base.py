@@ -15,8 +15,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from kdlab import registry
+from kdlab.config.checks import config_rule
 from kdlab.config.validate import check_fields
-from kdlab.errors import ConfigError
+from kdlab.errors import ConfigError, KdlabError
 
 
 
@@ -212,3 +214,30 @@ class Method(nn.Module):
         Return the same names, in the same order, at every step (the loop keeps running sums by position).
         """
         raise NotImplementedError
+
+
+@config_rule
+def method_rules(cfg, errors: list[str]) -> None:
+    """The contract's rules at config validation: the method's teacher, unlabelled samples, the teacher cache,
+    then the method's own ``check_config``."""
+    if not isinstance(cfg.method.name, str):
+        return
+    try:
+        method_cls = registry.get("method", cfg.method.name)
+    except KdlabError:
+        return  # reported where the method section is parsed
+    lpc = cfg.data.labels_per_class
+    if lpc is not None and cfg.data.drop_unlabelled is False and not getattr(method_cls, "uses_unlabelled", False):
+        errors.append(f"data.labels_per_class: method {cfg.method.name!r} cannot use unlabelled samples (their "
+                      "labels are -1); set data.drop_unlabelled: true to train on the labelled ones only, or use "
+                      "a method that uses them (awr_kd)")
+    if hasattr(method_cls, "teacher_problem"):
+        problem = method_cls.teacher_problem(cfg.method.name, cfg.teacher is not None)
+        if problem:
+            errors.append(problem)
+    if cfg.train.teacher_cache is True and hasattr(method_cls, "teacher_cache_problem"):
+        problem = method_cls.teacher_cache_problem(cfg.method.name)
+        if problem:
+            errors.append(problem)
+    if hasattr(method_cls, "check_config"):  # the method's own cross-field rules (e.g. sft_steps < train.steps)
+        method_cls.check_config(cfg, errors)

@@ -43,7 +43,7 @@ from annotated_types import Interval
 import torch
 
 from kdlab.config.validate import Count, NonNegative, Positive
-from kdlab.errors import KdlabError
+from kdlab.errors import ConfigError, KdlabError
 from kdlab.losses import cross_entropy
 from kdlab.methods.base import Method
 from kdlab.methods.schedules import term_weight
@@ -65,11 +65,45 @@ def unit_index(step: int, total_steps: int, steps_per_epoch: int | None, unit: s
     return step // per + 1, max(1, math.ceil(total_steps / per))
 
 
-def _check_max_temperature(max_temperature, method: str) -> int:
+def max_temperature_problem(max_temperature, method: str) -> str | None:
     if isinstance(max_temperature, bool) or not isinstance(max_temperature, int) or max_temperature < 1:
-        raise KdlabError(f"method.max_temperature ({method}): must be an integer >= 1 (T steps down "
-                         f"T_max, ..., 1), got {max_temperature!r}")
+        return (f"method.max_temperature ({method}): must be an integer >= 1 (T steps down T_max, ..., 1), "
+                f"got {max_temperature!r}")
+    return None
+
+
+def _check_max_temperature(max_temperature, method: str) -> int:
+    problem = max_temperature_problem(max_temperature, method)
+    if problem:
+        raise KdlabError(problem)
     return max_temperature
+
+
+def temperatures_problem(max_temperature: int, n: int, method: str) -> str | None:
+    """Why T_max temperatures do not fit in ``n`` units of training (each needs ⌊n/T_max⌋ ≥ 1 units), or None."""
+    if n // max_temperature == 0:
+        return (f"method.max_temperature ({method}): {max_temperature} temperatures do not fit in {n} units of "
+                "training (T drops every ⌊n/T_max⌋ units); lower max_temperature, train longer, or set unit: step")
+    return None
+
+
+def known_units(train, unit: str) -> int | None:
+    """The run's number of units (``unit_index``'s n) when the config alone gives it: the epochs of a run
+    without ``train.steps``, or ``train.steps`` counted in steps; None when it depends on the data's size."""
+    if unit == "step":
+        return train.steps if isinstance(train.steps, int) else None
+    return train.epochs if train.steps is None and isinstance(train.epochs, int) else None
+
+
+def number_problem(value, key: str, method: str, *, low: float, high: float | None = None,
+                   low_open: bool = False) -> str | None:
+    """A finite number in [low, high] (``low_open``: (low, high]), as this method words its bounds; else why not."""
+    bounds = (f"in {'(' if low_open else '['}{low:g}, {high:g}]" if high is not None
+              else f"{'>' if low_open else '>='} {low:g}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value < low or (low_open and value == low) or (high is not None and value > high):
+        return f"method.{key} ({method}): must be a finite number {bounds}, got {value!r}"
+    return None
 
 
 def phi(temperature: int, max_temperature: int, *, method: str = KEY) -> float:
@@ -90,12 +124,18 @@ def temperature_at(i: int, n: int, max_temperature: int, *, method: str = KEY) -
     _check_max_temperature(max_temperature, method)
     if not 0 <= i <= n:
         raise KdlabError(f"method {method}: unit {i!r} is outside the run's [0, {n}]")
-    stage = n // max_temperature
-    if stage == 0:
-        raise KdlabError(f"method.max_temperature ({method}): {max_temperature} temperatures do not fit in "
-                         f"{n} units of training (T drops every ⌊n/T_max⌋ units); lower max_temperature, "
-                         "train longer, or set unit: step")
-    return max(1, max_temperature - i // stage)
+    problem = temperatures_problem(max_temperature, n, method)
+    if problem:
+        raise KdlabError(problem)
+    return max(1, max_temperature - i // (n // max_temperature))
+
+
+def psi_problem(ramp, jump, method: str) -> str | None:
+    if not (math.isfinite(ramp) and ramp > 0):
+        return f"method.psi_ramp ({method}): must be a finite number > 0, got {ramp!r}"
+    if not (math.isfinite(jump) and 0 < jump <= 1):
+        return f"method.psi_jump ({method}): must lie in (0, 1], got {jump!r}"
+    return None
 
 
 def psi_at(i: int, n: int, *, ramp: float, jump: float = 1.0, method: str = KEY) -> float:
@@ -103,10 +143,9 @@ def psi_at(i: int, n: int, *, ramp: float, jump: float = 1.0, method: str = KEY)
 
     The ramp is ``term_weight``'s linear warm-up over the fraction ``ramp`` of training.
     """
-    if not (math.isfinite(ramp) and ramp > 0):
-        raise KdlabError(f"method.psi_ramp ({method}): must be a finite number > 0, got {ramp!r}")
-    if not (math.isfinite(jump) and 0 < jump <= 1):
-        raise KdlabError(f"method.psi_jump ({method}): must lie in (0, 1], got {jump!r}")
+    problem = psi_problem(ramp, jump, method)
+    if problem:
+        raise KdlabError(problem)
     if not 0 <= i <= n:
         raise KdlabError(f"method {method}: unit {i!r} is outside the run's [0, {n}]")
     value = 1.0 if i > round(jump * n) else term_weight(1.0, i / n, schedule="linear_warmup", warmup=ramp)
@@ -138,17 +177,32 @@ class ContinuationKDHparams:
     hinge: Literal["sample", "batch"] = "sample"  # hinge per sample then batch mean, or on the batch-mean norm
     unit: Literal["epoch", "step"] = "epoch"  # i counts epochs (Algorithm 1) or optimiser steps
 
+    def problems(self) -> list[str]:
+        """This method's rules, each message naming it: at config validation once the declared bounds hold,
+        and for a method built in Python (``check_hparams``)."""
+        out = [max_temperature_problem(self.max_temperature, KEY),
+               number_problem(self.margin, "margin", KEY, low=0.0)]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (self.psi_ramp, self.psi_jump)):
+            out.append(psi_problem(self.psi_ramp, self.psi_jump, KEY))
+        else:
+            out.append(f"method.psi_ramp ({KEY}): psi_ramp and psi_jump must be numbers, got "
+                       f"{self.psi_ramp!r}, {self.psi_jump!r}")
+        if self.hinge not in HINGES:
+            out.append(f"method.hinge ({KEY}): {self.hinge!r} is not one of {', '.join(HINGES)}")
+        if self.unit not in UNITS:
+            out.append(f"method.unit ({KEY}): {self.unit!r} is not one of {', '.join(UNITS)}")
+        return [p for p in out if p]
 
-def _check(h: ContinuationKDHparams) -> None:
-    _check_max_temperature(h.max_temperature, KEY)
-    if isinstance(h.margin, bool) or not isinstance(h.margin, (int, float)) or not (math.isfinite(h.margin)
-                                                                                   and h.margin >= 0):
-        raise KdlabError(f"method.margin ({KEY}): must be a finite number >= 0, got {h.margin!r}")
-    psi_at(0, 1, ramp=h.psi_ramp, jump=h.psi_jump)  # validates ramp and jump
-    if h.hinge not in HINGES:
-        raise KdlabError(f"method.hinge ({KEY}): {h.hinge!r} is not one of {', '.join(HINGES)}")
-    if h.unit not in UNITS:
-        raise KdlabError(f"method.unit ({KEY}): {h.unit!r} is not one of {', '.join(UNITS)}")
+    @staticmethod
+    def check_config(cfg, errors: list[str]) -> None:
+        """At config validation: the T_max temperatures fit in the run, when the config gives its length."""
+        options = cfg.method.options
+        unit, max_temperature = options.get("unit", "epoch"), options.get("max_temperature", 10)
+        n = known_units(cfg.train, unit)
+        if n is not None and max_temperature_problem(max_temperature, KEY) is None:
+            problem = temperatures_problem(max_temperature, n, KEY)
+            if problem:
+                errors.append(problem)
 
 
 @register("method", KEY)
@@ -159,12 +213,11 @@ class ContinuationKD(Method):
 
     @classmethod
     def check_hparams(cls, hparams) -> None:
-        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
-        depend on each other); config validation applies the bounds declared on ``Hparams``."""
-
-    def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
-        super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams)
+        """Built in Python: ``Hparams.problems()``, whose messages name the method (a config met the declared
+        bounds, then the same rules, when it was validated)."""
+        problems = hparams.problems()
+        if problems:
+            raise ConfigError(problems[:1])
 
     def schedule(self) -> tuple[int, float, float]:
         """``(T, φ, ψ)`` at the current step (after ``set_progress``)."""

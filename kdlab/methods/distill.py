@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from kdlab import registry
-from kdlab.config.validate import UnitInterval, Weight, coerce, hints
+from kdlab.config.validate import NonNegative, UnitInterval, coerce, hints
 from kdlab.errors import KdlabError
 from kdlab.methods.adapters import make_adapter
 from kdlab.methods.base import Method
@@ -78,8 +78,19 @@ class Term:
     teacher_tap: str | None = None
 
 
-# The numbers of a term, bounded like every config field (kdlab.config.validate).
-TERM_NUMBERS = {"weight": (Weight, 1.0), "warmup": (UnitInterval, 0.1), "final_weight": (Weight, 0.0)}
+# The numbers of a term, bounded like every config field (kdlab.config.validate); a weight is >= 0 (a
+# negative one would maximise the divergence it weighs).
+TERM_NUMBERS = {"weight": (NonNegative, 1.0), "warmup": (UnitInterval, 0.1), "final_weight": (NonNegative, 0.0)}
+# A loss option without an annotation is coerced to the type of its default (NaN and ±inf refused for floats);
+# the losses declare bounds on their signatures (kdlab.losses.divergences.Temperature, ...).
+_DEFAULT_TYPES = (bool, int, float, str)
+
+
+def _option_type(types_: dict, param: inspect.Parameter) -> Any:
+    if param.name in types_:
+        return types_[param.name]
+    default = param.default
+    return next((tp for tp in _DEFAULT_TYPES if type(default) is tp), Any)
 
 
 def _parse_term(name: str, spec: Any, errors: list[str]) -> Term | None:
@@ -112,7 +123,7 @@ def _parse_term(name: str, spec: Any, errors: list[str]) -> Term | None:
     options = {k: v for k, v in spec.items() if k not in RESERVED}
     for key, value in options.items():
         if key in allowed:
-            options[key] = coerce(value, types_.get(key, Any), f"{where}.{key}", errors)
+            options[key] = coerce(value, _option_type(types_, params[key]), f"{where}.{key}", errors)
         elif not any(v.kind == v.VAR_KEYWORD for v in params.values()):
             errors.append(f"{where}.{key}: not an option of loss {loss_name!r}; its options: "
                           f"{', '.join(allowed) or '(none)'}; reserved keys: {', '.join(RESERVED)}")

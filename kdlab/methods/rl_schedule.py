@@ -49,11 +49,11 @@ import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from annotated_types import Interval
+from annotated_types import Interval, MinLen
 import torch
 
 from kdlab.config.validate import NonNegative, Positive, UnitInterval
-from kdlab.errors import KdlabError, NonFiniteLossError
+from kdlab.errors import ConfigError, KdlabError, NonFiniteLossError
 from kdlab.losses import cross_entropy, kl
 from kdlab.methods.base import Method
 from kdlab.registry import register
@@ -90,38 +90,39 @@ def bandit_update(counts: torch.Tensor, sums: torch.Tensor, arm: int, reward: fl
 
 @dataclass
 class RLScheduleHparams:
-    temperatures: tuple[Positive, ...] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
-    alphas: tuple[UnitInterval, ...] = (0.5, 0.9)  # α values of the arm grid (weight of the soft term)
+    temperatures: Annotated[tuple[Positive, ...], MinLen(1)] = (1.0, 2.0, 4.0, 8.0)  # T values of the arm grid
+    alphas: Annotated[tuple[UnitInterval, ...], MinLen(1)] = (0.5, 0.9)  # α values of the arm grid (soft term's weight)
     exploration: NonNegative = 0.1  # c of the UCB bonus, in reward units (nats of probe NLL per epoch)
     discount: Annotated[float, Interval(gt=0, le=1)] = 1.0  # γ in (0, 1]: each epoch multiplies past plays and rewards by γ; 1 = UCB1
-    probe_fraction: UnitInterval = 0.1  # share of the train split held out as the probe (never trained on)
+    probe_fraction: Annotated[float, Interval(gt=0, le=0.5)] = 0.1  # share of the train split held out as the probe (never trained on)
     reward: Literal["nll", "acc"] = "nll"  # probe NLL decrease or probe accuracy gain over the epoch
 
 
-def _check(h: RLScheduleHparams, input_shape, train_size) -> None:
-    def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise KdlabError(f"method.{name} ({KEY}): expected a finite number, got {value!r}")
-        return float(value)
+    def problems(self) -> list[str]:
+        """This method's rules, each message naming it: at config validation once the declared bounds hold
+        (an empty grid, a probe above half the train split), and for a method built in Python."""
+        def finite(value) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
-    if not h.temperatures or any(number("temperatures", t) <= 0 for t in h.temperatures):
-        raise KdlabError(f"method.temperatures ({KEY}): give at least one temperature, each > 0; got "
-                         f"{h.temperatures!r}")
-    if not h.alphas or any(not 0.0 <= number("alphas", a) <= 1.0 for a in h.alphas):
-        raise KdlabError(f"method.alphas ({KEY}): give at least one α, each in [0, 1]; got {h.alphas!r}")
-    if number("exploration", h.exploration) < 0:
-        raise KdlabError(f"method.exploration ({KEY}): must be >= 0, got {h.exploration!r}")
-    if not 0 < number("discount", h.discount) <= 1:
-        raise KdlabError(f"method.discount ({KEY}): must lie in (0, 1] (1 = UCB1), got {h.discount!r}")
-    if not 0 < number("probe_fraction", h.probe_fraction) <= 0.5:
-        raise KdlabError(f"method.probe_fraction ({KEY}): must lie in (0, 0.5], got {h.probe_fraction!r}")
-    if h.reward not in REWARDS:
-        raise KdlabError(f"method.reward ({KEY}): {h.reward!r} is not one of {', '.join(REWARDS)}")
-    if input_shape is None or train_size is None:
-        raise KdlabError(f"method {KEY}: build it with build_method(..., input_shape=splits.input_shape, "
-                         "train_size=len(splits.train[0])) to size its held-out probe")
-    if train_size < 2:
-        raise KdlabError(f"method {KEY}: the train split has {train_size} sample(s); the probe needs at least 2")
+        def listed(values) -> list:
+            return list(values) if isinstance(values, (list, tuple)) else []
+
+        out = []
+        temperatures, alphas = listed(self.temperatures), listed(self.alphas)
+        if not temperatures or not all(finite(t) and t > 0 for t in temperatures):
+            out.append(f"method.temperatures ({KEY}): give at least one temperature, each a finite number > 0; "
+                       f"got {self.temperatures!r}")
+        if not alphas or not all(finite(a) and 0.0 <= a <= 1.0 for a in alphas):
+            out.append(f"method.alphas ({KEY}): give at least one α, each in [0, 1]; got {self.alphas!r}")
+        if not (finite(self.exploration) and self.exploration >= 0):
+            out.append(f"method.exploration ({KEY}): must be a finite number >= 0, got {self.exploration!r}")
+        if not (finite(self.discount) and 0 < self.discount <= 1):
+            out.append(f"method.discount ({KEY}): must lie in (0, 1] (1 = UCB1), got {self.discount!r}")
+        if not (finite(self.probe_fraction) and 0 < self.probe_fraction <= 0.5):
+            out.append(f"method.probe_fraction ({KEY}): must lie in (0, 0.5], got {self.probe_fraction!r}")
+        if self.reward not in REWARDS:
+            out.append(f"method.reward ({KEY}): {self.reward!r} is not one of {', '.join(REWARDS)}")
+        return out
 
 
 @register("method", KEY)
@@ -132,12 +133,20 @@ class RLSchedule(Method):
 
     @classmethod
     def check_hparams(cls, hparams) -> None:
-        """Checked in ``__init__`` by this method's own rules, whose messages name the method (and its ranges
-        depend on each other); config validation applies the bounds declared on ``Hparams``."""
+        """Built in Python: ``Hparams.problems()``, whose messages name the method (a config met the declared
+        bounds, then the same rules, when it was validated)."""
+        problems = hparams.problems()
+        if problems:
+            raise ConfigError(problems[:1])
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
-        _check(hparams, input_shape, train_size)
+        if input_shape is None or train_size is None:  # the builder's arguments, not the config's
+            raise KdlabError(f"method {KEY}: build it with build_method(..., input_shape=splits.input_shape, "
+                             "train_size=len(splits.train[0])) to size its held-out probe")
+        if train_size < 2:
+            raise KdlabError(f"method {KEY}: the train split has {train_size} sample(s); the probe needs at "
+                             "least 2")
         self.__dict__["_student"] = student  # a plain reference, not a submodule: not the method's state
         self.arms = [(float(t), float(a)) for t in hparams.temperatures for a in hparams.alphas]
         size = max(1, round(hparams.probe_fraction * train_size))

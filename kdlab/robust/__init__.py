@@ -9,7 +9,7 @@ worst-case accuracy, calibration under attack and gradient-masking warnings.
 (the zoo's ``mlp`` and ``cnn1d``); ``kdlab.robust.faithfulness`` measures how a
 student agrees with its teacher and shares its confidence inside an ε-ball.
 """
-from kdlab.robust import attacks  # noqa: F401  (registration)
+from kdlab.robust import attacks, section  # noqa: F401  (registration: the attacks, the robust section's rules)
 from kdlab.robust.attacks import (
     apgd,
     apgd_checkpoints,

@@ -1,13 +1,14 @@
 """The ``robust`` config section's rules: radii in range, settings each attack accepts, distinct labels.
 
 Single-field bounds are declared on ``kdlab.config.RobustConfig``/``AttackConfig``; these rules need the
-attacks themselves (``AttackSpec``), so they live here and the config's validation calls them.
+attacks themselves (``AttackSpec``), so they live here, registered with the config's validation (``config_rule``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from kdlab.config.schema import AttackConfig, RobustConfig
+from kdlab.config.checks import config_rule
+from kdlab.config.schema import AttackConfig, ExperimentConfig, RobustConfig
 from kdlab.errors import KdlabError
 from kdlab.robust.attacks import parse_eps
 from kdlab.robust import autoattack
@@ -70,3 +71,9 @@ def check_robust(r: RobustConfig, errors: list[str]) -> None:
     norm = r.attacks[0].norm if r.attacks and isinstance(r.attacks[0], AttackConfig) else "linf"
     for i, value in enumerate(r.eps_curve):
         _check_eps(value, norm, f"robust.eps_curve[{i}]", errors)
+
+
+@config_rule
+def _robust_section(cfg: ExperimentConfig, errors: list[str]) -> None:
+    if isinstance(cfg.robust, RobustConfig):
+        check_robust(cfg.robust, errors)

@@ -317,3 +317,8 @@ def hf_causal_lm(
                          f"dataset's sequences ({shape[0]} tokens); raise max_position_embeddings / n_positions "
                          "or shorten the sequences")
     return model
+
+
+# Named by a folder, GGUF file or bundled name, the model teaches as it is, not as a recipe with a run of its own
+# (kdlab.config.entries.pretrained_teacher); one built from a config dict is a recipe.
+hf_causal_lm.pretrained = lambda options: options.get("path") is not None or options.get("bundled") is not None

@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from kdlab.config.checks import config_rule
 from kdlab.errors import KdlabError
 
 INSTALL_HINT = "pip install 'kdlab[peft]'"
@@ -202,6 +203,7 @@ def save_adapter(student: nn.Module, folder: str | Path) -> Path:
     return folder
 
 
+@config_rule
 def check_peft(cfg: Any, errors: list[str]) -> None:
     """``student.peft`` rules known before any work: peft installed, no fake-quantized student, target modules
     named for a model peft has no default for. (That they match layers of the student is checked when it is

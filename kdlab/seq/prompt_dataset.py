@@ -2,7 +2,7 @@
 
 Config use (``tokenizer`` names where the tokenizer lives: a model folder, a
 ``.gguf`` file, or ``bundled:smollm2``; ``tokenizer: teacher`` is resolved by the
-config layer into the teacher's source, ``kdlab.config.llm``)::
+config layer into the teacher's source, ``kdlab.seq.hf_rules``)::
 
     data: {dataset: prompts, path: my_prompts.jsonl, tokenizer: ./qwen-1.5b-instruct, chat_template: true,
            max_prompt_tokens: 256, max_new_tokens: 128}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-from kdlab.config import dotted_leaves
+from kdlab.dotted import dotted_leaves
 from kdlab.study.teacher_runs import canonical, model_options
 
 NO_TEACHER = "(no teacher)"

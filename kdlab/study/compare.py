@@ -50,7 +50,7 @@ def config_key(record: RunRecord) -> str:
     """The run's configuration without its seed: the stored ``group_key``, else recomputed from its config."""
     if record.group_key:
         return record.group_key
-    from kdlab.config import content_hash
+    from kdlab.runs import content_hash
 
     config = {k: v for k, v in record.config.items() if k != "seed"}
     return content_hash(config)[:16]

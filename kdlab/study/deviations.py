@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Iterable
 
-from kdlab.config import ExperimentConfig, parse_experiment
+from kdlab.config import ExperimentConfig
 from kdlab.data import Splits, build_splits
 from kdlab.errors import KdlabError
 from kdlab.metrics.deviation import (
@@ -32,6 +32,7 @@ from kdlab.metrics.deviation import (
 )
 from kdlab.plan import teacher_run_spec
 from kdlab.report.table import Table, render
+from kdlab.runs import parse_experiment
 from kdlab.store import Store, atomic_write_json
 
 MODEL_FILE = "model.safetensors"  # as written by kdlab.study.runner

@@ -5,10 +5,11 @@
 * ``RayExecutor`` (``kdlab run --executor ray [--ray-address ADDR]``, the ``ray`` extra):
   N Ray tasks on an existing cluster, or on a local Ray instance it starts.
 
-Both hand every worker the whole spec list (each from its own offset) and let
-``Runner.execute`` claim runs in the store, so a run executes once wherever it
-lands, shared teachers are trained once, and run ids and results are the same as
-with the local executor. The outcome is read back from the store
+Both execute the plan (``kdlab.plan``) in dependency order: the teacher and
+assistant runs before the students that read them (the Ray executor wave by wave,
+``Plan.waves``), and let ``Runner.execute`` claim runs in the store, so a run executes
+once wherever it lands, shared teachers are trained once, and run ids and results
+are the same as with the local executor. The outcome is read back from the store
 (``workers.summarize``). Ray workers therefore need the workspace at the same
 path: one machine, or a shared filesystem that SQLite can lock.
 """
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from kdlab.config import ExperimentConfig, RunSpec, to_dict
 from kdlab import plugins
+from kdlab.config import ExperimentConfig
 from kdlab.errors import KdlabError, WorkspaceError
+from kdlab.plan import build_plan
+from kdlab.runs import RunSpec, to_dict
 from kdlab.study.runner import Runner, StudySummary
 
 EXECUTORS = ("local", "ray")
@@ -61,11 +64,12 @@ def import_ray():
     return ray
 
 
-def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed: bool, since: float,
-                threads: int, imports: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """One Ray task: execute every spec (claims in the store split the work); return its messages.
-
-    The driver's plugin imports (kdlab.plugins) are repeated before any run is built."""
+def _ray_worker(workspace: str, items: list[tuple[RunSpec, str, str]], resume: bool, retry_failed: bool,
+                since: float, threads: int, imports: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """One Ray task: execute every (spec, role, experiment) of one wave of the plan (claims in the store split
+    the work; a run another task holds is that task's); return its messages. A teacher or assistant run that
+    fails is recorded in the store and reported by each student that reads it, as in ``Runner.run``. The
+    driver's plugin imports (kdlab.plugins) are repeated before any run is built."""
     import torch
 
     from kdlab.plugins import load_all
@@ -81,14 +85,15 @@ def _ray_worker(workspace: str, specs: list[RunSpec], resume: bool, retry_failed
                     out=lambda text: messages.append(("out", text)))
     runner.since = since  # a run that fails during this study is not retried by another task
     try:
-        for spec in specs:
+        for spec, role, experiment in items:
             try:
-                runner.execute(spec)
+                runner.execute(spec, role=role, experiment=experiment)
             except WorkspaceError as exc:  # a full or read-only disk: every later run would fail too
                 messages.append(("fatal", spec.run_id, spec.label, str(exc)))
                 break
             except KdlabError as exc:  # recorded failed in the store (or its teacher failed); go on
-                messages.append(("failed", spec.run_id, spec.label, str(exc)))
+                if role == "student":
+                    messages.append(("failed", spec.run_id, spec.label, str(exc)))
     finally:
         runner.store.close()
     return messages
@@ -163,38 +168,48 @@ class RayExecutor:
             workers = max(1, min(workers, len(todo)))
             threads = max(1, int(self.cpus_per_worker))
             task = ray.remote(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_retries=0)(_ray_worker)
-            refs = []
-            for index in range(workers):
-                offset = index * len(todo) // workers  # start apart, so the tasks do not queue on one run
-                refs.append(task.remote(str(runner.workspace), todo[offset:] + todo[:offset], resume, retry_failed,
-                                        since, threads, tuple(plugins.loaded())))
             reported: dict[str, str] = {}
             fatal: list[str] = []
-            pending = list(refs)
+
+            def run_wave(items: list) -> None:
+                """Tasks over one wave of the plan, each from its own offset (so they do not queue on one run);
+                returns when every task has ended."""
+                count = max(1, min(workers, len(items)))
+                pending = [task.remote(str(runner.workspace), items[offset:] + items[:offset], resume, retry_failed,
+                                       since, threads, tuple(plugins.loaded()))
+                           for offset in (index * len(items) // count for index in range(count))]
+                try:
+                    while pending:
+                        ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_seconds)
+                        for ref in ready:
+                            try:
+                                messages = ray.get(ref)
+                            except ray.exceptions.RayError as exc:  # the task died (node lost, killed): store decides
+                                display.message(f"a Ray worker ended abnormally ({type(exc).__name__}); its run is "
+                                                "recorded as failed or left to resume")
+                                continue
+                            for message in messages:
+                                if message[0] == "out":
+                                    display.message(message[1])
+                                else:
+                                    _, run_id, label, text = message
+                                    reported[run_id] = text
+                                    if message[0] == "fatal":
+                                        fatal.append(text)
+                                    display.message(f"  FAILED {run_id} [{label}]: {text}")
+                        display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
+                except BaseException:  # Ctrl-C: no task outlives the study; their runs resume on the next run
+                    for ref in pending:
+                        ray.cancel(ref, force=True)
+                    raise
+
             try:
-                while pending:
-                    ready, pending = ray.wait(pending, num_returns=1, timeout=self.poll_seconds)
-                    for ref in ready:
-                        try:
-                            messages = ray.get(ref)
-                        except ray.exceptions.RayError as exc:  # the task died (node lost, killed): store decides
-                            display.message(f"a Ray worker ended abnormally ({type(exc).__name__}); its run is "
-                                            "recorded as failed or left to resume")
-                            continue
-                        for message in messages:
-                            if message[0] == "out":
-                                display.message(message[1])
-                            else:
-                                _, run_id, label, text = message
-                                reported[run_id] = text
-                                if message[0] == "fatal":
-                                    fatal.append(text)
-                                display.message(f"  FAILED {run_id} [{label}]: {text}")
-                    display.progress(progress_line(_records(store, specs), specs, since=since, workers=workers))
-            except BaseException:  # Ctrl-C: no task outlives the study; their runs resume on the next run
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                raise
+                # The plan in dependency order, wave by wave: a wave's runs read only runs of earlier waves
+                # (teachers and assistants before their students), so no task waits on another's teacher.
+                for wave in build_plan(base, todo).waves():
+                    run_wave([(node.spec, node.role, node.experiment) for node in wave])
+                    if fatal:
+                        break
             finally:
                 display.close()
         finally:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Sequence
 
 from kdlab import registry
-from kdlab.config import dotted_leaves
+from kdlab.dotted import dotted_leaves
 from kdlab.errors import KdlabError
 from kdlab.report.document import Block, Figure, Heading, Paragraph, Table, render_html, render_markdown
 from kdlab.store import RunRecord, Store, atomic_write_text

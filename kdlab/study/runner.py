@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import yaml
 
-from kdlab.config import ExperimentConfig, RunSpec, TeacherConfig, to_dict
+from kdlab.config import ExperimentConfig, TeacherConfig
 from kdlab.data import Splits, build_splits
 from kdlab.data.lowlabel import low_label_splits
 from kdlab.engine.build import build_method, build_student, check_class_counts, load_model_file, model_spec
@@ -44,6 +44,7 @@ from kdlab.engine.teacher import teacher_module
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.models import parameter_count, tap_shapes
 from kdlab.plan import TEACHER_EXPERIMENT, assistant_run_spec, build_plan, recipe_run_spec, teacher_inputs
+from kdlab.runs import RunSpec, to_dict
 from kdlab.store import Heartbeat, Store, append_jsonl, atomic_write_json, atomic_write_text
 from kdlab.store.files import read_metric_rows
 from kdlab.seq.hf_load import workspace_cache

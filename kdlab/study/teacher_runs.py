@@ -102,7 +102,7 @@ def teacher_metric_values(store, runs: Iterable[RunRecord], metric: str) -> list
 
 
 def _recipe_run_id(recipe: dict, data: dict) -> str | None:
-    from kdlab.config import parse_experiment
+    from kdlab.runs import parse_experiment
     from kdlab.plan import teacher_run_spec
 
     raw = {"name": "teacher", "data": copy.deepcopy(data), "teacher": copy.deepcopy(recipe),

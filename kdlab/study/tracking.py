@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
-from kdlab.config import dotted_leaves
+from kdlab.dotted import dotted_leaves
 from kdlab.errors import KdlabError
 
 TENSORBOARD_FOLDER = "tensorboard"

@@ -58,8 +58,10 @@ from typing import Any, Callable
 
 import yaml
 
-from kdlab.config import ExperimentConfig, content_hash, dotted_leaves, to_dict
+from kdlab.config import ExperimentConfig
+from kdlab.dotted import dotted_leaves
 from kdlab.errors import KdlabError
+from kdlab.runs import content_hash, to_dict
 from kdlab.study.tune_space import TuneSettings, entry_grid_of, load_tune_config, resolve_point
 
 INSTALL_HINT = "install the tune extra: pip install 'kdlab[tune]'"

@@ -3,19 +3,31 @@ space, each entry checked against the schema's declarations before any trial run
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union
 
-from kdlab.config import (ConfigError, ExperimentConfig, RunSpec, apply_overrides,
-                          load_yaml_documents, name_problem, parse_experiment, set_path)
-from kdlab.config.sections import takes_integers
+from annotated_types import Ge, Le
+
+from kdlab.config import (ConfigError, ExperimentConfig, apply_overrides, entry_parameters, load_yaml_documents,
+                          name_problem, split_sized_name)
+from kdlab.config.sections import REGISTRY_SECTIONS
+from kdlab.config.validate import Says, coerce, hints
+from kdlab.dotted import get_path, set_path
 from kdlab.errors import KdlabError
+from kdlab.runs import RunSpec, parse_experiment
 
 TUNE_KEYS = ("metric", "direction", "trials", "seed", "study", "space")
+# tune.trials and tune.seed (also the flags --trials and --seed, kdlab.cli_flags): a total of trials (a study
+# already past it runs none) and the TPE sampler's seed (numpy seeds are below 2^32).
+Trials = Annotated[int, Ge(0), Le(1 << 20), Says("a whole number >= 0 (the total number of trials)")]
+SamplerSeed = Annotated[int, Ge(0), Le((1 << 32) - 1)]
 KNOB_KEYS = ("low", "high", "log", "step", "choices")
 # Keys naming a registry entry: tuned through a grid over the choices, so every run keeps only its entry's keys.
 ENTRY_KEYS = ("data.dataset", "student.model", "teacher.model", "method.name")
@@ -297,11 +309,10 @@ def load_tune_config(config: str | Path | dict, *, overrides: list[str] | None =
     trials = trials if trials is not None else section.get("trials")
     if trials is None:
         errors.append("--trials: give the total number of trials, e.g. --trials 20 (or tune.trials in the config)")
-    elif isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
-        errors.append(f"--trials: expected a whole number >= 0 (the total number of trials), got {trials!r}")
+    else:
+        coerce(trials, Trials, "tune.trials", errors)
     seed = seed if seed is not None else section.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        errors.append(f"tune.seed: expected an integer, got {seed!r}")
+    coerce(seed, SamplerSeed, "tune.seed", errors)
     study = section.get("study") or f"{base.name}-tune"
     if not isinstance(study, str) or study.strip() != study or not study:
         errors.append(f"tune.study: expected a name, got {study!r}")
@@ -316,3 +327,50 @@ def load_tune_config(config: str | Path | dict, *, overrides: list[str] | None =
     settings = TuneSettings(metric=metric, direction=direction, trials=trials, seed=seed, study=study, space=knobs,
                             space_raw=copy.deepcopy(section.get("space")))
     return raw, base, settings
+
+
+# --------------------------------------------------------------------------- the declared type of a key
+
+
+def key_annotation(raw: dict, key: str, entry_grid: dict | None = None) -> Any:
+    """The declared type (bounds included) of dotted ``key`` in experiment ``raw``, or None if unknown:
+    a schema field, or an option of the entry its section names (any of ``entry_grid``'s choices)."""
+    parts = key.split(".")
+    cls: Any = ExperimentConfig
+    for i, part in enumerate(parts):
+        tp = hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if tp is None and parts[0] in REGISTRY_SECTIONS and i == 1:
+            section_cls, name_key, kind = REGISTRY_SECTIONS[parts[0]]
+            names = [get_path(raw, f"{parts[0]}.{name_key}", getattr(section_cls(), name_key))]
+            names += list((entry_grid or {}).get(f"{parts[0]}.{name_key}", []))
+            for name in names:
+                try:
+                    params = entry_parameters(kind, split_sized_name(name)[0])
+                except (KdlabError, TypeError):
+                    continue
+                if part in params and i == len(parts) - 1:
+                    return params[part][0]
+            return None
+        if tp is None:
+            return None
+        cls = _unwrap(tp)
+    return tp
+
+
+def _unwrap(tp: Any) -> Any:
+    """``Optional[Annotated[X, ...]]`` → ``X``."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp):
+            non_null = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(non_null) != 1:
+                return tp
+            tp = non_null[0]
+        else:
+            return tp
+
+
+def takes_integers(raw: dict, key: str, entry_grid: dict | None = None) -> bool:
+    """Whether the schema declares ``key`` an integer (``tune.space`` samples it as one)."""
+    return _unwrap(key_annotation(raw, key, entry_grid)) is int

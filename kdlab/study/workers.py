@@ -28,10 +28,11 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable
 
-from kdlab.config import ExperimentConfig, RunSpec, to_dict
+from kdlab.config import ExperimentConfig
 from kdlab.errors import KdlabError, WorkspaceError
 from kdlab.plan import build_plan
 from kdlab.plugins import loaded as loaded_plugins
+from kdlab.runs import RunSpec, to_dict
 from kdlab.store import RunRecord, Store
 from kdlab.study.runner import Runner, StudySummary
 

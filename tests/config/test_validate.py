@@ -9,7 +9,8 @@ import pytest
 from annotated_types import Ge, Gt, Interval, Le, Lt, MaxLen, MinLen
 
 from kdlab import registry
-from kdlab.config import ConfigError, KdlabError, entry_parameters, parse_experiment, parse_method
+from kdlab.api import parse_method
+from kdlab.config import ConfigError, KdlabError, entry_parameters, parse_experiment
 from kdlab.config.validate import NonFinite, Says, check_fields, coerce
 
 
@@ -105,7 +106,7 @@ def test_mtard_cross_field_rules_run_at_config_validation():
 
 
 def test_tune_reads_integer_keys_from_the_declarations():
-    from kdlab.config.sections import takes_integers
+    from kdlab.study.tune_space import takes_integers
 
     raw = {"student": {"model": "cnn1d"}, "teacher": {"model": "mlp"}, "method": {"name": "scratch"}}
     grid = {"method.name": ["scratch", "kd"]}

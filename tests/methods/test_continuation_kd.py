@@ -169,3 +169,29 @@ def test_a_run_through_fit_follows_the_schedule(tmp_path):
     assert [m["method/temperature"] for m in logged] == [2.0, 1.0, 1.0, 1.0]
     assert [m["method/psi"] for m in logged] == [0.5, 1.0, 1.0, 1.0]
     assert logged[0]["train/loss/kd"] > 0.0 and all(m["train/loss/kd"] == 0.0 for m in logged[1:])
+
+
+@pytest.mark.parametrize(("options", "key", "fragment"), [
+    ({"method": {"max_temperature": 20}, "train": {"epochs": 5}}, "method.max_temperature (continuation_kd)",
+     "do not fit in 5 units"),
+    ({"method": {"max_temperature": 20, "unit": "step"}, "train": {"steps": 10}},
+     "method.max_temperature (continuation_kd)", "do not fit in 10 units"),
+    ({"method": {"margin": -1.0}}, "method.margin", "≥ 0"),
+])
+def test_the_config_refuses_continuation_kd_before_any_work(tmp_path, capsys, options, key, fragment):
+    """``kdlab run --dry-run``: exit 2, one line naming the key, nothing written (no teacher trained first)."""
+    import yaml
+
+    from kdlab.cli import main
+
+    config = {"data": {"dataset": "synthetic", "num_train": 64, "num_test": 16, "input_shape": [1, 8]},
+              "teacher": {"model": "mlp", "train": {"epochs": 1}}, "student": {"model": "mlp"},
+              "method": {"name": "continuation_kd", **options.pop("method", {})}, **options}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workspace = tmp_path / "ws"
+    code = main(["--workspace", str(workspace), "run", str(path), "--dry-run", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].removeprefix("kdlab: error: ").startswith(key) and fragment in lines[0], lines
+    assert not workspace.exists()

@@ -246,6 +246,47 @@ def test_bad_terms_fail_at_build_time_with_one_line_naming_the_key(terms, key, f
     assert fragment in message, message
 
 
+# Every number of a term is bounded by the coercer at config validation (before any work), with the key path:
+# the term's own numbers (weight, final_weight >= 0; warmup in [0, 1]) and the loss's options, bounded on the
+# loss's signature (temperature > 0, DKD's alpha/beta >= 0, ...) or typed by their default (NaN, inf refused).
+BAD_NUMBERS = [
+    ({"kl": {"weight": float("nan")}}, "method.terms.kl.weight", "finite number"),
+    ({"kl": {"weight": -1.0}}, "method.terms.kl.weight", "≥ 0"),
+    ({"ce": float("inf")}, "method.terms.ce.weight", "finite number"),
+    ({"kl": {"schedule": "cosine", "final_weight": -0.5}}, "method.terms.kl.final_weight", "≥ 0"),
+    ({"kl": {"temperature": float("nan")}}, "method.terms.kl.temperature", "finite number > 0"),
+    ({"kl": {"temperature": -4}}, "method.terms.kl.temperature", "> 0"),
+    ({"kl": {"temperature": 0}}, "method.terms.kl.temperature", "> 0"),
+    ({"reverse_kl": {"temperature": float("inf")}}, "method.terms.reverse_kl.temperature", "finite number > 0"),
+    ({"dkd": {"alpha": -1}}, "method.terms.dkd.alpha", "≥ 0"),
+    ({"dkd": {"beta": float("nan")}}, "method.terms.dkd.beta", "finite number"),
+    ({"skew_kl": {"skew": 1.5}}, "method.terms.skew_kl.skew", "in [0, 1]"),
+    ({"ce": {"label_smoothing": -0.1}}, "method.terms.ce.label_smoothing", "in [0, 1]"),
+    ({"rkd": {"student": "pool", "teacher": "pool", "angle_weight": float("inf")}}, "method.terms.rkd.angle_weight",
+     "finite number"),
+    ({"kl": {"reduction": 3}}, "method.terms.kl.reduction", "expected a string"),
+]
+
+
+@pytest.mark.parametrize(("terms", "key", "fragment"), BAD_NUMBERS, ids=[b[1] + ":" + b[2] for b in BAD_NUMBERS])
+def test_bad_term_numbers_are_refused_at_config_validation_naming_the_key(terms, key, fragment):
+    from kdlab.config import parse_experiment
+    from kdlab.errors import ConfigError
+
+    raw = {"teacher": {"model": "mlp"}, "method": {"name": "distill", "terms": terms}}
+    with pytest.raises(ConfigError) as info:
+        parse_experiment(raw)
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(key + ":") and fragment in info.value.problems[0], info.value.problems
+
+
+def test_term_numbers_within_their_bounds_are_accepted():
+    from kdlab.config import parse_experiment
+
+    terms = {"ce": 0.0, "kl": {"weight": 0.9, "temperature": 4}, "dkd": {"alpha": 0, "beta": 8, "temperature": 1e-3}}
+    parse_experiment({"teacher": {"model": "mlp"}, "method": {"name": "distill", "terms": terms}})
+
+
 def test_identity_adapter_between_equal_shapes_is_allowed():
     student, teacher = cnn_pair()
     method = distill({"hint": {"loss": "fitnet", "student": "block2", "teacher": "block2", "adapter": "identity"}},

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from kdlab import registry
-from kdlab.config import MethodConfig, parse_method
+from kdlab.api import parse_method
+from kdlab.config import MethodConfig
 from kdlab.engine.build import build_method
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, multi_teacher_kl

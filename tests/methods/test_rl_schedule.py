@@ -215,3 +215,27 @@ def test_resume_in_fit_picks_the_same_arms(tmp_path):
     fit(student=student, method=resumed, teacher=teacher, splits=splits, train=train, seed=3, run_dir=tmp_path / "b")
     for name, value in method.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize(("options", "key", "fragment"), [
+    ({"method": {"probe_fraction": 0.7}}, "method.probe_fraction", "in (0, 0.5]"),
+    ({"method": {"temperatures": []}}, "method.temperatures", "non-empty"),
+    ({"method": {"alphas": [0.5, float("nan")]}}, "method.alphas[1]", "finite"),
+])
+def test_the_config_refuses_rl_schedule_before_any_work(tmp_path, capsys, options, key, fragment):
+    """``kdlab run --dry-run``: exit 2, one line naming the key, nothing written (no teacher trained first)."""
+    import yaml
+
+    from kdlab.cli import main
+
+    config = {"data": {"dataset": "synthetic", "num_train": 64, "num_test": 16, "input_shape": [1, 8]},
+              "teacher": {"model": "mlp", "train": {"epochs": 1}}, "student": {"model": "mlp"},
+              "method": {"name": "rl_schedule", **options.pop("method", {})}, **options}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    workspace = tmp_path / "ws"
+    code = main(["--workspace", str(workspace), "run", str(path), "--dry-run", "--quiet"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].removeprefix("kdlab: error: ").startswith(key) and fragment in lines[0], lines
+    assert not workspace.exists()

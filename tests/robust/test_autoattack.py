@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from kdlab.cli import main
-from kdlab.config import AttackConfig, RobustConfig, _check_robust, parse_experiment
+from kdlab.config import AttackConfig, RobustConfig, parse_experiment
+from kdlab.robust.section import check_robust as _check_robust
 from kdlab.errors import KdlabError
 from kdlab.models.mlp import mlp
 from kdlab.robust import AttackSpec, apgd, robust_evaluate

@@ -101,6 +101,10 @@ def test_ray_tasks_run_every_run_once_with_the_ids_and_results_of_the_local_exec
     assert ray_final.keys() == local_final.keys()  # the same run ids, teacher included
     for run_id, metrics in local_final.items():
         assert ray_final[run_id] == pytest.approx(metrics, abs=1e-6), run_id
+    records = Store(tmp_path / "ray").runs()
+    teacher_done = max(r.finished_at for r in records if r.role == "teacher")
+    readers = [r for r in records if r.role == "student" and r.config["method"]["name"] == "kd"]
+    assert readers and all(r.started_at >= teacher_done for r in readers)  # the plan's upstream run came first
     hosts = {r.pid for r in Store(tmp_path / "ray").runs(role="student")}
     assert os.getpid() not in hosts  # the runs ran in Ray's worker processes, not in the driver
     assert elapsed < 120

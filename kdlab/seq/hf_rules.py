@@ -1,13 +1,14 @@
 """Config rules of language-model distillation (issue 18): pretrained Hugging Face teachers, students cut from
-them, prompts tokenized by the teacher's tokenizer.
+them, prompts tokenized by the teacher's tokenizer. Registered with the config's validation
+(``kdlab.config.checks``), which imports nothing of this package.
 
 * ``resolve_llm_raw(raw)`` — before a grid point is parsed: ``student.init: teacher`` without a model takes the
   teacher's model and options; ``data.tokenizer: teacher`` becomes the teacher's source (its ``path``, or
   ``bundled:NAME``), so the dataset is built from the same tokenizer.
-* ``pretrained_teacher(t)`` — an ``hf_causal_lm`` teacher named by ``path``/``bundled`` is used as it is: it is
-  not a training recipe (no run of its own).
 * ``check_llm(cfg, errors)`` — what can be known from the files before any work: layers the teacher lacks, a chat
   template the tokenizer lacks, prompts that leave no room for ``max_new_tokens`` in the model's context.
+  (An ``hf_causal_lm`` teacher named by ``path``/``bundled`` is used as it is, not trained:
+  ``hf_causal_lm.pretrained``.)
 
 Facts about a model source are read cheaply (``config.json``/``tokenizer_config.json`` of a folder, the metadata of
 a GGUF file); a source that cannot be read is left to the loader, which names the problem when it builds.
@@ -19,6 +20,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from kdlab.config.checks import config_rule, raw_rule
+from kdlab.config.entries import pretrained_teacher
+from kdlab.config.schema import StudentConfig
 from kdlab.errors import KdlabError
 
 HF_MODEL = "hf_causal_lm"
@@ -39,6 +43,7 @@ def _teacher_source(teacher: Any) -> Optional[str]:
     return None
 
 
+@raw_rule
 def resolve_llm_raw(raw: dict, errors: list[str]) -> dict:
     """``raw`` with the student's model taken from the teacher (``init: teacher``) and ``data.tokenizer: teacher``
     resolved; the input is not modified."""
@@ -61,13 +66,6 @@ def resolve_llm_raw(raw: dict, errors: list[str]) -> dict:
             out = copy.copy(out)
             out["data"] = {**data, "tokenizer": source}
     return out
-
-
-def pretrained_teacher(t: Any) -> bool:
-    """Whether teacher section ``t`` is a pretrained Hugging Face model used as it is (not a recipe)."""
-    options = getattr(t, "options", None) or {}
-    return (getattr(t, "model", None) == HF_MODEL and getattr(t, "checkpoint", None) is None
-            and (options.get("path") is not None or options.get("bundled") is not None))
 
 
 # --------------------------------------------------------------------------- facts about a source, read cheaply
@@ -134,10 +132,13 @@ def _model_source(section: Any) -> Optional[str]:
     return None
 
 
+@config_rule
 def check_llm(cfg: Any, errors: list[str]) -> None:
     """Cross-field rules of LM distillation (see the module docstring); problems appended to ``errors``."""
     from kdlab.seq.hf_export import layers_to_keep
 
+    if not isinstance(cfg.student, StudentConfig) or not isinstance(cfg.data.options, dict):
+        return
     student, teacher, data = cfg.student, cfg.teacher, cfg.data
     if pretrained_teacher(teacher) and getattr(teacher, "train", None) is not None:
         errors.append("teacher.train: a pretrained hf_causal_lm teacher (path: or bundled:) is used as it is; remove "
