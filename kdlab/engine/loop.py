@@ -33,7 +33,8 @@ from kdlab.data import SequenceInfo, Splits
 from kdlab.data.resident import ResidentData
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
-from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
+from kdlab.engine.optim import (SplitGradientOptimizer, build_optimizer, build_scheduler, main_optimizer,
+                                 resolve_device)
 from kdlab.engine.run_files import safe_path
 from kdlab.engine.seed import epoch_generator
 from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
@@ -274,7 +275,7 @@ class _Fit:
         adversary_ids = {id(p) for p in adversary}
         self.main_parameters = list(self.student.parameters()) + [p for p in method.parameters()
                                                                   if id(p) not in adversary_ids]
-        optimizer = build_optimizer(self.main_parameters, train)
+        optimizer = main_optimizer(method, self.main_parameters, train)
         adversary_optimizer = None
         if adversary:
             adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)
@@ -494,7 +495,9 @@ class _Fit:
         loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
         if first:
             state.optimizer.zero_grad(set_to_none=True)
-        if state.scaler is not None:
+        if isinstance(state.optimizer, SplitGradientOptimizer):  # DOT: the terms' gradients taken apart
+            state.optimizer.backward(terms)
+        elif state.scaler is not None:
             state.scaler.scale(loss).backward()
         else:
             loss.backward()
