@@ -119,13 +119,16 @@ class SplitGradientOptimizer(torch.optim.Optimizer):
                              f"method's terms ({', '.join(terms)})")
         distill = [v for k, v in terms.items() if k in self.distill_terms]
         task = [v for k, v in terms.items() if k not in self.distill_terms]
+        params = [p for group in self.param_groups for p in group["params"]]
+        task_so_far = {p: p.grad for p in params if p.grad is not None}  # earlier micro-batches' task gradient
+        for p in task_so_far:
+            p.grad = None
         functools.reduce(operator.add, distill).backward(retain_graph=bool(task))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    held = self.distill_grads.get(p)
-                    self.distill_grads[p] = p.grad if held is None else held + p.grad
-                    p.grad = None
+        for p in params:
+            if p.grad is not None:
+                held = self.distill_grads.get(p)
+                self.distill_grads[p] = p.grad if held is None else held + p.grad
+            p.grad = task_so_far.get(p)
         if task:
             functools.reduce(operator.add, task).backward()
 

@@ -27,6 +27,7 @@ import torch
 
 from kdlab.config.validate import NonNegative, Positive
 from kdlab.losses import cross_entropy
+from kdlab.losses.divergences import _compute_dtype
 from kdlab.losses.mlkd import batch_alignment, class_alignment, confidence_masks, instance_alignment
 from kdlab.methods.base import Method
 from kdlab.registry import register
@@ -36,7 +37,8 @@ def mlkd_terms(s_weak, t_weak, s_strong, t_strong, labels, *, temperatures, ce_w
                kd_weight: float) -> dict[str, torch.Tensor]:
     """The four MLKD terms of one batch from both views' logits (the formula in the module docstring)."""
     mask, class_mask = confidence_masks(t_weak)
-    m, m_c = mask.float().mean(), class_mask.float().mean()
+    dtype = _compute_dtype(s_weak, t_weak)  # the fractions at the losses' precision (float64 stays float64)
+    m, m_c = mask.to(dtype).mean(), class_mask.to(dtype).mean()
     instance = sum(m * instance_alignment(s_weak, t_weak, T) + instance_alignment(s_strong, t_strong, T)
                    for T in temperatures)
     return {"ce": ce_weight * (cross_entropy(s_weak, labels) + cross_entropy(s_strong, labels)),
