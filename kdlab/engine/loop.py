@@ -4,7 +4,7 @@ setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``
 ``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
 and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
 forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
-backward → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
+backward (a ``SplitGradientOptimizer``, DOT's, backpropagates the named terms itself) → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
 makes its k micro-batches, weighs each by its share of the step's loss units (``Method.loss_count``),
 then forwards and backpropagates each before the one clip and optimiser step; then the method's own
 ``metrics()`` if it defines one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` →

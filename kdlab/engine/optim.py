@@ -113,6 +113,8 @@ class SplitGradientOptimizer(torch.optim.Optimizer):
         self.distill_grads: dict[torch.Tensor, torch.Tensor] = {}  # param -> this step's distillation gradient
 
     def backward(self, terms: dict[str, torch.Tensor]) -> None:
+        """Backpropagate one (micro-)batch's named terms: the distillation terms' gradient into
+        ``distill_grads``, the others' into ``.grad`` (both added to what earlier micro-batches left)."""
         unknown = [name for name in self.distill_terms if name not in terms]
         if unknown:
             raise KdlabError(f"optimizer {type(self).__name__}: loss term {unknown[0]!r} is not among the "

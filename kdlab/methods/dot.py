@@ -58,7 +58,7 @@ class DOTHparams:
 
     @staticmethod
     def check_config(cfg, errors: list[str]) -> None:
-        delta = cfg.method.options.get("delta", 0.075)
+        delta = cfg.method.options.get("delta", DOTHparams.delta)
         if isinstance(delta, (int, float)):
             errors.extend(train_problems(cfg.train, float(delta)))
 
