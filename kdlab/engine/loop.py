@@ -33,8 +33,7 @@ from kdlab.data import SequenceInfo, Splits
 from kdlab.data.resident import ResidentData
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
-from kdlab.engine.optim import (SplitGradientOptimizer, build_optimizer, build_scheduler, main_optimizer,
-                                 resolve_device)
+from kdlab.engine.optim import SplitGradientOptimizer, build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.run_files import safe_path
 from kdlab.engine.seed import epoch_generator
 from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
@@ -275,7 +274,9 @@ class _Fit:
         adversary_ids = {id(p) for p in adversary}
         self.main_parameters = list(self.student.parameters()) + [p for p in method.parameters()
                                                                   if id(p) not in adversary_ids]
-        optimizer = main_optimizer(method, self.main_parameters, train)
+        # The method's own optimiser (DOT's), else the one train names.
+        optimizer = method.make_optimizer([p for p in self.main_parameters if p.requires_grad], train)
+        optimizer = optimizer if optimizer is not None else build_optimizer(self.main_parameters, train)
         adversary_optimizer = None
         if adversary:
             adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)

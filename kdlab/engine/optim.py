@@ -1,6 +1,6 @@
 """Optimisers and learning-rate schedules (schedules are pure functions of the step).
 
-A method may bring its own optimiser (``Method.make_optimizer``, read by ``main_optimizer``); one that takes
+A method may bring its own optimiser (``Method.make_optimizer``, asked by the loop first); one that takes
 some loss terms' gradients apart (``SplitGradientOptimizer``, DOT) receives the named terms from the loop.
 """
 from __future__ import annotations
@@ -89,12 +89,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise KdlabError(f"train.device: {name} requested but MPS is not available; use device: auto or cpu")
     return device
-
-
-def main_optimizer(method, params, train: TrainConfig) -> torch.optim.Optimizer:
-    """The run's main optimiser: the method's own (``Method.make_optimizer``, e.g. DOT) or ``train``'s."""
-    own = method.make_optimizer([p for p in params if p.requires_grad], train)
-    return own if own is not None else build_optimizer(params, train)
 
 
 class SplitGradientOptimizer(torch.optim.Optimizer):

@@ -13,7 +13,7 @@ from kdlab import registry
 from kdlab.cli import main
 from kdlab.config import MethodConfig, TrainConfig
 from kdlab.engine.build import build_method
-from kdlab.engine.optim import DistillationOrientedTrainer, main_optimizer
+from kdlab.engine.optim import DistillationOrientedTrainer
 from kdlab.errors import KdlabError
 from kdlab.methods.base import Batch, Outputs
 from kdlab.methods.mlkd import mlkd_terms
@@ -72,13 +72,13 @@ def test_dot_terms_are_weighted_ce_and_kd_and_its_optimizer_has_the_two_momenta(
     assert terms["ce"].item() == pytest.approx(0.1 * ce_ref(s, y), rel=1e-10)
     assert terms["kd"].item() == pytest.approx(0.9 * kd_ref(s, t, 4.0), rel=1e-10)
     train = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
-    opt = main_optimizer(method, list(student.parameters()), train)
+    opt = method.make_optimizer(list(student.parameters()), train)
     assert isinstance(opt, DistillationOrientedTrainer) and opt.distill_terms == ("kd",)
     group = opt.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (0.05, 5e-4)
     assert (group["momentum"], group["momentum_kd"]) == pytest.approx((0.825, 0.975))
     kd, _ = build("kd")
-    assert type(main_optimizer(kd, list(student.parameters()), train)) is torch.optim.SGD  # others: train's
+    assert kd.make_optimizer(list(student.parameters()), train) is None  # others: the one train names
 
 
 @pytest.mark.parametrize("train, key", [(dict(optimizer="adam"), "train.optimizer"),
@@ -88,7 +88,7 @@ def test_dot_terms_are_weighted_ce_and_kd_and_its_optimizer_has_the_two_momenta(
 def test_dot_refuses_a_train_section_it_cannot_step(train, key):
     method, student = build("dot")
     with pytest.raises(KdlabError, match=key):
-        main_optimizer(method, list(student.parameters()), TrainConfig(**train))
+        method.make_optimizer(list(student.parameters()), TrainConfig(**train))
 
 
 def _splits(tmp_path):
