@@ -4,7 +4,7 @@ setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``
 ``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
 and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
 forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
-backward → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
+backward (a ``SplitGradientOptimizer``, DOT's, backpropagates the named terms itself) → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
 makes its k micro-batches, weighs each by its share of the step's loss units (``Method.loss_count``),
 then forwards and backpropagates each before the one clip and optimiser step; then the method's own
 ``metrics()`` if it defines one, logged as ``method/<name>``) → ``evaluate`` → report → ``checkpoint`` →
@@ -33,7 +33,7 @@ from kdlab.data import SequenceInfo, Splits
 from kdlab.data.resident import ResidentData
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
-from kdlab.engine.optim import build_optimizer, build_scheduler, resolve_device
+from kdlab.engine.optim import SplitGradientOptimizer, build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.run_files import safe_path
 from kdlab.engine.seed import epoch_generator
 from kdlab.engine.speed import (TappedForward, check_device_options, check_teacher_cache, compile_forward,
@@ -279,7 +279,9 @@ class _Fit:
         # A frozen student base (a LoRA student, kdlab.seq.peft) is not the optimiser's: only what trains is.
         self.main_parameters = ([p for p in self.student.parameters() if p.requires_grad]
                                 + [p for p in method.parameters() if id(p) not in adversary_ids])
-        optimizer = build_optimizer(self.main_parameters, train)
+        # The method's own optimiser (DOT's), else the one train names.
+        optimizer = method.make_optimizer(self.main_parameters, train)
+        optimizer = optimizer if optimizer is not None else build_optimizer(self.main_parameters, train)
         adversary_optimizer = None
         if adversary:
             adversary_train = dataclasses.replace(train, lr=method.adversary_lr or train.lr, weight_decay=0.0)
@@ -505,7 +507,9 @@ class _Fit:
         loss = functools.reduce(operator.add, terms.values())  # not sum(): no extra 0 + ... op
         if first:
             state.optimizer.zero_grad(set_to_none=True)
-        if state.scaler is not None:
+        if isinstance(state.optimizer, SplitGradientOptimizer):  # DOT: the terms' gradients taken apart
+            state.optimizer.backward(terms)
+        elif state.scaler is not None:
             state.scaler.scale(loss).backward()
         else:
             loss.backward()

@@ -13,3 +13,4 @@ __all__ = ["Adapter", "Batch", "Method", "NoHparams", "Outputs", "make_adapter"]
 from kdlab.methods import qat_kd  # noqa: F401  (quantization-aware training of transformer encoders)
 from kdlab.methods import ab, cc, ctkd, ft, kdsvd, nst, ofd, vid  # noqa: F401  (the vision feature zoo, issue 21)
 from kdlab.methods import crd, reviewkd  # noqa: F401  (the vision zoo, issue 21: CRD, ReviewKD)
+from kdlab.methods import dot, mlkd  # noqa: F401  (the vision zoo: DOT, MLKD)

@@ -195,6 +195,12 @@ class Method(nn.Module):
     # the epoch's steps, and logs each value as ``method/<name>``. Not defined here, so other methods
     # cost nothing.
 
+    def make_optimizer(self, params: list[nn.Parameter], train) -> torch.optim.Optimizer | None:
+        """Extension point: the main optimiser over ``params`` (the student's and this method's own trainable
+        parameters), or None for the one ``train`` names. A ``kdlab.engine.optim.SplitGradientOptimizer``
+        (DOT) is handed the step's named loss terms and takes their gradients apart itself."""
+        return None
+
     def adversary_parameters(self) -> list[nn.Parameter]:
         """Extension point: parameters of an adversary (discriminator, generator) that the main
         optimiser must not touch; a second optimiser minimises ``adversary_loss`` over them."""
