@@ -81,7 +81,7 @@ def resolve(root: Path | None, name: str) -> Path:
     return Path(root).expanduser() / path if root is not None and not path.is_absolute() else path
 
 
-def _data_file(datasets, path: Path, split: str, cache_dir: Path, key: str):
+def _data_file(datasets, path: Path, split: str, cache_dir: Path | None, key: str):
     fmt = DATA_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise KdlabError(f"{path}: unknown data file type {path.suffix or '(none)'!r} ({key}); use "
@@ -89,15 +89,15 @@ def _data_file(datasets, path: Path, split: str, cache_dir: Path, key: str):
     if not path.is_file():
         raise KdlabError(f"{path}: file not found ({key}); check the path (relative paths are under data.root)")
     try:
-        return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split,
-                                     cache_dir=str(Path(cache_dir) / "hf_datasets"))
+        return datasets.load_dataset(fmt, data_files={split: str(path)}, split=split,  # None: the library's cache
+                                     cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hf_datasets"))
     except Exception as error:  # noqa: BLE001 - the library wraps parser errors in its own classes
         cause = error.__cause__ or error
         raise KdlabError(f"{path}: not a readable {fmt} file ({type(cause).__name__}: {str(cause)[:120]}); "
                          "fix or re-save it") from None
 
 
-def load_hf(root: Path | None, cache_dir: Path, *, path: Optional[str], data_files: Optional[dict[str, str]]
+def load_hf(root: Path | None, cache_dir: Path | None, *, path: Optional[str], data_files: Optional[dict[str, str]]
             ) -> dict[str, tuple[Any, str]]:
     """``{split: (datasets.Dataset, source)}``; source names the folder or file in error messages."""
     if (path is None) == (data_files is None):
