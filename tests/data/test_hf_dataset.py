@@ -162,3 +162,31 @@ def test_crop_flip_is_refused_for_text_only(tmp_path):
 
     rule = get("dataset", "hf_dataset").image_inputs
     assert rule({"image_column": "img"}) is True and rule({"text_column": "t"}) is False
+
+
+def test_kdlab_run_refuses_a_missing_column_with_exit_2(tmp_path, capsys):
+    from kdlab.cli import main
+
+    _image_set(12).save_to_disk(tmp_path / "ds")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: hf\ndata: {{dataset: hf_dataset, root: {tmp_path}, path: ds, image_column: picture, "
+                      "size: 8}\nteacher: {model: mlp, train: {epochs: 1}}\nstudent: {model: mlp}\n"
+                      "method: {name: kd}\ntrain: {epochs: 1}\n")
+    capsys.readouterr()  # the library's own progress bar while the test saved the folder
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kdlab: error: {tmp_path / 'ds'}: no column 'picture' (data.image_column); its columns are img, label"
+
+
+@pytest.mark.integration
+def test_kdlab_run_on_a_saved_dataset_end_to_end(tmp_path):
+    from kdlab.cli import main
+
+    datasets.DatasetDict(train=_image_set(30), test=_image_set(9)).save_to_disk(tmp_path / "ds")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: hf\ndata: {{dataset: hf_dataset, root: {tmp_path}, path: ds, image_column: img, "
+                      "size: 8, augment: crop_flip}\nteacher: {model: mlp, train: {epochs: 1}}\n"
+                      "student: {model: mlp}\nmethod: {name: kd}\ntrain: {epochs: 1}\n")
+    args = ["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0  # finished: skipped
