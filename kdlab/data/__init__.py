@@ -2,8 +2,8 @@
 
 Importing this package registers the built-in datasets (``kdlab list datasets``).
 """
-from kdlab.data import (arrays, cifar, digits, docstrings, idx, image_folder, mnist1d, synthetic,  # noqa: F401
-                        table)  # (registers the datasets)
+from kdlab.data import (arrays, cifar, digits, docstrings, hf_dataset, idx, image_folder, mnist1d,  # noqa: F401
+                        synthetic, table)  # (registers the datasets)
 from kdlab.data.base import AUGMENTATIONS, DatasetArrays, Splits, augment_batch, build_splits, make_splits
 from kdlab.data.sequence import IGNORE, SequenceArrays, SequenceInfo, prompt_lengths
 

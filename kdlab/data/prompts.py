@@ -1,7 +1,9 @@
 """Prompt data for distilling language models: read prompt files, split them, tokenize them.
 
 A prompt file is JSONL, JSON (a list of objects), CSV or Parquet (Parquet needs
-``pyarrow`` or ``pandas``). Each row has either
+``pyarrow`` or ``pandas``); with the ``datasets`` extra, prompts may also be a
+Hugging Face ``save_to_disk`` folder or ``{split: file}`` data files read by that
+library (``read_prompt_dataset``). Each row has either
 
 * a ``prompt`` column (non-empty text) and optionally a ``completion`` column
   (the reference answer), or
@@ -98,14 +100,19 @@ def _parquet_rows(path: Path) -> list[dict]:
         import pyarrow.parquet as parquet
     except ImportError:
         parquet = None
-    if parquet is not None:
-        return parquet.read_table(path).to_pylist()
     try:
-        import pandas
-    except ImportError:
-        raise KdlabError(f"{path}: reading Parquet needs pyarrow (or pandas); pip install pyarrow, or convert the "
-                         "file to JSONL") from None
-    return pandas.read_parquet(path).to_dict("records")
+        if parquet is not None:
+            return parquet.read_table(path).to_pylist()
+        try:
+            import pandas
+        except ImportError:
+            raise KdlabError(f"{path}: reading Parquet needs pyarrow (or pandas); pip install pyarrow, or convert "
+                             "the file to JSONL") from None
+        return pandas.read_parquet(path).to_dict("records")
+    except KdlabError:
+        raise
+    except Exception as error:  # noqa: BLE001 - pyarrow/pandas raise their own classes for a damaged file
+        raise KdlabError(f"{path}: not a readable Parquet file ({type(error).__name__}); re-save it") from None
 
 
 def _messages(value: Any, where: str) -> tuple[tuple[dict, ...], Optional[str]]:
@@ -135,12 +142,11 @@ def _messages(value: Any, where: str) -> tuple[tuple[dict, ...], Optional[str]]:
     return tuple(turns), reference
 
 
-def read_prompt_file(path: str | Path) -> list[PromptRecord]:
-    """Every row of a prompt file as a ``PromptRecord`` (see the module docstring for the columns)."""
-    path = Path(path).expanduser()
+def _records(rows: Sequence[tuple[int, Any]], source: str, group: Optional[str] = None) -> list[PromptRecord]:
+    """``PromptRecord`` s of ``(row number, row)`` pairs; errors name ``source`` and the row."""
     records = []
-    for number, row in _rows(path):
-        where = f"{path}, row {number}"
+    for number, row in rows:
+        where = f"{source}, row {number}"
         if not isinstance(row, dict):
             raise KdlabError(f"{where}: expected an object with a prompt or messages column, got {row!r:.60}")
         if row.get("messages") not in (None, ""):
@@ -156,9 +162,39 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
         else:
             raise KdlabError(f"{where}: has neither a 'prompt' nor a 'messages' column (columns: "
                              f"{', '.join(map(str, row)) or 'none'}); name the prompt column 'prompt'")
-        records.append(PromptRecord(prompt=prompt, reference=reference, where=where))
+        records.append(PromptRecord(prompt=prompt, reference=reference, where=where, group=group))
+    return records
+
+
+def read_prompt_file(path: str | Path, *, cache_dir: Optional[Path] = None) -> list[PromptRecord]:
+    """Every row of a prompt file as a ``PromptRecord`` (see the module docstring for the columns).
+
+    A folder is a Hugging Face ``save_to_disk`` dataset (``read_prompt_dataset``).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return read_prompt_dataset(None, cache_dir, path=str(path))
+    records = _records(_rows(path), str(path))
     if not records:
         raise KdlabError(f"{path}: the prompt file has no rows; add prompts")
+    return records
+
+
+def read_prompt_dataset(root: Optional[Path], cache_dir: Optional[Path], *, path: Optional[str] = None,
+                        data_files: Optional[dict[str, str]] = None) -> list[PromptRecord]:
+    """Prompts through the ``datasets`` library: a ``save_to_disk`` folder or ``{split: file}`` data files.
+
+    Same columns and row errors as a prompt file; each record's ``group`` is its split's name, so a
+    ``test`` split can be held out whole (``split_records(test_groups=["test"])``).
+    """
+    from kdlab.data.hf_dataset import load_hf
+
+    records = []
+    found = load_hf(root, cache_dir, path=path, data_files=data_files)
+    for split, (part, source) in found.items():
+        records += _records(list(enumerate(part.to_list(), start=1)), source, group=split)
+    if not records:
+        raise KdlabError(f"{path or 'data.data_files'}: the dataset has no rows; add prompts")
     return records
 
 

@@ -37,6 +37,7 @@ class SequenceInfo:
     # Train rows whose response is a placeholder EOS (a prompt given without a completion): on-policy methods
     # replace it by a generation; methods that would learn from it (SFT, off-policy KD) are refused.
     missing_references: int = 0
+    first_missing_reference: str = ""  # where the first of them is ("file, row N"), for the refusal's message
 
 
 @dataclass

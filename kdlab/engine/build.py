@@ -151,7 +151,9 @@ def build_method(cfg: MethodConfig, *, student: nn.Module, teacher: nn.Module | 
     missing = getattr(sequence, "missing_references", 0)
     trains_on_references = getattr(method, "trains_on_references", lambda: True)
     if missing and trains_on_references():  # a placeholder EOS would teach the student to stop at once
-        raise KdlabError(f"method.name: {missing} train prompts of {sequence.task!r} have no reference completion, "
+        first = getattr(sequence, "first_missing_reference", "")
+        raise KdlabError(f"method.name: {missing} train prompts of {sequence.task!r} have no reference completion"
+                         f"{f' (first: {first})' if first else ''}, "
                          f"and {cfg.name!r} with these settings learns from the data's responses (SFT or off-policy "
                          "batches); add completions, or train on-policy only (gkd: on_policy_fraction: 1.0, "
                          "sft_steps: 0)")

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Optional
 
 from kdlab.data.prompt_sets import arithmetic_prompts, docstring_prompts
-from kdlab.data.prompts import PromptRecord, read_prompt_file, special_ids, split_records, tokenize_records
+from kdlab.data.prompts import (PromptRecord, read_prompt_dataset, read_prompt_file, special_ids, split_records,
+                                tokenize_records)
 from kdlab.data.sequence import SequenceArrays, SequenceInfo
 from kdlab.errors import KdlabError
 from kdlab.metrics.generation import last_number
@@ -80,15 +81,18 @@ def _checkers(prompts: list[str], references: list[Optional[str]], numeric: bool
 
 @register("dataset", "prompts")
 def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, path: Optional[str] = None,
-            builtin: Optional[str] = None, tokenizer: Optional[str] = None, chat_template: bool = False,
-            system: Optional[str] = None, max_prompt_tokens: int = 256, max_new_tokens: int = 128,
-            test_fraction: float = 0.1, seed: int = 0, num_prompts: Optional[int] = None,
-            digits: int = 2, num_test_prompts: Optional[int] = None) -> SequenceArrays:
+            builtin: Optional[str] = None, data_files: Optional[dict[str, str]] = None,
+            tokenizer: Optional[str] = None, chat_template: bool = False, system: Optional[str] = None,
+            max_prompt_tokens: int = 256, max_new_tokens: int = 128, test_fraction: float = 0.1, seed: int = 0,
+            num_prompts: Optional[int] = None, digits: int = 2,
+            num_test_prompts: Optional[int] = None) -> SequenceArrays:
     """Prompts (file or built-in arithmetic/docstrings) tokenized by a Hugging Face tokenizer, for LM distillation.
 
-    ``path``: a JSONL/JSON/CSV/Parquet prompt file (relative to ``data.root``
-    when given), or ``builtin``: ``arithmetic`` / ``docstrings``. ``tokenizer``:
-    a model folder, a .gguf file or ``bundled:smollm2``. ``chat_template``: apply
+    ``path``: a JSONL/JSON/CSV/Parquet prompt file or a Hugging Face save_to_disk
+    folder (relative to ``data.root`` when given), or ``data_files``: {split:
+    file} read by the datasets library (a ``test`` split of either is the test
+    set; other splits join train), or ``builtin``: ``arithmetic`` / ``docstrings``.
+    ``tokenizer``: a model folder, a .gguf file or ``bundled:smollm2``. ``chat_template``: apply
     the tokenizer's chat template (``system`` adds a system turn). Test split:
     ``test_fraction`` by ``seed`` (docstrings: the ``numbers`` family, unseen).
     ``num_prompts``: the first N records (arithmetic: how many to draw, default
@@ -96,9 +100,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     the first N test prompts only (the same N for every seed and arm: decoding the
     test split is the costly part of a CPU study).
     """
-    if (path is None) == (builtin is None):
-        raise KdlabError("data: the prompts dataset needs exactly one of path (a prompt file) or builtin "
-                         f"({' or '.join(BUILTIN)})")
+    if (path is not None) + (builtin is not None) + (data_files is not None) != 1:
+        raise KdlabError(f"data: the prompts dataset needs exactly one of path (a prompt file) or builtin "
+                         f"({' or '.join(BUILTIN)}) or data_files ({{split: file}}, read by the datasets library)")
     if num_prompts is not None and (isinstance(num_prompts, bool) or not isinstance(num_prompts, int)
                                     or num_prompts < 2):
         raise KdlabError(f"data.num_prompts: must be an integer >= 2, got {num_prompts!r}")
@@ -116,13 +120,19 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
         task = "prompts:docstrings"
     elif builtin is not None:
         raise KdlabError(f"data.builtin: unknown prompt set {builtin!r}; use {' or '.join(BUILTIN)}")
+    elif data_files is not None:
+        records = read_prompt_dataset(root, cache_dir, data_files=data_files)
+        records = records[:num_prompts] if num_prompts else records
+        task = f"prompts:{Path(data_files.get('train', next(iter(data_files.values())))).name}"
     else:
         file = Path(path).expanduser()
         if root is not None and not file.is_absolute():
             file = Path(root) / file
-        records = read_prompt_file(file)
+        records = read_prompt_file(file, cache_dir=cache_dir)
         records = records[:num_prompts] if num_prompts else records
         task = f"prompts:{file.name}"
+    if test_groups is None and any(r.group == "test" for r in records if builtin is None):
+        test_groups = ["test"]  # a datasets folder's own test split is the test set
     parts = split_records(records, seed=seed, val_fraction=0.0, test_fraction=test_fraction,
                           test_groups=test_groups)
     if not parts["test"]:
@@ -155,6 +165,7 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     info = SequenceInfo(task=task, pad_id=pad_id, eos_id=eos_id, decode=decode, is_correct=is_correct,
                         answer_correct=answer_correct, max_response_tokens=max_new_tokens,
                         context_length=max_prompt_tokens + max_new_tokens, generation_room=0,
-                        missing_references=int((~train.has_reference).sum()))
+                        missing_references=int((~train.has_reference).sum()),
+                        first_missing_reference=next((r.where for r in parts["train"] if r.reference is None), ""))
     return SequenceArrays(train.tokens, train.labels, test.tokens, test.labels, _vocab_size(folder, hf_tokenizer),
                           info)
