@@ -24,8 +24,8 @@ Why not recompute the projection per chunk in the backward instead: that costs a
 with the (V, H) weight and a second pass over the divergence (about 1.3× the work of the
 unfused step) for no memory gain: both designs hold one (V, H) weight gradient, which any
 training step must produce anyway. The price of computing the gradient in the forward: it is
-spent even if no backward follows (skipped when no input requires grad or grad mode is off),
-and the loss can be back-propagated once (a second ``backward`` raises).
+spent even if no backward follows (skipped when no input requires grad or grad mode is off);
+a second backward through a retained graph recomputes them.
 
 The teacher is a constant: no gradient reaches its logits, hidden states or weight. Masked-out
 positions get weight 0, their hidden states and teacher logits are replaced by 0 (``where``)
@@ -188,7 +188,7 @@ class _Plan:
                     del logits
                     teacher = self.teacher_rows(start, stop)
                     if self.teacher_temperature != 1.0:
-                        teacher = teacher.div_(self.teacher_temperature)
+                        teacher = teacher / self.teacher_temperature  # may be a view of the caller's logits
                     log_p = torch.log_softmax(teacher, dim=-1)
                     del teacher
                     name, options = self.options
@@ -222,24 +222,24 @@ class _FusedDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, plan: _Plan, reduce):
-        need = tuple(ctx.needs_input_grad[:3]) if torch.is_grad_enabled() or any(ctx.needs_input_grad[:3]) else \
-            (False, False, False)
+        need = tuple(ctx.needs_input_grad[:3])
         values, grad_hidden, grad_weight, grad_bias = plan.run(hidden, weight, bias, need)
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.grads, ctx.plan, ctx.need = (grad_hidden, grad_weight, grad_bias), plan, need
+        ctx.save_for_backward(hidden, weight, bias)  # references only: for a second backward (rare)
         return reduce(values)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        if ctx.grads is None:
-            raise RuntimeError("fused_sequence_divergence: its backward can run once per forward "
-                               "(the gradients are computed in the forward and handed over)")
-        grads, ctx.grads = ctx.grads, None
+        grads, ctx.grads = ctx.grads, None  # handed over once: scaled in place, no second (V, H) buffer
+        if grads is None:  # a second backward through a retained graph: recompute them
+            hidden, weight, bias = ctx.saved_tensors
+            grads = ctx.plan.run(hidden, weight, bias, ctx.need)[1:]
+        hidden, weight, bias = ctx.saved_tensors
         out = []
-        for grad, dtype in zip(grads, ctx.dtypes):
+        for grad, like in zip(grads, (hidden, weight, bias)):
             if grad is not None:
-                grad = grad.mul_(grad_output.to(grad.dtype)).to(dtype)  # in place: no second (V, H) buffer
+                grad = grad.mul_(grad_output.to(grad.dtype)).to(like.dtype)
             out.append(grad)
         return (*out, None, None)
 
@@ -343,5 +343,6 @@ def fused_sequence_divergence(student_hidden, student_weight, teacher_logits=Non
         return reduce_positions(values.reshape(batch, length), valid, SEQUENCE_REDUCTIONS[reduction], denominator)
 
     hidden = student_hidden.reshape(rows, student_hidden.shape[-1])
-    loss = _FusedDivergence.apply(hidden, student_weight, student_bias, plan, reduce)
-    return loss
+    if not torch.is_grad_enabled():  # evaluation: values only (the Function would still see requires_grad)
+        return reduce(plan.run(hidden, student_weight, student_bias, (False, False, False))[0])
+    return _FusedDivergence.apply(hidden, student_weight, student_bias, plan, reduce)
