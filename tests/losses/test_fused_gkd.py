@@ -98,13 +98,18 @@ def test_fit_with_fused_gkd(splits):
         assert math.isfinite(result.final[key]), key
 
 
-def test_hugging_face_student_exposes_hidden_states_and_head(splits):
+LLAMA = {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+         "intermediate_size": 32, "max_position_embeddings": 64}
+GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 64, "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_hugging_face_student_exposes_hidden_states_and_head(splits, config):
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = registry.get("model", "hf_causal_lm")(
-        input_shape=splits.input_shape, num_classes=splits.num_classes,
-        config={"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 32, "max_position_embeddings": 64})
+    model = registry.get("model", "hf_causal_lm")(input_shape=splits.input_shape, num_classes=splits.num_classes,
+                                                  config=dict(config))
     tokens = splits.train[0][:2]
     weight, bias = model.output_layer()
     logits = model.eval()(tokens)
@@ -116,10 +121,8 @@ def test_hugging_face_student_exposes_hidden_states_and_head(splits):
 
 def test_hugging_face_soft_capped_logits_are_refused(splits):
     pytest.importorskip("transformers")
-    model = registry.get("model", "hf_causal_lm")(
-        input_shape=splits.input_shape, num_classes=splits.num_classes,
-        config={"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 32, "max_position_embeddings": 64})
+    model = registry.get("model", "hf_causal_lm")(input_shape=splits.input_shape, num_classes=splits.num_classes,
+                                                  config=dict(LLAMA))
     model.model.config.final_logit_softcapping = 30.0
     with pytest.raises(KdlabError, match="final_logit_softcapping"):
         model.output_layer()
