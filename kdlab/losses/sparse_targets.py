@@ -47,7 +47,8 @@ from kdlab.losses.divergences import _compute_dtype, _valid_positions, reduce_po
 
 REDUCTIONS = {"token": "batchmean", "sequence": "sequence", "none": "none"}
 
-__all__ = ["sample_targets", "sampled_kl", "topk_tail_kl", "topk_targets"]
+__all__ = ["id_dtype", "load_sparse_targets", "sample_targets", "sampled_kl", "save_sparse_targets",
+           "targets_to_torch", "topk_tail_kl", "topk_targets"]
 
 
 def _error(name: str, message: str) -> KdlabError:
@@ -195,3 +196,66 @@ def sampled_kl(student_logits, sample_ids, sample_log_probs, mask=None, *, propo
             log_r = torch.where(valid.unsqueeze(-1), log_r, zero)
         terms = terms * (log_p - log_r).exp()
     return _finish(terms.mean(dim=-1), valid, reduction)
+
+
+# ---------------------------------------------------------------------------
+# Compact storage (what an offline cache writes): ids uint16/int32, log-probabilities float16, memory-mapped
+# ---------------------------------------------------------------------------
+
+STORED = ("ids", "log_probs", "tail_log_mass")
+
+
+def id_dtype(vocab_size: int):
+    """numpy dtype of stored token ids: uint16 up to 65,536 tokens, else int32."""
+    import numpy as np
+
+    return np.uint16 if vocab_size <= 2**16 else np.int32
+
+
+def save_sparse_targets(folder, ids: torch.Tensor, log_probs: torch.Tensor, tail_log_mass=None, *,
+                        vocab_size: int) -> dict:
+    """Write ids (``id_dtype``), log-probabilities and the tail log-mass (float16) as ``.npy`` files in ``folder``.
+
+    Log-probabilities, not probabilities, are stored: float16 keeps about 3 significant digits of
+    log p down to −65504 (p underflows float16 below 6e-8). Returns {name: bytes written}.
+    """
+    import numpy as np
+    from pathlib import Path
+
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise KdlabError(f"sparse targets: token ids must lie in [0, {vocab_size}); check vocab_size")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"ids": ids.cpu().numpy().astype(id_dtype(vocab_size)),
+              "log_probs": log_probs.detach().cpu().numpy().astype(np.float16)}
+    if tail_log_mass is not None:
+        arrays["tail_log_mass"] = tail_log_mass.detach().cpu().numpy().astype(np.float16)
+    written = {}
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array, allow_pickle=False)
+        written[name] = (folder / f"{name}.npy").stat().st_size
+    return written
+
+
+def load_sparse_targets(folder) -> dict:
+    """The arrays ``save_sparse_targets`` wrote, memory-mapped read-only (rows are read on access)."""
+    import numpy as np
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not (folder / "ids.npy").exists():
+        raise KdlabError(f"sparse targets: no ids.npy in {str(folder)!r}; build the cache first")
+    return {name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in STORED if (folder / f"{name}.npy").exists()}
+
+
+def targets_to_torch(stored: dict, rows, *, device=None) -> dict:
+    """Rows ``rows`` (an index or slice over the first dimension) of loaded targets as tensors:
+    ids int64, log-probabilities and tail log-mass float32 (the losses upcast further as needed)."""
+    import numpy as np
+
+    out = {"ids": torch.from_numpy(np.asarray(stored["ids"][rows]).astype(np.int64))}
+    for name in ("log_probs", "tail_log_mass"):
+        if name in stored:
+            out[name] = torch.from_numpy(np.asarray(stored[name][rows]).astype(np.float32))
+    return {name: value.to(device) for name, value in out.items()} if device is not None else out

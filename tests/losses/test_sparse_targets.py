@@ -16,7 +16,8 @@ import torch
 
 from kdlab.errors import KdlabError
 from kdlab.losses.sequence import sequence_divergence
-from kdlab.losses.sparse_targets import sample_targets, sampled_kl, topk_tail_kl, topk_targets
+from kdlab.losses.sparse_targets import (id_dtype, load_sparse_targets, sample_targets, sampled_kl,
+                                         save_sparse_targets, targets_to_torch, topk_tail_kl, topk_targets)
 
 V = 5
 
@@ -144,3 +145,39 @@ def test_masked_positions_and_reductions():
 def test_bad_input_is_one_clear_error(call, match):
     with pytest.raises(KdlabError, match=match):
         call(_logits(0, (2, V)), _logits(1, (2, V)))
+
+
+# --------------------------------------------------------------------------- compact storage
+
+
+def test_id_dtype():
+    import numpy as np
+
+    assert id_dtype(65536) == np.uint16 and id_dtype(65537) == np.int32 and id_dtype(151936) == np.int32
+
+
+def test_saved_targets_round_trip_memory_mapped(tmp_path):
+    import numpy as np
+
+    vocab = 40000
+    teacher = torch.randn(2, 3, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    student = torch.randn(2, 3, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    ids, log_p, tail = topk_targets(teacher, 8)
+    written = save_sparse_targets(tmp_path / "c", ids, log_p, tail, vocab_size=vocab)
+    # per token: 8 ids × 2 bytes + 8 log-probs × 2 bytes + 2 bytes of tail (+ the .npy headers)
+    assert sum(written.values()) - 3 * 128 == 6 * (8 * 2 + 8 * 2 + 2)
+    stored = load_sparse_targets(tmp_path / "c")
+    assert isinstance(stored["ids"], np.memmap) and stored["ids"].dtype == np.uint16
+    assert stored["log_probs"].dtype == np.float16
+    back = targets_to_torch(stored, slice(0, 2))
+    assert torch.equal(back["ids"], ids)
+    exact = topk_tail_kl(student, ids, log_p, tail)
+    compact = topk_tail_kl(student, back["ids"], back["log_probs"], back["tail_log_mass"])
+    assert abs(compact.item() - exact.item()) < 1e-2 * max(1.0, abs(exact.item()))
+
+
+def test_storage_refusals(tmp_path):
+    with pytest.raises(KdlabError, match=r"\[0, 5\)"):
+        save_sparse_targets(tmp_path, torch.tensor([[5]]), torch.zeros(1, 1), vocab_size=5)
+    with pytest.raises(KdlabError, match="no ids.npy"):
+        load_sparse_targets(tmp_path / "missing")
