@@ -72,6 +72,11 @@ def default_chunk_rows(vocab_size: int, rows: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim tensor that broadcasts (a full (chunk, V) tensor of one value would cost a pass to fill)."""
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
 def _grad_log_q(name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, beta: float = 0.5, scaled: bool = False,
                 kl_at_ends: bool = False, skew: float = 0.1, reverse: bool = False) -> torch.Tensor:
     """∂D/∂(log q_c) of ``divergence_per_position(name, log_p, log_q, ...)`` (same options), shape of log_q.
@@ -93,7 +98,7 @@ def _grad_log_q(name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, beta: fl
         if beta in (0.0, 1.0):  # unscaled ends: the value is identically 0
             return torch.zeros_like(log_q)
         # log(M/Q) = logaddexp(log β + log P − log Q, log(1 − β)), as the value computes it
-        log_m_over_q = torch.logaddexp(log_p - log_q + math.log(beta), torch.full_like(log_q, math.log1p(-beta)))
+        log_m_over_q = torch.logaddexp(log_p - log_q + math.log(beta), _scalar(math.log1p(-beta), log_q))
         factor = 1.0 / beta if scaled else 1.0 - beta
         return log_q.exp() * log_m_over_q * (-factor)
     if name == "tvd":
@@ -105,10 +110,10 @@ def _grad_log_q(name: str, log_p: torch.Tensor, log_q: torch.Tensor, *, beta: fl
         if skew == 1.0:
             return torch.zeros_like(log_q)
         if not reverse:  # M = αP + (1−α)Q; log(M/Q) = logaddexp(log α + log P − log Q, log(1 − α))
-            log_m_over_q = torch.logaddexp(log_p - log_q + math.log(skew), torch.full_like(log_q, math.log1p(-skew)))
+            log_m_over_q = torch.logaddexp(log_p - log_q + math.log(skew), _scalar(math.log1p(-skew), log_q))
             return -(1.0 - skew) * log_p.exp() * torch.exp(-log_m_over_q)
         # M = αQ + (1−α)P; log(M/Q) = logaddexp(log α, log(1 − α) + log P − log Q)
-        log_m_over_q = torch.logaddexp(torch.full_like(log_q, math.log(skew)), log_p - log_q + math.log1p(-skew))
+        log_m_over_q = torch.logaddexp(_scalar(math.log(skew), log_q), log_p - log_q + math.log1p(-skew))
         return log_q.exp() * (1.0 - log_m_over_q - skew * torch.exp(-log_m_over_q))
     raise _error(f"no gradient for divergence {name!r}")
 
