@@ -50,10 +50,10 @@ from kdlab.losses.sequence import (DIVERGENCES, FAMILY_MEMBERS, SEQUENCE_REDUCTI
 from kdlab.losses import sequence as _sequence
 
 FUSED_DIVERGENCES = DIVERGENCES + ("ce",)
-# Default chunk: this many bytes of float32 logits per chunk (32 MiB: 64 tokens at V = 131,072). A chunk
+# Default chunk: this many bytes of float32 logits per chunk (16 MiB: 32 tokens at V = 131,072). A chunk
 # holds a handful of such (chunk, V) temporaries; bigger chunks add memory, smaller ones add passes over
 # the (V, H) weight gradient (one rank-chunk update each).
-CHUNK_BYTES = 32 * 2**20
+CHUNK_BYTES = 16 * 2**20
 
 __all__ = ["CHUNK_BYTES", "FUSED_DIVERGENCES", "default_chunk_rows", "fused_sequence_divergence"]
 

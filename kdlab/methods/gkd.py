@@ -69,7 +69,7 @@ class GKDHparams:
     sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling
     chunk_size: Optional[Count] = None  # divergence computed over this many positions at a time (large vocabularies)
     # The divergence fused with the student's output layer (kdlab.losses.fused): no (B, T, V) student tensor;
-    # chunk_size then counts positions of every sequence (chunks of B·chunk_size tokens; null: ~32 MiB of logits)
+    # chunk_size then counts positions of every sequence (chunks of B·chunk_size tokens; null: ~16 MiB of logits)
     fused: bool = False
 
     check_config = staticmethod(check_config)  # run at config validation

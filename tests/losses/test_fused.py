@@ -221,7 +221,7 @@ def test_float32_and_bfloat16_inputs():
 
 
 def test_default_chunk_rows():
-    assert default_chunk_rows(131072, 1024) == 64
+    assert default_chunk_rows(131072, 1024) == 32
     assert default_chunk_rows(11, 7) == 7
     assert default_chunk_rows(10**12, 5) == 1
 
