@@ -19,7 +19,9 @@ Special cases (paper Table 1): supervised KD = λ 0 + forward KL; on-policy KD =
 the paper starts every student from an SFT checkpoint. Prompts, seeded sampling
 and the warm-up are the generation base shared with policy-gradient KD
 (``kdlab.methods.generation``); D is one member of the divergence family
-(``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``).
+(``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``). ``fused: true``
+computes it from the student's last hidden states and output layer (``kdlab.losses.fused``), so the
+student's (B, T, V) logits are never formed.
 """
 from __future__ import annotations
 
