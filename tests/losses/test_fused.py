@@ -248,3 +248,15 @@ def test_bad_input_is_one_clear_error(bad, match):
         kw["teacher_weight"] = torch.zeros(V, 2)
     with pytest.raises(KdlabError, match=match):
         fused_sequence_divergence(hidden, args["weight"], args["teacher"], args["mask"], **kw)
+
+
+def test_under_autocast_the_projection_runs_in_the_autocast_dtype():
+    hidden, weight, bias, teacher, mask = make(16, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_sequence_divergence(hidden, weight, teacher, mask, student_bias=bias)
+        ref = sequence_divergence(torch.nn.functional.linear(hidden, weight, bias), teacher, mask)
+    got, want = grads(loss, (hidden, weight, bias)), grads(ref, (hidden, weight, bias))
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 1e-2 * abs(ref.item())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=3e-2, atol=3e-2)
