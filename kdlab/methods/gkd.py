@@ -19,7 +19,9 @@ Special cases (paper Table 1): supervised KD = λ 0 + forward KL; on-policy KD =
 the paper starts every student from an SFT checkpoint. Prompts, seeded sampling
 and the warm-up are the generation base shared with policy-gradient KD
 (``kdlab.methods.generation``); D is one member of the divergence family
-(``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``).
+(``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``). ``fused: true``
+computes it from the student's last hidden states and output layer (``kdlab.losses.fused``), so the
+student's (B, T, V) logits are never formed.
 """
 from __future__ import annotations
 
@@ -31,10 +33,24 @@ import torch
 
 from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
-from kdlab.losses.sequence import DIVERGENCES, sequence_divergence, shift_logits_and_mask
+from kdlab.losses.fused import fused_sequence_divergence
+from kdlab.losses.sequence import DIVERGENCES, response_mask, sequence_divergence, shift_logits_and_mask
 from kdlab.methods.base import Batch
 from kdlab.methods.generation import GenerationMethod, check_sft_steps
 from kdlab.registry import register
+
+
+FUSED_MODELS = ("tinygpt", "hf_causal_lm")  # the zoo's models that expose hidden states + output layer
+
+
+def check_config(cfg, errors: list[str]) -> None:
+    """GKD's config rules: the SFT warm-up leaves steps to distil; ``fused`` needs a model with an output layer."""
+    check_sft_steps(cfg, errors)
+    model = getattr(cfg.student, "model", None)
+    if (cfg.method.options.get("fused") is True and isinstance(model, str)
+            and not any(model == name or model.startswith(f"{name}-") for name in FUSED_MODELS)):
+        errors.append(f"method.fused: student model {model!r} does not expose its hidden states and output layer "
+                      f"({', '.join(FUSED_MODELS)} do); set method.fused: false")
 
 
 @dataclass
@@ -54,8 +70,11 @@ class GKDHparams:
     top_p: Optional[Annotated[float, Interval(gt=0, le=1)]] = None
     sft_steps: NonNegativeCount = 0  # steps of SFT on the reference responses before distilling
     chunk_size: Optional[Count] = None  # divergence computed over this many positions at a time (large vocabularies)
+    # The divergence fused with the student's output layer (kdlab.losses.fused): no (B, T, V) student tensor;
+    # chunk_size then counts positions of every sequence (chunks of B·chunk_size tokens; null: ~16 MiB of logits)
+    fused: bool = False
 
-    check_config = staticmethod(check_sft_steps)  # run at config validation
+    check_config = staticmethod(check_config)  # run at config validation
 
 
 def _check(h: GKDHparams) -> None:
@@ -77,6 +96,12 @@ class GKD(GenerationMethod):
         self.generation_calls = {"student": 0, "teacher": 0}
         self.last_source = "data"
         self._teacher_cache: dict[int, list[int]] = {}  # train index -> teacher response ids (SeqKD)
+        if hparams.fused:
+            if not callable(getattr(student, "output_layer", None)) or not hasattr(student, "emit_hidden_states"):
+                raise KdlabError(f"method.fused: the student ({type(student).__name__}) does not expose its hidden "
+                                 f"states and output layer ({', '.join(FUSED_MODELS)} do); set method.fused: false")
+            student.output_layer()  # its own one-line refusal (e.g. soft-capped logits)
+            student.emit_hidden_states = True  # training forwards return the head's input, not the logits
 
     def data_source(self) -> str:
         """Where this step's responses come from: "student" (on-policy), "teacher" (SeqKD) or "data"."""
@@ -147,9 +172,31 @@ class GKD(GenerationMethod):
                            self.step_generator(prompts.device, 1))
         return self.generated_batch(batch, out, "student")
 
+    def _fused_loss(self, hidden, labels, teacher_out, divergence: str):
+        """The loss of ``loss_terms`` from the student's hidden states (``method.fused``), never its logits."""
+        h = self.hparams
+        weight, bias = self._networks["student"].output_layer()
+        if hidden.shape[-1] != weight.shape[1]:
+            raise KdlabError(f"method.fused: the student returned {tuple(hidden.shape)}, not hidden states of width "
+                             f"{weight.shape[1]}; its forward ignores emit_hidden_states")
+        mask = response_mask(labels)
+        chunk = None if h.chunk_size is None else h.chunk_size * hidden.shape[0]
+        common = dict(student_bias=bias, reduction=h.reduction, chunk_size=chunk)
+        if divergence == "ce":
+            return fused_sequence_divergence(hidden[:, :-1], weight, None, mask, labels=labels[:, 1:],
+                                             divergence="ce", **common)
+        return fused_sequence_divergence(hidden[:, :-1], weight, teacher_out.logits[:, :-1], mask,
+                                         divergence=divergence, beta=h.beta, scaled=h.scaled_jsd, skew=h.skew,
+                                         student_temperature=h.student_temperature,
+                                         teacher_temperature=h.teacher_temperature, **common)
+
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams
         zero = student_out.logits.new_zeros(())
+        if h.fused:  # student_out.logits holds the hidden states (B, L, H) here
+            if self.in_sft():
+                return {"sft": self._fused_loss(student_out.logits, batch.labels, None, "ce"), "gkd": zero}
+            return {"sft": zero, "gkd": self._fused_loss(student_out.logits, batch.labels, teacher_out, h.divergence)}
         if self.in_sft():  # the SFT warm-up: reference responses, cross-entropy
             return {"sft": self.sft_loss(student_out.logits, batch.labels, h.reduction), "gkd": zero}
         if h.divergence == "ce":  # hard targets (SeqKD when the responses are the teacher's)

@@ -81,7 +81,14 @@ class HFCausalLM(nn.Module):
 
     The cache is the model's own (a ``transformers`` ``Cache``, updated in
     place by each forward, unlike TinyGPT's immutable ``KVCache``).
+
+    Fused losses: ``output_layer()`` and ``emit_hidden_states`` as TinyGPT's (a training forward
+    then runs the base model only and returns its last hidden state, the LM head's input).
     """
+
+    emit_hidden_states = False
+    # Config keys of models whose logits are not the plain head projection (soft-capping, scaling).
+    LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_logits_scale")
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -117,6 +124,9 @@ class HFCausalLM(nn.Module):
                                                        for t in (input_ids, attention_mask, position_ids))
         if attention_mask is not None:
             attention_mask = attention_mask.long()
+        if self.emit_hidden_states and self.training and not use_cache and past_key_values is None:
+            return self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         use_cache=False, return_dict=True).last_hidden_state
         cache = {self._cache_argument: past_key_values} if past_key_values is not None else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=use_cache, return_dict=True, **cache)
@@ -124,6 +134,17 @@ class HFCausalLM(nn.Module):
         if not use_cache:
             return logits
         return logits, (out.cache if hasattr(out, "cache") else out.past_key_values)
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        """The LM head's ``(weight (V, H), bias or None)``; a KdlabError where logits are more than that."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        config = self.model.config
+        scaled = [key for key in self.LOGIT_POSTPROCESSING if getattr(config, key, None) not in (None, 1, 1.0)]
+        if not isinstance(head, nn.Linear) or scaled or self.model.base_model is self.model:
+            why = f"its logits are post-processed ({', '.join(scaled)})" if scaled else "it has no linear LM head"
+            raise KdlabError(f"hf_causal_lm: the {config.model_type} model cannot expose its hidden states and "
+                             f"output layer for a fused loss: {why}; set method.fused: false")
+        return head.weight, head.bias
 
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         """Write the wrapped model in the ``transformers`` format (reload with ``path=``)."""

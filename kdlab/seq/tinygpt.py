@@ -16,6 +16,11 @@ after the real tokens never reaches them (their logits are ignored through
 labels = -100). Left-padded batches (generation) pass ``attention_mask`` and
 ``position_ids = (mask.cumsum(-1) - 1).clamp(min=0)``.
 
+Fused losses (``kdlab.losses.fused``; GKD's ``method.fused``): ``output_layer()`` is the LM head's
+``(weight (V, D), bias or None)``; with ``emit_hidden_states = True`` a *training-mode* forward without a
+cache returns the final hidden states ``(B, T, D)`` (the head's input) instead of the logits, so no
+``(B, T, V)`` tensor is formed; eval-mode forwards (evaluation, generation) still return logits.
+
 Feature taps: ``embed`` (B, T, D), ``blocks.0`` .. ``blocks.{L-1}`` (B, T, D;
 each block returns ``(x, (k, v))`` and taps keep ``x``), ``final_norm`` (B, T, D);
 they are listed in ``model.feature_stages``.
@@ -146,6 +151,8 @@ def attention_mask_for(attention_mask: Tensor | None, *, past_length: int, new_l
 class TinyGPT(nn.Module):
     """Decoder-only transformer over token ids ``(B, T)`` -> next-token logits ``(B, T, vocab_size)``."""
 
+    emit_hidden_states = False  # True: training forwards return the head's input (see the module docstring)
+
     def __init__(self, vocab_size: int, context_length: int, layers: Depth = 2, width: Width = 128, heads: Width = 4,
                  dropout: float = 0.0, tie_embeddings: bool = True):
         super().__init__()
@@ -211,8 +218,15 @@ class TinyGPT(nn.Module):
             x, (k, v) = block(x, attn_mask=attn_mask, is_causal=is_causal, past=past)
             keys.append(k)
             values.append(v)
-        logits = self.lm_head(self.final_norm(x))
+        hidden = self.final_norm(x)
+        if self.emit_hidden_states and self.training and not use_cache:
+            return hidden
+        logits = self.lm_head(hidden)
         return (logits, KVCache(keys, values)) if use_cache else logits
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        """The LM head's ``(weight (V, D), bias)``: logits = hidden @ weight.T (no bias)."""
+        return self.lm_head.weight, self.lm_head.bias
 
 
 @register("model", "tinygpt")
