@@ -288,7 +288,6 @@ def kdlab_worker(args, channel: Channel) -> None:
 
 
 def trl_worker(args, channel: Channel) -> None:
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from torch.utils.data import SequentialSampler
