@@ -203,7 +203,13 @@ class GKD(GenerationMethod):
             return {"sft": zero, "gkd": self.sft_loss(student_out.logits, batch.labels, h.reduction)}
         # D(p_T ‖ p_S^θ)(y|x) of Eq. 2, on the aligned next-token logits of the response positions
         student_logits, mask = shift_logits_and_mask(student_out.logits, batch.labels)
-        loss = sequence_divergence(student_logits, teacher_out.logits[:, :-1], mask, divergence=h.divergence,
+        teacher_logits = teacher_out.logits[:, :-1]
+        # The columns before the earliest response position (the prompts' common part) count in no row: the
+        # full-vocabulary divergence starts there (same loss, less work and memory on long prompts).
+        start = int(mask.any(dim=0).int().argmax())
+        if start:
+            student_logits, teacher_logits, mask = student_logits[:, start:], teacher_logits[:, start:], mask[:, start:]
+        loss = sequence_divergence(student_logits, teacher_logits, mask, divergence=h.divergence,
                                    beta=h.beta, scaled=h.scaled_jsd, skew=h.skew,
                                    student_temperature=h.student_temperature,
                                    teacher_temperature=h.teacher_temperature, reduction=h.reduction,

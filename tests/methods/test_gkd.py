@@ -726,3 +726,24 @@ def test_fit_with_a_hugging_face_teacher(fit_splits, options):
         assert method.generation_calls == {"student": 0, "teacher": 2}
     else:
         assert method.generation_calls == {"student": 2, "teacher": 0}
+
+
+def test_divergence_runs_from_the_earliest_response_column(splits, models, monkeypatch):
+    # The columns before every row's response (here column 0: the shortest prompt has 2 tokens) are cut before
+    # the full-vocabulary divergence; the loss is still Eq. 2 (float64 reference) and those columns get no gradient.
+    import kdlab.methods.gkd as gkd_module
+
+    tokens, labels, _ = _canonical_batch()
+    seen = []
+    real = gkd_module.sequence_divergence
+    monkeypatch.setattr(gkd_module, "sequence_divergence",
+                        lambda s, t, m, **kw: seen.append((s.shape[1], t.shape[1], m.shape[1])) or real(s, t, m, **kw))
+    method = _method(splits, models, divergence="jsd", beta=0.5)
+    student = _logits(0).requires_grad_(True)
+    teacher = _logits(1)
+    loss = _gkd_loss(method, Batch(tokens, labels, torch.arange(3)), student, teacher)
+    assert seen == [(6, 6, 6)]  # 8 positions, shifted: 7, minus column 0
+    expected = _reference_gkd(student.detach().double(), teacher.double(), labels, divergence="jsd", beta=0.5)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    loss.backward()
+    assert torch.count_nonzero(student.grad[:, 0]) == 0
