@@ -239,6 +239,10 @@ class _Fit:
                              f"{splits.name!r}; set data.augment: none")
         self.teacher_logits = self._teacher_predictions()
         self._forwards()
+        if self.uses_teacher and hasattr(method, "attach_offline_targets"):  # GKD's offline targets: built once
+            method.attach_offline_targets(splits, run_teacher=functools.partial(self.run_teacher, compiled=False),
+                                          root=teacher_cache_dir or default_cache_root(), seed=seed,
+                                          precision=cache_precision(teacher, train), device=device)
         self.cache = self.cached = None
         if train.teacher_cache and self.uses_teacher:
             from kdlab.engine.teacher_cache import TeacherCache

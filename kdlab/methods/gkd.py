@@ -22,6 +22,11 @@ and the warm-up are the generation base shared with policy-gradient KD
 (``kdlab.losses.divergences``) under GKD's spelling (``kdlab.losses.sequence``). ``fused: true``
 computes it from the student's last hidden states and output layer (``kdlab.losses.fused``), so the
 student's (B, T, V) logits are never formed.
+
+``teacher_targets: topk | sampled`` (with ``teacher_targets_k``) trains supervised KD and SeqKD arms from
+offline teacher targets, computed once and memory-mapped (``kdlab.engine.seq_teacher_cache``): the top-k
+log-probabilities with a tail bucket, or k tokens sampled from the teacher (Random-Sampling KD, Anshumann
+et al., ACL 2025), with the forward KL of ``kdlab.losses.sparse_targets``; no teacher forward in training.
 """
 from __future__ import annotations
 
@@ -35,17 +40,44 @@ from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive
 from kdlab.errors import KdlabError
 from kdlab.losses.fused import fused_sequence_divergence
 from kdlab.losses.sequence import DIVERGENCES, response_mask, sequence_divergence, shift_logits_and_mask
+from kdlab.losses.sparse_targets import sampled_kl, topk_tail_kl
 from kdlab.methods.base import Batch
 from kdlab.methods.generation import GenerationMethod, check_sft_steps
 from kdlab.registry import register
 
 
 FUSED_MODELS = ("tinygpt", "hf_causal_lm")  # the zoo's models that expose hidden states + output layer
+TEACHER_TARGETS = ("full", "topk", "sampled")
+
+
+def offline_targets_problem(get) -> str | None:
+    """Why offline teacher targets cannot serve these hparams (``get(name)``: a value or its default), or None."""
+    targets = get("teacher_targets")
+    if targets not in TEACHER_TARGETS:
+        return f"method.teacher_targets: {targets!r} is not one of {', '.join(TEACHER_TARGETS)}"
+    if targets == "full":
+        return None
+    if get("on_policy_fraction") > 0:
+        return ("method.teacher_targets: offline targets hold no teacher outputs on the student's own samples "
+                f"(on_policy_fraction {get('on_policy_fraction')}); set on_policy_fraction: 0 or teacher_targets: full")
+    if get("divergence") != "forward_kl":
+        return (f"method.teacher_targets: {targets} targets train the forward KL, not {get('divergence')!r}; set "
+                "divergence: forward_kl or teacher_targets: full")
+    if get("fused"):
+        return "method.teacher_targets: not with method.fused (the sparse losses need no fusion); set fused: false"
+    if get("seqkd") and get("teacher_sampling_temperature") != 0:
+        return ("method.teacher_targets: SeqKD responses are cached greedy only; set teacher_sampling_temperature: 0 "
+                "or teacher_targets: full")
+    return None
 
 
 def check_config(cfg, errors: list[str]) -> None:
     """GKD's config rules: the SFT warm-up leaves steps to distil; ``fused`` needs a model with an output layer."""
     check_sft_steps(cfg, errors)
+    options = cfg.method.options
+    problem = offline_targets_problem(lambda name: options.get(name, getattr(GKDHparams, name)))
+    if problem:
+        errors.append(problem)
     model = getattr(cfg.student, "model", None)
     if (cfg.method.options.get("fused") is True and isinstance(model, str)
             and not any(model == name or model.startswith(f"{name}-") for name in FUSED_MODELS)):
@@ -73,6 +105,10 @@ class GKDHparams:
     # The divergence fused with the student's output layer (kdlab.losses.fused): no (B, T, V) student tensor;
     # chunk_size then counts positions of every sequence (chunks of B·chunk_size tokens; null: ~16 MiB of logits)
     fused: bool = False
+    # Offline teacher targets (kdlab.engine.seq_teacher_cache): full = the live teacher's logits every step;
+    # topk = its k largest log-probabilities + tail mass; sampled = k tokens drawn from it (unbiased)
+    teacher_targets: str = "full"
+    teacher_targets_k: Count = 64
 
     check_config = staticmethod(check_config)  # run at config validation
 
@@ -82,6 +118,9 @@ def _check(h: GKDHparams) -> None:
         raise KdlabError(f"method.divergence: {h.divergence!r} is not one of {', '.join(DIVERGENCES + ('ce',))}")
     if h.reduction not in ("token", "sequence"):
         raise KdlabError(f"method.reduction: {h.reduction!r} is not one of token, sequence")
+    problem = offline_targets_problem(lambda name: getattr(h, name))
+    if problem:
+        raise KdlabError(problem)
 
 
 @register("method", "gkd")
@@ -96,6 +135,12 @@ class GKD(GenerationMethod):
         self.generation_calls = {"student": 0, "teacher": 0}
         self.last_source = "data"
         self._teacher_cache: dict[int, list[int]] = {}  # train index -> teacher response ids (SeqKD)
+        self.offline = None  # the SeqTargetCache (teacher_targets: topk | sampled), set by attach_offline_targets
+        vocab = getattr(student, "vocab_size", None)
+        if hparams.teacher_targets != "full" and isinstance(vocab, int):
+            from kdlab.engine.seq_teacher_cache import check_k
+
+            check_k(hparams.teacher_targets_k, vocab)
         if hparams.fused:
             if not callable(getattr(student, "output_layer", None)) or not hasattr(student, "emit_hidden_states"):
                 raise KdlabError(f"method.fused: the student ({type(student).__name__}) does not expose its hidden "
@@ -157,8 +202,29 @@ class GKD(GenerationMethod):
         return h.sft_steps > 0 or (h.on_policy_fraction < 1 and not h.seqkd)
 
     def teacher_needed(self) -> bool:
-        """No teacher forward during the SFT warm-up, nor for hard-target (``ce``) SeqKD steps."""
-        return not self.in_sft() and self.hparams.divergence != "ce"
+        """No teacher forward during the SFT warm-up, for hard-target (``ce``) SeqKD steps, nor with offline targets."""
+        h = self.hparams
+        return not self.in_sft() and h.divergence != "ce" and h.teacher_targets == "full"
+
+    def attach_offline_targets(self, splits, **options) -> None:
+        """Open (building first if missing) this run's offline teacher targets; called by the loop at setup."""
+        if self.hparams.teacher_targets != "full":
+            from kdlab.engine.seq_teacher_cache import attach
+
+            self.offline = attach(self, splits, **options)
+
+    def _offline_loss(self, student_logits, batch):
+        """The forward KL against the cached sparse targets of the batch's response tokens."""
+        h = self.hparams
+        if self.offline is None:
+            raise KdlabError(f"method.teacher_targets: {h.teacher_targets} targets were not built (the training loop "
+                             "builds them); set teacher_targets: full")
+        student_logits, mask = shift_logits_and_mask(student_logits, batch.labels)
+        t = self.offline.targets(batch.indices, mask)
+        common = dict(student_temperature=h.student_temperature, reduction=h.reduction)
+        if h.teacher_targets == "topk":
+            return topk_tail_kl(student_logits, t["ids"], t["log_probs"], t["tail_log_mass"], mask, **common)
+        return sampled_kl(student_logits, t["ids"], t["log_probs"], mask, **common)
 
     def make_batch(self, batch: Batch) -> Batch:
         source = self.data_source()
@@ -201,6 +267,8 @@ class GKD(GenerationMethod):
             return {"sft": self.sft_loss(student_out.logits, batch.labels, h.reduction), "gkd": zero}
         if h.divergence == "ce":  # hard targets (SeqKD when the responses are the teacher's)
             return {"sft": zero, "gkd": self.sft_loss(student_out.logits, batch.labels, h.reduction)}
+        if h.teacher_targets != "full":
+            return {"sft": zero, "gkd": self._offline_loss(student_out.logits, batch)}
         # D(p_T ‖ p_S^θ)(y|x) of Eq. 2, on the aligned next-token logits of the response positions
         student_logits, mask = shift_logits_and_mask(student_out.logits, batch.labels)
         teacher_logits = teacher_out.logits[:, :-1]
