@@ -278,3 +278,47 @@ def test_resumed_run_reuses_the_cache_without_the_teacher_and_is_exact(tmp_path,
     assert method.generation_calls["teacher"] == 0  # SeqKD responses come from the file too
     for name, tensor in student.state_dict().items():
         torch.testing.assert_close(tensor, straight[name], rtol=0, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- through the command line
+
+TINY = {
+    "name": "offline-tiny",
+    "data": {"dataset": "reverse", "num_train": 32, "num_test": 8, "max_length": 4},
+    "teacher": {"model": "tinygpt", "layers": 1, "width": 16, "heads": 2,
+                "train": {"steps": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003}},
+    "student": {"model": "tinygpt", "layers": 1, "width": 8, "heads": 2},
+    "method": {"name": "gkd", "divergence": "forward_kl", "on_policy_fraction": 0.0, "teacher_targets": "topk",
+               "teacher_targets_k": 4},
+    "train": {"steps": 2, "batch_size": 16, "optimizer": "adamw", "lr": 0.003},
+    "seeds": [0],
+}
+
+
+def _cli(tmp_path: Path, cfg: dict, *args: str) -> int:
+    import yaml
+
+    from kdlab.cli import main
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--quiet", *args])
+
+
+@pytest.mark.parametrize("method, fragment", [
+    ({"on_policy_fraction": 0.5}, "on_policy_fraction"),
+    ({"on_policy_fraction": None}, "on_policy_fraction"),  # left out: λ's default 0.5
+    ({"teacher_targets_k": 1000}, "larger than the vocabulary"),
+])
+def test_bad_offline_targets_exit_2_before_training(tmp_path, capsys, method, fragment):
+    options = {**TINY["method"], **method}
+    options = {k: v for k, v in options.items() if v is not None}
+    assert _cli(tmp_path, {**TINY, "method": options}, "--dry-run") == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_through_the_cli_builds_and_trains_from_the_cache(tmp_path):
+    assert _cli(tmp_path, TINY) == 0
+    folders = list((tmp_path / "ws").rglob("sequence_targets/*/targets/done.json"))
+    assert len(folders) == 1
