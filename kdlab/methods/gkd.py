@@ -219,6 +219,8 @@ class GKD(GenerationMethod):
         if self.offline is None:
             raise KdlabError(f"method.teacher_targets: {h.teacher_targets} targets were not built (the training loop "
                              "builds them); set teacher_targets: full")
+        if batch.indices is None:
+            raise KdlabError("method.teacher_targets: needs the batch's train indices to find its cached targets")
         student_logits, mask = shift_logits_and_mask(student_logits, batch.labels)
         t = self.offline.targets(batch.indices, mask)
         common = dict(student_temperature=h.student_temperature, reduction=h.reduction)
