@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from annotated_types import Ge, Interval, Le
 
+from kdlab.config.validate import NotInRunId
 from kdlab.data.base import DatasetArrays
 from kdlab.data.streaming import LazyImages, should_stream
 from kdlab.data.user_files import carve_test
@@ -114,8 +115,8 @@ def image_folder(
     size: Union[Side, tuple[Side, Side]] = 32,
     channels: Literal[1, 3] = 3,
     test_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.2,
-    streaming: Literal["auto", True, False] = "auto",
-    workers: Annotated[int, Ge(0), Le(256)] = 2,
+    streaming: Annotated[Literal["auto", True, False], NotInRunId()] = "auto",  # how the data is served, not what
+    workers: Annotated[int, Ge(0), Le(256), NotInRunId()] = 2,
 ) -> DatasetArrays:
     """Image folder: your images in class folders (root/<class>/x.png, or root/train|val|test/<class>/...).
 

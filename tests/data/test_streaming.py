@@ -198,3 +198,43 @@ def test_bad_streaming_options_exit_2(tmp_path, capsys, data, message):
     assert main(["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_streaming_keys_leave_run_ids_unchanged(tmp_path):
+    from kdlab.runs import parse_experiment
+
+    def run_id(**data):
+        raw = {"name": "x", "data": {"dataset": "image_folder", "root": str(tmp_path), **data},
+               "student": {"model": "mlp"}, "method": {"name": "scratch"}}
+        return parse_experiment(raw)[1][0].run_id
+
+    assert run_id() == run_id(streaming=True, workers=5) == run_id(streaming="auto")
+    assert run_id() != run_id(size=16)
+
+
+def test_per_sample_rrc_views_render_as_trained(tmp_path):
+    """The teacher cache's rule: with per-sample draws a view is a function of (seed, epoch, row), so the cache
+    can re-render exactly what a batch trained on (rrc_flip as crop_flip)."""
+    x = torch.rand(12, 3, 10, 8)
+    data = ResidentData(x, torch.zeros(12, dtype=torch.long), device="cpu", batch_size=5, augment="rrc_flip",
+                        per_sample=True, seed=4)
+    data.start_epoch(2, epoch_generator(4, 2))
+    index, inputs, _ = data.batch(1)
+    assert torch.equal(data.render(index, data.view_seed), inputs)
+    other = ResidentData(x, torch.zeros(12, dtype=torch.long), device="cpu", batch_size=3, augment="rrc_flip",
+                         per_sample=True, seed=4)
+    other.start_epoch(2, epoch_generator(4, 2))
+    assert torch.equal(other.render(index, data.view_seed), inputs)  # whatever batch the row lands in
+    assert not torch.equal(data.render(index, data.view_seed + 1), inputs)
+
+
+@pytest.mark.integration
+def test_kdlab_run_streams_an_image_folder(tmp_path):
+    root = _folder(tmp_path / "images")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: mine\ndata: {{dataset: image_folder, root: {root}, size: 8, streaming: true, "
+                      "workers: 2, augment: rrc_flip}\nteacher: {model: mlp, train: {epochs: 1}}\n"
+                      "student: {model: mlp}\nmethod: {name: crd, nce_k: 8}\ntrain: {epochs: 2, batch_size: 8}\n")
+    args = ["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]
+    assert main(args) == 0
+    assert main(args) == 0  # finished: skipped, same run ids
