@@ -40,8 +40,9 @@ def augment_batch(
     ``RandomCrop(padding=4)`` on unnormalised images) is used rather than
     reflection. The random offsets and flips are drawn from ``generator`` (on
     its own device, then moved to the inputs'), so a generator seed fixes the
-    result; the crop itself is one gather on the inputs' device.
-    Raises KdlabError for an unknown kind or for crop_flip on non-image inputs.
+    result; the crop itself is one gather on the inputs' device. ``"flip"`` and
+    ``"rrc_flip"``: see the module docstring (``draw_params`` then ``apply_params``).
+    Raises KdlabError for an unknown kind or for an image augmentation on non-image inputs.
     """
     if kind == "none":
         return inputs
