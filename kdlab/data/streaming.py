@@ -79,6 +79,8 @@ class LazyImages:
         if isinstance(key, int):
             return self.decode(range(len(self))[key])
         index = torch.as_tensor(key)
+        if index.dim() == 0:  # a numpy or tensor scalar: one image, as an int
+            return self.decode(range(len(self))[int(index)])
         if index.dtype == torch.bool:
             index = index.nonzero()[:, 0]
         return LazyImages([self.files[int(i)] for i in index], reader=self.reader, sample_shape=self.sample_shape,

@@ -117,6 +117,19 @@ def test_image_folder_streams_without_decoding_and_matches_memory(tmp_path):
     assert should_stream("auto", images=2_000_000, sample_shape=(3, 224, 224))
 
 
+def test_lazy_indexing_subsets_without_decoding_and_decodes_ints_and_slices(tmp_path):
+    lazy = _splits(_folder(tmp_path / "images"), True).train[0]
+    calls = []
+    reader = lazy.reader
+    lazy.reader = lambda path: calls.append(path) or reader(path)
+    subset = lazy[torch.tensor([3, 0])]
+    masked = lazy[torch.arange(len(lazy)) % 2 == 0]
+    assert isinstance(subset, LazyImages) and isinstance(masked, LazyImages) and not calls
+    assert subset.files == [lazy.files[3], lazy.files[0]] and len(masked) == math.ceil(len(lazy) / 2)
+    assert torch.equal(lazy[np.int64(3)], subset[0]) and torch.equal(lazy[torch.tensor(3)], lazy[-len(lazy) + 3])
+    assert lazy[2:5].shape == (3, 3, 8, 6) and lazy[:0].shape == (0, 3, 8, 6)
+
+
 # ------------------------------------------------------------------ the same batches, streamed or resident
 
 @pytest.mark.parametrize("augment,workers", [("none", 0), ("crop_flip", 0), ("rrc_flip", 2), ("flip", 1)])
