@@ -20,6 +20,7 @@ decodes chunk by chunk).
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,6 +86,15 @@ class LazyImages:
             index = index.nonzero()[:, 0]
         return LazyImages([self.files[int(i)] for i in index], reader=self.reader, sample_shape=self.sample_shape,
                           workers=self.workers)
+
+    def fingerprint(self) -> str:
+        """A content hash that stands for the decoded images without decoding them: every file's path, size and
+        modification time, the sample shape and the reader's settings (a changed file changes it)."""
+        digest = hashlib.sha256(f"{self.sample_shape}|{getattr(self.reader, 'keywords', '')}".encode())
+        for path in self.files:
+            stat = Path(path).stat()
+            digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()
 
     def channel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and population std (``stats.channel_mean_std``'s rule) over every image, or over a

@@ -251,3 +251,22 @@ def test_kdlab_run_streams_an_image_folder(tmp_path):
     args = ["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]
     assert main(args) == 0
     assert main(args) == 0  # finished: skipped, same run ids
+
+
+def test_distill_resumes_a_streamed_folder_and_refuses_changed_files(tmp_path):
+    import kdlab
+
+    root = _folder(tmp_path / "images")
+    splits = _splits(root, True)
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(144, 3))
+
+    teacher = net()
+    first = kdlab.distill(net(), teacher, splits, method="kd", epochs=1, device="cpu", run_dir=tmp_path / "run")
+    assert kdlab.distill(net(), teacher, splits, method="kd", epochs=1, device="cpu", run_dir=tmp_path / "run") == first
+    Image.fromarray(np.zeros((9, 7, 3), np.uint8)).save(root / "ants" / "0.png")  # same path, new pixels
+    clear_cache()
+    with pytest.raises(KdlabError, match="run_dir"):
+        kdlab.distill(net(), teacher, _splits(root, True), method="kd", epochs=1, device="cpu", run_dir=tmp_path / "run")
