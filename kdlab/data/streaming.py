@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlab.data.augment import apply_params, check_kind, draw_params
 from kdlab.data.resident import ResidentData, augment_seed
-from kdlab.errors import KdlabError
 
 # ``streaming: auto`` streams a dataset whose decoded float32 images would take more than this.
 STREAM_ABOVE_BYTES = 2 << 30
@@ -139,9 +138,6 @@ class StreamingData(ResidentData):
 
     def __init__(self, inputs: LazyImages, labels: torch.Tensor, *, device: torch.device, batch_size: int,
                  augment: str = "none", per_sample: bool = False, seed: int = 0, workers: int = 0):
-        if per_sample:
-            raise KdlabError("train.teacher_cache: a streamed dataset (data.streaming) is not cached (the cache "
-                             "hashes the train tensors); set train.teacher_cache: false or data.streaming: false")
         self.inputs, self.labels = inputs, labels
         self.device, self.batch_size, self.augment = torch.device(device), batch_size, augment
         self.per_sample, self.seed, self.workers = per_sample, seed, workers
@@ -153,7 +149,10 @@ class StreamingData(ResidentData):
         """The epoch's order and augmentation numbers (as ``ResidentData`` draws them); a fresh loader."""
         self._order = torch.randperm(len(self.inputs), generator=generator)
         chunks = self._order.split(self.batch_size)
-        if self.augment != "none":  # per batch, right after the order: the resident path's stream
+        if self.augment != "none" and self.per_sample:  # by row, from the epoch's view seed (the cache's key)
+            self.view_seed = augment_seed(self.seed, epoch)
+            self._params = self.view_params(self.view_seed)
+        elif self.augment != "none":  # per batch, right after the order: the resident path's stream
             drawn = [draw_params(self.augment, len(c), shape=self.inputs.sample_shape, generator=generator)
                      for c in chunks]
             self._params = [torch.cat(parts) for parts in zip(*drawn)]  # by position in the epoch's order
@@ -172,13 +171,18 @@ class StreamingData(ResidentData):
         non_blocking = self.device.type == "cuda"
         inputs, labels = inputs.to(self.device, non_blocking=non_blocking), self.labels[index].to(self.device)
         if self.augment != "none":
-            positions = slice(i * self.batch_size, i * self.batch_size + len(index))
-            inputs = apply_params(self.augment, inputs, tuple(p[positions].to(self.device) for p in self._params))
+            rows = index if self.per_sample else slice(i * self.batch_size, i * self.batch_size + len(index))
+            inputs = apply_params(self.augment, inputs, tuple(p[rows].to(self.device) for p in self._params))
         return index.to(self.device), inputs, labels
 
     def render(self, index: torch.Tensor, view_seed: int | None) -> torch.Tensor:
-        """Rows ``index`` decoded, unaugmented (streamed data has no cached per-sample views)."""
-        return self.inputs.rows(index.cpu()).to(self.device)
+        """Rows ``index`` decoded and shown as the view ``view_seed`` shows them (None: unaugmented)."""
+        index = index.cpu()
+        inputs = self.inputs.rows(index).to(self.device)
+        if view_seed is None or self.augment == "none":
+            return inputs
+        params = self._params if view_seed == self.view_seed else self.view_params(view_seed)
+        return apply_params(self.augment, inputs, tuple(p[index].to(self.device) for p in params))
 
 
 def train_data(inputs, labels: torch.Tensor, **options) -> ResidentData:

@@ -132,11 +132,13 @@ def test_lazy_indexing_subsets_without_decoding_and_decodes_ints_and_slices(tmp_
 
 # ------------------------------------------------------------------ the same batches, streamed or resident
 
-@pytest.mark.parametrize("augment,workers", [("none", 0), ("crop_flip", 0), ("rrc_flip", 2), ("flip", 1)])
-def test_streamed_epoch_equals_resident_epoch(tmp_path, augment, workers):
+@pytest.mark.parametrize("augment,workers,per_sample", [("none", 0, False), ("crop_flip", 0, False),
+                                                        ("rrc_flip", 2, False), ("flip", 1, False),
+                                                        ("crop_flip", 1, True), ("rrc_flip", 0, True)])
+def test_streamed_epoch_equals_resident_epoch(tmp_path, augment, workers, per_sample):
     splits = _splits(_folder(tmp_path / "images"), True, workers=workers)
     lazy, labels = splits.train
-    options = dict(device="cpu", batch_size=5, augment=augment, seed=11)
+    options = dict(device="cpu", batch_size=5, augment=augment, seed=11, per_sample=per_sample)
     streamed = train_data(lazy, labels, **options)
     assert isinstance(streamed, StreamingData) and streamed.workers == workers
     resident = ResidentData(lazy[:], labels, **options)
@@ -149,17 +151,17 @@ def test_streamed_epoch_equals_resident_epoch(tmp_path, augment, workers):
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
             seen += got[0].tolist()
+            if per_sample:  # the teacher cache's renders: the same view of the same rows
+                assert torch.equal(streamed.render(got[0], streamed.view_seed), resident.render(got[0], resident.view_seed))
         assert sorted(seen) == list(range(len(labels)))
 
 
-def test_streamed_batches_come_in_order_and_teacher_cache_is_refused(tmp_path):
+def test_streamed_batches_come_in_order(tmp_path):
     lazy, labels = _splits(_folder(tmp_path / "images"), True).train
     data = train_data(lazy, labels, device="cpu", batch_size=4)
     data.start_epoch(0, epoch_generator(0, 0))
     with pytest.raises(RuntimeError, match="in order"):
         data.batch(1)
-    with pytest.raises(KdlabError, match="train.teacher_cache"):
-        train_data(lazy, labels, device="cpu", batch_size=4, augment="crop_flip", per_sample=True)
 
 
 # ------------------------------------------------------------------ kill and resume
@@ -177,6 +179,22 @@ def _fit(splits, run_dir, **kwargs):
     result = fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=2,
                  run_dir=run_dir, augment="rrc_flip", **kwargs)
     return result, student
+
+
+def test_teacher_cache_on_a_streamed_folder_builds_then_hits(tmp_path):
+    splits = _splits(_folder(tmp_path / "images"), True)
+    runs = []
+    for name in ("a", "b"):
+        torch.manual_seed(0)
+        teacher = build_model("mlp", {"width": 16}, splits)
+        student = build_model("mlp", {"width": 8}, splits)
+        method = build_method(MethodConfig("kd", {"temperature": 2.0}), student=student, teacher=teacher)
+        train = TrainConfig(epochs=2, batch_size=4, lr=0.01, device="cpu", teacher_cache=True)
+        runs.append(fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=2,
+                        augment="rrc_flip", teacher_cache_dir=tmp_path / "cache").final)
+    views = sorted(p.name for p in (tmp_path / "cache").glob("*/*") if p.is_dir())
+    assert len(views) == 2 and all(v.startswith("aug-") for v in views)  # one view per epoch, built once
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.integration)])
