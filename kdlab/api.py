@@ -13,6 +13,7 @@ from torch import nn
 from kdlab import registry
 from kdlab.config import ConfigError, ExperimentConfig, MethodConfig, TrainConfig, check_options, parse_dataclass
 from kdlab.distill_inputs import as_splits, kept_as_found, logits_hooks
+from kdlab.data.streaming import LazyImages
 from kdlab.engine.build import build_method, check_class_counts
 from kdlab.engine.loop import fit
 from kdlab.errors import KdlabError
@@ -44,6 +45,9 @@ def parse_method(name: str, options: dict) -> MethodConfig:
 def _sha256_tensors(tensors) -> str:
     digest = hashlib.sha256()
     for tensor in tensors:
+        if isinstance(tensor, LazyImages):  # a streamed split: its files stand for its pixels
+            digest.update(tensor.fingerprint().encode())
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -115,7 +115,7 @@ def _check_data(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append("train.selection: best_val needs a validation split; set data.val_fraction > 0")
     if d.drop_unlabelled is True and d.labels_per_class is None:
         errors.append("data.drop_unlabelled: only applies with data.labels_per_class; set both or neither")
-    if d.augment == "crop_flip" and isinstance(d.dataset, str):
+    if d.augment != "none" and isinstance(d.dataset, str):
         try:
             image = getattr(registry.get("dataset", d.dataset), "image_inputs", True)
         except KdlabError:
@@ -123,7 +123,7 @@ def _check_data(cfg: ExperimentConfig, errors: list[str]) -> None:
         if callable(image):
             image = image(d.options)
         if not image:
-            errors.append(f"data.augment: crop_flip needs image inputs (C, H, W) but dataset {d.dataset!r} gives "
+            errors.append(f"data.augment: {d.augment} needs image inputs (C, H, W) but dataset {d.dataset!r} gives "
                           "vectors or tokens; set data.augment: none")
 
 

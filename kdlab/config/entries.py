@@ -71,6 +71,8 @@ def check_options(section: str, kind: str, name: str, options: dict, also_allowe
             continue  # belongs to another entry this experiment's grid can select
         elif kind == "model" and key in RESERVED_MODEL_ARGS:
             errors.append(f"{path}: set by kdlab from the dataset; remove it")
+        elif kind == "dataset" and key in ("streaming", "workers"):  # kdlab.data.streaming
+            errors.append(f"{path}: dataset {name!r} cannot stream (held in memory; image_folder streams); remove it")
         else:
             errors.append(unknown_key(path, key, list(params) + list(own_keys)) + f" (for {kind} {name!r})")
     # Fill the entry's defaults so the resolved config (and the run id) names every value the run uses.

@@ -73,7 +73,7 @@ class DataConfig:
     root: Optional[str] = None  # folder holding the files of file-based datasets (cifar10, mnist, ...)
     val_fraction: Annotated[float, Interval(ge=0, lt=1)] = 0.1  # carved from train; test is never touched
     split_seed: Annotated[int, Ge(0)] = 0  # fixed across run seeds so every run (and the teacher) sees the same splits
-    augment: Literal["none", "crop_flip"] = "none"  # train-time augmentation of images
+    augment: Literal["none", "crop_flip", "flip", "rrc_flip"] = "none"  # train-time augmentation (data/augment.py)
     # Low-label regime: keep this many train labels per class (chosen by split_seed), hide the rest as -1.
     # Val and test keep every label. Only methods that use unlabelled samples (awr_kd) accept -1 labels.
     labels_per_class: Optional[Annotated[int, Ge(1), Says("an integer >= 1")]] = field(default=None,

@@ -23,6 +23,7 @@ from kdlab.data.augment import AUGMENTATIONS, augment_batch
 from kdlab.data.sequence import SequenceArrays, SequenceInfo, check_sequence_arrays, split_sequences
 from kdlab.data.stats import channel_mean_std
 from kdlab.data.stratify import holdout_size, stratified_holdout
+from kdlab.data.streaming import LazyImages
 from kdlab.data.text import TextInfo
 from kdlab.errors import KdlabError
 
@@ -93,6 +94,8 @@ def check_arrays(name: str, arrays: Any) -> None:
         inputs, labels = getattr(arrays, f"x_{split}"), getattr(arrays, f"y_{split}")
         if text is not None:
             _check_token_ids(where, split, inputs, labels, text)
+        elif isinstance(inputs, LazyImages):  # decoded per item from 8-bit pixels: float32 in [0, 1] by construction
+            pass
         elif not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.float32 or inputs.dim() < 2:
             raise KdlabError(f"{where}: x_{split} must be a float32 tensor (N, C, ...), got {_describe(inputs)}; fix the dataset factory")
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != inputs.shape[:1]:
@@ -101,6 +104,8 @@ def check_arrays(name: str, arrays: Any) -> None:
             )
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
             raise KdlabError(f"{where}: y_{split} has labels outside [0, {num_classes}); fix the dataset factory")
+        if isinstance(inputs, LazyImages):
+            continue
         bad = int((~torch.isfinite(inputs)).sum()) if inputs.numel() and text is None else 0
         if bad:  # named before the range check, whose min/max would only print nan
             raise KdlabError(f"{where}: x_{split} holds {bad} NaN or infinite value(s); drop or repair those "
@@ -163,7 +168,10 @@ def make_splits(name: str, arrays: DatasetArrays, *, val_fraction: float, split_
         kept, held = stratified_holdout(y_train, fraction=val_fraction, generator=generator)
         val = (x_train[held], y_train[held])
         x_train, y_train = x_train[kept], y_train[kept]
-    mean, std = ((0.0,), (1.0,)) if arrays.text is not None else channel_mean_std(x_train)
+    if arrays.text is not None:
+        mean, std = (0.0,), (1.0,)
+    else:  # a streamed split's over its decoded images, chunk by chunk
+        mean, std = x_train.channel_stats() if isinstance(x_train, LazyImages) else channel_mean_std(x_train)
     return Splits(
         name=name,
         train=(x_train, y_train),

@@ -5,10 +5,13 @@
 by name (label i = the i-th name). Without ``test/`` a stratified ``test_fraction`` of train is held
 out (fixed seed); without ``val/`` data.val_fraction is carved as for every dataset. Every image is
 decoded with Pillow, converted to RGB (or grayscale with ``channels: 1``) and resized to ``size``,
-so the whole set is held in memory as float32 (N, C, H, W) in [0, 1].
+so the whole set is held in memory as float32 (N, C, H, W) in [0, 1] — or, streamed (``streaming``:
+true, or auto above ``streaming.STREAM_ABOVE_BYTES`` decoded), kept as the file list and decoded per item by
+``workers`` loader processes (``kdlab.data.streaming``); only the image headers are read up front.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -16,7 +19,9 @@ import numpy as np
 import torch
 from annotated_types import Ge, Interval, Le
 
+from kdlab.config.validate import NotInRunId
 from kdlab.data.base import DatasetArrays
+from kdlab.data.streaming import LazyImages, should_stream
 from kdlab.data.user_files import carve_test
 from kdlab.errors import KdlabError
 from kdlab.registry import register
@@ -64,23 +69,42 @@ def _read(path: Path, *, mode: str, size: tuple[int, int]) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def _read_split(folder: Path, classes: list[str], *, mode: str, size: tuple[int, int]):
+def _check_header(path: Path) -> None:
+    """An unreadable image named before any work, without decoding it (a streamed split's check)."""
+    Image, UnidentifiedImageError = _pillow()
+    try:
+        with Image.open(path) as image:
+            image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise KdlabError(f"{path}: unreadable image ({error}); replace or remove the file") from None
+
+
+def _list_split(folder: Path, classes: list[str]) -> tuple[list[Path], torch.Tensor]:
     found = [p.name for p in class_folders(folder)]
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise KdlabError(f"{folder / unknown[0]}: class folder not in the train classes ({', '.join(classes[:8])}"
                          f"{', ...' if len(classes) > 8 else ''}); rename it or add it to train")
-    images, labels = [], []
+    files, labels = [], []
     for label, name in enumerate(classes):
         if name not in found:
             continue  # an evaluation split may miss a class
         for path in _image_files(folder / name):
-            images.append(_read(path, mode=mode, size=size))
+            files.append(path)
             labels.append(label)
-    if not images:
+    if not files:
         raise KdlabError(f"{folder}: no class folders with images; put images in {folder}/<class>/")
-    x = torch.from_numpy(np.stack(images)).to(torch.float32).div_(255.0)
-    return x, torch.tensor(labels, dtype=torch.int64)
+    return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def _load(files: list[Path], *, mode: str, size: tuple[int, int], lazy: bool, workers: int):
+    """Decoded images (N, C, H, W) float32 in [0, 1], or a ``LazyImages`` that decodes them per item."""
+    if lazy:
+        for path in files:
+            _check_header(path)
+        return LazyImages(files, reader=functools.partial(_read, mode=mode, size=size),
+                          sample_shape=(3 if mode == "RGB" else 1, *size), workers=workers)
+    return torch.from_numpy(np.stack([_read(p, mode=mode, size=size) for p in files])).to(torch.float32).div_(255.0)
 
 
 @register("dataset", "image_folder")
@@ -91,12 +115,15 @@ def image_folder(
     size: Union[Side, tuple[Side, Side]] = 32,
     channels: Literal[1, 3] = 3,
     test_fraction: Annotated[float, Interval(gt=0, lt=1)] = 0.2,
+    streaming: Annotated[Literal["auto", True, False], NotInRunId()] = "auto",  # how the data is served, not what
+    workers: Annotated[int, Ge(0), Le(256), NotInRunId()] = 2,
 ) -> DatasetArrays:
     """Image folder: your images in class folders (root/<class>/x.png, or root/train|val|test/<class>/...).
 
     Every image becomes RGB (``channels: 3``) or grayscale (``channels: 1``), resized to ``size``
     (an int for square images, or [height, width]); classes are the folder names, sorted. Without a
-    test/ folder ``test_fraction`` of train is held out, stratified.
+    test/ folder ``test_fraction`` of train is held out, stratified. ``streaming``: decode images per
+    batch in ``workers`` processes instead of holding them all in memory (auto: above 2 GiB decoded).
     """
     if root is None:
         raise KdlabError("data.root: dataset 'image_folder' reads root/<class>/<image> but data.root is not set; "
@@ -113,10 +140,18 @@ def image_folder(
         raise KdlabError(f"{train_dir}: {what}; expected {train_dir}/<class>/<image>.png with at least 2 classes "
                          "(as torchvision's ImageFolder)")
     mode = "RGB" if channels == 3 else "L"
-    x_train, y_train = _read_split(train_dir, classes, mode=mode, size=hw)
-    val = _read_split(root / "val", classes, mode=mode, size=hw) if split_layout and (root / "val").is_dir() else None
-    if split_layout and (root / "test").is_dir():
-        x_test, y_test = _read_split(root / "test", classes, mode=mode, size=hw)
+    listed = {"train": _list_split(train_dir, classes)}
+    for split in ("val", "test"):
+        if split_layout and (root / split).is_dir():
+            listed[split] = _list_split(root / split, classes)
+    images = sum(len(files) for files, _ in listed.values())
+    lazy = should_stream(streaming, images=images, sample_shape=(channels, *hw))
+    arrays = {split: (_load(files, mode=mode, size=hw, lazy=lazy, workers=workers), labels)
+              for split, (files, labels) in listed.items()}
+    x_train, y_train = arrays["train"]
+    val = arrays.get("val")
+    if "test" in arrays:
+        x_test, y_test = arrays["test"]
     else:
         x_train, y_train, x_test, y_test = carve_test(x_train, y_train, test_fraction, source=str(train_dir))
     return DatasetArrays(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, num_classes=len(classes),

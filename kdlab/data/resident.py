@@ -4,7 +4,7 @@ Small datasets (MNIST-1D, digits, CIFAR: well under a GiB as float32) fit in dev
 memory, so there is no DataLoader, no worker process and no host→device copy per
 step, in the manner of the fast CIFAR-10 training scripts: the epoch's order is one
 ``randperm`` (copied to the device once), a batch is ``x[index]``, and random
-crop + flip run on the device as one gather (``augment.apply_crop_flip``).
+augmentation runs on the device as one gather or resample (``augment.apply_params``).
 
 Two ways of drawing the augmentation, both fixed by the seed:
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kdlab.data.augment import apply_crop_flip, augment_batch, crop_flip_params
+from kdlab.data.augment import apply_params, augment_batch, draw_params
 
 
 def augment_seed(seed: int, epoch: int) -> int:
@@ -54,8 +54,9 @@ class ResidentData:
             self._params = tuple(p.to(self.device) for p in self.view_params(self.view_seed))
 
     def view_params(self, view_seed: int):
-        """Every sample's (top, left, flip) of the view with ``view_seed`` (on the CPU)."""
-        return crop_flip_params(len(self.inputs), generator=torch.Generator().manual_seed(view_seed))
+        """Every sample's augmentation numbers of the view with ``view_seed`` (on the CPU; ``draw_params``)."""
+        return draw_params(self.augment, len(self.inputs), shape=tuple(self.inputs.shape[1:]),
+                           generator=torch.Generator().manual_seed(view_seed))
 
     def render(self, index: torch.Tensor, view_seed: int | None) -> torch.Tensor:
         """Rows ``index`` as the view ``view_seed`` shows them (None: unaugmented); on the device."""
@@ -67,7 +68,7 @@ class ResidentData:
             params = tuple(p[index] for p in self._params)
         else:
             params = tuple(p[index.cpu()].to(self.device) for p in self.view_params(view_seed))
-        return apply_crop_flip(inputs, *params)
+        return apply_params(self.augment, inputs, params)
 
     def batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch ``i`` of the current epoch: (train-row indices, inputs, labels), all on the device."""
@@ -75,7 +76,7 @@ class ResidentData:
         inputs, labels = self.inputs[index], self.labels[index]
         if self.augment != "none":
             if self.per_sample:
-                inputs = apply_crop_flip(inputs, *(p[index] for p in self._params))
+                inputs = apply_params(self.augment, inputs, tuple(p[index] for p in self._params))
             else:
                 inputs = augment_batch(inputs, kind=self.augment, generator=self._generator)
         return index, inputs, labels

@@ -1,7 +1,7 @@
 """The one training loop. Every method trains through ``fit``, which reads in phases (``_Fit``):
 
 setup (``__init__``: device, resident data, optimisers, resume) → per epoch ``train_epoch`` (each
-``step``: pick the batch (device-resident, ``data/resident.py``) → (augment) → teacher forward (eval
+``step``: pick the batch (device-resident or streamed, ``data/streaming.py``) → (augment) → teacher forward (eval
 and inference mode, its taps; or its verified cached outputs, ``train.teacher_cache``) → student
 forward (its taps; both optionally compiled, ``engine/speed.py``) → ``method.loss_terms`` → sum →
 backward (a ``SplitGradientOptimizer``, DOT's, backpropagates the named terms itself) → clip → optimiser step → schedule step; with ``train.grad_accum_steps`` = k a step first
@@ -30,7 +30,7 @@ from torch import nn
 
 from kdlab.config import TrainConfig
 from kdlab.data import SequenceInfo, Splits
-from kdlab.data.resident import ResidentData
+from kdlab.data.streaming import train_data
 from kdlab.engine import distributed
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from kdlab.engine.optim import SplitGradientOptimizer, build_optimizer, build_scheduler, resolve_device
@@ -210,9 +210,9 @@ class _Fit:
         self.placed = place_teacher(teacher, train, device) if teacher is not None else None
         if train.teacher_cache:
             check_teacher_cache(method, teacher, splits, train)
-        # The train split lives on the device; with the teacher cache every sample's augmentation is drawn
-        # per epoch from its own seed (the cached views' key), else per batch as always (same results as before).
-        self.data = ResidentData(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
+        # On the device, or streamed (data/streaming.py, same batches); with the teacher cache every sample's
+        # augmentation is drawn per epoch from its own seed (the cached views' key), else per batch as always.
+        self.data = train_data(*splits.train, device=device, batch_size=train.batch_size, augment=augment,
                                  per_sample=train.teacher_cache, seed=seed)
         self.num_train = len(self.data)
         if self.num_train == 0:

@@ -78,6 +78,8 @@ def model_hash(model: nn.Module) -> str:
 
 def data_hash(inputs: torch.Tensor) -> str:
     """Content hash of the train inputs (the teacher's outputs depend on nothing else of the data)."""
+    if hasattr(inputs, "fingerprint"):  # a streamed split (kdlab.data.streaming): its files stand for its pixels
+        return inputs.fingerprint()
     return tensor_digest(inputs).hexdigest()
 
 
