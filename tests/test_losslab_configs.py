@@ -6,7 +6,7 @@ from kdlab.config import load_experiment
 
 LOSSLAB = Path(__file__).resolve().parents[1] / "configs" / "losslab"
 ZOO = {"nst", "vid", "cc", "kdsvd", "ab", "ft", "ofd", "ctkd", "crd", "reviewkd", "dot", "mlkd"}
-ONE_D = {"cc", "crd", "ctkd", "dot", "mlkd"}  # the zoo methods whose taps exist on cnn1d (the others need (C, H, W) maps)
+ONE_D = {"cc", "ctkd", "dot", "mlkd"}  # run on cnn1d; nst, vid, kdsvd, ab, ft, ofd, reviewkd need (C, H, W) maps
 
 
 def _arms(specs):
