@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from kdlab.errors import KdlabError
 from kdlab.losses.divergences import divergence_per_position, reduce_positions
 from kdlab.losses.sequence import (DIVERGENCES, FAMILY_MEMBERS, SEQUENCE_REDUCTIONS, SequenceDivergenceError,
                                    _check_denominator)
