@@ -31,7 +31,7 @@ from torch import nn
 from kdlab.config import TrainConfig
 from kdlab.data import SequenceInfo, Splits
 from kdlab.data.resident import ResidentData
-from kdlab.engine import distributed
+from kdlab.engine import distributed, fsdp
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
 from kdlab.engine.optim import SplitGradientOptimizer, build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.run_files import safe_path
@@ -166,12 +166,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     after each epoch (1-based) with train loss terms and, when evaluated, val
     metrics. The caller seeds the global RNG before building the models.
 
-    Under torchrun (``distributed.current()`` set) every rank calls ``fit`` alike: each takes
-    its share of every global batch, the student trains inside DistributedDataParallel, and
-    only rank 0 evaluates, writes checkpoints, calls ``on_epoch`` and returns final metrics
-    (the other ranks return an empty ``final``).
-    ``teacher_cache_dir`` holds the teacher-output cache (``train.teacher_cache``; default
-    ``kdlab.engine.speed.default_cache_root()``).
+    Under torchrun (``distributed.current()`` set) every rank calls ``fit`` alike, takes its share of every
+    global batch, trains the student in DistributedDataParallel (or sharded, ``kdlab.engine.fsdp``); only rank 0
+    writes, calls ``on_epoch`` and returns final metrics (the other ranks an empty ``final``).
+    ``teacher_cache_dir``: the teacher-output cache (``train.teacher_cache``; default ``speed.default_cache_root()``).
     """
     run = _Fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=seed,
                run_dir=run_dir, resume=resume, augment=augment, progress=progress, label=label,
@@ -187,7 +185,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             run.checkpoint()
     finally:
         run.close()
-    return FitResult(final=run.final_metrics() if run.main_rank else {}, epochs_run=epochs_run)
+    final = run.final_metrics() if run.main_rank or run.sharded else {}  # sharded: every rank evaluates
+    fsdp.unshard_for_good(student)  # sharded: a plain module again, which the runner saves on rank 0 alone
+    return FitResult(final=final if run.main_rank else {}, epochs_run=epochs_run)
 
 
 class _Fit:
@@ -202,8 +202,11 @@ class _Fit:
                                                                                       splits, train, seed)
         self.dist = dist_ctx = distributed.current()
         self.main_rank = dist_ctx is None or dist_ctx.is_main
+        self.sharded = train.sharding == "fsdp"  # FSDP2 (kdlab.engine.fsdp): the student's forwards are collective
         self.device = device = self._device()
         student.to(device)
+        if self.sharded:  # before the optimiser is built: it must hold the sharded parameters
+            fsdp.shard_student(student, device, method=method, train=train, dist_ctx=dist_ctx)
         method.to(device)
         self.uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
         # The teacher's device and dtype (teacher.device/dtype; the student's device by default), frozen, eval.
@@ -322,7 +325,7 @@ class _Fit:
         channels_last = train.channels_last and use_channels_last(student, tuple(self.splits.input_shape),
                                                                   role="student")
         # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
-        self.forward_student = distributed.wrap_student(student, device) if self.dist is not None else student
+        self.forward_student = distributed.wrap_student(student, device) if self.dist and not self.sharded else student
         student_ids = {id(p) for p in student.parameters()}
         self.outside_ddp = [p for p in self.main_parameters if id(p) not in student_ids]  # the method's own
         self.student_forward = TappedForward(self.forward_student, method.student_taps, tap_model=student,
@@ -425,7 +428,7 @@ class _Fit:
         for m, ((batch, index, shard_weight), weight) in enumerate(zip(made, weights)):
             last = m == len(made) - 1
             # DDP all-reduces on the last micro-batch's backward only (the sum is what it averages).
-            sync = contextlib.nullcontext() if dist_ctx is None or last else self.forward_student.no_sync()
+            sync = self.forward_student.no_sync() if dist_ctx and not (last or self.sharded) else contextlib.nullcontext()
             with sync:
                 micro_terms = self._forward_backward(batch, index, shard_weight, weight, first=m == 0,
                                                      adversary_sums=adversary_sums)
@@ -539,27 +542,30 @@ class _Fit:
     def evaluate(self, metrics: dict[str, float]) -> None:
         """Validate after the epoch when due (rank 0), adding val metrics and tracking the best epoch."""
         epoch, train, state = self.state.epoch, self.train, self.state
-        if not self.main_rank or (epoch % train.eval_every != 0 and epoch != self.epochs):
+        if not (self.main_rank or self.sharded) or (epoch % train.eval_every != 0 and epoch != self.epochs):
             return
         val = evaluate(self.student, self.splits.val, prefix="val", device=self.device, precision=train.precision,
                        teacher_logits=self.teacher_logits.get("val"), sequence=self.sequence)
+        val = distributed.broadcast(val, self.dist) if self.sharded else val  # every rank evaluated; rank 0 decides
         metrics.update(val)
         if train.selection == "best_val" and val and _better(val, state.best):
             state.best, state.best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch
             if self.ckpt_root is not None:
-                save_checkpoint(safe_path(self.ckpt_root, self.ckpt_root / "best"), epoch,
-                                model_tensors(self.student, self.method), {}, keep_last=1)
+                tensors = fsdp.gathered(model_tensors(self.student, self.method))  # collective when sharded
+                if self.main_rank:
+                    save_checkpoint(safe_path(self.ckpt_root, self.ckpt_root / "best"), epoch, tensors, {}, keep_last=1)
             else:
                 self.best_state = {k: v.detach().clone() for k, v in model_tensors(self.student, self.method).items()}
 
     def checkpoint(self) -> None:
         """Save the training state when due (every ``checkpoint_every`` epochs and after the last; rank 0)."""
         epoch = self.state.epoch
-        if self.ckpt_root is None or not self.main_rank:
+        if self.ckpt_root is None or not (self.main_rank or self.sharded):
             return
         if epoch % self.train.checkpoint_every == 0 or epoch == self.epochs:
-            tensors, state = self.state.save()
-            save_checkpoint(self.ckpt_root, epoch, tensors, state)
+            tensors, state = self.state.save()  # sharded: every rank joins the gather, rank 0 writes
+            if self.main_rank:
+                save_checkpoint(self.ckpt_root, epoch, tensors, state)
 
     def close(self) -> None:
         self.bar.close()
