@@ -139,10 +139,13 @@ def unshard_for_good(student: nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     DTensor = _dtensor()
+    whole: dict[int, nn.Parameter] = {}  # one full parameter per sharded one: tied weights stay tied
     for module in student.modules():
         for name, param in list(module._parameters.items()):
             if isinstance(param, DTensor):
-                module._parameters[name] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+                if id(param) not in whole:
+                    whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+                module._parameters[name] = whole[id(param)]
         if isinstance(module, FSDPModule):
             module.__class__ = next(c for c in type(module).__bases__ if not issubclass(c, FSDPModule))
             module._forward_pre_hooks.clear()
@@ -150,3 +153,7 @@ def unshard_for_good(student: nn.Module) -> None:
             module._forward_hooks.clear()
             module._forward_hooks_with_kwargs.clear()
             module._forward_hooks_always_called.clear()
+            module._state_dict_pre_hooks.clear()
+            module._state_dict_hooks.clear()
+            module._load_state_dict_pre_hooks.clear()
+            module._load_state_dict_post_hooks.clear()
