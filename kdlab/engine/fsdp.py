@@ -139,6 +139,9 @@ def unshard_for_good(student: nn.Module) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     DTensor = _dtensor()
+    for module in student.modules():  # the root stays unsharded after an (eval) forward: its DTensors back first
+        if isinstance(module, FSDPModule):
+            module.reshard()
     whole: dict[int, nn.Parameter] = {}  # one full parameter per sharded one: tied weights stay tied
     for module in student.modules():
         for name, param in list(module._parameters.items()):

@@ -39,7 +39,7 @@ _CHILD = textwrap.dedent("""
     method = build_method(MethodConfig("gkd", {"on_policy_fraction": 1.0, "sampling_temperature": 0.0}),
                           student=student, teacher=teacher, input_shape=splits.input_shape,
                           train_size=len(splits.train[0]), sequence=splits.sequence)
-    train = TrainConfig(epochs=2, batch_size=6, lr=0.01, optimizer="adam", schedule="constant", device="cpu",
+    train = TrainConfig(epochs=2, batch_size=6, lr=0.01, optimizer="adam", schedule="constant", device="cpu", checkpoint_every=1,
                         sharding="fsdp" if world > 1 else "ddp")
     save = loop._Fit.checkpoint
     def checkpoint(self):
