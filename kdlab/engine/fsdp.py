@@ -20,10 +20,71 @@ Choices (docs/methods.md, "Sharded students (FSDP2)"):
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
+from kdlab.config.checks import config_rule
+from kdlab.config.schema import TeacherConfig
 from kdlab.errors import KdlabError
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:  # the launcher's own error (distributed.launched_by_torchrun) names it
+        return 1
+
+
+@config_rule
+def check_sharding(cfg, errors: list[str]) -> None:
+    """Known before any work: under torchrun every global batch splits over the processes; ``train.sharding:
+    fsdp`` needs torchrun and a student and method that train sharded."""
+    world = _world_size()
+    trains = [("train", cfg.train)]
+    if isinstance(cfg.teacher, TeacherConfig) and cfg.teacher.train is not None:
+        trains.append(("teacher.train", cfg.teacher.train))
+    for path, train in trains:
+        if world > 1 and isinstance(train.batch_size, int) and train.batch_size % world:
+            errors.append(f"{path}.batch_size: {train.batch_size} does not split over {world} processes; the global "
+                          f"batch must be a multiple of torchrun's --nproc_per_node")
+        if train.sharding != "fsdp":
+            continue
+        if world <= 1:
+            errors.append(f"{path}.sharding: fsdp needs several processes: start the run with torchrun "
+                          f"--nproc_per_node N -m kdlab run, or set {path}.sharding: ddp")
+        if train.compile:
+            errors.append(f"{path}.compile does not combine with {path}.sharding: fsdp; drop one of them")
+    if cfg.train.sharding == "fsdp":
+        if getattr(cfg.student, "peft", None) is not None:
+            errors.append("train.sharding: fsdp does not take a LoRA student (student.peft): its adapter is small, "
+                          "replicate it with train.sharding: ddp")
+        method = getattr(cfg.method, "name", None)
+        if isinstance(method, str):
+            from kdlab import registry
+
+            problem = _method_problem(registry.get("method", method), method)
+            if problem:
+                errors.append(problem)
+
+
+def _method_problem(cls, name: str) -> str | None:
+    """Why method class ``cls`` cannot train a sharded student (None: it can)."""
+    from kdlab.methods.base import Method
+
+    if not isinstance(cls, type) or not issubclass(cls, Method):
+        return None
+    if cls.adversary_parameters is not Method.adversary_parameters:
+        return (f"train.sharding: fsdp does not take method {name} (its adversary's step runs its own forwards "
+                "and optimiser beside the sharded student); use train.sharding: ddp")
+    if cls.make_optimizer is not Method.make_optimizer:
+        return (f"train.sharding: fsdp does not take method {name} (its own optimiser takes each loss term's "
+                "gradient apart, which sharded gradients do not allow); use train.sharding: ddp")
+    if cls.per_sample_state:
+        return (f"train.sharding: fsdp does not take method {name} (it keeps per-sample state that the processes "
+                "would split); run it in one process")
+    return None
 
 
 def _dtensor():
@@ -44,21 +105,11 @@ def check(method, train, dist_ctx) -> None:
     if dist_ctx is None:
         raise KdlabError("train.sharding: fsdp needs several processes: start the run with torchrun "
                          "--nproc_per_node N -m kdlab run, or set train.sharding: ddp")
-    name = type(method).__name__
-    if list(method.adversary_parameters()):
-        raise KdlabError(f"train.sharding: fsdp does not take method {name} (its adversary's step runs its own "
-                         "forwards and optimiser beside the sharded student); use train.sharding: ddp")
-    if type(method).make_optimizer is not _base_make_optimizer():
-        raise KdlabError(f"train.sharding: fsdp does not take method {name} (its own optimiser takes each loss "
-                         "term's gradient apart, which sharded gradients do not allow); use train.sharding: ddp")
+    problem = _method_problem(type(method), type(method).__name__)
+    if problem:
+        raise KdlabError(problem)
     if train.compile:
         raise KdlabError("train.compile does not combine with train.sharding: fsdp; drop one of them")
-
-
-def _base_make_optimizer():
-    from kdlab.methods.base import Method
-
-    return Method.make_optimizer
 
 
 def shard_student(student: nn.Module, device: torch.device, *, method, train, dist_ctx) -> nn.Module:
