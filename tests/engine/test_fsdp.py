@@ -9,7 +9,45 @@ import textwrap
 import pytest
 import torch
 
+from kdlab.config import parse_experiment
+from kdlab.errors import ConfigError
 from tests.engine.test_distributed import _env, _free_port, _weights
+from tests.test_config import single
+
+
+def _problems(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_experiment(raw)
+    return info.value.problems
+
+
+def test_fsdp_is_refused_in_one_line_before_any_work(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _problems(single(train__sharding="fsdp")) == [
+        "train.sharding: fsdp needs several processes: start the run with torchrun --nproc_per_node N -m kdlab "
+        "run, or set train.sharding: ddp"]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert _problems(single(train__sharding="fsdp", train__batch_size=64, teacher__train__batch_size=63)) == [
+        "train.batch_size: 64 does not split over 3 processes; the global batch must be a multiple of torchrun's "
+        "--nproc_per_node"]
+    for method, why in (("adversarial_kd", "its adversary's step"), ("dot", "its own optimiser")):
+        (problem,) = _problems(single(train__sharding="fsdp", train__batch_size=63, teacher__train__batch_size=63,
+                                      train__optimizer="sgd", method={"name": method}))
+        assert problem.startswith(f"train.sharding: fsdp does not take method {method} ({why}"), problem
+    assert _problems(single(train__sharding="fsdp", train__batch_size=63, teacher__train__batch_size=63, train__compile=True)) == [
+        "train.compile does not combine with train.sharding: fsdp; drop one of them"]
+    parse_experiment(single(train__sharding="fsdp", train__batch_size=63, teacher__train__batch_size=63))  # a plain KD run shards
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    parse_experiment(single(train__batch_size=64))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _problems(single(teacher__train__batch_size=63)) == [
+        "teacher.train.batch_size: 63 does not split over 2 processes; the global batch must be a multiple of "
+        "torchrun's --nproc_per_node"]  # one process: nothing to split, plain ddp default
+
+
+def test_sharding_keeps_run_ids_at_its_default():
+    plain, ddp = parse_experiment(single()), parse_experiment(single(train__sharding="ddp"))
+    assert [s.run_id for s in plain[1]] == [s.run_id for s in ddp[1]]
 
 # One fit() of a tiny GPT student (its blocks in a ModuleList: one FSDP unit each) under GKD with on-policy
 # greedy generation on every step (collective decoding steps, rows finishing at different steps), Adam
