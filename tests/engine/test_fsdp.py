@@ -1,6 +1,7 @@
 """Sharded students (train.sharding: fsdp, FSDP2 on gloo): two processes equal one; resume is exact."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 
 from kdlab.config import parse_experiment
 from kdlab.errors import ConfigError
-from tests.engine.test_distributed import _env, _free_port, _weights
+from tests.engine.test_distributed import ROOT, _env, _free_port, _weights
 from tests.test_config import single
 
 
@@ -129,3 +130,28 @@ def test_two_sharded_processes_equal_one_and_resume_exactly_with_any_process_cou
     resumed1 = _weights(tmp_path / "resumed1.st")
     for key in reference:
         torch.testing.assert_close(resumed1[key], reference[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.integration
+def test_torchrun_cli_trains_a_sharded_student_and_rank_0_saves_the_whole_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from kdlab.store import Store
+
+    config = tmp_path / "c.yaml"
+    config.write_text("name: fsdp\ndata: {dataset: synthetic, num_train: 200, num_test: 40}\n"
+                      "teacher: {model: mlp, width: 16, train: {epochs: 1, batch_size: 32, device: cpu}}\n"
+                      "student: {model: mlp, width: 8}\nmethod: {name: kd, temperature: 3.0}\n"
+                      "train: {epochs: 2, batch_size: 32, device: cpu, sharding: fsdp, selection: best_val}\n"
+                      "seeds: [0]\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "kdlab", "--workspace", str(tmp_path / "ws"), "run", str(config)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    records = Store(tmp_path / "ws").runs()
+    assert sorted((r.role, r.status) for r in records) == [("student", "finished"), ("teacher", "finished")]
+    student = next(r for r in records if r.role == "student")
+    assert "test/acc" in student.final and "selected_epoch" in student.final
+    weights = load_file(str(tmp_path / "ws" / "runs" / student.run_id / "model.safetensors"))
+    assert tuple(weights["layer1.1.weight"].shape)[0] == 8 and tuple(weights["layer2.0.weight"].shape) == (8, 8)  # whole
