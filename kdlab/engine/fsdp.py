@@ -211,3 +211,23 @@ def unshard_for_good(student: nn.Module) -> None:
             module._state_dict_hooks.clear()
             module._load_state_dict_pre_hooks.clear()
             module._load_state_dict_post_hooks.clear()
+
+
+def clip_grad_norm_(parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``nn.utils.clip_grad_norm_`` over sharded and plain parameters together (a method's own parameters
+    beside a sharded student: torch's version refuses the mix). The norm is the global one, over every rank's
+    shard; the gradients are scaled as torch scales them, by min(1, max_norm / (norm + 1e-6))."""
+    DTensor = _dtensor()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    if not sharded:
+        return nn.utils.clip_grad_norm_(parameters, max_norm)
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    squares = nn.utils.get_total_norm(sharded).full_tensor().double() ** 2  # all-reduced over the shards
+    if plain:
+        squares = squares + nn.utils.get_total_norm(plain).double() ** 2
+    total = squares.sqrt()
+    coefficient = min(1.0, max_norm / (float(total) + 1e-6))
+    for g in grads:
+        g.mul_(coefficient)
+    return total.float()

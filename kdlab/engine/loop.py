@@ -439,7 +439,7 @@ class _Fit:
         if dist_ctx is not None and self.outside_ddp:
             distributed.average_gradients(self.outside_ddp, dist_ctx.world_size)
         if self.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train.grad_clip)
+            fsdp.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train.grad_clip)  # a sharded student too
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()

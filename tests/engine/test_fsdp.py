@@ -52,7 +52,7 @@ def test_sharding_keeps_run_ids_at_its_default():
 
 # One fit() of a tiny GPT student (its blocks in a ModuleList: one FSDP unit each) under GKD with on-policy
 # greedy generation on every step (collective decoding steps, rows finishing at different steps), Adam
-# (sharded optimiser state), 2 epochs, a checkpoint per epoch. argv: out, run dir, world, epoch to stop after
+# (sharded optimiser state), clipping (a global norm over shards), 2 epochs, a checkpoint per epoch. argv: out, run dir, world, epoch to stop after
 # (0: none; the processes die right after that epoch's checkpoint).
 _CHILD = textwrap.dedent("""
     import os, sys, torch
@@ -78,8 +78,8 @@ _CHILD = textwrap.dedent("""
     method = build_method(MethodConfig("gkd", {"on_policy_fraction": 1.0, "sampling_temperature": 0.0}),
                           student=student, teacher=teacher, input_shape=splits.input_shape,
                           train_size=len(splits.train[0]), sequence=splits.sequence)
-    train = TrainConfig(epochs=2, batch_size=6, lr=0.01, optimizer="adam", schedule="constant", device="cpu", checkpoint_every=1,
-                        sharding="fsdp" if world > 1 else "ddp")
+    train = TrainConfig(epochs=2, batch_size=6, lr=0.01, optimizer="adam", schedule="constant", device="cpu",
+                        checkpoint_every=1, grad_clip=0.05, sharding="fsdp" if world > 1 else "ddp")
     save = loop._Fit.checkpoint
     def checkpoint(self):
         save(self)
