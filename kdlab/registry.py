@@ -29,7 +29,7 @@ KINDS = ("dataset", "model", "loss", "method", "metric", "attack", "view")
 
 # Modules whose import registers the built-in entries of each kind.
 _BUILTIN_MODULES = ("kdlab.data", "kdlab.models", "kdlab.losses", "kdlab.metrics", "kdlab.methods", "kdlab.seq",
-                    "kdlab.robust", "kdlab.engine.placement")
+                    "kdlab.robust", "kdlab.engine.placement", "kdlab.engine.fsdp")
 # Kinds whose built-ins live apart from the torch-heavy packages above: looking them up (``kdlab plot``'s
 # choices) imports only these, so the CLI's start-up does not pay for torch.
 _KIND_MODULES = {"view": ("kdlab.study.views",)}

@@ -36,6 +36,8 @@ SUBSTITUTES = {
     "torchrun --nproc_per_node 4 -m kdlab run study.yaml": (
         None, "four processes on a study.yaml the reader writes; tests/engine/test_distributed.py runs torchrun"),
     "torchrun --nproc_per_node N -m kdlab run CONFIG.yaml": (None, "the synopsis of the torchrun line below"),
+    "torchrun --nproc_per_node 8 -m kdlab run llm.yaml --set train.sharding=fsdp": (
+        None, "eight GPUs on an llm.yaml the reader writes; tests/engine/test_fsdp.py runs the sharded path on gloo"),
     "kdlab run study.yaml --executor ray": (None, "needs Ray and the reader's study.yaml; tests/study cover Ray"),
     "kdlab report quickstart --out report.html": (
         "kdlab report quickstart --out report.html --no-eval", "run after the tiny quickstart (integration)"),

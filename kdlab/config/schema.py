@@ -63,6 +63,7 @@ class TrainConfig:
     # optimiser batch of grad_accum_steps × batch_size); steps, epochs' step counts, schedule and checkpoints
     # count optimiser steps. Normalised exactly as one batch of that size (docs/methods.md).
     grad_accum_steps: Annotated[int, Ge(1), Le(1 << 16)] = field(default=1, metadata=OMIT_DEFAULT)
+    sharding: Literal["ddp", "fsdp"] = field(default="ddp", metadata=OMIT_DEFAULT)  # torchrun: student replicated or FSDP2
 
 
 @dataclass

@@ -20,6 +20,9 @@ The semantics are those of one process with the same global batch:
 
 What stays per rank: BatchNorm statistics (as in plain DDP; no SyncBatchNorm), and
 the randomness of methods that draw their own samples in ``make_batch``.
+
+``train.sharding: fsdp`` shards the student instead of replicating it (``kdlab.engine.fsdp``), with
+the same shares and weights.
 """
 from __future__ import annotations
 

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from kdlab.config import TrainConfig
-from kdlab.data import SequenceInfo, Splits
+from kdlab.data import Splits
 from kdlab.data.streaming import train_data
-from kdlab.engine import distributed
+from kdlab.engine import distributed, fsdp
 from kdlab.engine.checkpoint import load_latest_checkpoint, save_checkpoint
+from kdlab.engine.evaluate import _autocast, evaluate, predict  # noqa: F401  (predict: importable from here too)
 from kdlab.engine.optim import SplitGradientOptimizer, build_optimizer, build_scheduler, resolve_device
 from kdlab.engine.run_files import safe_path
 from kdlab.engine.seed import epoch_generator
@@ -42,7 +43,6 @@ from kdlab.engine.state import TrainingState, load_model_tensors, model_tensors,
 from kdlab.engine.teacher import cache_precision, place_teacher
 from kdlab.errors import KdlabError, NonFiniteLossError
 from kdlab.methods.base import Batch, Method, Outputs
-from kdlab.metrics import classification_metrics
 
 # How often (in steps) the accumulated loss terms are read back: each read is a
 # device sync, and a NaN is caught at the latest this many steps after it appears.
@@ -53,56 +53,6 @@ CHECK_EVERY = 16
 class FitResult:
     final: dict[str, float]  # test/* and val/* of the selected weights, selected_epoch (selected_step with train.steps)
     epochs_run: int  # epochs trained in this call (0 if the run was already complete)
-
-
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "fp16" and device.type != "cuda":
-        raise KdlabError("train.precision: fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, *, device: torch.device, precision: str = "fp32",
-            batch_size: int = 1024, input_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Eval-mode logits for ``inputs`` (float32, on the CPU); the model's mode is restored. ``input_dtype``: the
-    dtype floating inputs are cast to (a teacher held in bf16/fp16)."""
-    was_training = model.training
-    model.eval()
-    chunks = []
-    for start in range(0, len(inputs), batch_size):
-        batch = inputs[start:start + batch_size].to(device)
-        if input_dtype is not None and batch.is_floating_point():
-            batch = batch.to(input_dtype)
-        with _autocast(device, precision):
-            chunks.append(model(batch).float().cpu())
-    model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.empty(0)
-
-
-def evaluate(model: nn.Module, split: tuple[torch.Tensor, torch.Tensor], *, prefix: str, device: torch.device,
-             precision: str, teacher_logits=None, sequence: SequenceInfo | None = None,
-             final: bool = False) -> dict[str, float]:
-    """Metrics of ``model`` on one split, keyed ``<prefix>/<name>``.
-
-    Sequence tasks (``sequence`` set) are scored by generation (kdlab.seq.evaluate), where
-    ``teacher_logits`` holds the teacher's greedy responses; ``final`` adds the sampled exact match.
-    """
-    inputs, labels = split
-    if len(inputs) == 0:
-        return {}
-    if sequence is not None:
-        from kdlab.seq.evaluate import sequence_metrics
-
-        with _autocast(device, precision):
-            metrics = sequence_metrics(model, split, sequence, device=device, teacher_responses=teacher_logits,
-                                       sampled=final)
-        return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
-    logits = predict(model, inputs, device=device, precision=precision)
-    metrics = classification_metrics(logits, labels, teacher_logits=teacher_logits)
-    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
 
 
 class _Progress:
@@ -166,12 +116,10 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
     after each epoch (1-based) with train loss terms and, when evaluated, val
     metrics. The caller seeds the global RNG before building the models.
 
-    Under torchrun (``distributed.current()`` set) every rank calls ``fit`` alike: each takes
-    its share of every global batch, the student trains inside DistributedDataParallel, and
-    only rank 0 evaluates, writes checkpoints, calls ``on_epoch`` and returns final metrics
-    (the other ranks return an empty ``final``).
-    ``teacher_cache_dir`` holds the teacher-output cache (``train.teacher_cache``; default
-    ``kdlab.engine.speed.default_cache_root()``).
+    Under torchrun (``distributed.current()`` set) every rank calls ``fit`` alike, takes its share of every
+    global batch, trains the student in DistributedDataParallel (or sharded, ``kdlab.engine.fsdp``); only rank 0
+    writes, calls ``on_epoch`` and returns final metrics (the other ranks an empty ``final``).
+    ``teacher_cache_dir``: the teacher-output cache (``train.teacher_cache``; default ``speed.default_cache_root()``).
     """
     run = _Fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=seed,
                run_dir=run_dir, resume=resume, augment=augment, progress=progress, label=label,
@@ -187,7 +135,9 @@ def fit(*, student: nn.Module, method: Method, teacher: nn.Module | None, splits
             run.checkpoint()
     finally:
         run.close()
-    return FitResult(final=run.final_metrics() if run.main_rank else {}, epochs_run=epochs_run)
+    final = run.final_metrics() if run.main_rank or run.sharded else {}  # sharded: every rank evaluates
+    fsdp.unshard_for_good(student)  # sharded: a plain module again, which the runner saves on rank 0 alone
+    return FitResult(final=final if run.main_rank else {}, epochs_run=epochs_run)
 
 
 class _Fit:
@@ -202,8 +152,11 @@ class _Fit:
                                                                                       splits, train, seed)
         self.dist = dist_ctx = distributed.current()
         self.main_rank = dist_ctx is None or dist_ctx.is_main
+        self.sharded = train.sharding == "fsdp"  # FSDP2 (kdlab.engine.fsdp): the student's forwards are collective
         self.device = device = self._device()
         student.to(device)
+        if self.sharded:  # before the optimiser is built: it must hold the sharded parameters
+            fsdp.shard_student(student, device, method=method, train=train, dist_ctx=dist_ctx)
         method.to(device)
         self.uses_teacher = teacher is not None and method.needs_teacher and method.teacher_in_loop
         # The teacher's device and dtype (teacher.device/dtype; the student's device by default), frozen, eval.
@@ -326,7 +279,7 @@ class _Fit:
         channels_last = train.channels_last and use_channels_last(student, tuple(self.splits.input_shape),
                                                                   role="student")
         # Taps hook the unwrapped modules (their paths stay as configured); DDP forwards through them.
-        self.forward_student = distributed.wrap_student(student, device) if self.dist is not None else student
+        self.forward_student = distributed.wrap_student(student, device) if self.dist and not self.sharded else student
         student_ids = {id(p) for p in student.parameters()}
         self.outside_ddp = [p for p in self.main_parameters if id(p) not in student_ids]  # the method's own
         self.student_forward = TappedForward(self.forward_student, method.student_taps, tap_model=student,
@@ -429,7 +382,7 @@ class _Fit:
         for m, ((batch, index, shard_weight), weight) in enumerate(zip(made, weights)):
             last = m == len(made) - 1
             # DDP all-reduces on the last micro-batch's backward only (the sum is what it averages).
-            sync = contextlib.nullcontext() if dist_ctx is None or last else self.forward_student.no_sync()
+            sync = self.forward_student.no_sync() if dist_ctx and not (last or self.sharded) else contextlib.nullcontext()
             with sync:
                 micro_terms = self._forward_backward(batch, index, shard_weight, weight, first=m == 0,
                                                      adversary_sums=adversary_sums)
@@ -440,7 +393,7 @@ class _Fit:
         if dist_ctx is not None and self.outside_ddp:
             distributed.average_gradients(self.outside_ddp, dist_ctx.world_size)
         if self.train.grad_clip is not None:
-            nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train.grad_clip)
+            fsdp.clip_grad_norm_(optimizer.param_groups[0]["params"], self.train.grad_clip)  # a sharded student too
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -543,27 +496,30 @@ class _Fit:
     def evaluate(self, metrics: dict[str, float]) -> None:
         """Validate after the epoch when due (rank 0), adding val metrics and tracking the best epoch."""
         epoch, train, state = self.state.epoch, self.train, self.state
-        if not self.main_rank or (epoch % train.eval_every != 0 and epoch != self.epochs):
+        if not (self.main_rank or self.sharded) or (epoch % train.eval_every != 0 and epoch != self.epochs):
             return
         val = evaluate(self.student, self.splits.val, prefix="val", device=self.device, precision=train.precision,
                        teacher_logits=self.teacher_logits.get("val"), sequence=self.sequence)
+        val = distributed.broadcast(val, self.dist) if self.sharded else val  # every rank evaluated; rank 0 decides
         metrics.update(val)
         if train.selection == "best_val" and val and _better(val, state.best):
             state.best, state.best_epoch = {k: val[k] for k in ("val/acc", "val/nll")}, epoch
             if self.ckpt_root is not None:
-                save_checkpoint(safe_path(self.ckpt_root, self.ckpt_root / "best"), epoch,
-                                model_tensors(self.student, self.method), {}, keep_last=1)
+                tensors = fsdp.gathered(model_tensors(self.student, self.method))  # collective when sharded
+                if self.main_rank:
+                    save_checkpoint(safe_path(self.ckpt_root, self.ckpt_root / "best"), epoch, tensors, {}, keep_last=1)
             else:
                 self.best_state = {k: v.detach().clone() for k, v in model_tensors(self.student, self.method).items()}
 
     def checkpoint(self) -> None:
         """Save the training state when due (every ``checkpoint_every`` epochs and after the last; rank 0)."""
         epoch = self.state.epoch
-        if self.ckpt_root is None or not self.main_rank:
+        if self.ckpt_root is None or not (self.main_rank or self.sharded):
             return
         if epoch % self.train.checkpoint_every == 0 or epoch == self.epochs:
-            tensors, state = self.state.save()
-            save_checkpoint(self.ckpt_root, epoch, tensors, state)
+            tensors, state = self.state.save()  # sharded: every rank joins the gather, rank 0 writes
+            if self.main_rank:
+                save_checkpoint(self.ckpt_root, epoch, tensors, state)
 
     def close(self) -> None:
         self.bar.close()

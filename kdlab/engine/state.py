@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from kdlab.engine import fsdp
 from kdlab.engine.checkpoint import flatten_optimizer, unflatten_optimizer
 from kdlab.engine.run_files import RunFolderError
 from kdlab.engine.seed import rng_state, set_rng_state
@@ -40,8 +41,8 @@ def model_tensors(student: nn.Module, method: nn.Module) -> dict[str, torch.Tens
 
 def load_model_tensors(tensors: dict[str, torch.Tensor], student: nn.Module, method: nn.Module) -> None:
     adapter = getattr(student, "kdlab_adapter", None)  # a LoRA student loads its adapter onto its rebuilt base
-    loaded = student.load_state_dict({k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")},
-                                     strict=adapter is None)
+    own = {k[len("student."):]: v for k, v in tensors.items() if k.startswith("student.")}
+    loaded = student.load_state_dict(fsdp.shard_like(own, student.state_dict()), strict=adapter is None)
     if adapter is not None and loaded.unexpected_keys:
         raise RuntimeError(f"unexpected student tensors {loaded.unexpected_keys[:3]}")
     method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
@@ -97,7 +98,8 @@ class TrainingState:
         """(tensors, JSON state) of a checkpoint after ``self.epoch`` epochs."""
         opt_tensors, opt_meta = flatten_optimizer(self.optimizer.state_dict())
         rng_tensors, rng_meta = rng_state()
-        tensors = {**model_tensors(self.student, self.method), **opt_tensors, **rng_tensors}
+        # A sharded student's tensors and optimiser buffers gathered whole (every rank calls save: collective).
+        tensors = fsdp.gathered({**model_tensors(self.student, self.method), **opt_tensors, **rng_tensors})
         adv_meta = None
         if self.adversary_optimizer is not None:
             adv_tensors, adv_meta = flatten_optimizer(self.adversary_optimizer.state_dict(),
@@ -153,7 +155,8 @@ class TrainingState:
             raise refuse(f"is incomplete: no optimiser state after {step} steps")
         try:
             restore_model(tensors, self.student, self.method, folder=folder)
-            self.optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+            self.optimizer.load_state_dict(fsdp.shard_optimizer_state(unflatten_optimizer(tensors, state["optimizer"]),
+                                                                      self.optimizer))
             if self.adversary_optimizer is not None:
                 self.adversary_optimizer.load_state_dict(
                     unflatten_optimizer(tensors, state["adversary_optimizer"], prefix="adversary_optimizer"))

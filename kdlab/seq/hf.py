@@ -35,6 +35,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from kdlab.engine.fsdp import is_sharded
 from kdlab.errors import KdlabError
 from kdlab.registry import register
 from kdlab.seq.sampling import Generation, _check_arguments, left_pad
@@ -191,6 +192,7 @@ class HFCausalLM(nn.Module):
         # Only these settings: the model's own generation_config (penalties, forced ids, ...) is swapped out.
         generation_config = transformers.GenerationConfig(**settings)
         modes = {module: module.training for module in self.modules()}
+        synced = is_sharded(self)  # a sharded student's forwards are collective: every rank steps until all are done
         saved_config = self.model.generation_config
         self.eval()
         try:
@@ -198,12 +200,12 @@ class HFCausalLM(nn.Module):
             with torch.no_grad():
                 if generator is None:
                     output = self.model.generate(input_ids=left, attention_mask=mask,
-                                                 generation_config=generation_config)
+                                                 generation_config=generation_config, synced_gpus=synced)
                 else:
                     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
                     with _seeded_global_rng(seed, device):
                         output = self.model.generate(input_ids=left, attention_mask=mask,
-                                                     generation_config=generation_config)
+                                                     generation_config=generation_config, synced_gpus=synced)
         finally:
             self.model.generation_config = saved_config
             for module, training in modes.items():

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from kdlab.engine.fsdp import all_done
 from kdlab.errors import KdlabError, NonFiniteLossError
 
 IGNORE = -100  # label of prompt and padding positions
@@ -202,7 +203,7 @@ def _decode(model: nn.Module, prompts: Tensor, prompt_lengths: Tensor, *, max_ne
         token = torch.where(done, torch.full_like(token, pad_id), token)
         generated.append(token)
         done = done | (token == eos_id)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or all_done(done, model):  # sharded: every rank's rows (kdlab.engine.fsdp)
             break  # no forward for a token that will never be fed
         # Finished rows keep feeding pad (as a valid key): their outputs are discarded.
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -272,7 +273,7 @@ def teacher_mixed_generate(student: nn.Module, teacher: nn.Module, prompts: Tens
             token = torch.where(done, torch.full_like(token, pad_id), token)
             generated.append(token)
             done = done | (token == eos_id)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            if step == max_new_tokens - 1 or all_done(done, student):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
