@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kdlab import registry
 from kdlab.config.entries import drop_knobs_set_by_sized_name, entry_parameters, split_sized_name
 from kdlab.config.load import apply_overrides, load_yaml_documents, parse_override, quickstart_raw
 from kdlab.config.schema import ExperimentConfig, StudentConfig
@@ -46,12 +47,14 @@ class RunSpec:
         out.pop("grid")
         out.pop("seeds")
         out.pop("tracking", None)  # where metrics are also sent: neither identity nor results of the run
-        for section, name_key, kind in (("data", "dataset", "dataset"), ("student", "model", "model"),
-                                        ("teacher", "model", "model")):
-            options = out.get(section)
+        teacher = out.get("teacher") if isinstance(out.get("teacher"), dict) else {}
+        for options, name_key, kind in ((out.get("data"), "dataset", "dataset"), (out.get("student"), "model", "model"),
+                                        (teacher, "model", "model"), (out.get("method"), "name", "method"),
+                                        (teacher.get("method"), "name", "method")):
             if isinstance(options, dict) and isinstance(options.get(name_key), str):
-                for key in identity_free_options(kind, options[name_key]):  # e.g. data.download
-                    options.pop(key, None)
+                for key, at_default, default in identity_free_options(kind, options[name_key]):  # data.download
+                    if not at_default or options.get(key) == default:
+                        options.pop(key, None)
         out["seed"] = self.seed
         return out
 
@@ -77,14 +80,19 @@ class RunSpec:
         return f"{_slug(self.config.name)}-{content_hash(self.identity())[:10]}"
 
 
-def identity_free_options(kind: str, name: str) -> tuple[str, ...]:
-    """The options of a registry entry marked ``NotInRunId`` (left out of run ids); () for an unknown entry."""
+def identity_free_options(kind: str, name: str) -> tuple[tuple[str, bool, Any], ...]:
+    """``(key, at_default, default)`` of a registry entry's options left out of run ids: marked ``NotInRunId``
+    (always, or at their default), or a method's ``Hparams`` field with ``OMIT_DEFAULT`` metadata (at its
+    default: a later-added hyperparameter keeps the ids of runs that do not set it); () for an unknown entry."""
     try:
         params = entry_parameters(kind, name)
     except KdlabError:
         return ()
-    return tuple(key for key, (tp, _) in params.items()
-                 if any(isinstance(m, NotInRunId) for m in getattr(tp, "__metadata__", ())))
+    hparams = getattr(registry.get(kind, name), "Hparams", None) if kind == "method" else None
+    later = {f.name for f in dataclasses.fields(hparams) if f.metadata.get("omit_default")} if hparams else set()
+    return tuple((key, key in later or marks[0].at_default, default) for key, (tp, default) in params.items()
+                 if key in later or (marks := [m for m in getattr(tp, "__metadata__", ())
+                                               if isinstance(m, NotInRunId)]))
 
 
 

@@ -2,15 +2,12 @@
 
     schema.py    dataclasses only; bounds declared on the fields (``Annotated[float, Gt(0)]``)
     validate.py  the one coercer (types, choices, bounds; NaN/inf and >64-bit integers refused)
-    entries.py   sections naming a registry entry (dataset, model, method) and that entry's options;
-                 the ``-wN``/``-dN`` model-name syntax
+    entries.py   sections naming a registry entry and that entry's options; the ``-wN``/``-dN`` model names
     sections.py  one grid point: sections → ``ExperimentConfig``
     checks.py    rules tying fields together; the hooks by which other packages register theirs
-    load.py      YAML, ``--set``, documents, grid expansion, choosing a variant or grid point
+    load.py      YAML files and their documents, ``--set``
 
-A config's runs (documents × grid points × seeds, ``load_experiment``) and their identity (``RunSpec``, run ids)
-are ``kdlab.runs``; the graph of runs ``kdlab.plan``; dotted key paths
-``kdlab.dotted``; the language-model rules ``kdlab.seq.hf_rules``; the robust section's ``kdlab.robust.section``.
+Elsewhere: a config's runs and run ids ``kdlab.runs``; the run graph ``kdlab.plan``; key paths ``kdlab.dotted``.
 """
 from __future__ import annotations
 

@@ -42,8 +42,11 @@ class NonFinite:
 
 @dataclass(frozen=True)
 class NotInRunId:
-    """Factory-option metadata: the option changes how inputs are obtained, never the results (e.g. a
-    dataset's ``download``), so it is left out of the run's identity (``RunSpec.resolved``)."""
+    """Factory-option metadata: left out of the run's identity (``RunSpec.resolved``) — always, for an option that
+    changes how inputs are obtained, never the results (a dataset's ``download``); with ``at_default``, only at its
+    default (an option added later: the ids of runs that do not set it stay as they were)."""
+
+    at_default: bool = False
 
 
 def hints(cls: Any) -> dict[str, Any]:

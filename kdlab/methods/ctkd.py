@@ -25,12 +25,13 @@ and saved in checkpoints.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
+from kdlab.config.schema import OMIT_DEFAULT
 from kdlab.config.validate import Count, NonNegative, Positive, UnitInterval, Weight, Width
 from kdlab.losses import cross_entropy
 from kdlab.losses.ctkd import (cosine_lambda, kl_at_instance_temperatures, kl_at_learned_temperature,
@@ -49,8 +50,10 @@ class CTKDHparams:
     init: Weight = 1.0  # global τ at the start (T ≈ 15.6 with the defaults)
     lambda_max: UnitInterval = 1.0  # the reversal's final strength
     lambda_epochs: Count = 10  # epochs of the cosine rise
-    temperature_module: Literal["global", "instance"] = "global"  # one learned T, or an MLP giving one per sample
-    instance_hidden: Width = 256  # the instance MLP's hidden width (ours: the official module is not published)
+    # One learned T, or an MLP giving one per sample; the instance MLP's hidden width (ours: the official module
+    # is not published). Added after the first ctkd runs: at their defaults, not in the run id.
+    temperature_module: Literal["global", "instance"] = field(default="global", metadata=OMIT_DEFAULT)
+    instance_hidden: Width = field(default=256, metadata=OMIT_DEFAULT)
 
 
 class InstanceTemperature(nn.Module):

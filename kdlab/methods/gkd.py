@@ -30,12 +30,13 @@ et al., ACL 2025), with the forward KL of ``kdlab.losses.sparse_targets``; no te
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Optional
 
 from annotated_types import Interval
 import torch
 
+from kdlab.config.schema import OMIT_DEFAULT
 from kdlab.config.validate import Count, NonNegative, NonNegativeCount, Positive, UnitInterval
 from kdlab.errors import KdlabError
 from kdlab.losses.fused import fused_sequence_divergence
@@ -104,11 +105,11 @@ class GKDHparams:
     chunk_size: Optional[Count] = None  # divergence computed over this many positions at a time (large vocabularies)
     # The divergence fused with the student's output layer (kdlab.losses.fused): no (B, T, V) student tensor;
     # chunk_size then counts positions of every sequence (chunks of B·chunk_size tokens; null: ~16 MiB of logits)
-    fused: bool = False
+    fused: bool = field(default=False, metadata=OMIT_DEFAULT)
     # Offline teacher targets (kdlab.engine.seq_teacher_cache): full = the live teacher's logits every step;
     # topk = its k largest log-probabilities + tail mass; sampled = k tokens drawn from it (unbiased)
-    teacher_targets: str = "full"
-    teacher_targets_k: Count = 64
+    teacher_targets: str = field(default="full", metadata=OMIT_DEFAULT)
+    teacher_targets_k: Count = field(default=64, metadata=OMIT_DEFAULT)
 
     check_config = staticmethod(check_config)  # run at config validation
 

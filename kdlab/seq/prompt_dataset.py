@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
+from kdlab.config.validate import NotInRunId
 from kdlab.data.prompt_sets import arithmetic_prompts, docstring_prompts
 from kdlab.data.prompts import (PromptRecord, read_prompt_dataset, read_prompt_file, special_ids, split_records,
                                 tokenize_records)
@@ -37,6 +38,7 @@ from kdlab.metrics.generation import last_number
 from kdlab.registry import register
 
 BUILTIN = ("arithmetic", "docstrings")
+LATER = NotInRunId(at_default=True)  # options added after the first runs: at their default, not in the run id
 DOCSTRING_TEST_FAMILIES = ("numbers",)  # held out whole: test prompts name modules never trained on
 
 
@@ -81,11 +83,11 @@ def _checkers(prompts: list[str], references: list[Optional[str]], numeric: bool
 
 @register("dataset", "prompts")
 def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, path: Optional[str] = None,
-            builtin: Optional[str] = None, data_files: Optional[dict[str, str]] = None,
+            builtin: Optional[str] = None, data_files: Annotated[Optional[dict[str, str]], LATER] = None,
             tokenizer: Optional[str] = None, chat_template: bool = False, system: Optional[str] = None,
             max_prompt_tokens: int = 256, max_new_tokens: int = 128, test_fraction: float = 0.1, seed: int = 0,
             num_prompts: Optional[int] = None, digits: int = 2,
-            num_test_prompts: Optional[int] = None) -> SequenceArrays:
+            num_test_prompts: Annotated[Optional[int], LATER] = None) -> SequenceArrays:
     """Prompts (file or built-in arithmetic/docstrings) tokenized by a Hugging Face tokenizer, for LM distillation.
 
     ``path``: a JSONL/JSON/CSV/Parquet prompt file or a Hugging Face save_to_disk
