@@ -178,20 +178,6 @@ def test_a_run_through_fit_follows_the_schedule(tmp_path):
      "method.max_temperature (continuation_kd)", "do not fit in 10 units"),
     ({"method": {"margin": -1.0}}, "method.margin", "≥ 0"),
 ])
-def test_the_config_refuses_continuation_kd_before_any_work(tmp_path, capsys, options, key, fragment):
+def test_the_config_refuses_continuation_kd_before_any_work(refuses_before_work, options, key, fragment):
     """``kdlab run --dry-run``: exit 2, one line naming the key, nothing written (no teacher trained first)."""
-    import yaml
-
-    from kdlab.cli import main
-
-    config = {"data": {"dataset": "synthetic", "num_train": 64, "num_test": 16, "input_shape": [1, 8]},
-              "teacher": {"model": "mlp", "train": {"epochs": 1}}, "student": {"model": "mlp"},
-              "method": {"name": "continuation_kd", **options.pop("method", {})}, **options}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    workspace = tmp_path / "ws"
-    code = main(["--workspace", str(workspace), "run", str(path), "--dry-run", "--quiet"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].removeprefix("kdlab: error: ").startswith(key) and fragment in lines[0], lines
-    assert not workspace.exists()
+    refuses_before_work("continuation_kd", options, key, fragment)

@@ -222,20 +222,6 @@ def test_resume_in_fit_picks_the_same_arms(tmp_path):
     ({"method": {"temperatures": []}}, "method.temperatures", "non-empty"),
     ({"method": {"alphas": [0.5, float("nan")]}}, "method.alphas[1]", "finite"),
 ])
-def test_the_config_refuses_rl_schedule_before_any_work(tmp_path, capsys, options, key, fragment):
+def test_the_config_refuses_rl_schedule_before_any_work(refuses_before_work, options, key, fragment):
     """``kdlab run --dry-run``: exit 2, one line naming the key, nothing written (no teacher trained first)."""
-    import yaml
-
-    from kdlab.cli import main
-
-    config = {"data": {"dataset": "synthetic", "num_train": 64, "num_test": 16, "input_shape": [1, 8]},
-              "teacher": {"model": "mlp", "train": {"epochs": 1}}, "student": {"model": "mlp"},
-              "method": {"name": "rl_schedule", **options.pop("method", {})}, **options}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    workspace = tmp_path / "ws"
-    code = main(["--workspace", str(workspace), "run", str(path), "--dry-run", "--quiet"])
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, lines
-    assert lines[0].removeprefix("kdlab: error: ").startswith(key) and fragment in lines[0], lines
-    assert not workspace.exists()
+    refuses_before_work("rl_schedule", options, key, fragment)
