@@ -133,11 +133,11 @@ def _start(tmp_path: Path, cfg: dict) -> tuple[list[str], dict, subprocess.Popen
     return cmd, env, proc
 
 
-def _wait_for(tmp_path: Path, proc: subprocess.Popen, ready) -> None:
+def _wait_for(tmp_path: Path, proc: subprocess.Popen, ready, role: str | None = None) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (tmp_path / "ws" / "kdlab.db").exists():
-            statuses = [r.status for r in Store(tmp_path / "ws").runs(experiment="sweep")]
+            statuses = [r.status for r in Store(tmp_path / "ws").runs(experiment="sweep", role=role)]
             if ready(statuses):
                 return
         time.sleep(0.1)
@@ -181,7 +181,9 @@ def test_a_killed_sweep_resumes(tmp_path):
 def test_ctrl_c_stops_the_workers_and_their_runs_resume(tmp_path, signum):
     """SIGINT (or SIGTERM) to the parent alone: it stops its workers, exits 130, and the runs resume next time."""
     cmd, env, proc = _start(tmp_path, LONG)
-    _wait_for(tmp_path, proc, lambda s: "running" in s)
+    # A student, not the shared teacher: the teacher's 3 short epochs can end between this poll and the
+    # signal, and a parent stopped before its workers start leaves nothing to mark interrupted.
+    _wait_for(tmp_path, proc, lambda s: "running" in s, role="student")
     os.kill(proc.pid, signum)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
