@@ -87,7 +87,8 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
             tokenizer: Optional[str] = None, chat_template: bool = False, system: Optional[str] = None,
             max_prompt_tokens: int = 256, max_new_tokens: int = 128, test_fraction: float = 0.1, seed: int = 0,
             num_prompts: Optional[int] = None, digits: int = 2,
-            num_test_prompts: Annotated[Optional[int], LATER] = None) -> SequenceArrays:
+            num_test_prompts: Annotated[Optional[int], LATER] = None,
+            num_train_prompts: Annotated[Optional[int], LATER] = None) -> SequenceArrays:
     """Prompts (file or built-in arithmetic/docstrings) tokenized by a Hugging Face tokenizer, for LM distillation.
 
     ``path``: a JSONL/JSON/CSV/Parquet prompt file or a Hugging Face save_to_disk
@@ -100,7 +101,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     ``num_prompts``: the first N records (arithmetic: how many to draw, default
     2000). ``digits``: arithmetic operand size. ``num_test_prompts``: evaluate on
     the first N test prompts only (the same N for every seed and arm: decoding the
-    test split is the costly part of a CPU study).
+    test split is the costly part of a CPU study). ``num_train_prompts``: train on N
+    evenly spaced train prompts (every family keeps its share: the file order groups
+    them), e.g. so that an offline-target cache built over the train split stays small.
     """
     if (path is not None) + (builtin is not None) + (data_files is not None) != 1:
         raise KdlabError(f"data: the prompts dataset needs exactly one of path (a prompt file) or builtin "
@@ -108,9 +111,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
     if num_prompts is not None and (isinstance(num_prompts, bool) or not isinstance(num_prompts, int)
                                     or num_prompts < 2):
         raise KdlabError(f"data.num_prompts: must be an integer >= 2, got {num_prompts!r}")
-    if num_test_prompts is not None and (isinstance(num_test_prompts, bool) or not isinstance(num_test_prompts, int)
-                                         or num_test_prompts < 1):
-        raise KdlabError(f"data.num_test_prompts: must be an integer >= 1, got {num_test_prompts!r}")
+    for key, value in (("num_test_prompts", num_test_prompts), ("num_train_prompts", num_train_prompts)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise KdlabError(f"data.{key}: must be an integer >= 1, got {value!r}")
     test_groups = None
     if builtin == "arithmetic":
         records: list[PromptRecord] = arithmetic_prompts(num_prompts or 2000, seed=seed, digits=digits)
@@ -141,6 +144,9 @@ def prompts(*, root: Optional[Path] = None, cache_dir: Optional[Path] = None, pa
         raise KdlabError(f"data.test_fraction: {len(records)} prompts leave an empty test split; raise it or add "
                          "prompts")
     parts["test"] = parts["test"][:num_test_prompts]
+    if num_train_prompts is not None and num_train_prompts < len(parts["train"]):
+        train_records = parts["train"]
+        parts["train"] = [train_records[i * len(train_records) // num_train_prompts] for i in range(num_train_prompts)]
     from kdlab.seq.hf_load import load_generation_config, load_tokenizer
 
     folder = tokenizer_source(tokenizer, cache_dir)

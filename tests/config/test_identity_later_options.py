@@ -30,6 +30,6 @@ def test_marked_options_of_each_kind():
     gkd = {key: at_default for key, at_default, _ in identity_free_options("method", "gkd")}
     assert gkd == {"fused": True, "teacher_targets": True, "teacher_targets_k": True}
     prompts = {key: at_default for key, at_default, _ in identity_free_options("dataset", "prompts")}
-    assert prompts == {"data_files": True, "num_test_prompts": True}
+    assert prompts == {"data_files": True, "num_test_prompts": True, "num_train_prompts": True}
     assert dict((k, a) for k, a, _ in identity_free_options("dataset", "cifar10")) == {"download": False}
     assert identity_free_options("method", "no_such_method") == ()

@@ -121,6 +121,19 @@ def test_builtin_arithmetic_prompts_check_the_number(tmp_path, tiny_tokenizer_fo
     assert not info.answer_correct("an unknown prompt", answer)
 
 
+def test_num_train_prompts_keeps_evenly_spaced_train_prompts_and_the_test_split(tmp_path, tiny_tokenizer_folder):
+    options = dict(root=None, cache_dir=tmp_path, builtin="arithmetic", num_prompts=50,
+                   tokenizer=str(tiny_tokenizer_folder), max_new_tokens=8)
+    full = get("dataset", "prompts")(**options)
+    subset = get("dataset", "prompts")(**options, num_train_prompts=9)
+    assert len(subset.tokens_train) == 9 and torch.equal(subset.tokens_test, full.tokens_test)
+    picked = [i * 45 // 9 for i in range(9)]  # every fifth of the 45 train prompts, first to last family
+    assert torch.equal(subset.tokens_train, full.tokens_train[picked])
+    assert torch.equal(get("dataset", "prompts")(**options, num_train_prompts=100).tokens_train, full.tokens_train)
+    with pytest.raises(KdlabError, match="data.num_train_prompts: must be an integer >= 1, got 0"):
+        get("dataset", "prompts")(**options, num_train_prompts=0)
+
+
 def test_prompts_dataset_errors(tmp_path, tiny_tokenizer_folder):
     factory = get("dataset", "prompts")
     base = dict(root=None, cache_dir=tmp_path)
