@@ -90,7 +90,10 @@ def attack_subset(splits: Splits, subset: int | None, seed: int) -> tuple[torch.
         index = torch.arange(n)
     else:
         index = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))[:subset].sort().values
-    return inputs[index], labels[index], index
+    chosen = inputs[index]
+    if not isinstance(chosen, torch.Tensor):  # a streamed split (LazyImages): its subset decodes by a slice
+        chosen = chosen[0:len(chosen)]
+    return chosen, labels[index], index
 
 
 def _device_of(model: nn.Module) -> torch.device:

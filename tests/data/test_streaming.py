@@ -288,3 +288,15 @@ def test_distill_resumes_a_streamed_folder_and_refuses_changed_files(tmp_path):
     clear_cache()
     with pytest.raises(KdlabError, match="run_dir"):
         kdlab.distill(net(), teacher, _splits(root, True), method="kd", epochs=1, device="cpu", run_dir=tmp_path / "run")
+
+
+def test_the_robust_subset_of_a_streamed_test_split_is_the_resident_ones(tmp_path):
+    from kdlab.study.robust_eval import attack_subset
+
+    root = _folder(tmp_path / "images")
+    held, streamed = _splits(root, False), _splits(root, True)
+    for subset in (3, None):
+        x, y, index = attack_subset(streamed, subset, seed=1)
+        x_held, y_held, index_held = attack_subset(held, subset, seed=1)
+        assert isinstance(x, torch.Tensor) and torch.equal(index, index_held)
+        assert torch.equal(x, x_held) and torch.equal(y, y_held)
