@@ -13,17 +13,16 @@ the library's model with the dataset's ``num_classes`` (timm also takes its ``in
   a ResNet) or torchvision's stages (``layer1..4``, else the children of ``features``), then ``pool``: the
   classifier's input, the penultimate vector ``(N, D)``, as every kdlab model's last stage.
 
-``pretrained: true`` loads weights only from the library's local cache (the Hugging Face hub cache or
-``torch.hub``'s checkpoints folder); ``weights_file: PATH`` loads a local ``.pth``/``.safetensors`` state dict
-of the library's model (a classifier of another class count is left new, for fine-tuning). kdlab never
-downloads weights. Needs the ``vision`` extra; unknown names get a did-you-mean from the library's list.
+``pretrained: true`` reads the library's local cache only (Hugging Face hub cache, ``torch.hub`` checkpoints);
+``weights_file: PATH`` a ``.pth``/``.safetensors`` state dict of the library's model (a classifier of another
+class count is left new). A pretrained teacher is fine-tuned by its recipe. Needs the ``vision`` extra.
 """
 from __future__ import annotations
 
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -37,7 +36,7 @@ LIBRARIES = ("timm", "torchvision")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 INSTALL = ("pip install 'kdlab[vision]' (torchvision must be the build made for your torch, e.g. torch==2.14.1 "
            "with torchvision==0.29.1; a mismatched pair fails with 'operator torchvision::nms does not exist')")
-Normalization = Literal["auto", "pretrained", "data"]
+NORMALIZE = ("auto", "pretrained", "data")
 
 
 def import_library(lib: str, key: str = "student.model") -> Any:
@@ -125,8 +124,7 @@ def _read_state_dict(path: str, key: str) -> dict:
         raise KdlabError(f"{key}: cannot read weights file {file} ({type(exc).__name__}); give a .pth or "
                          ".safetensors state dict") from None
     for wrapper_key in ("state_dict", "model"):  # common checkpoint layouts {"state_dict": {...}}
-        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-            state = state[wrapper_key]
+        state = state[wrapper_key] if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict) else state
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KdlabError(f"{key}: {file} holds no state dict of tensors; save one with torch.save(model.state_dict())")
     if state and all(k.startswith("net.") for k in state if not k.startswith("normalize.")):  # a kdlab wrapper's
@@ -151,14 +149,15 @@ def load_weights_file(net: nn.Module, classifier_prefix: str, path: str, key: st
     net.load_state_dict(state, strict=False)
 
 
-def _cached_file(url: str) -> Optional[Path]:
+def _cached_file(url: str) -> Optional[Path]:  # where torch.hub.load_state_dict_from_url keeps a download
     file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
     return file if file.is_file() else None
 
 
-def _timm_local_weights(net: nn.Module, name: str, key: str) -> str:
+def _timm_local_weights(timm: Any, name: str, key: str) -> str:
     """The local file of timm's pretrained weights for ``name``, or one line on how to get it (no download)."""
-    cfg = getattr(net, "pretrained_cfg", {}) or {}
+    found_cfg = timm.models.get_pretrained_cfg(name)
+    cfg = found_cfg.to_dict() if found_cfg is not None else {}
     hub_id = cfg.get("hf_hub_id")
     if cfg.get("file") and Path(cfg["file"]).is_file():
         return cfg["file"]
@@ -177,17 +176,14 @@ def _timm_local_weights(net: nn.Module, name: str, key: str) -> str:
 
 
 def _stages_found(net: nn.Module, names: list[str]) -> list[str]:
-    found = []
-    for n in names:
-        try:
-            net.get_submodule(n)
-            found.append(n)
-        except AttributeError:
-            continue
-    return found
+    modules = dict(net.named_modules())
+    return [n for n in names if n in modules]
 
 
 def _pick_stats(normalize: str, loaded: bool, pretrained_stats, data_stats, channels: int):
+    if normalize not in NORMALIZE:
+        raise KdlabError(f"normalize: {normalize!r} is not one of {', '.join(NORMALIZE)}; auto uses the pretrained "
+                         "statistics when weights are loaded, else the dataset's")
     if normalize == "pretrained" or (normalize == "auto" and loaded):
         return tuple(_channel_stats(s, channels) for s in pretrained_stats)
     return data_stats
@@ -196,7 +192,7 @@ def _pick_stats(normalize: str, loaded: bool, pretrained_stats, data_stats, chan
 @register("model", "timm")
 def timm_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[float, ...] = (0.5,),
                std: tuple[float, ...] = (0.5,), name: Optional[str] = None, pretrained: bool = False,
-               weights_file: Optional[str] = None, normalize: Normalization = "auto",
+               weights_file: Optional[str] = None, normalize: str = "auto",
                model_args: Optional[dict] = None) -> VisionZooModel:
     """A timm image model (``model: timm:NAME``), local pretrained weights only, taps from its ``feature_info``."""
     key = "model: timm"
@@ -205,11 +201,9 @@ def timm_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[fl
     shape, data_mean, data_std = check_common(f"timm:{name}", input_shape=input_shape, num_classes=num_classes,
                                               mean=mean, std=std, ranks=(3,))
     args = dict(model_args or {})
-    net = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=shape[0], **args)
-    if pretrained:  # timm reads the file itself (in_chans and class-count changes adapted), never the network
-        local = _timm_local_weights(net, name, key)
-        net = timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=shape[0],
-                                pretrained_cfg_overlay={"file": local}, **args)
+    if pretrained:  # timm reads the local file itself (in_chans and class-count changes adapted), never the network
+        args["pretrained_cfg_overlay"] = {"file": _timm_local_weights(timm, name, key)}
+    net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=shape[0], **args)
     classifier = net.get_classifier()
     prefix = next((n + "." for n, m in net.named_modules() if m is classifier), "")
     if weights_file is not None:
@@ -244,7 +238,7 @@ def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
 @register("model", "torchvision")
 def torchvision_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[float, ...] = (0.5,),
                       std: tuple[float, ...] = (0.5,), name: Optional[str] = None, pretrained: bool = False,
-                      weights_file: Optional[str] = None, normalize: Normalization = "auto",
+                      weights_file: Optional[str] = None, normalize: str = "auto",
                       model_args: Optional[dict] = None) -> VisionZooModel:
     """A torchvision classifier (``model: torchvision:NAME``), local pretrained weights only, taps on its stages."""
     key = "model: torchvision"
@@ -261,15 +255,12 @@ def torchvision_model(*, input_shape: tuple[int, ...], num_classes: int, mean: t
         raise KdlabError(f"{key}: pretrained weights of torchvision:{name} ({os.path.basename(weights.url)}) are "
                          f"not in {Path(torch.hub.get_dir()) / 'checkpoints'}; kdlab does not download: fetch them "
                          "once with torchvision, or give weights_file: PATH")
-    if weights is not None:  # built with its own head, which is replaced below when the class count differs
-        net = tv.models.get_model(name, weights=weights, **args)
-    else:
-        net = tv.models.get_model(name, weights=None, num_classes=num_classes, **args)
+    # With weights it is built with their head, replaced below when the class count differs.
+    net = tv.models.get_model(name, weights=weights, **args, **({} if weights else {"num_classes": num_classes}))
     head_name, head = _last_linear(net)
     if head.out_features != num_classes:
-        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
-        net.set_submodule(head_name, new)
-        head = new
+        head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
+        net.set_submodule(head_name, head)
     if weights_file is not None:
         load_weights_file(net, head_name + ".", weights_file, f"{key} weights_file")
     transforms = weights.transforms() if weights is not None else None
@@ -282,8 +273,7 @@ def torchvision_model(*, input_shape: tuple[int, ...], num_classes: int, mean: t
 
 def _model_sections(cfg: Any):
     teacher = getattr(cfg, "teacher", None)
-    yield "student", getattr(cfg, "student", None)
-    yield "teacher", teacher
+    yield from (("student", getattr(cfg, "student", None)), ("teacher", teacher))
     for nested in ("assistants", "members"):
         for i, section in enumerate(getattr(teacher, nested, None) or []):
             yield f"teacher.{nested}[{i}]", section
@@ -301,6 +291,8 @@ def check_vision_models(cfg: Any, errors: list[str]) -> None:
             check_name(lib, options.get("name"), f"{path}.model")
         except KdlabError as exc:
             errors.append(str(exc))
+        if options.get("normalize", "auto") not in NORMALIZE:
+            errors.append(f"{path}.normalize: {options['normalize']!r} is not one of {', '.join(NORMALIZE)}")
         weights_file = options.get("weights_file")
         if isinstance(weights_file, str) and not Path(weights_file).expanduser().is_file():
             errors.append(f"{path}.weights_file: weights file {Path(weights_file).expanduser()} does not exist; give "

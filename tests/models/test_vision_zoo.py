@@ -234,6 +234,8 @@ def test_bad_vision_configs_are_refused_before_any_work(tmp_path, capsys):
     problems = err.value.problems
     assert any(p.startswith("student.model: unknown timm model 'resnet19'; did you mean") for p in problems)
     assert any(p.startswith("teacher.weights_file: weights file") and "t.pth" in p for p in problems)
+    with pytest.raises(ConfigError, match=r"student.normalize: 'imagenet' is not one of auto, pretrained, data"):
+        parse_experiment(_config(student={"model": "timm:test_resnet", "normalize": "imagenet"}))
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump(_config(student={"model": "timm:mobilenetv3_smal_050"})))
     assert main(["--workspace", str(tmp_path / "ws"), "run", str(config)]) == 2
