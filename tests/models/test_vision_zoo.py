@@ -224,6 +224,9 @@ def test_configs_name_models_as_lib_colon_name():
     assert (base.student.model, base.student.options["name"]) == ("torchvision", "resnet18")
     assert (base.teacher.model, base.teacher.options["name"]) == ("timm", "test_resnet")
     assert base.student.options["pretrained"] is False and base.student.options["normalize"] == "auto"
+    _, specs = parse_experiment(_config(grid={"student.model": ["timm:test_resnet", "torchvision:resnet18"]}))
+    assert [(s.config.student.model, s.config.student.options["name"]) for s in specs] == [
+        ("timm", "test_resnet"), ("torchvision", "resnet18")]
 
 
 def test_bad_vision_configs_are_refused_before_any_work(tmp_path, capsys):
