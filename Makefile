@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup quickstart test test-all bench clean
+.PHONY: setup quickstart test test-all test-vision bench clean
 
 $(BIN)/kdlab: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,22 @@ test: setup $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m integration
 
+# The timm/torchvision tier in a venv of its own: torchvision from PyPI imports only beside the torch it was
+# built for, and constraints.txt's CPU torch==2.13.0 has none here. constraints-vision.txt pins a CUDA pair
+# (about 3.1 GB of wheels, 5.5 GB installed; it runs on the CPU).
+VENV_VISION ?= .venv-vision
+$(VENV_VISION)/.installed: pyproject.toml constraints-vision.txt
+	$(PYTHON) -m venv $(VENV_VISION)
+	$(VENV_VISION)/bin/pip install --quiet --upgrade pip
+	$(VENV_VISION)/bin/pip install --quiet -c constraints-vision.txt torch torchvision timm
+	$(VENV_VISION)/bin/pip install --quiet -c constraints-vision.txt -e ".[dev,vision]"
+	touch $@
+
+test-vision: $(VENV_VISION)/.installed
+	$(VENV_VISION)/bin/python -m pytest -q -m vision tests/models/test_vision_zoo.py
+
 bench: setup
 	$(BIN)/python benchmarks/bench_kd_epoch.py
 
 clean:
-	rm -rf $(VENV) kdlab-workspace
+	rm -rf $(VENV) $(VENV_VISION) kdlab-workspace

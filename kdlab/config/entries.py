@@ -1,5 +1,6 @@
 """Sections that name a registry entry (dataset, model, method) and take that entry's options as keys;
-the ``-wN``/``-dN`` model-name syntax (``cnn1d-w16`` = cnn1d with width 16)."""
+the ``-wN``/``-dN`` model-name syntax (``cnn1d-w16`` = cnn1d with width 16) and the ``LIB:NAME`` one
+(``timm:resnet18`` = model timm with name resnet18, ``kdlab.models.vision_zoo``)."""
 from __future__ import annotations
 
 import copy
@@ -88,7 +89,10 @@ WIDTH_KNOBS = ("width", "widen_factor", "width_multiplier", "dim")
 
 
 def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
-    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``; a plain name has no suffixes."""
+    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``; a plain name has no suffixes; ``"timm:resnet18"`` → ``("timm", {})``
+    (the library's own name, hyphens included, is the entry's ``name`` option: ``expand_sized_name``)."""
+    if isinstance(name, str) and ":" in name:
+        return name.split(":", 1)[0], {}
     if not isinstance(name, str) or "-" not in name:
         return name, {}
     base, *parts = name.split("-")
@@ -101,8 +105,14 @@ def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
 
 
 def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
-    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` (refusing a clash with an explicit key)."""
+    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` and ``model: timm:resnet18`` as
+    ``model: timm, name: resnet18`` (refusing a clash with an explicit key)."""
     name = section_raw.get("model")
+    if isinstance(name, str) and ":" in name:
+        lib, arch = name.split(":", 1)
+        if "name" in section_raw and section_raw["name"] != arch:
+            errors.append(f"{path}.model: {name!r} names {arch!r} but {path}.name is {section_raw['name']!r}")
+        return dict(section_raw, model=lib, name=arch)
     try:
         base, knobs = split_sized_name(name)
     except KdlabError as exc:
@@ -131,6 +141,9 @@ def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
 def drop_knobs_set_by_sized_name(section: Any, value: Any) -> None:
     """A grid value like ``teacher.model: cnn1d-w16`` overrides the section's own width/depth."""
     if not isinstance(value, str) or not isinstance(section, dict):
+        return
+    if ":" in value:  # timm:NAME sets the section's name
+        section.pop("name", None)
         return
     _, knobs = split_sized_name(value)
     for code in knobs:

@@ -46,7 +46,9 @@ MODEL_NAMES = registry.names("model")
 # Token models (kdlab.seq; the text encoders) take int64 token ids and are tested in tests/seq and
 # tests/models/test_encoder.py; the image-contract tests skip them.
 TOKEN_MODELS = {"tinygpt", "hf_causal_lm", "bert_encoder", "minilm", "hf_encoder"}
-IMAGE_MODELS = [name for name in MODEL_NAMES if name not in TOKEN_MODELS]
+# The timm/torchvision adapters need an architecture name and the vision extra: tests/models/test_vision_zoo.py.
+EXTERNAL_MODELS = {"timm", "torchvision"}
+IMAGE_MODELS = [name for name in MODEL_NAMES if name not in TOKEN_MODELS | EXTERNAL_MODELS]
 
 
 def test_all_families_registered():
