@@ -29,10 +29,11 @@ $(VENV)/.test-extras: $(BIN)/kdlab
 quickstart: setup
 	$(BIN)/kdlab run
 
-# Unit tests, then the integration tier (end-to-end CLI runs, kill-and-resume).
+# Unit tests, the integration tier (end-to-end CLI runs, kill-and-resume), then the timm/torchvision tier.
 test: setup $(VENV)/.test-extras
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m integration
+	$(MAKE) test-vision
 
 # The timm/torchvision tier in a venv of its own: torchvision from PyPI imports only beside the torch it was
 # built for, and constraints.txt's CPU torch==2.13.0 has none here. constraints-vision.txt pins a CUDA pair
