@@ -114,7 +114,7 @@ def test_a_sharded_hf_llama_under_on_policy_gkd_equals_one_process_and_resumes_e
     assert "'test/sampled_acc'" in outs[0] and "FINAL []" in outs[1]  # every rank decodes; rank 0 returns
     reference, sharded = _weights(tmp_path / "single.st"), _weights(tmp_path / "sharded.st")
     assert sharded.keys() == reference.keys()
-    start = _initial_student()
+    start = _initial_student(vocab_size=reference["model.model.embed_tokens.weight"].shape[0])
     assert any(not torch.allclose(reference[k], start[k]) for k in reference)  # it trained
     for key in reference:
         torch.testing.assert_close(sharded[key], reference[key], atol=1e-5, rtol=1e-5, msg=key)
@@ -126,11 +126,11 @@ def test_a_sharded_hf_llama_under_on_policy_gkd_equals_one_process_and_resumes_e
         assert torch.equal(resumed[key], sharded[key]), key  # exact: the same ranks, the same state
 
 
-def _initial_student() -> dict[str, torch.Tensor]:
+def _initial_student(vocab_size: int) -> dict[str, torch.Tensor]:
     from kdlab.seq.hf import load_hf_causal_lm
 
     torch.manual_seed(2)
-    return load_hf_causal_lm(config=dict(STUDENT), vocab_size=None).state_dict()
+    return load_hf_causal_lm(config=dict(STUDENT), vocab_size=vocab_size).state_dict()
 
 
 @pytest.mark.integration
@@ -165,3 +165,35 @@ def test_torchrun_cli_distils_a_sharded_hf_student_and_exports_its_folder(tmp_pa
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied as the student was
     ids = tokenizer("What is 1 plus 2?", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_a_sharded_hf_wrapper_generates_through_its_root_unit_and_unshards_clean(tmp_path):
+    """In one gloo process (world 1): HF's generate calls the wrapped model, not the wrapper's forward, so the
+    root unit's hooks must run around kdlab_generate (else the embedding meets a DTensor); unshard_for_good
+    then leaves a plain module, its tied head one parameter, its kdlab_generate the class's again."""
+    import torch.distributed as dist
+
+    from kdlab.config import TrainConfig
+    from kdlab.engine import fsdp
+    from kdlab.seq.hf import HFCausalLM, load_hf_causal_lm
+    from kdlab.seq.sampling import generate
+
+    torch.manual_seed(2)
+    student = load_hf_causal_lm(config=dict(STUDENT), vocab_size=40)
+    prompts, lengths = torch.tensor([[5, 6, 7], [8, 9, 2]]), torch.tensor([3, 2])
+    expected = generate(student, prompts, lengths, max_new_tokens=3, eos_id=2, pad_id=2, temperature=0.0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fsdp.shard_student(student, torch.device("cpu"), method=object(), train=TrainConfig(sharding="fsdp"),
+                           dist_ctx=object())
+        assert fsdp.is_sharded(student) and "kdlab_generate" in student.__dict__
+        sharded = generate(student, prompts, lengths, max_new_tokens=3, eos_id=2, pad_id=2, temperature=0.0)
+        assert torch.equal(sharded.tokens, expected.tokens)
+        fsdp.unshard_for_good(student)
+    finally:
+        dist.destroy_process_group()
+    assert not fsdp.is_sharded(student) and "kdlab_generate" not in student.__dict__
+    assert student.kdlab_generate.__func__ is HFCausalLM.kdlab_generate
+    assert student.model.lm_head.weight is student.model.model.embed_tokens.weight
+    again = generate(student, prompts, lengths, max_new_tokens=3, eos_id=2, pad_id=2, temperature=0.0)
+    assert torch.equal(again.tokens, expected.tokens)
