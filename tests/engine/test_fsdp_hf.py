@@ -197,3 +197,42 @@ def test_a_sharded_hf_wrapper_generates_through_its_root_unit_and_unshards_clean
     assert student.model.lm_head.weight is student.model.model.embed_tokens.weight
     again = generate(student, prompts, lengths, max_new_tokens=3, eos_id=2, pad_id=2, temperature=0.0)
     assert torch.equal(again.tokens, expected.tokens)
+
+
+# Each rank decodes its own prompt through the sharded wrapper with an EOS chosen so that rank 0's row ends after
+# its first token and rank 1's runs to max_new_tokens: every decoding step is collective, so rank 0 must keep
+# stepping (HF generate's synced_gpus) or both hang. Each rank's result must equal its unsharded greedy decoding.
+_GENERATE_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from kdlab.config import TrainConfig
+    from kdlab.engine import distributed, fsdp
+    from kdlab.seq.hf import load_hf_causal_lm
+    from kdlab.seq.sampling import generate
+
+    torch.set_num_threads(1)
+    ctx = distributed.init_from_environment()
+    torch.manual_seed(2)
+    student = load_hf_causal_lm(config=json.loads(sys.argv[1]), vocab_size=40)
+    prompt, length = torch.tensor([[5, 6, 7]]) + 3 * ctx.rank, torch.tensor([3])
+    free = generate(student, prompt, length, max_new_tokens=6, eos_id=0, pad_id=0, temperature=0.0)
+    response = free.tokens[0, 3:3 + int(free.response_lengths[0])].tolist()
+    eos = response[0] if ctx.rank == 0 else next(t for t in range(1, 40) if t not in response)
+    expected = generate(student, prompt, length, max_new_tokens=6, eos_id=eos, pad_id=0, temperature=0.0)
+    fsdp.shard_student(student, torch.device("cpu"), method=object(), train=TrainConfig(sharding="fsdp"),
+                       dist_ctx=ctx)
+    got = generate(student, prompt, length, max_new_tokens=6, eos_id=eos, pad_id=0, temperature=0.0)
+    assert torch.equal(got.tokens, expected.tokens), (got.tokens, expected.tokens)
+    print("LENGTH", int(got.response_lengths[0]))
+    distributed.shutdown()
+""")
+
+
+@pytest.mark.integration
+def test_sharded_hf_generate_steps_every_rank_until_all_rows_end(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", _GENERATE_CHILD, json.dumps(STUDENT)], env=_env(r, 2, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "LENGTH 1" in outs[0][0] and "LENGTH 6" in outs[1][0]  # rank 0 ended after one token, rank 1 ran on
