@@ -112,9 +112,15 @@ def check(method, train, dist_ctx) -> None:
         raise KdlabError("train.compile does not combine with train.sharding: fsdp; drop one of them")
 
 
+# Methods of a student that run its submodules without entering its ``forward`` (an HF model's own ``generate``
+# calls the wrapped model directly): FSDP runs the root unit's pre/post-forward hooks (lazy init, all-gather of
+# the embeddings and head) around them as around ``forward``.
+FORWARD_METHODS = ("kdlab_generate",)
+
+
 def shard_student(student: nn.Module, device: torch.device, *, method, train, dist_ctx) -> nn.Module:
     """``student`` sharded in place over all ranks (FSDP2), after ``check``; the same object is returned."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     check(method, train, dist_ctx)
 
@@ -130,6 +136,9 @@ def shard_student(student: nn.Module, device: torch.device, *, method, train, di
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(student, mesh=mesh)
+    for name in FORWARD_METHODS:
+        if callable(getattr(student, name, None)):
+            register_fsdp_forward_method(student, name)
     return student
 
 
@@ -201,6 +210,8 @@ def unshard_for_good(student: nn.Module) -> None:
                     whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
                 module._parameters[name] = whole[id(param)]
         if isinstance(module, FSDPModule):
+            for name in FORWARD_METHODS:  # register_fsdp_forward_method's instance attribute
+                module.__dict__.pop(name, None)
             module.__class__ = next(c for c in type(module).__bases__ if not issubclass(c, FSDPModule))
             module._forward_pre_hooks.clear()
             module._forward_pre_hooks_with_kwargs.clear()
