@@ -2,7 +2,7 @@
 
     schema.py    dataclasses only; bounds declared on the fields (``Annotated[float, Gt(0)]``)
     validate.py  the one coercer (types, choices, bounds; NaN/inf and >64-bit integers refused)
-    entries.py   sections naming a registry entry and that entry's options; the ``-wN``/``-dN`` model names
+    entries.py   sections naming a registry entry and that entry's options; the ``-wN``/``-dN``/``LIB:NAME`` model names
     sections.py  one grid point: sections → ``ExperimentConfig``
     checks.py    rules tying fields together; the hooks by which other packages register theirs
     load.py      YAML files and their documents, ``--set``
@@ -23,8 +23,7 @@ from kdlab.errors import ConfigError, KdlabError
 
 
 def __getattr__(name: str):
-    """``load_experiment``/``parse_experiment``/``to_dict`` (a config → its runs, a run's resolved config) live in
-    ``kdlab.runs``, which builds on this package; importable from here too, as many callers do."""
+    """``load_experiment``/``parse_experiment``/``to_dict`` live in ``kdlab.runs``; importable from here too."""
     if name in ("load_experiment", "parse_experiment", "to_dict"):
         from kdlab import runs
 

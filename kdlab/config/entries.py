@@ -1,6 +1,5 @@
 """Sections that name a registry entry (dataset, model, method) and take that entry's options as keys;
-the ``-wN``/``-dN`` model-name syntax (``cnn1d-w16`` = cnn1d with width 16) and the ``LIB:NAME`` one
-(``timm:resnet18`` = model timm with name resnet18, ``kdlab.models.vision_zoo``)."""
+the ``-wN``/``-dN`` and ``LIB:NAME`` model-name syntax (``cnn1d-w16`` = cnn1d with width 16)."""
 from __future__ import annotations
 
 import copy
@@ -83,16 +82,16 @@ def check_options(section: str, kind: str, name: str, options: dict, also_allowe
     return {key: checked[key] for key in params if key in checked}
 
 
-# --------------------------------------------------------------------------- the -wN/-dN model-name syntax
-# cnn1d-w16 is cnn1d with width 16; wrn-d40-w2. # "w" sets the family's width knob (the first of these it takes), "d" its depth.
-WIDTH_KNOBS = ("width", "widen_factor", "width_multiplier", "dim")
+# --------------------------------------------------------------------------- the -wN/-dN and LIB:NAME model names
+# cnn1d-w16 is cnn1d with width 16; wrn-d40-w2; timm:resnet18 is model timm with name resnet18 (the library's own
+# name, hyphens and all; kdlab.models.vision_zoo). Each code sets the first of its knobs the entry takes.
+KNOBS = {"w": ("width", "widen_factor", "width_multiplier", "dim"), "d": ("depth",), "name": ("name",)}
 
 
-def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
-    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``; a plain name has no suffixes; ``"timm:resnet18"`` → ``("timm", {})``
-    (the library's own name, hyphens included, is the entry's ``name`` option: ``expand_sized_name``)."""
+def split_sized_name(name: str) -> tuple[str, dict]:
+    """``"cnn1d-w16"`` → ``("cnn1d", {"w": 16})``, ``"timm:resnet18"`` → ``("timm", {"name": "resnet18"})``."""
     if isinstance(name, str) and ":" in name:
-        return name.split(":", 1)[0], {}
+        return name.split(":", 1)[0], {"name": name.split(":", 1)[1]}
     if not isinstance(name, str) or "-" not in name:
         return name, {}
     base, *parts = name.split("-")
@@ -105,14 +104,8 @@ def split_sized_name(name: str) -> tuple[str, dict[str, int]]:
 
 
 def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
-    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` and ``model: timm:resnet18`` as
-    ``model: timm, name: resnet18`` (refusing a clash with an explicit key)."""
+    """Rewrite ``model: cnn1d-w16`` as ``model: cnn1d, width: 16`` (refusing a clash with an explicit key)."""
     name = section_raw.get("model")
-    if isinstance(name, str) and ":" in name:
-        lib, arch = name.split(":", 1)
-        if "name" in section_raw and section_raw["name"] != arch:
-            errors.append(f"{path}.model: {name!r} names {arch!r} but {path}.name is {section_raw['name']!r}")
-        return dict(section_raw, model=lib, name=arch)
     try:
         base, knobs = split_sized_name(name)
     except KdlabError as exc:
@@ -127,10 +120,10 @@ def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
         errors.append(f"{path}.model: {exc}")
         return out
     for code, value in knobs.items():
-        keys = ("depth",) if code == "d" else WIDTH_KNOBS
-        key = next((k for k in keys if k in params), None)
+        key = next((k for k in KNOBS[code] if k in params), None)
         if key is None:
-            errors.append(f"{path}.model: {base!r} has no {'depth' if code == 'd' else 'width'} option for -{code}{value}")
+            what, suffix = {"d": ("depth", f"-d{value}"), "w": ("width", f"-w{value}")}.get(code, (code, f":{value}"))
+            errors.append(f"{path}.model: {base!r} has no {what} option for {suffix}")
         elif key in section_raw and section_raw[key] != value:
             errors.append(f"{path}.model: {name!r} sets {key}={value} but {path}.{key} is {section_raw[key]!r}")
         else:
@@ -139,13 +132,8 @@ def expand_sized_name(section_raw: dict, path: str, errors: list[str]) -> dict:
 
 
 def drop_knobs_set_by_sized_name(section: Any, value: Any) -> None:
-    """A grid value like ``teacher.model: cnn1d-w16`` overrides the section's own width/depth."""
-    if not isinstance(value, str) or not isinstance(section, dict):
-        return
-    if ":" in value:  # timm:NAME sets the section's name
-        section.pop("name", None)
-        return
-    _, knobs = split_sized_name(value)
-    for code in knobs:
-        for knob in ("depth",) if code == "d" else WIDTH_KNOBS:
-            section.pop(knob, None)
+    """A grid value like ``teacher.model: cnn1d-w16`` overrides the section's own width/depth (or name)."""
+    if isinstance(value, str) and isinstance(section, dict):
+        for code in split_sized_name(value)[1]:
+            for knob in KNOBS[code]:
+                section.pop(knob, None)
