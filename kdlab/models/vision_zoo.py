@@ -119,7 +119,7 @@ def _read_state_dict(path: str, key: str) -> dict:
             from safetensors.torch import load_file
             state = load_file(str(file))
         else:
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
         raise KdlabError(f"{key}: cannot read weights file {file} ({type(exc).__name__}); give a .pth or "
                          ".safetensors state dict") from None
