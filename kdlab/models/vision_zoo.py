@@ -15,7 +15,8 @@ the library's model with the dataset's ``num_classes`` (timm also takes its ``in
 
 ``pretrained: true`` reads the library's local cache only (Hugging Face hub cache, ``torch.hub`` checkpoints);
 ``weights_file: PATH`` a ``.pth``/``.safetensors`` state dict of the library's model (a classifier of another
-class count is left new). A pretrained teacher is fine-tuned by its recipe. Needs the ``vision`` extra.
+class count is left new). A teacher with weights is fine-tuned by its recipe, or used as it is with
+``as_is: true`` (its classifier must then fit the data's classes). Needs the ``vision`` extra.
 """
 from __future__ import annotations
 
@@ -132,11 +133,15 @@ def _read_state_dict(path: str, key: str) -> dict:
     return state
 
 
-def load_weights_file(net: nn.Module, classifier_prefix: str, path: str, key: str) -> None:
-    """Load a local state dict into ``net``; classifier tensors of another shape are skipped (left new)."""
+def load_weights_file(net: nn.Module, classifier_prefix: str, path: str, key: str, as_is: bool = False) -> None:
+    """Load a local state dict into ``net``; classifier tensors of another shape are skipped (left new), unless
+    the model is to be used as it is (``as_is``): then its head must fit the data."""
     state = _read_state_dict(path, key)
     own = net.state_dict()
     skipped = [k for k, v in state.items() if k.startswith(classifier_prefix) and k in own and own[k].shape != v.shape]
+    if skipped and as_is:
+        raise KdlabError(f"{key}: the classifier in {path} ({skipped[0]}: {tuple(state[skipped[0]].shape)}) does not "
+                         f"fit this dataset's classes ({tuple(own[skipped[0]].shape)}); drop as_is to fine-tune it")
     state = {k: v for k, v in state.items() if k not in skipped}
     missing = [k for k in own if k not in state and k not in skipped and not k.startswith(classifier_prefix)]
     unexpected = [k for k in state if k not in own]
@@ -192,7 +197,7 @@ def _pick_stats(normalize: str, loaded: bool, pretrained_stats, data_stats, chan
 @register("model", "timm")
 def timm_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[float, ...] = (0.5,),
                std: tuple[float, ...] = (0.5,), name: Optional[str] = None, pretrained: bool = False,
-               weights_file: Optional[str] = None, normalize: str = "auto",
+               weights_file: Optional[str] = None, normalize: str = "auto", as_is: bool = False,
                model_args: Optional[dict] = None) -> VisionZooModel:
     """A timm image model (``model: timm:NAME``), local pretrained weights only, taps from its ``feature_info``."""
     key = "model: timm"
@@ -206,8 +211,12 @@ def timm_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[fl
     net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=shape[0], **args)
     classifier = net.get_classifier()
     prefix = next((n + "." for n, m in net.named_modules() if m is classifier), "")
+    trained_classes = (getattr(net, "pretrained_cfg", {}) or {}).get("num_classes")
+    if as_is and pretrained and weights_file is None and trained_classes != num_classes:  # timm re-initialised it
+        raise KdlabError(f"{key}: timm:{name}'s pretrained head predicts {trained_classes} classes, the dataset "
+                         f"{num_classes}; drop as_is to fine-tune it, or give a weights_file trained on these classes")
     if weights_file is not None:
-        load_weights_file(net, prefix, weights_file, f"{key} weights_file")
+        load_weights_file(net, prefix, weights_file, f"{key} weights_file", as_is=as_is)
     cfg = getattr(net, "pretrained_cfg", {}) or {}
     stats = _pick_stats(normalize, pretrained or weights_file is not None,
                         (cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)), (data_mean, data_std), shape[0])
@@ -238,7 +247,7 @@ def _last_linear(net: nn.Module) -> tuple[str, nn.Linear]:
 @register("model", "torchvision")
 def torchvision_model(*, input_shape: tuple[int, ...], num_classes: int, mean: tuple[float, ...] = (0.5,),
                       std: tuple[float, ...] = (0.5,), name: Optional[str] = None, pretrained: bool = False,
-                      weights_file: Optional[str] = None, normalize: str = "auto",
+                      weights_file: Optional[str] = None, normalize: str = "auto", as_is: bool = False,
                       model_args: Optional[dict] = None) -> VisionZooModel:
     """A torchvision classifier (``model: torchvision:NAME``), local pretrained weights only, taps on its stages."""
     key = "model: torchvision"
@@ -259,16 +268,26 @@ def torchvision_model(*, input_shape: tuple[int, ...], num_classes: int, mean: t
     net = tv.models.get_model(name, weights=weights, **args, **({} if weights else {"num_classes": num_classes}))
     head_name, head = _last_linear(net)
     if head.out_features != num_classes:
+        if as_is and weights_file is None:
+            raise KdlabError(f"{key}: torchvision:{name}'s pretrained head predicts {head.out_features} classes, the "
+                             f"dataset {num_classes}; drop as_is to fine-tune it, or give a weights_file trained on "
+                             "these classes")
         head = nn.Linear(head.in_features, num_classes, bias=head.bias is not None)
         net.set_submodule(head_name, head)
     if weights_file is not None:
-        load_weights_file(net, head_name + ".", weights_file, f"{key} weights_file")
+        load_weights_file(net, head_name + ".", weights_file, f"{key} weights_file", as_is=as_is)
     transforms = weights.transforms() if weights is not None else None
     pretrained_stats = (getattr(transforms, "mean", IMAGENET_MEAN), getattr(transforms, "std", IMAGENET_STD))
     stats = _pick_stats(normalize, pretrained or weights_file is not None, pretrained_stats, (data_mean, data_std),
                         shape[0])
     return VisionZooModel(net, head, input_shape=shape, mean=stats[0], std=stats[1],
                           stages=_stages_found(net, _torchvision_stages(net)), source=f"torchvision:{name}")
+
+
+# ``as_is: true`` with loaded weights (pretrained or weights_file): a teacher used as it is, with no recipe run
+# (kdlab.config.entries.pretrained_teacher); otherwise a teacher is trained (fine-tuned) by its recipe.
+timm_model.pretrained = torchvision_model.pretrained = lambda options: bool(
+    options.get("as_is") and (options.get("pretrained") or options.get("weights_file")))
 
 
 def _model_sections(cfg: Any):
@@ -293,6 +312,12 @@ def check_vision_models(cfg: Any, errors: list[str]) -> None:
             errors.append(str(exc))
         if options.get("normalize", "auto") not in NORMALIZE:
             errors.append(f"{path}.normalize: {options['normalize']!r} is not one of {', '.join(NORMALIZE)}")
+        if options.get("as_is") and not (options.get("pretrained") or options.get("weights_file")):
+            errors.append(f"{path}.as_is: a model used as it is needs its weights: set pretrained: true or "
+                          "weights_file")
+        elif path == "teacher" and options.get("as_is") and getattr(section, "train", None) is not None:
+            errors.append("teacher.train: a teacher with as_is: true is used as it is, not trained; drop teacher.train "
+                          "or as_is")
         weights_file = options.get("weights_file")
         if isinstance(weights_file, str) and not Path(weights_file).expanduser().is_file():
             errors.append(f"{path}.weights_file: weights file {Path(weights_file).expanduser()} does not exist; give "

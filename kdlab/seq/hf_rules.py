@@ -140,7 +140,7 @@ def check_llm(cfg: Any, errors: list[str]) -> None:
     if not isinstance(cfg.student, StudentConfig) or not isinstance(cfg.data.options, dict):
         return
     student, teacher, data = cfg.student, cfg.teacher, cfg.data
-    if pretrained_teacher(teacher) and getattr(teacher, "train", None) is not None:
+    if pretrained_teacher(teacher) and teacher.model == "hf_causal_lm" and getattr(teacher, "train", None) is not None:
         errors.append("teacher.train: a pretrained hf_causal_lm teacher (path: or bundled:) is used as it is; remove "
                       "teacher.train (fine-tune it in a run of its own and give that run's hf/ folder as path:)")
     keep = getattr(student, "keep_layers", None)

@@ -266,3 +266,39 @@ def test_kd_and_fitnet_with_timm_and_torchvision_models_from_a_config(tmp_path):
     assert done.returncode == 0, done.stderr
     finals = [json.loads(p.read_text()) for p in (tmp_path / "ws").glob("runs/*/final.json")]
     assert len(finals) == 3, done.stdout  # the teacher's recipe run and the two students
+
+
+def test_a_teacher_with_its_own_trained_weights_is_used_as_it_is(tmp_path, capsys):
+    """as_is: true — no recipe run; the teacher's logits are those of the file's weights; a head that does not fit
+    the data, as_is without weights, and as_is beside teacher.train are refused in one line before any work."""
+    torch.manual_seed(0)
+    trained = timm_model(input_shape=SHAPE, num_classes=3, name="test_resnet")
+    save_file({k: v.contiguous() for k, v in trained.net.state_dict().items()}, str(tmp_path / "t3.safetensors"))
+    save_file({k: v.contiguous() for k, v in _timm().net.state_dict().items()}, str(tmp_path / "t7.safetensors"))
+    teacher = {"model": "timm:test_resnet", "weights_file": str(tmp_path / "t3.safetensors"), "as_is": True,
+               "normalize": "pretrained"}
+    raw = _config(data={"dataset": "synthetic", "input_shape": list(SHAPE), "num_classes": 3, "num_train": 32,
+                        "num_test": 16}, teacher=teacher, student={"model": "timm:test_resnet"},
+                  train={"epochs": 1, "batch_size": 16, "device": "cpu"})
+    base, _ = parse_experiment(raw)
+    assert base.teacher.train is None
+    config = tmp_path / "as_is.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(config), "--quiet"]) == 0
+    from kdlab.store import Store
+    assert [r.role for r in Store(tmp_path / "ws").runs()] == ["student"]  # no teacher run
+    built = timm_model(input_shape=SHAPE, num_classes=3, **base.teacher.options)
+    x = torch.rand(2, *SHAPE)
+    trained.eval(), built.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(built.net(x), trained.net(x))  # the file's weights, head included
+
+    for teacher_options, fragment in (
+            ({**teacher, "weights_file": str(tmp_path / "t7.safetensors")}, "does not fit this dataset's classes"),
+            ({"model": "timm:test_resnet", "as_is": True}, "teacher.as_is: a model used as it is needs its weights"),
+            ({**teacher, "train": {"epochs": 1}}, "teacher.train: a teacher with as_is: true is used as it is")):
+        config.write_text(yaml.safe_dump({**raw, "teacher": teacher_options}))
+        assert main(["--workspace", str(tmp_path / "ws2"), "run", str(config), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], err
+        assert not (tmp_path / "ws2" / "runs").exists() or not list((tmp_path / "ws2" / "runs").iterdir())
