@@ -30,7 +30,6 @@ from safetensors.torch import save_file
 
 from kdlab.cli import main
 from kdlab.config import ConfigError, parse_experiment
-from kdlab.engine.build import build_model
 from kdlab.errors import KdlabError
 from kdlab.models import Taps, tap_shapes
 from kdlab.models.vision_zoo import IMAGENET_MEAN, IMAGENET_STD, check_name, timm_model, torchvision_model
