@@ -98,12 +98,14 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _launch(tmp_path, name: str, world: int, stop: int = 0, run: str | None = None) -> list[str]:
+def _launch(tmp_path, name: str, world: int, stop: int = 0, run: str | None = None, *, child: str = _CHILD,
+            extra: tuple[str, ...] = (), timeout: int = 300) -> list[str]:
+    """``world`` gloo processes of ``child`` (argv: out, run dir, world, stop epoch, *extra); their stdouts."""
     port = _free_port()
-    args = [str(tmp_path / f"{name}.st"), str(tmp_path / (run or name)), str(world), str(stop)]
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=_env(r, world, port), stdout=subprocess.PIPE,
+    args = [str(tmp_path / f"{name}.st"), str(tmp_path / (run or name)), str(world), str(stop), *extra]
+    procs = [subprocess.Popen([sys.executable, "-c", child, *args], env=_env(r, world, port), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == (3 if stop else 0), err[-3000:]
     return [out for out, _ in outs]

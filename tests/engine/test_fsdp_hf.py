@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.engine.test_distributed import ROOT, _env, _free_port, _weights
+from tests.engine.test_fsdp import _launch as launch
 
 pytest.importorskip("transformers")
 
@@ -94,15 +95,8 @@ _CHILD = textwrap.dedent("""
 
 
 def _launch(tmp_path, folder, name: str, world: int, stop: int = 0, run: str | None = None) -> list[str]:
-    port = _free_port()
-    args = [str(tmp_path / f"{name}.st"), str(tmp_path / (run or name)), str(world), str(stop), str(folder),
-            json.dumps(STUDENT)]
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, *args], env=_env(r, world, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == (3 if stop else 0), err[-3000:]
-    return [out for out, _ in outs]
+    return launch(tmp_path, name, world, stop, run, child=_CHILD, extra=(str(folder), json.dumps(STUDENT)),
+                  timeout=600)
 
 
 @pytest.mark.integration
