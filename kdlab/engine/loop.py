@@ -370,6 +370,8 @@ class _Fit:
         method, state, dist_ctx = self.method, self.state, self.dist
         optimizer, scaler = state.optimizer, state.scaler
         method.set_progress(state.step, self.total_steps)
+        if method.resets_optimizer():  # a new stage of the method's recipe: fresh moments, same schedule
+            optimizer.state.clear()
         first = i * self.accum
         micro = range(first, min(first + self.accum, self.micro_batches))
         made = []

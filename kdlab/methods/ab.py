@@ -8,7 +8,10 @@ Two phases, as torchdistill's DAB recipe (``configs/sample/ilsvrc2012/dab/resnet
    connector per stage (1×1 conv without bias → BatchNorm, ``Connector4DAB``) mapping the student's stage
    output to the teacher's channels;
 2. the rest: ``ce_weight · CE`` alone (its ``KDLoss`` with α = 1 has no soft term); the teacher is not run
-   (``teacher_needed``) and the connectors are unused.
+   (``teacher_needed``) and the connectors are unused. torchdistill builds each stage its own optimiser, so
+   with ``fresh_optimizer`` (default) the optimiser's state (Adam's moments, SGD's momentum) is cleared at the
+   first CE step (``resets_optimizer``): the boundary loss's large gradients do not carry into CE. The learning
+   rate schedule is the run's one schedule over both stages.
 
 Defaults: margin 1.0, AB weight 1, one of 20 epochs for initialisation (``init_fraction`` 0.05), the three
 residual stages. torchdistill taps the stage outputs after their ReLU; the teacher's side is unaffected
@@ -35,6 +38,7 @@ class ABHparams(StagePairs):
     feature_weight: NonNegative = 1.0  # the AB loss's weight in the initialisation phase (torchdistill: 1.0)
     margin: NonNegative = 1.0  # μ (torchdistill AltActTransferLoss margin)
     init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20 epochs)
+    fresh_optimizer: bool = True  # clear the optimiser's state when CE starts (torchdistill: a new stage optimiser)
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -64,6 +68,12 @@ class AB(Method):
 
     def teacher_needed(self) -> bool:
         return self.initialising()
+
+    def resets_optimizer(self) -> bool:
+        """True at the first CE step: the step before it still initialised (same float test as ``progress``)."""
+        h = self.hparams
+        previous = min(1.0, (self.step - 1) / max(1, self.total_steps))
+        return h.fresh_optimizer and self.step > 0 and previous < h.init_fraction and not self.initialising()
 
     def loss_terms(self, batch, student_out, teacher_out):
         h = self.hparams

@@ -195,6 +195,12 @@ class Method(nn.Module):
     # the epoch's steps, and logs each value as ``method/<name>``. Not defined here, so other methods
     # cost nothing.
 
+    def resets_optimizer(self) -> bool:
+        """Extension point, asked by the loop before every optimiser step (after ``set_progress``): True
+        clears the optimiser's state (Adam's moments, SGD's momentum) before this step, as a recipe whose
+        next stage starts a fresh optimiser (AB's CE stage after its boundary initialisation)."""
+        return False
+
     def make_optimizer(self, params: list[nn.Parameter], train) -> torch.optim.Optimizer | None:
         """Extension point: the main optimiser over ``params`` (the student's and this method's own trainable
         parameters), or None for the one ``train`` names. A ``kdlab.engine.optim.SplitGradientOptimizer``

@@ -231,6 +231,53 @@ def test_ab_initialises_through_connectors_then_trains_on_labels_alone():
     assert terms["ce"].item() == pytest.approx(cross_entropy(s_out.logits, batch.labels).item(), rel=1e-6)
 
 
+def test_ab_asks_for_a_fresh_optimiser_once_at_the_first_ce_step():
+    for fraction, total, boundary in ((0.25, 10, 3), (0.05, 40, 2), (0.5, 16, 8), (0.05, 10, 1)):
+        method, _, _ = build("ab", init_fraction=fraction)
+        asked = []
+        for step in range(total):
+            method.set_progress(step, total)
+            asked.append(method.resets_optimizer())
+        assert asked == [step == boundary for step in range(total)], (fraction, total)
+    method, _, _ = build("ab", init_fraction=0.25, fresh_optimizer=False)
+    method.set_progress(3, 10)
+    assert not method.resets_optimizer()
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_the_loop_clears_the_optimiser_state_where_ab_starts_ce(tmp_path, fresh):
+    """Adam's per-parameter step count before each optimiser step: reset to 0 at the first CE step (step 8 of
+    16) with fresh_optimizer, counting on without it."""
+    from kdlab.config import TrainConfig
+    from kdlab.data import build_splits
+    from kdlab.engine.build import build_model
+    from kdlab.engine.loop import fit
+
+    splits = build_splits("synthetic", {"num_classes": 4, "input_shape": SHAPE, "num_train": 80, "num_test": 16},
+                          root=None, cache_dir=tmp_path / "cache", val_fraction=0.2, split_seed=0)
+    train = TrainConfig(epochs=4, batch_size=16, lr=0.01, optimizer="adam", device="cpu")
+    torch.manual_seed(0)
+    teacher, student = build_model("resnet14", {}, splits), build_model("resnet8", {}, splits)
+    method = build_method(MethodConfig("ab", {"init_fraction": 0.5, "fresh_optimizer": fresh}), student=student,
+                          teacher=teacher, input_shape=SHAPE)
+    first = next(student.parameters())
+    counts = []
+
+    def record(optimizer, args, kwargs):
+        if any(p is first for group in optimizer.param_groups for p in group["params"]):
+            state = optimizer.state.get(first, {})
+            counts.append(int(state["step"]) if "step" in state else 0)
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        fit(student=student, method=method, teacher=teacher, splits=splits, train=train, seed=0,
+            run_dir=tmp_path / "run")
+    finally:
+        handle.remove()
+    assert counts == (list(range(8)) * 2 if fresh else list(range(16)))
+
+
 def test_ab_refuses_unequal_spatial_sizes():
     with pytest.raises(KdlabError, match="equal spatial sizes"):
         build("ab", student_taps=["stage1"], teacher_taps=["stage2"])
@@ -352,7 +399,9 @@ class _Crash(Exception):
 
 
 @pytest.mark.parametrize("name, options", [("ft", {"paraphraser_fraction": 0.3}),  # the switch falls in epoch 2
-                                           ("ctkd", {"lambda_epochs": 3})])
+                                           ("ctkd", {"lambda_epochs": 3}),
+                                           # the fresh CE optimiser starts at epoch 3's first step: the resumed one
+                                           ("ab", {"init_fraction": 0.5})])
 def test_resume_is_exact_for_the_stateful_zoo_methods(tmp_path, name, options):
     from kdlab.config import TrainConfig
     from kdlab.data import build_splits
