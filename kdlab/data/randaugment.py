@@ -91,9 +91,10 @@ def apply_randaugment(inputs: torch.Tensor, ops: torch.Tensor, u: torch.Tensor, 
 
 def apply_op(name: str, images8: torch.Tensor, magnitudes) -> torch.Tensor:
     """One op on (n, C, H, W) images holding integers 0..255 (any float dtype), per-sample magnitudes (n,)
-    as the official op functions take them (e.g. Rotate in degrees, TranslateX as a fraction of W)."""
+    (or one for all) as the official op functions take them (Rotate in degrees, TranslateX as a fraction
+    of W, ...); returns the same dtype, values still integers 0..255."""
     x = images8
-    v = torch.as_tensor(magnitudes, dtype=torch.float64, device=x.device).reshape(-1)
+    v = torch.as_tensor(magnitudes, dtype=torch.float64, device=x.device).reshape(-1).expand(len(x))
     height, width = x.shape[-2:]
     if name == "Identity":
         return x

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdlab.data.randaugment import AUGMENT_LIST, OPS, apply_cutout, apply_op, randaugment
+from kdlab.data.randaugment import (AUGMENT_LIST, OPS, apply_cutout, apply_op, apply_randaugment, randaugment,
+                                    randaugment_params)
 from kdlab.errors import KdlabError
 
 PIL = pytest.importorskip("PIL")
@@ -155,11 +156,11 @@ def test_randaugment_is_seeded_and_keeps_shape_dtype_grid():
 
 
 def test_randaugment_is_the_ops_then_cutout_of_its_draws():
-    from kdlab.data.randaugment import randaugment_params
-    inputs = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    ops, u, cut = randaugment_params(6, generator=torch.Generator().manual_seed(9))
+    inputs = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ops, u, cut = randaugment_params(48, generator=torch.Generator().manual_seed(9))
     ours = randaugment(inputs, generator=torch.Generator().manual_seed(9), cutout=0.5)
-    for i in range(6):  # one sample at a time, through PIL
+    assert len(set(ops.flatten().tolist())) == len(OPS)  # every op occurs
+    for i in range(48):  # one sample at a time, through PIL
         img = _to_pil((inputs[i] * 255).round().byte().numpy())
         for position in range(2):
             name, low, high = AUGMENT_LIST[int(ops[i, position])]
@@ -176,9 +177,25 @@ def test_randaugment_refuses_other_channel_counts():
 
 
 def test_every_op_is_drawn_about_equally():
-    from kdlab.data.randaugment import randaugment_params
     ops, u, cut = randaugment_params(2000, generator=torch.Generator().manual_seed(0))
     frequency = torch.bincount(ops.flatten(), minlength=len(OPS)).double() / 2000
     assert ops.shape == (2000, 2) and len(frequency) == 14
     assert torch.all((frequency - 2 / 14).abs() < 0.03), frequency
     assert 0 <= u.min() and u.max() < 1 and cut.shape == (2000, 3)
+
+
+def test_one_magnitude_serves_the_whole_batch():
+    images = torch.tensor(_batch(3, 16, seed=2), dtype=torch.float32)
+    for name in ("Rotate", "TranslateX", "Brightness"):
+        assert torch.equal(apply_op(name, images, 0.2), apply_op(name, images, torch.full((len(images),), 0.2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_result_for_the_same_draws():
+    inputs = torch.rand(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    params = randaugment_params(256, generator=torch.Generator().manual_seed(1))
+    expected = apply_randaugment(inputs, *params)
+    ours = apply_randaugment(inputs.cuda(), *(p.cuda() for p in params))
+    assert torch.equal(ours.cpu(), expected)
+    out = randaugment(inputs.cuda(), generator=torch.Generator("cuda").manual_seed(1))
+    assert out.device.type == "cuda" and out.shape == inputs.shape
