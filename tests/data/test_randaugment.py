@@ -7,8 +7,15 @@ from kdlab.data.randaugment import (AUGMENT_LIST, OPS, apply_cutout, apply_op, a
                                     randaugment_params)
 from kdlab.errors import KdlabError
 
-PIL = pytest.importorskip("PIL")
-from PIL import Image, ImageDraw, ImageEnhance, ImageOps  # noqa: E402
+try:  # Pillow is the reference only, not a kdlab dependency: the tests that call it skip without it
+    from PIL import Image, ImageDraw, ImageEnhance, ImageOps
+except ImportError:
+    Image = ImageDraw = ImageEnhance = ImageOps = None
+
+
+@pytest.fixture
+def pil():
+    pytest.importorskip("PIL")
 
 
 def _pil_op(name, img, v):
@@ -79,7 +86,7 @@ def _magnitudes(name):
 
 @pytest.mark.parametrize("name", OPS)
 @pytest.mark.parametrize("channels,size", [(3, 16), (1, 16), (3, 32), (1, 32)])
-def test_op_equals_pil(name, channels, size):
+def test_op_equals_pil(name, channels, size, pil):
     magnitudes = _magnitudes(name) + ([0.5] if name == "Posterize" else [])  # int(0.5) = 0 is clamped to 1
     images = _batch(channels, size, seed=size + channels)
     for v in magnitudes:
@@ -90,7 +97,7 @@ def test_op_equals_pil(name, channels, size):
         assert torch.equal(ours, ours.round())
 
 
-def test_ops_take_per_sample_magnitudes():
+def test_ops_take_per_sample_magnitudes(pil):
     images = _batch(3, 16, seed=1)
     for name in ("Rotate", "ShearX", "TranslateY", "Contrast", "Solarize"):
         magnitudes = _magnitudes(name)[: len(images)]
@@ -99,7 +106,7 @@ def test_ops_take_per_sample_magnitudes():
         np.testing.assert_array_equal(ours.numpy().astype(np.uint8), expected, err_msg=name)
 
 
-def test_equalize_lut_overflow_is_clipped_as_pil():
+def test_equalize_lut_overflow_is_clipped_as_pil(pil):
     # 1 pixel of 0, 255·2 + 1 pixels of 1, then the top value: step 2, remainder 1 -> lut(top) would be 256.
     values = np.array([0] + [1] * 511 + [9] * 64, dtype=np.uint8)
     image = np.random.default_rng(0).permutation(values).reshape(1, 1, 24, 24)
@@ -129,7 +136,7 @@ def test_numpy_uniform_of_w_is_low_w_high_one():
 
 
 @pytest.mark.parametrize("channels", [3, 1])
-def test_cutout_equals_imagedraw_rectangle(channels):
+def test_cutout_equals_imagedraw_rectangle(channels, pil):
     images = _batch(channels, 32, seed=3)
     rng = np.random.default_rng(4)
     for size in (0.0, 0.01, 0.1, 0.25, 0.37, 0.5):
@@ -155,7 +162,7 @@ def test_randaugment_is_seeded_and_keeps_shape_dtype_grid():
     assert grey.shape == (16, 1, 32, 32) and grey.dtype == torch.float32
 
 
-def test_randaugment_is_the_ops_then_cutout_of_its_draws():
+def test_randaugment_is_the_ops_then_cutout_of_its_draws(pil):
     inputs = torch.rand(48, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ops, u, cut = randaugment_params(48, generator=torch.Generator().manual_seed(9))
     ours = randaugment(inputs, generator=torch.Generator().manual_seed(9), cutout=0.5)
