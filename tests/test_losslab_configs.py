@@ -6,7 +6,7 @@ from kdlab.config import load_experiment
 
 LOSSLAB = Path(__file__).resolve().parents[1] / "configs" / "losslab"
 ZOO = {"nst", "vid", "cc", "kdsvd", "ab", "ft", "ofd", "ctkd", "crd", "reviewkd", "dot", "mlkd"}
-ONE_D = {"cc", "ctkd", "dot", "mlkd"}  # run on cnn1d; nst, vid, kdsvd, ab, ft, ofd, reviewkd need (C, H, W) maps
+ONE_D = {"cc", "crd", "ctkd", "dot", "mlkd"}  # run on cnn1d; nst, vid, kdsvd, ab, ft, ofd, reviewkd need (C, H, W) maps
 
 
 def _arms(specs):
@@ -54,6 +54,9 @@ def test_zoo_mnist1d_shares_the_losslab_protocol_and_teacher():
         if cfg.method.name != "dot" and spec.point_names["method"] != "kd_sgd":
             assert cfg.train == reference.train
     assert arms["mlkd"][0].config.method.options["kd_weight"] == 0.9  # the default arm keeps MLKD's weight
+    assert all(spec.config.method.options["strong_view"] == "weak"  # RandAugment needs images
+               for spec in specs if spec.config.method.name == "mlkd")
+    assert arms["crd"][0].config.method.options["nce_k"] == 1024  # below the 3,600-sample split
 
 
 def test_zoo_resnet_runs_every_zoo_method_on_the_cifar_shaped_pair():

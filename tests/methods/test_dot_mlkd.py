@@ -57,6 +57,7 @@ def test_defaults_are_the_official_ones():
     assert (h.ce_weight, h.kd_weight, h.temperature, h.delta) == (0.1, 0.9, 4.0, 0.075)
     h = registry.get("method", "mlkd").Hparams()
     assert (h.ce_weight, h.kd_weight, h.temperatures) == (0.1, 0.9, (2.0, 3.0, 4.0, 5.0, 6.0))
+    assert h.strong_view == "randaugment"  # get_cifar100_train_transform_strong: RandAugment(2, 10) + Cutout
     h = registry.get("method", "ctkd").Hparams()
     assert (h.temperature_module, h.instance_hidden) == ("global", 256)
 
@@ -198,7 +199,7 @@ def test_mlkd_terms_equal_the_official_total_with_the_strong_view_as_the_weak_on
         p, q = softmax(t.numpy(), T), softmax(s.numpy(), T)
         return float(((p.T @ p - q.T @ q) ** 2).sum()) / p.shape[1]
 
-    method, _ = build("mlkd")
+    method, _ = build("mlkd", strong_view="weak")
     s, t, y = logits(3, n=7, c=5), 2 * logits(4, n=7, c=5), torch.tensor([0, 1, 2, 3, 4, 0, 1])
     terms = method.loss_terms(Batch(s, y), Outputs(s), Outputs(t))
     p = softmax(t.numpy(), 1.0)
@@ -221,12 +222,83 @@ def test_mlkd_terms_equal_the_official_total_with_the_strong_view_as_the_weak_on
 
 
 def test_mlkd_gradients_reach_the_student():
-    method, _ = build("mlkd")
+    method, _ = build("mlkd", strong_view="weak")
     s = logits(7).requires_grad_()
     terms = method.loss_terms(Batch(s, torch.tensor([0, 1, 2, 3, 0, 1])), Outputs(s), Outputs(2 * logits(8)))
     for name in ("instance", "batch", "class"):
         (g,) = torch.autograd.grad(terms[name], s, retain_graph=True)
         assert g.abs().sum() > 0, name
+
+
+def _images(n=6, seed=0):
+    return torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mlkd_strong_view_is_randaugment_of_the_batch_and_both_networks_see_it():
+    from kdlab.data.randaugment import randaugment
+
+    method, student = build("mlkd")
+    teacher = method._teacher
+    teacher.eval()
+    x, y = _images(), torch.tensor([0, 1, 2, 3, 0, 1])
+    method.set_progress(3, 10)
+    batch = method.make_batch(Batch(x.clone(), y))
+    strong = batch.extras["strong"]
+    assert torch.equal(batch.inputs, x)  # the loop's forwards keep the weak view
+    expected_view = randaugment(x, generator=torch.Generator().manual_seed(
+        (int(method.augment_seed) * 1_000_003 + 3) % 2**63))
+    assert torch.equal(strong, expected_view) and not torch.equal(strong, x)
+    s_weak, t_weak = student(x), teacher(x).detach()
+    terms = method.loss_terms(batch, Outputs(s_weak), Outputs(t_weak))
+    with torch.no_grad():
+        t_strong = teacher(strong)
+    expected = mlkd_terms(s_weak, t_weak, student(strong), t_strong, y, temperatures=(2.0, 3.0, 4.0, 5.0, 6.0),
+                          ce_weight=0.1, kd_weight=0.9)
+    for name in expected:
+        assert terms[name].item() == pytest.approx(expected[name].item(), rel=1e-6), name
+    assert teacher.training is False and student.training is True
+    # the strong forward carries gradient to the student even with the weak logits detached
+    terms = method.loss_terms(batch, Outputs(s_weak.detach()), Outputs(t_weak))
+    student.zero_grad()
+    (terms["ce"] + terms["instance"]).backward()
+    assert next(student.parameters()).grad.abs().sum() > 0
+
+
+def test_mlkd_strong_views_differ_by_step_and_micro_batch_and_repeat_after_a_restore():
+    method, _ = build("mlkd")
+    x, y = _images(), torch.tensor([0, 1, 2, 3, 0, 1])
+
+    def view(step, micro=0):
+        method.set_progress(step, 10)
+        method.micro_batch = micro
+        return method.make_batch(Batch(x.clone(), y)).extras["strong"]
+
+    first = view(2)
+    assert torch.equal(view(2), first) and not torch.equal(view(3), first) and not torch.equal(view(2, 1), first)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    assert "augment_seed" in state
+    other, _ = build("mlkd")
+    torch.manual_seed(99)
+    other.augment_seed.random_(0, 2**62)  # a new process draws another seed, then the checkpoint restores it
+    other.load_state_dict(state)
+    other.set_progress(2, 10)
+    assert torch.equal(other.make_batch(Batch(x.clone(), y)).extras["strong"], first)
+
+
+def test_mlkd_strong_view_refuses_inputs_randaugment_cannot_read():
+    torch.manual_seed(0)
+    shape = (2, 8, 8)
+    student = registry.get("model", "resnet8")(input_shape=shape, num_classes=4, mean=(0.0,) * 2, std=(1.0,) * 2)
+    teacher = registry.get("model", "resnet14")(input_shape=shape, num_classes=4, mean=(0.0,) * 2, std=(1.0,) * 2)
+    with pytest.raises(KdlabError, match=r"method.strong_view: randaugment needs 1- or 3-channel"):
+        build_method(MethodConfig("mlkd", {}), student=student, teacher=teacher, input_shape=shape)
+    build_method(MethodConfig("mlkd", {"strong_view": "weak"}), student=student, teacher=teacher, input_shape=shape)
+
+
+def test_mlkd_resumes_exactly_with_its_strong_views(tmp_path):
+    train = TrainConfig(epochs=4, batch_size=16, lr=0.01, checkpoint_every=1, eval_every=1, device="cpu")
+    got = _resume_exact(tmp_path, "mlkd", {}, train)
+    assert "m.augment_seed" in got
 
 
 # ---------------------------------------------------------------------------------------------------- CTKD instance
@@ -295,6 +367,7 @@ def test_cli_one_epoch(tmp_path, name, term):
     ("dot", {}, {"optimizer": "adam"}, "train.optimizer"),
     ("dot", {}, {"grad_clip": 1.0}, "train.grad_clip"),
     ("mlkd", {"temperatures": []}, {}, "method.temperatures"),
+    ("mlkd", {"strong_view": "strong"}, {}, "method.strong_view"),
     ("ctkd", {"temperature_module": "per_class"}, {}, "method.temperature_module")])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, name, method, train, key):
     path = _tiny(tmp_path, name, **method)
@@ -305,3 +378,18 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, name, method, train,
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err
     assert not (tmp_path / "ws" / "runs").exists() or not any((tmp_path / "ws" / "runs").iterdir())
+
+
+def test_cli_mlkd_randaugment_on_vectors_is_one_line_exit_2(tmp_path, capsys):
+    cfg = {"name": "mlkd1d", "data": {"dataset": "mnist1d"}, "student": {"model": "cnn1d", "width": 4},
+           "teacher": {"model": "cnn1d", "width": 8, "train": {"epochs": 1}}, "method": {"name": "mlkd"},
+           "train": {"epochs": 1, "device": "cpu"}}
+    path = tmp_path / "mlkd1d.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "method.strong_view: randaugment needs image inputs" in err and "set method.strong_view: weak" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    cfg["method"]["strong_view"] = "weak"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--workspace", str(tmp_path / "ws"), "run", str(path), "--dry-run"]) == 0
