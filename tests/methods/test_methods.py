@@ -73,6 +73,7 @@ def _teacher_for(method_name, make):
 
 
 MAP_METHODS = ("ab", "ft", "kdsvd", "nst", "ofd", "reviewkd", "vid")  # feature-map methods (vision zoo, issue 21)
+IMAGE_METHODS = ("mlkd",)  # its default strong view is RandAugment, which reads images
 SMALL_DATA = {"crd": {"nce_k": 4}}  # options for the 8-sample batch below (CRD: at most train_size − 1 negatives)
 
 
@@ -92,7 +93,7 @@ def test_method_contract(name):
     teacher = _teacher_for(name, lambda width: mlp(input_shape=(1, 5), num_classes=3, mean=(0.0,), std=(1.0,),
                                                     width=width)) if cls.needs_teacher else None
     shape = (1, 5)
-    if name in MAP_METHODS:  # they compare (C, H, W) stage maps: CIFAR ResNets on 8×8 images
+    if name in MAP_METHODS + IMAGE_METHODS:  # (C, H, W) stage maps or images: CIFAR ResNets on 8×8 images
         shape = (3, 8, 8)
         student, teacher = (registry.get("model", arch)(input_shape=shape, num_classes=3, mean=(0.0,) * 3,
                                                         std=(1.0,) * 3) for arch in ("resnet8", "resnet14"))
