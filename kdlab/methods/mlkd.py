@@ -98,8 +98,9 @@ class MLKD(Method):
                              f"inputs are {tuple(input_shape)}; set method.strong_view: weak")
         self.__dict__["_student"] = student  # plain references: not the method's parameters or state
         self.__dict__["_teacher"] = teacher
-        device = next(iter(student.parameters()), torch.zeros(())).device
-        self.register_buffer("augment_seed", torch.randint(0, 2**62, (1,)).to(device))  # checkpointed
+        if hparams.strong_view == "randaugment":  # drawn only here: a one-view run keeps the global stream as it was
+            device = next(iter(student.parameters()), torch.zeros(())).device
+            self.register_buffer("augment_seed", torch.randint(0, 2**62, (1,)).to(device))  # checkpointed
 
     def _generator(self, device: torch.device) -> torch.Generator:
         seed = int(self.augment_seed) * 1_000_003 + self.step + 0x9E3779B97F4A7C15 * self.micro_batch
