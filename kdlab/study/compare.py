@@ -9,7 +9,9 @@ the seeds that have it and marked ``(n=k)``; missing from all, it is ``-``.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -118,11 +120,21 @@ def compare_table(
         )
     # sorted() is stable: equal (experiment, label) keep their first-seen order.
     rows.sort(key=lambda row: (row.experiment, row.label))
+    rows = _distinct_labels(rows)
     deltas = None
     if baseline is not None:
         deltas = _paired_deltas(rows, groups, metrics[0], baseline, confidence)
     return CompareTable(metrics=tuple(metrics), confidence=float(confidence), rows=tuple(rows), baseline=baseline,
                  deltas=deltas)
+
+
+def _distinct_labels(rows: list[CompareRow]) -> list[CompareRow]:
+    """Rows of one experiment that share a label (the same grid point run under two configurations, e.g.
+    before and after a method's default changed) get their configuration's key appended, so no row and no
+    --baseline is ambiguous."""
+    counts = Counter((row.experiment, row.label) for row in rows)
+    return [dataclasses.replace(row, label=f"{row.label} [config {row.group_key[:8]}]")
+            if counts[(row.experiment, row.label)] > 1 else row for row in rows]
 
 
 def _paired_deltas(rows, groups, metric: str, baseline: str, confidence: float) -> dict:

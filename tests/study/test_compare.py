@@ -115,6 +115,20 @@ def test_equal_labels_keep_first_seen_order():
     assert [row.group_key for row in rows] == ["second", "first"]
 
 
+def test_a_label_shared_by_two_configurations_names_each_and_a_shared_baseline_is_refused():
+    runs = [run("a1", "m=kd seed=1", 1, "aaaaaaaa11", {"test/acc": 0.9}),
+            run("b1", "m=kd seed=1", 1, "bbbbbbbb22", {"test/acc": 0.8}),
+            run("c1", "m=x seed=1", 1, "cccccccc33", {"test/acc": 0.7}),
+            run("o1", "m=kd seed=1", 1, "dddddddd44", {"test/acc": 0.6}, experiment="other")]
+    table = compare_table(runs, metrics=["test/acc"], baseline="m=kd [config bbbbbbbb]")
+    assert [row.label for row in table.rows] == ["m=kd",  # experiment "other": its only m=kd keeps its label
+                                                 "m=kd [config aaaaaaaa]", "m=kd [config bbbbbbbb]", "m=x"]
+    assert table.deltas["m=kd [config aaaaaaaa]"].mean == pytest.approx(0.1)
+    assert table.deltas["m=x"].mean == pytest.approx(-0.1)
+    with pytest.raises(KdlabError, match=r"--baseline 'm=kd' is not a row of this table; rows: .*\[config aaaaaaaa\]"):
+        compare_table(runs[:3], baseline="m=kd")
+
+
 def test_default_metrics_and_empty_table():
     table = compare_table([run("r", "only seed=1", 1, "g", {"test/acc": 0.5}, status="failed")])
     assert table.metrics == ("test/acc", "test/nll", "test/ece", "test/agreement") and table.rows == ()
