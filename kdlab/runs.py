@@ -66,6 +66,9 @@ class RunSpec:
         sources = source_hashes(out)
         if sources:
             out["source_sha256"] = sources
+        revisions = method_revisions(out)
+        if revisions:
+            out["method_revision"] = revisions
         return out
 
     @property
@@ -94,6 +97,22 @@ def identity_free_options(kind: str, name: str) -> tuple[tuple[str, bool, Any], 
                  if key in later or (marks := [m for m in getattr(tp, "__metadata__", ())
                                                if isinstance(m, NotInRunId)]))
 
+
+
+def method_revisions(resolved: dict) -> dict[str, int]:
+    """``{"method" | "teacher.method": revision}`` of the methods ``resolved`` trains with whose
+    ``Method.revision`` is above 1 (a fix changed what they compute); {} keeps every other run's id."""
+    teacher = resolved.get("teacher") if isinstance(resolved.get("teacher"), dict) else {}
+    out = {}
+    for key, section in (("method", resolved.get("method")), ("teacher.method", teacher.get("method"))):
+        if isinstance(section, dict) and isinstance(section.get("name"), str):
+            try:
+                revision = getattr(registry.get("method", section["name"]), "revision", 1)
+            except KdlabError:
+                continue
+            if revision != 1:
+                out[key] = revision
+    return out
 
 
 _HASHES: dict[tuple, str] = {}  # (path, file stats) -> content hash: a study hashes each model once

@@ -86,6 +86,9 @@ class Method(nn.Module):
     # (token ids in, (B, L, V) next-token logits out); the builder refuses the others before training.
     data_kinds: ClassVar[tuple[str, ...]] = ("classification",)
     sequence = None  # the task's SequenceInfo (EOS/pad ids, decoding), set by the builder for sequence methods
+    # Bumped when a fix changes what the method computes for the same hyperparameters: its runs then get new
+    # ids (kdlab.runs, left out of ids at 1), so a workspace never reuses a run trained by the old code.
+    revision: ClassVar[int] = 1
     student_taps: tuple[str, ...] = ()
     teacher_taps: tuple[str, ...] = ()
     # The adversary extension point (see ``adversary_loss``): how often and how many adversary steps.

@@ -33,3 +33,21 @@ def test_marked_options_of_each_kind():
     assert prompts == {"data_files": True, "num_test_prompts": True, "num_train_prompts": True}
     assert dict((k, a) for k, a, _ in identity_free_options("dataset", "cifar10")) == {"download": False}
     assert identity_free_options("method", "no_such_method") == ()
+
+
+def test_a_method_revision_above_one_joins_the_id_and_one_keeps_it(monkeypatch):
+    from kdlab import registry
+
+    kd = registry.get("method", "kd")
+    assert kd.revision == 1
+    before = _spec({"name": "kd"})
+    assert "method_revision" not in before.identity()
+    before_id, before_group = before.run_id, before.group_key  # ids are computed when read
+    scratch_id = _spec({"name": "scratch"}).run_id
+    monkeypatch.setattr(kd, "revision", 2)  # a fix changed what kd computes
+    after = _spec({"name": "kd"})
+    assert after.identity()["method_revision"] == {"method": 2}
+    assert after.run_id != before_id and after.group_key != before_group
+    assert _spec({"name": "scratch"}).run_id == scratch_id  # kd is not in this run
+    monkeypatch.setattr(kd, "revision", 1)
+    assert _spec({"name": "kd"}).run_id == before_id
