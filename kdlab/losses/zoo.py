@@ -186,9 +186,11 @@ def factor_transfer(student_feature, teacher_feature, *, p: int = 1):
 
     Kim, Park & Kwak, "Paraphrasing Complex Network: Network Compression via Factor Transfer", NeurIPS
     2018, eq. 3: ``‖F_T/‖F_T‖₂ − F_S/‖F_S‖₂‖_p`` with p = 1, F_T the teacher's paraphraser factor and F_S
-    the student's translator factor, each flattened per sample. As torchdistill (``FTLoss``, reduction
-    ``mean``): for p = 1 the mean absolute difference over all elements (``l1_loss``), otherwise the
-    per-sample p-norm averaged over the batch.
+    the student's translator factor, each flattened per sample. As the authors' code
+    (Jangho-Kim/Factor-Transfer-pytorch ``train_student.py``: ``nn.L1Loss()(utils.FT(s), utils.FT(t))``,
+    ``utils.FT`` = ``F.normalize`` of the flattened map) and torchdistill (``FTLoss``, reduction ``mean``):
+    for p = 1 the mean absolute difference over all elements; other p (torchdistill only): the per-sample
+    p-norm averaged over the batch.
 
     Shapes: equal ``(N, ...)``. Dtype: at least float32.
     """

@@ -1,20 +1,23 @@
 """FT — Kim, Park & Kwak (NeurIPS 2018), "Paraphrasing Complex Network: Network Compression via Factor Transfer".
 
-Two phases, as torchdistill's recipe (``configs/sample/ilsvrc2012/ft/resnet18_from_resnet34.yaml``):
+As the authors' code (github.com/Jangho-Kim/Factor-Transfer-pytorch: ``train_Paraphraser.py``,
+``train_student.py``, ``Models/FeatureProjection.py``, ``utils.FT``), in one run of two phases:
 
 1. the first ``paraphraser_fraction`` of training: the paraphraser P (an autoencoder on the teacher's last
-   stage) learns to reconstruct it, ``‖P(t) − t‖²`` summed (eq. 2; ``MSELoss(reduction="sum")``); the
+   stage, after its ReLU) learns to reconstruct it, ``‖P(t) − t‖₁`` averaged over every element (the
+   authors' ``nn.L1Loss()``; torchdistill's recipe uses a summed MSE instead — the authors win); the
    student is not trained (no term reaches it, so its optimiser skips it);
 2. the rest: ``ce_weight · CE + ft_weight · FT(translator(s), encoder(t))`` (eq. 4;
-   ``kdlab.losses.zoo.factor_transfer``, p = 1) with the paraphraser frozen and only its encoder used, the
-   translator trained with the student.
+   ``kdlab.losses.zoo.factor_transfer``, p = 1: ``L1Loss`` of the per-sample L2-normalised flattened factors)
+   with the paraphraser frozen and only its encoder used, the translator trained with the student.
 
-Paraphraser and translator as torchdistill's ``Paraphraser4FactorTransfer`` and ``Translator4FactorTransfer``:
-3×3 convs (stride 1, padding 1) each followed by LeakyReLU(0.1), no BatchNorm (``uses_bn: False``); encoder
-C → C → k·C → k·C, decoder (transposed convs) k·C → k·C → C → C; translator C_s → C_s → k·C_t → k·C_t.
-Defaults: k = 0.5, FT weight 1000, CE weight 1, p = 1, one of 20 epochs for the paraphraser (0.05). Both
-modules are the method's parameters, so they are checkpointed with it and a resumed run continues from the
-trained paraphraser.
+Paraphraser and translator as the authors' ``Paraphraser`` and ``Translator``: 3×3 convs (stride 1, padding 1,
+bias, PyTorch's default initialisation) each followed by LeakyReLU(0.1), no BatchNorm; encoder
+C → C → k·C → k·C, decoder (transposed convs) k·C → k·C → C → C; translator C_s → C_s → k·C_t → k·C_t, with
+``round(C_t · k)`` factor channels. Defaults from the authors' CIFAR run (``train_student.py``): β = 500,
+k = 0.5, CE weight 1, p = 1; the paraphraser phase 0.025 of training = their 6 paraphraser epochs
+(``range(0, 5 + 1)``) within kdlab's 240-epoch CIFAR-100 recipes. Both modules are the method's parameters,
+so they are checkpointed with it and a resumed run continues from the trained paraphraser.
 """
 from __future__ import annotations
 
@@ -35,11 +38,11 @@ from kdlab.registry import register
 @dataclass
 class FTHparams:
     ce_weight: NonNegative = 1.0
-    ft_weight: NonNegative = 1000.0  # torchdistill FTLoss weight
+    ft_weight: NonNegative = 500.0  # β, the authors' train_student.py (torchdistill's ImageNet recipe: 1000)
     rate: UnitInterval = 0.5  # k, the paraphrase rate: the factor has k·C_t channels
     p: Count = 1  # the norm of the FT loss
-    paraphraser_fraction: UnitInterval = 0.05  # share of training for the paraphraser (torchdistill: 1 of 20 epochs)
-    student_tap: str = "stage3"  # the last stage (torchdistill: layer4 of the ImageNet ResNets)
+    paraphraser_fraction: UnitInterval = 0.025  # share of training for the paraphraser (the authors: 6 epochs = 6/240)
+    student_tap: str = "stage3"  # the last stage (the authors: layer3's output of the CIFAR ResNets)
     teacher_tap: str = "stage3"
 
     def problems(self) -> list[str]:
@@ -71,7 +74,7 @@ def translator(channels: int, factor_channels: int) -> nn.Sequential:
 
 @register("method", "ft")
 class FT(Method):
-    """Factor transfer: train a paraphraser on the teacher's last stage, then CE + 1000 · L1 of normalised factors."""
+    """Factor transfer: train a paraphraser on the teacher's last stage, then CE + 500 · L1 of normalised factors."""
 
     Hparams = FTHparams
 
@@ -83,7 +86,7 @@ class FT(Method):
             raise KdlabError(f"method.student_tap/teacher_tap: ft compares factors position by position, so the maps "
                              f"need equal spatial sizes; {hparams.student_tap} is {s_shape} and "
                              f"{hparams.teacher_tap} is {t_shape}")
-        factor = max(1, int(t_shape[0] * hparams.rate))  # torchdistill: int(C · k)
+        factor = max(1, round(t_shape[0] * hparams.rate))  # the authors: int(round(C · k)) (torchdistill: int)
         self.student_taps, self.teacher_taps = (hparams.student_tap,), (hparams.teacher_tap,)
         self.paraphraser = Paraphraser(t_shape[0], factor)
         self.translator = translator(s_shape[0], factor)
@@ -96,7 +99,7 @@ class FT(Method):
         t = teacher_out.features[h.teacher_tap].float()
         zero = t.new_zeros(())
         if self.paraphrasing():  # the student is left alone: no term depends on it
-            return {"reconstruction": (self.paraphraser(t) - t).square().sum(), "ce": zero, "ft": zero}
+            return {"reconstruction": (self.paraphraser(t) - t).abs().mean(), "ce": zero, "ft": zero}  # nn.L1Loss()
         with torch.no_grad():  # the paraphraser is frozen once trained
             factor_t = self.paraphraser.encoder(t)
         factor_s = self.translator(student_out.features[h.student_tap].float())

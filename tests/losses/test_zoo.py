@@ -340,6 +340,26 @@ def test_ft_matches_reference_and_gradcheck(p):
     assert torch.autograd.gradcheck(lambda v: factor_transfer(v, t, p=p), (x,))
 
 
+def authors_ft(s, t):
+    """The authors' train_student.py, transcribed: ``nn.L1Loss()(utils.FT(s), utils.FT(t))``, ``utils.FT`` =
+    ``F.normalize(x.view(N, -1))`` (x / max(‖x‖₂, 1e-12) per sample), L1Loss = mean |·| over every element."""
+    def unit(x):
+        x = x.reshape(len(x), -1)
+        return x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+    return (unit(s) - unit(t)).abs().sum() / s.numel()
+
+
+def test_ft_equals_the_authors_l1loss_of_normalised_factors():
+    s = torch.tensor([[[[1.0, -2.0], [0.5, 3.0]]], [[[0.0, 0.0], [0.0, 0.0]]]], dtype=torch.float64)  # a zero factor
+    t = torch.tensor([[[[2.0, 1.0], [-1.0, 0.0]]], [[[0.3, -0.4], [1.2, 0.1]]]], dtype=torch.float64)
+    assert factor_transfer(s, t).item() == pytest.approx(authors_ft(s, t).item(), rel=1e-12)
+    s, t = randn(4, 3, 2, 2, seed=42), randn(4, 3, 2, 2, seed=43)
+    mine, theirs = s.clone().requires_grad_(), s.clone().requires_grad_()
+    factor_transfer(mine, t).backward()
+    authors_ft(theirs, t).backward()
+    assert torch.allclose(mine.grad, theirs.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_ft_refuses_unequal_factors():
     with pytest.raises(KdlabError, match="translator"):
         factor_transfer(torch.randn(2, 3), torch.randn(2, 4))

@@ -63,7 +63,7 @@ def test_defaults_are_the_official_ones():
     h = registry.get("method", "ab").Hparams()
     assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (1.0, 1.0, 0.05, 1.0)
     h = registry.get("method", "ft").Hparams()
-    assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 1000.0, 0.5, 1, 0.05)
+    assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 500.0, 0.5, 1, 0.025)
     h = registry.get("method", "ofd").Hparams()
     assert (h.ce_weight, h.feature_weight, h.student_taps) == (1.0, 0.001, ("stage1", "stage2", "stage3"))
     h = registry.get("method", "ctkd").Hparams()
@@ -297,7 +297,7 @@ def test_ft_trains_the_paraphraser_first_then_the_student_through_the_translator
     terms = method.loss_terms(batch, s_out, t_out)
     t = t_out.features["stage3"]
     assert list(terms) == ["reconstruction", "ce", "ft"] and terms["ce"].item() == 0.0 == terms["ft"].item()
-    assert terms["reconstruction"].item() == pytest.approx(((method.paraphraser(t) - t) ** 2).sum().item(), rel=1e-6)
+    assert terms["reconstruction"].item() == pytest.approx((method.paraphraser(t) - t).abs().mean().item(), rel=1e-6)
     sum(terms.values()).backward()
     assert all(p.grad is None for p in student.parameters())
     assert all(p.grad is None for p in method.translator.parameters())
@@ -306,12 +306,57 @@ def test_ft_trains_the_paraphraser_first_then_the_student_through_the_translator
     method.set_progress(3, 10)  # then: CE + FT through the translator, the paraphraser frozen
     batch, s_out, t_out = forward(method, student, teacher)
     terms = method.loss_terms(batch, s_out, t_out)
-    expected = 1000.0 * factor_transfer(method.translator(s_out.features["stage3"]), method.paraphraser.encoder(t))
+    expected = 500.0 * factor_transfer(method.translator(s_out.features["stage3"]), method.paraphraser.encoder(t))
     assert terms["reconstruction"].item() == 0.0 and terms["ft"].item() == pytest.approx(expected.item(), rel=1e-6)
     sum(terms.values()).backward()
     assert all(p.grad is None for p in method.paraphraser.parameters())
     assert all(p.grad is not None for p in method.translator.parameters())
     assert next(student.parameters()).grad.abs().sum() > 0
+
+
+def test_ft_terms_equal_the_authors_code():
+    """train_Paraphraser.py / train_student.py / FeatureProjection.py transcribed in float64: every conv then
+    LeakyReLU(0.1); reconstruction nn.L1Loss(); student loss CE + 500 · L1Loss(FT(translator(s)), FT(encoder(t)))."""
+    F = torch.nn.functional
+    method, student, teacher = build("ft", paraphraser_fraction=0.25)
+
+    def run(x, convs, transposed=False):
+        for m in convs:
+            op = F.conv_transpose2d if transposed else F.conv2d
+            x = F.leaky_relu(op(x, m.weight.double(), m.bias.double(), stride=1, padding=1), 0.1)
+        return x
+
+    def unit(x):  # utils.FT
+        x = x.reshape(len(x), -1)
+        return x / x.square().sum(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+
+    convs = [m for m in method.paraphraser.encoder if isinstance(m, torch.nn.Conv2d)]
+    deconvs = [m for m in method.paraphraser.decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    translator = [m for m in method.translator if isinstance(m, torch.nn.Conv2d)]
+    method.set_progress(1, 10)
+    batch, s_out, t_out = forward(method, student, teacher)
+    t = t_out.features["stage3"].double()
+    rebuilt = run(run(t, convs), deconvs, transposed=True)
+    expected = (rebuilt - t).abs().sum() / t.numel()
+    assert method.loss_terms(batch, s_out, t_out)["reconstruction"].item() == pytest.approx(expected.item(), rel=1e-5)
+    method.set_progress(3, 10)
+    s = s_out.features["stage3"].detach()
+    factor_s, factor_t = run(s.double(), translator), run(t, convs)
+    expected = 500.0 * (unit(factor_s) - unit(factor_t)).abs().sum() / factor_s.numel()
+    s_out.features["stage3"] = s.clone().requires_grad_()
+    ft = method.loss_terms(batch, s_out, t_out)["ft"]
+    assert ft.item() == pytest.approx(expected.item(), rel=1e-5)
+    theirs = s.double().requires_grad_()
+    (500.0 * (unit(run(theirs, translator)) - unit(factor_t)).abs().mean()).backward()
+    ft.backward()
+    assert torch.allclose(s_out.features["stage3"].grad.double(), theirs.grad, rtol=1e-4, atol=1e-6)  # float32 run
+
+
+def test_ft_factor_channels_round_as_the_authors():
+    """train_student.py: ``int(round(C · k))`` channels (torchdistill truncates): 64 · 0.34 = 21.76 → 22."""
+    method, _, _ = build("ft", rate=0.34)
+    assert [m.out_channels for m in method.translator if isinstance(m, torch.nn.Conv2d)] == [64, 22, 22]
+    assert method.paraphraser.encoder[-2].out_channels == 22
 
 
 @pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab", "ofd", "ctkd"])
