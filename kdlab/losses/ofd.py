@@ -22,7 +22,7 @@ def ofd_margin(bn_weight: torch.Tensor, bn_bias: torch.Tensor) -> torch.Tensor:
 
     Heo et al. eq. 3 (the margin ``m = E[F_t | F_t < 0]``), with each channel's pre-activation taken as
     Gaussian with the BatchNorm's affine parameters, mean β and standard deviation |γ|:
-    ``m = β − |γ| φ(β/|γ|) / Φ(−β/|γ|)``. As mdistiller (``mdistiller/distillers/OFD.py``,
+    ``m = β − |γ| φ(β/|γ|) / Φ(−β/|γ|)``. As the authors' ``get_margin_from_BN`` (and mdistiller's
     ``init_ofd_modules``): where ``Φ(−β/|γ|) ≤ 0.001`` (almost no negative values) the margin is ``−3|γ|``.
     Returns a float64 ``(C,)`` tensor.
     """
@@ -43,10 +43,12 @@ def ofd_margin(bn_weight: torch.Tensor, bn_bias: torch.Tensor) -> torch.Tensor:
 def ofd_partial_l2(student_feature, teacher_feature, margin):
     """OFD's partial L2 distance (eq. 4) between the (connected) student and the teacher pre-activation.
 
-    Per element, with teacher value ``t``, student value ``s`` and the channel's margin ``m``:
-    ``(s − m)²`` where ``s > m ≥ t`` (the teacher is off: the student only has to stay below the margin);
-    ``(s − t)²`` where ``t > 0``, or where ``m < t ≤ 0`` and ``s > t``; 0 elsewhere. As mdistiller
-    (``feat_loss``): summed over channels and positions, averaged over the batch.
+    As the authors' ``distillation_loss`` (clovaai/overhaul-distillation, ``CIFAR-100/distiller.py``): the
+    target is ``max(t, m)`` (teacher value ``t``, the channel's margin ``m``) and an element counts,
+    ``(s − max(t, m))²``, where ``s > max(t, m)`` or ``max(t, m) > 0``. With ``m ≤ 0`` (every BN margin):
+    ``(s − m)²`` where ``s > m ≥ t``; ``(s − t)²`` where ``t > 0``, or where ``m < t ≤ 0`` and ``s > t``; 0
+    elsewhere. Summed over channels and positions, averaged over the batch (the authors sum, and their
+    train script divides by the batch size).
 
     Shapes: equal ``(N, C, H, W)``; ``margin`` ``(C,)``. Dtype: at least float32.
     """
@@ -56,10 +58,7 @@ def ofd_partial_l2(student_feature, teacher_feature, margin):
         raise KdlabError(f"loss ofd: student {tuple(student_feature.shape)}, teacher {tuple(teacher_feature.shape)} "
                          f"and margin {tuple(margin.shape)} do not fit; give equal (N, C, H, W) maps, one margin "
                          "per channel")
-    s, t = student_feature.to(dtype), teacher_feature.to(dtype)
-    m = margin.to(dtype).reshape(1, -1, 1, 1)
-    off = (s > m) & (t <= m)
-    between = (s > t) & (t > m) & (t <= 0)
-    on = t > 0
-    per_element = (s - m).square() * off + (s - t).square() * (between | on)
-    return per_element.sum() / s.shape[0]
+    s = student_feature.to(dtype)
+    target = torch.maximum(teacher_feature.to(dtype), margin.to(dtype).reshape(1, -1, 1, 1))
+    counted = (s > target) | (target > 0)
+    return ((s - target).square() * counted).sum() / s.shape[0]

@@ -3,15 +3,17 @@
     L = ce_weight · CE + feature_weight · Σ_i 2^{−(n−1−i)} · d_p(connector_i(s_i), pool(t_i), m_i)
 
 over the n tapped stages (the last one weighted 1, each earlier one half the next), with ``s_i``/``t_i``
-the pre-ReLU output of each stage's last block, ``m_i`` the margin from the teacher's BatchNorm before that
-ReLU (``kdlab.losses.ofd``), the teacher map average-pooled to the student's size, and a connector per stage
+each stage's pre-ReLU output, ``m_i`` the margin from the teacher's BatchNorm before that ReLU
+(``kdlab.losses.ofd``), the teacher map average-pooled to the student's size, and a connector per stage
 (1×1 conv without bias, He-normal init, then BatchNorm) from the student's channels to the teacher's.
 
-As mdistiller (``mdistiller/distillers/OFD.py``, ``mdistiller/engine/cfg.py``): CE weight 1, feature weight
-0.001, connector kernel 1, the three residual stages (``preact_feats[1:]``), the margin from ``bn2`` of each
-stage's last basic block (the BN on the residual branch, before the sum with the shortcut and the ReLU).
-Needs ResNet-style stages whose blocks end in ``bn2`` and a ``relu2`` module (kdlab's CIFAR ResNets); the
-margins are a buffer, fixed from the trained teacher when the method is built (saved in checkpoints).
+As the authors' code (clovaai/overhaul-distillation, ``CIFAR-100/distiller.py``, ``train_with_distillation.py``:
+``CE + loss_distill.sum() / batch_size / 1000``): CE weight 1, feature weight 0.001, the three residual
+stages, pre-ReLU features and margins from the models' ``extract_feature(preReLU=True)`` and
+``get_bn_before_relu``: for the CIFAR ResNets the last block's sum before its ReLU (``relu2``'s input) with
+that block's ``bn2`` (the BN on the residual branch), for the pre-activation WRNs the stage output through
+the BN the next ReLU follows (the next stage's first ``bn1``, or the final BN in ``pool``). mdistiller agrees.
+The margins are a buffer, fixed from the trained teacher when the method is built (saved in checkpoints).
 """
 from __future__ import annotations
 
@@ -28,30 +30,47 @@ from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.methods.base import Method
 from kdlab.methods.zoo_common import CIFAR_STAGES, StagePairs
 from kdlab.models.taps import INPUT_SUFFIX, tap_shapes
+from kdlab.models.wrn import PreActBlock
 from kdlab.registry import register
 
 
 @dataclass
 class OFDHparams(StagePairs):
-    feature_weight: NonNegative = 0.001  # mdistiller CFG.OFD.LOSS.FEAT_WEIGHT
+    feature_weight: NonNegative = 0.001  # the authors' `/ 1000` (mdistiller CFG.OFD.LOSS.FEAT_WEIGHT)
 
 
-def _last_block(net: nn.Module, stage: str, role: str, key: str) -> str:
-    """The module path of ``stage``'s last block, checked to have ``bn2`` and ``relu2``."""
+def _pre_relu(net: nn.Module, stage: str, role: str, key: str) -> tuple[str, str]:
+    """``(tap, bn)``: where ``stage``'s pre-ReLU output is tapped and the BatchNorm its margin comes from.
+
+    As the authors' ``extract_feature(preReLU=True)`` and ``get_bn_before_relu``: a post-activation stage (the
+    CIFAR ResNets: the last block ends in ``bn2`` + shortcut, then ``relu2``) gives the input of its last
+    ``relu2`` and that block's ``bn2``; a pre-activation WRN stage gives its output passed through the BN that
+    the next ReLU follows (the next stage's first ``bn1``, or the final BN in ``pool``), that BN for the margin.
+    """
     try:
         blocks = net.get_submodule(stage)
     except AttributeError:
         stages = ", ".join(getattr(net, "feature_stages", ())) or "(none)"
         raise KdlabError(f"{key}: {role} stage {stage!r} does not exist; named stages: {stages}") from None
     children = list(blocks.named_children())
-    if not children or not all(hasattr(children[-1][1], a) for a in ("bn2", "relu2")):
-        raise KdlabError(f"{key}: ofd needs stages of residual blocks ending in bn2 and relu2 (the CIFAR ResNets' "
-                         f"{', '.join(CIFAR_STAGES)}); {role} stage {stage!r} is not one")
-    return f"{stage}.{children[-1][0]}"
+    last = children[-1][1] if children else None
+    if isinstance(last, PreActBlock):
+        stages = list(getattr(net, "feature_stages", ()))
+        after = stages[stages.index(stage) + 1] if stage in stages[:-1] else None
+        first = next(iter(net.get_submodule(after).named_children()), None) if after else None
+        if first is not None and isinstance(first[1], PreActBlock):
+            return f"{after}.{first[0]}.bn1", f"{after}.{first[0]}.bn1"
+        if first is not None and isinstance(first[1], nn.BatchNorm2d):
+            return f"{after}.{first[0]}", f"{after}.{first[0]}"
+    elif last is not None and all(hasattr(last, a) for a in ("bn2", "relu2")):
+        block = f"{stage}.{children[-1][0]}"
+        return f"{block}.relu2{INPUT_SUFFIX}", f"{block}.bn2"
+    raise KdlabError(f"{key}: ofd needs stages of residual blocks ending in bn2 and relu2 (the CIFAR ResNets' "
+                     f"{', '.join(CIFAR_STAGES)}) or WRN stages followed by a BN; {role} stage {stage!r} is not one")
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
-    """mdistiller's ``_build_feature_connector`` (kernel 1): conv N(0, √(2/(k²·C_out))) init, BN at (1, 0)."""
+    """The authors' ``build_feature_connector`` (mdistiller's, kernel 1): conv N(0, √(2/(k²·C_out))) init, BN at (1, 0)."""
     conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
     nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
     return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
@@ -67,10 +86,10 @@ class OFD(Method):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
         if input_shape is None:
             raise KdlabError("method ofd needs the input shape to size its connectors")
-        s_blocks = [_last_block(student, s, "student", "method.student_taps") for s in hparams.student_taps]
-        t_blocks = [_last_block(teacher, t, "teacher", "method.teacher_taps") for t in hparams.teacher_taps]
-        self.student_taps = tuple(f"{b}.relu2{INPUT_SUFFIX}" for b in s_blocks)
-        self.teacher_taps = tuple(f"{b}.relu2{INPUT_SUFFIX}" for b in t_blocks)
+        s_points = [_pre_relu(student, s, "student", "method.student_taps") for s in hparams.student_taps]
+        t_points = [_pre_relu(teacher, t, "teacher", "method.teacher_taps") for t in hparams.teacher_taps]
+        self.student_taps = tuple(tap for tap, _ in s_points)
+        self.teacher_taps = tuple(tap for tap, _ in t_points)
         device = next(iter(student.parameters()), torch.zeros(())).device
         probe = torch.zeros(2, *input_shape, device=device)
         s_shapes = tap_shapes(student, self.student_taps, probe)
@@ -83,8 +102,8 @@ class OFD(Method):
                                  f"but {s_tap} is larger ({h_s}×{w_s}) than {t_tap} ({h_t}×{w_t}); pair later "
                                  "student stages")
             self.connectors.append(connector(c_s, c_t))
-        for i, block in enumerate(t_blocks):  # E[x | x < 0] from the trained teacher's BN before the ReLU
-            bn = teacher.get_submodule(f"{block}.bn2")
+        for i, (_, bn_path) in enumerate(t_points):  # E[x | x < 0] from the trained teacher's BN before the ReLU
+            bn = teacher.get_submodule(bn_path)
             self.register_buffer(f"margin{i}", ofd_margin(bn.weight, bn.bias).float().to(device))
 
     def loss_terms(self, batch, student_out, teacher_out):

@@ -437,6 +437,35 @@ def test_ofd_partial_l2_hand_worked_and_reference():
         ofd_partial_l2(s, t, torch.zeros(2))
 
 
+def authors_distillation_loss(source, target, margin):
+    """clovaai/overhaul-distillation CIFAR-100/distiller.py ``distillation_loss``, our float64 transcription:
+    the target raised to the margin, squared error where the student is above it or it is positive, summed;
+    train_with_distillation.py then divides the sum by the batch size."""
+    out = 0.0
+    for n, c, h, w in np.ndindex(*source.shape):
+        sv, tv = float(source[n, c, h, w]), max(float(target[n, c, h, w]), float(margin[c]))
+        if sv > tv or tv > 0:
+            out += (sv - tv) ** 2
+    return out / source.shape[0]
+
+
+def test_ofd_partial_l2_equals_the_authors_distillation_loss_value_and_gradient():
+    s, t = randn(3, 4, 2, 3, seed=53), randn(3, 4, 2, 3, seed=54)
+    t[0, 0, 0, :] = torch.tensor([-0.7, -0.7, 0.0])  # ties with the margin and with zero
+    s[0, 0, 0, :] = torch.tensor([-0.7, 0.1, 0.0])
+    # the BN margins are ≤ 0; the authors' form also covers a positive one (the first kdlab form counted
+    # (s − m)² + (s − t)² there for 0 < t ≤ m)
+    for m in (torch.tensor([-0.7, -1.5, -0.2, 0.0], dtype=torch.float64),
+              torch.tensor([0.5, -0.3, 1.0, -2.0], dtype=torch.float64)):
+        assert ofd_partial_l2(s, t, m).item() == pytest.approx(authors_distillation_loss(s, t, m), rel=1e-12)
+        x = s.clone().requires_grad_()
+        ofd_partial_l2(x, t, m).backward()
+        target = torch.maximum(t, m.reshape(1, -1, 1, 1))  # d/ds of the sum: 2(s − target) where counted
+        expected = [2 * (sv - tv) / s.shape[0] if (sv > tv or tv > 0) else 0.0
+                    for sv, tv in zip(s.flatten().tolist(), target.flatten().tolist())]
+        assert x.grad.flatten().tolist() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
 # ---------------------------------------------------------------------------
 # CTKD: KD at a learned temperature, the gradient reversal, the cosine λ
 # ---------------------------------------------------------------------------

@@ -401,6 +401,39 @@ def test_ofd_taps_pre_relu_outputs_and_weighs_stages_by_halves():
     assert next(student.parameters()).grad.abs().sum() > 0
 
 
+def test_ofd_on_wrns_taps_each_stage_output_through_the_next_bn_as_the_authors():
+    """clovaai/overhaul-distillation WideResNet: ``get_bn_before_relu`` = block2.layer[0].bn1, block3.layer[0].bn1,
+    bn1, and ``extract_feature(preReLU=True)`` passes each stage output through that BN."""
+    torch.manual_seed(0)
+    wrn = registry.get("model", "wrn")
+    kw = dict(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3, std=(1.0,) * 3)
+    student, teacher = wrn(depth=10, widen_factor=1, **kw), wrn(depth=16, widen_factor=2, **kw)
+    for net in (student, teacher):  # BN statistics away from (1, 0) so the margins and the BN matter
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1), m.running_mean.uniform_(-1, 1)
+    teacher.eval()
+    method = build_method(MethodConfig("ofd", {}), student=student, teacher=teacher, input_shape=SHAPE)
+    points = ("stage2.0.bn1", "stage3.0.bn1", "pool.0")
+    assert method.student_taps == points and method.teacher_taps == points
+    for i, bn in enumerate(teacher.get_submodule(p) for p in points):
+        assert torch.equal(getattr(method, f"margin{i}"), ofd_margin(bn.weight, bn.bias).float())
+    batch, s_out, t_out = forward(method, student, teacher)
+    with Taps(teacher, ["stage1", "stage2", "stage3"]) as plain, torch.no_grad():
+        teacher(batch.inputs)
+        for p, stage in zip(points, ("stage1", "stage2", "stage3")):
+            assert torch.allclose(t_out.features[p], teacher.get_submodule(p)(plain[stage]))
+    terms = method.loss_terms(batch, s_out, t_out)
+    expected = 0.0  # the authors' distillation_loss per stage, float64, / 2^(n−1−i), then / batch / 1000
+    for i, (p, conn) in enumerate(zip(points, method.connectors)):
+        src = conn(s_out.features[p]).detach().double()
+        tgt = torch.maximum(t_out.features[p].double(), getattr(method, f"margin{i}").double().reshape(1, -1, 1, 1))
+        expected += (((src - tgt) ** 2) * ((src > tgt) | (tgt > 0))).sum().item() / 2 ** (2 - i)
+    assert terms["ofd"].item() == pytest.approx(expected / batch.inputs.shape[0] / 1000, rel=1e-5)
+    sum(terms.values()).backward()
+    assert next(student.parameters()).grad.abs().sum() > 0
+
+
 def test_ofd_refuses_models_without_residual_stages():
     torch.manual_seed(0)
     mlp = registry.get("model", "mlp")(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3, std=(1.0,) * 3, width=8)
