@@ -249,10 +249,11 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _right_singular(feature: torch.Tensor, count: int):
-    """mdistiller's ``svd``: the map viewed as ``(N, C·H, W)``, its first ``count`` right singular vectors
-    ``(N, W, count)`` and singular values ``(N, count)``, each L2-normalised (non-finite entries zeroed)."""
+    """The authors' ``SVD`` (``KD_methods_with_TF/nets/SVP.py``): the map viewed as TensorFlow's NHWC reshape
+    ``(N, H·W, C)``, its first ``count`` right singular vectors ``(N, C, count)`` (over the channels) and
+    singular values ``(N, count)``, each L2-normalised (non-finite entries zeroed)."""
     n, c, h, w = feature.shape
-    _, s, vh = torch.linalg.svd(feature.reshape(n, c * h, w), full_matrices=False)
+    _, s, vh = torch.linalg.svd(feature.permute(0, 2, 3, 1).reshape(n, h * w, c), full_matrices=False)
     v = _finite(vh.transpose(1, 2))[:, :, :count]
     return F.normalize(v, dim=1), F.normalize(_finite(s)[:, :count], dim=1)
 
@@ -269,7 +270,8 @@ def canonical_signs(v: torch.Tensor) -> torch.Tensor:
 
 
 def align_singular(student_v: torch.Tensor, teacher_v: torch.Tensor) -> torch.Tensor:
-    """mdistiller's ``align_rsv``: for each teacher vector, the student vector of largest |cosine|, sign-matched."""
+    """The authors' ``Align_rsv`` (``SVP.py``; mdistiller's ``align_rsv``): for each teacher vector, the student
+    vector of largest |cosine|, its sign matched to the teacher's."""
     cosine = student_v.transpose(1, 2) @ teacher_v  # (N, k_s, k_t)
     best = cosine.abs().amax(dim=1, keepdim=True)
     mask = torch.where(cosine.abs() == best, torch.sign(cosine), torch.zeros_like(cosine))
@@ -280,18 +282,20 @@ def kdsvd(student_features, teacher_features, *, k: int = 1):
     """KDSVD: match the RBF correlations of consecutive stages' SVD-compressed features.
 
     Lee, Kim & Song, "Self-supervised Knowledge Distillation Using Singular Value Decomposition", ECCV 2018,
-    §3 (SVD compression, eq. 3; the radial-basis correlation between two stages, eqs. 5–6), in mdistiller's
-    form (``mdistiller/distillers/KDSVD.py``, ``kdsvd_loss``): per stage, the teacher's first ``k`` right
-    singular vectors ``V_t`` and the student's first ``k + 3`` (each L2-normalised, singular values too); the
-    student's are aligned to the teacher's (``align_singular``); both are scaled by the teacher's normalised
+    §3 (SVD compression, eq. 3; the radial-basis correlation between two stages, eqs. 5–6), as the authors'
+    ``KD_SVD`` (``sseung0703/KD_methods_with_TF``, ``nets/Shared.py`` + ``nets/SVP.py``): per stage, each map
+    viewed as TensorFlow's NHWC reshape ``(N, H·W, C)``; the teacher's first ``k`` right singular vectors
+    ``V_t`` (over the channels) and the student's first ``k + 3`` (each L2-normalised, singular values too);
+    the student's aligned to the teacher's (``align_singular``); both scaled by the teacher's normalised
     singular values; then for every pair of consecutive stages
 
-        G[a, b, j] = exp(−(V[a, j] − V'[b, j])² / 8),   loss += Σ (G_s − G_t)²  (non-finite terms dropped),
+        G[a, b, j] = exp(−(V[a, j] − V'[b, j])² / 8),   loss += Σ (G_s − G_t)²  (non-finite terms dropped).
 
-    and the total is divided by the batch size. Maps are viewed as ``(N, C·H, W)`` as mdistiller does, so
-    student and teacher stages must share their width W (they may differ in C and H). One addition: the
-    teacher's singular vectors get a canonical sign (``canonical_signs``), which the official code leaves to
-    the SVD routine.
+    Student and teacher stages must share their channel count C (the correlations are C_l × C_{l−1}).
+    Two changes from the authors' code, both documented in docs/methods.md: the total is divided by the batch
+    size (as mdistiller; the authors sum over the batch but clip the distillation gradient to the CE
+    gradient's norm, which kdlab's loop does not do), and the teacher's singular vectors get a canonical sign
+    (``canonical_signs``), which the authors leave to the SVD routine.
 
     Shapes: lists of ``(N, C, H, W)`` maps, one per stage (at least two). Not registered: it reads several
     stages at once. Dtype: at least float32.
@@ -304,9 +308,9 @@ def kdsvd(student_features, teacher_features, *, k: int = 1):
     total, previous = None, None
     for i, (fs, ft) in enumerate(zip(student_features, teacher_features)):
         dtype = _check_maps("kdsvd", fs, ft)
-        if fs.shape[3] != ft.shape[3]:
-            raise KdlabError(f"loss kdsvd: stage {i} widths differ (student {fs.shape[3]}, teacher {ft.shape[3]}); "
-                             "the SVD is taken over the width, so pair stages of equal width")
+        if fs.shape[1] != ft.shape[1]:
+            raise KdlabError(f"loss kdsvd: stage {i} channels differ (student {fs.shape[1]}, teacher {ft.shape[1]}); "
+                             "the singular vectors run over the channels, so pair stages of equal channel count")
         v_t, s_t = _right_singular(ft.to(dtype), k)
         v_t = canonical_signs(v_t)
         v_s, _ = _right_singular(fs.to(dtype), k + 3)

@@ -2,9 +2,9 @@
 
     L = ce_weight · CE(y, p_s) + feature_weight · kdsvd(stages_s, stages_t)
 
-``kdlab.losses.zoo.kdsvd`` (mdistiller's form). Defaults as mdistiller (``mdistiller/engine/cfg.py``:
-``KDSVD.K = 1``, CE and feature weights 1; ``mdistiller/distillers/KDSVD.py``: the three residual stages).
-No trainable parameters.
+``kdlab.losses.zoo.kdsvd`` (the authors' ``KD_SVD``, ``sseung0703/KD_methods_with_TF``). Defaults as the authors
+(``K = 1``; CE and distillation added with weight 1; the last block of each residual stage, after its ReLU) and
+mdistiller (``cfg.py``: ``KDSVD.K = 1``, weights 1; the three residual stages). No trainable parameters.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from kdlab.registry import register
 
 @dataclass
 class KDSVDHparams(StagePairs):
-    k: Count = 1  # teacher singular vectors kept (the student keeps k + 3); mdistiller CFG.KDSVD.K
+    k: Count = 1  # teacher singular vectors kept (the student keeps k + 3); the authors' K, mdistiller CFG.KDSVD.K
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -32,7 +32,7 @@ class KDSVDHparams(StagePairs):
 
 @register("method", "kdsvd")
 class KDSVD(Method):
-    """KDSVD: CE + the RBF correlations of consecutive stages' SVD-compressed features (mdistiller's form)."""
+    """KDSVD: CE + the RBF correlations of consecutive stages' SVD-compressed features (the authors' form)."""
 
     Hparams = KDSVDHparams
 
@@ -41,9 +41,9 @@ class KDSVD(Method):
         pairs = pair_shapes("kdsvd", hparams.student_taps, hparams.teacher_taps, student=student, teacher=teacher,
                             input_shape=input_shape, maps=True)
         for (s_shape, t_shape), s, t in zip(pairs, hparams.student_taps, hparams.teacher_taps):
-            if s_shape[2] != t_shape[2]:
-                raise KdlabError(f"method.student_taps/teacher_taps: kdsvd takes the SVD over the map width, so paired "
-                                 f"stages need equal widths; {s} is {s_shape} and {t} is {t_shape}")
+            if s_shape[0] != t_shape[0]:
+                raise KdlabError(f"method.student_taps/teacher_taps: kdsvd's singular vectors run over the channels, "
+                                 f"so paired stages need equal channel counts; {s} is {s_shape} and {t} is {t_shape}")
         self.student_taps, self.teacher_taps = tuple(hparams.student_taps), tuple(hparams.teacher_taps)
 
     def loss_terms(self, batch, student_out, teacher_out):

@@ -14,7 +14,7 @@ FILES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 PAIRS = {"res32x4_res8x4.yaml": ("resnet32x4", "resnet8x4"), "res56_res20.yaml": ("resnet56", "resnet20"),
          "wrn40_2_wrn16_2.yaml": ("wrn_40_2", "wrn_16_2"), "res32x4_mv2.yaml": ("resnet32x4", "mobilenetv2")}
 REQUIRED = {"scratch", "kd", "dkd", "dist", "fitnet", "at", "rkd", "pkt", "sp", "logit_std", "nst", "vid", "cc",
-            "kdsvd", "ab", "ft", "ctkd"}  # + ofd where the student has residual basic blocks
+            "ab", "ft", "ctkd"}  # + ofd and kdsvd where the student has the teacher's residual stages
 
 
 def _protocol(train, lr):
@@ -43,6 +43,7 @@ def test_every_recipe_is_the_mdistiller_protocol():
             assert (cfg.train.precision, cfg.train.channels_last, cfg.train.compile) == ("bf16", True, True)
         else:
             assert REQUIRED <= arms and (("ofd" in arms) == (name != "res32x4_mv2.yaml")), name
+            assert ("kdsvd" in arms) == (name != "res32x4_mv2.yaml"), name  # kdsvd pairs equal channel counts
             assert len(specs) == 3 * len(arms)
 
 

@@ -223,15 +223,15 @@ def test_vid_refuses_a_scale_per_wrong_channel_count():
 
 
 # ---------------------------------------------------------------------------
-# KDSVD (mdistiller's form): RBF of consecutive stages' aligned right singular vectors
+# KDSVD (the authors' form): RBF of consecutive stages' aligned right singular vectors
 # ---------------------------------------------------------------------------
 
 
 def _svd_parts(f, count, teacher):
-    """Per sample: right singular vectors of the (C·H, W) view (numpy), first ``count``, normalised values."""
+    """Per sample: right singular vectors of the (H·W, C) view (numpy), first ``count``, normalised values."""
     out = []
     for x in f:
-        _, sv, vt = np.linalg.svd(x.reshape(-1, x.shape[-1]), full_matrices=False)
+        _, sv, vt = np.linalg.svd(x.transpose(1, 2, 0).reshape(-1, x.shape[0]), full_matrices=False)
         v = vt.T[:, :count].copy()
         if teacher:  # the canonical sign: largest-magnitude entry positive
             for j in range(v.shape[1]):
@@ -270,9 +270,10 @@ def kdsvd_reference(student, teacher, k):
 
 
 def test_kdsvd_hand_worked():
-    # 1×1×2 maps: one singular vector each, the normalised row; singular values normalise to 1.
-    t1, t2 = torch.tensor([[[[3.0, 4.0]]]]), torch.tensor([[[[-4.0, 3.0]]]])  # v_t: (.6, .8), (.8, −.6) (sign fixed)
-    s1, s2 = torch.tensor([[[[0.0, 1.0]]]]), torch.tensor([[[[1.0, 0.0]]]])  # v_s: (0, 1), (1, 0) (aligned: cos > 0)
+    # 2-channel 1×1 maps: one singular vector each, the normalised channel vector; singular values normalise to 1.
+    t1, t2 = torch.tensor([3.0, 4.0]).reshape(1, 2, 1, 1), torch.tensor([-4.0, 3.0]).reshape(1, 2, 1, 1)
+    s1, s2 = torch.tensor([0.0, 1.0]).reshape(1, 2, 1, 1), torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)
+    # v_t: (.6, .8), (.8, −.6) (sign fixed); v_s: (0, 1), (1, 0) (aligned: cos > 0)
     e = math.exp
     expected = ((e(-1 / 8) - e(-0.04 / 8)) ** 2 + (e(-0 / 8) - e(-0 / 8)) ** 2
                 + (e(-0 / 8) - e(-1.44 / 8)) ** 2 + (e(-1 / 8) - e(-1.96 / 8)) ** 2)
@@ -281,9 +282,60 @@ def test_kdsvd_hand_worked():
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_kdsvd_matches_reference(k):
-    student = [randn(3, 2, 3, 4, seed=20), randn(3, 3, 2, 2, seed=21), randn(3, 4, 1, 2, seed=22)]
-    teacher = [randn(3, 3, 2, 4, seed=23), randn(3, 2, 3, 2, seed=24), randn(3, 5, 2, 2, seed=25)]
+    student = [randn(3, 5, 2, 3, seed=20), randn(3, 4, 3, 2, seed=21), randn(3, 6, 2, 2, seed=22)]
+    teacher = [randn(3, 5, 3, 3, seed=23), randn(3, 4, 2, 2, seed=24), randn(3, 6, 1, 3, seed=25)]
     assert kdsvd(student, teacher, k=k).item() == pytest.approx(kdsvd_reference(student, teacher, k), rel=1e-8)
+
+
+def kdsvd_authors(student, teacher, k, fix_teacher_sign=None):
+    """Our float64 transcription of the authors' ``KD_SVD`` (sseung0703/KD_methods_with_TF, ``nets/Shared.py`` with
+    ``nets/SVP.py``: ``SVD``, ``Align_rsv``), batched as there, on NHWC maps: the sum over the batch, no 1/N."""
+    def svd(x_nchw, n):  # SVP.SVD: reshape [-1, H*W, C], svd, removenan, slice, l2_normalize
+        x = np.transpose(x_nchw, (0, 2, 3, 1))
+        b, h, w, c = x.shape
+        _, s, vt = np.linalg.svd(x.reshape(b, h * w, c), full_matrices=False)
+        v = np.where(np.isfinite(vt), vt, 0.0).transpose(0, 2, 1)[:, :, :n]
+        s = np.where(np.isfinite(s), s, 0.0)[:, :n]
+        return s / np.linalg.norm(s, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    losses, previous = [], None
+    for sfm, tfm in zip(student, teacher):
+        sigma_t, v_t = svd(np.asarray(tfm, dtype=np.float64), k)
+        if fix_teacher_sign is not None:
+            v_t = fix_teacher_sign(v_t)
+        _, v_s = svd(np.asarray(sfm, dtype=np.float64), k + 3)
+        cosine = np.swapaxes(v_s, 1, 2) @ v_t  # Align_rsv
+        mask = np.where(np.abs(cosine).max(axis=1, keepdims=True) == np.abs(cosine), np.sign(cosine), 0.0)
+        v_s = v_s @ mask
+        v_t, v_s = v_t * sigma_t[:, None, :], v_s * sigma_t[:, None, :]
+        if previous is not None:
+            v_sb, v_tb = previous
+            s_rbf = np.exp(-np.square(v_s[:, :, None] - v_sb[:, None]) / 8)
+            t_rbf = np.exp(-np.square(v_t[:, :, None] - v_tb[:, None]) / 8)
+            l2 = (s_rbf - t_rbf) ** 2
+            losses.append(np.where(np.isfinite(l2), l2, 0.0).sum())
+        previous = (v_s, v_t)
+    return sum(losses)
+
+
+def _canonical_np(v):
+    peak = np.take_along_axis(v, np.abs(v).argmax(axis=1)[:, None, :], axis=1)
+    return v * np.where(peak < 0, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_kdsvd_equals_the_authors_code_over_the_batch_size(k):
+    """kdlab = the authors' KD_SVD / N, the teacher's singular vectors given the canonical sign (our addition)."""
+    student = [randn(4, 6, 3, 3, seed=40), randn(4, 5, 2, 3, seed=41), randn(4, 7, 2, 2, seed=42)]
+    teacher = [randn(4, 6, 2, 3, seed=43), randn(4, 5, 3, 2, seed=44), randn(4, 7, 2, 3, seed=45)]
+    authors = kdsvd_authors(student, teacher, k, fix_teacher_sign=_canonical_np)
+    assert kdsvd(student, teacher, k=k).item() == pytest.approx(authors / 4, rel=1e-10)
+
+
+def test_kdsvd_gradient_equals_finite_differences():
+    student = [randn(2, 4, 3, 2, seed=46).requires_grad_(), randn(2, 3, 2, 3, seed=47).requires_grad_()]
+    teacher = [randn(2, 4, 2, 2, seed=48), randn(2, 3, 3, 2, seed=49)]
+    assert torch.autograd.gradcheck(lambda a, b: kdsvd([a, b], teacher, k=1), tuple(student), eps=1e-6, atol=1e-6)
 
 
 def test_canonical_signs_remove_the_svd_routine_s_choice():
@@ -295,8 +347,8 @@ def test_canonical_signs_remove_the_svd_routine_s_choice():
 
 
 def test_kdsvd_gradient_reaches_the_student():
-    student = [randn(2, 2, 3, 4, seed=30).requires_grad_(), randn(2, 2, 3, 2, seed=31).requires_grad_()]
-    teacher = [randn(2, 3, 3, 4, seed=32), randn(2, 3, 3, 2, seed=33)]
+    student = [randn(2, 4, 3, 4, seed=30).requires_grad_(), randn(2, 3, 3, 2, seed=31).requires_grad_()]
+    teacher = [randn(2, 4, 2, 4, seed=32), randn(2, 3, 3, 3, seed=33)]
     kdsvd(student, teacher).backward()
     assert all(torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0 for f in student)
 
@@ -305,8 +357,8 @@ def test_kdsvd_refuses_bad_stages():
     maps = [torch.randn(2, 2, 2, 4), torch.randn(2, 2, 2, 2)]
     with pytest.raises(KdlabError, match="at least 2"):
         kdsvd(maps[:1], maps[:1])
-    with pytest.raises(KdlabError, match="widths differ"):
-        kdsvd(maps, [torch.randn(2, 2, 2, 3), maps[1]])
+    with pytest.raises(KdlabError, match="channels differ"):
+        kdsvd(maps, [torch.randn(2, 3, 2, 4), maps[1]])
 
 
 # ---------------------------------------------------------------------------

@@ -203,7 +203,7 @@ def test_kdsvd_terms_and_its_stage_rules():
     assert next(student.parameters()).grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="at least two taps"):
         build("kdsvd", student_taps=["stage1"], teacher_taps=["stage1"])
-    with pytest.raises(KdlabError, match="equal widths"):
+    with pytest.raises(KdlabError, match="equal channel counts"):
         build("kdsvd", student_taps=["stage1", "stage2"], teacher_taps=["stage2", "stage3"])
 
 
