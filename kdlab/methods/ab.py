@@ -22,28 +22,70 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 from torch import nn
 
-from kdlab.config.validate import NonNegative, UnitInterval
+from kdlab.config.validate import NonNegative, Positive, UnitInterval
 from kdlab.errors import KdlabError
-from kdlab.losses import cross_entropy
+from kdlab.losses import cross_entropy, kl
 from kdlab.losses.zoo import activation_boundary
 from kdlab.methods.base import Method
 from kdlab.methods.zoo_common import StagePairs, pair_shapes
+from kdlab.models.resnet_cifar import BasicBlock
+from kdlab.models.taps import INPUT_SUFFIX
+from kdlab.models.wrn import PreActBlock
 from kdlab.registry import register
 
 
 @dataclass
 class ABHparams(StagePairs):
-    feature_weight: NonNegative = 1.0  # the AB loss's weight in the initialisation phase (torchdistill: 1.0)
-    margin: NonNegative = 1.0  # μ (torchdistill AltActTransferLoss margin)
+    ce_weight: NonNegative = 0.0  # second phase: the authors' loss is KD alone (``loss = loss_KD# + loss_CE``)
+    feature_weight: NonNegative = 0.003  # the authors' ``loss_alter / 1000 * 3`` (torchdistill: 1.0)
+    margin: NonNegative = 1.0  # μ (authors' ``margin = 1.0``)
+    kd_weight: NonNegative = 1.0  # second phase: KL(p_t ‖ p_s) at temperature T, without Hinton's T² (authors)
+    temperature: Positive = 3.0  # the authors' ``temperature = 3``
     init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20 epochs)
-    fresh_optimizer: bool = True  # clear the optimiser's state when CE starts (torchdistill: a new stage optimiser)
+    fresh_optimizer: bool = True  # clear the optimiser's state when CE starts (authors: a new optimiser)
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            found.append("method.kd_weight: with ce_weight 0 too the second phase has no loss; give either > 0")
+        return found
+
+
+def pre_relu_tap(net: nn.Module, tap: str) -> str:
+    """The tap where ``tap``'s neurons are pre-activations, as the authors' ``# Features before ReLU``.
+
+    A stage of post-activation residual blocks (the CIFAR ResNets): its last block's ReLU input (the residual
+    sum). A stage of pre-activation blocks (the WRNs): the BatchNorm output the next ReLU receives — the next
+    stage's first ``relu1``, or the ``pool``'s ReLU after the last stage (authors: ``block{k+1}.layer[0].bn1``,
+    ``bn1``). Anything else is used as given.
+    """
+    module = net.get_submodule(tap)
+    blocks = list(module.children()) if isinstance(module, nn.Sequential) else []
+    if blocks and isinstance(blocks[-1], BasicBlock):
+        return f"{tap}.{len(blocks) - 1}.relu2{INPUT_SUFFIX}"
+    if blocks and isinstance(blocks[-1], PreActBlock):
+        names = [name for name, _ in net.named_children()]
+        after = net.get_submodule(names[names.index(tap) + 1]) if tap in names[:-1] else None
+        first = next(iter(after.children()), None) if isinstance(after, nn.Sequential) else None
+        if isinstance(first, PreActBlock):
+            return f"{names[names.index(tap) + 1]}.0.relu1{INPUT_SUFFIX}"
+        if first is not None and isinstance(first, nn.BatchNorm2d) and isinstance(after[1], nn.ReLU):
+            return f"{names[names.index(tap) + 1]}.1{INPUT_SUFFIX}"
+    return tap
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
-    """torchdistill's ``Connector4DAB``: a bias-free 1×1 conv, then BatchNorm."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels))
+    """The authors' connector (``Active_Soft_WRN_norelu``): a bias-free 1×1 conv initialised N(0, √(2/C_out)),
+    then BatchNorm at weight 1, bias 0; none (identity) where the widths are equal."""
+    if in_channels == out_channels:
+        return nn.Sequential()
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
 
 
 @register("method", "ab")
@@ -60,14 +102,16 @@ class AB(Method):
             if s_shape[1:] != t_shape[1:]:
                 raise KdlabError(f"method.student_taps/teacher_taps: ab compares maps neuron by neuron, so paired "
                                  f"stages need equal spatial sizes; {s} is {s_shape} and {t} is {t_shape}")
-        self.student_taps, self.teacher_taps = tuple(hparams.student_taps), tuple(hparams.teacher_taps)
+        self.student_taps = tuple(pre_relu_tap(student, s) for s in hparams.student_taps)
+        self.teacher_taps = tuple(pre_relu_tap(teacher, t) for t in hparams.teacher_taps)
+        # A pre-ReLU tap has its stage's shape (a ReLU's input, a BatchNorm's output).
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in pairs)
 
     def initialising(self) -> bool:
         return self.progress < self.hparams.init_fraction
 
     def teacher_needed(self) -> bool:
-        return self.initialising()
+        return self.initialising() or self.hparams.kd_weight > 0
 
     def resets_optimizer(self) -> bool:
         """True at the first CE step: the step before it still initialised (same float test as ``progress``)."""
@@ -79,7 +123,13 @@ class AB(Method):
         h = self.hparams
         zero = student_out.logits.new_zeros(())
         if not self.initialising():
-            return {"ab": zero, "ce": h.ce_weight * cross_entropy(student_out.logits, batch.labels)}
+            ce = h.ce_weight * cross_entropy(student_out.logits, batch.labels) if h.ce_weight > 0 else zero
+            # kl carries Hinton's T²; the authors' soft term is the bare KL, hence the division.
+            kd = (h.kd_weight * kl(student_out.logits, teacher_out.logits, temperature=h.temperature)
+                  / h.temperature**2) if h.kd_weight > 0 else zero
+            return {"ab": zero, "ce": ce, "kd": kd}
+        n = len(self.connectors)  # the last stage weighs 1, each earlier one half the next (authors: 1, 1/2, 1/4)
         ab = sum(activation_boundary(conn(student_out.features[s]), teacher_out.features[t], margin=h.margin)
-                 for s, t, conn in zip(h.student_taps, h.teacher_taps, self.connectors))
-        return {"ab": h.feature_weight * ab, "ce": zero}
+                 / 2 ** (n - 1 - i)
+                 for i, (s, t, conn) in enumerate(zip(self.student_taps, self.teacher_taps, self.connectors)))
+        return {"ab": h.feature_weight * ab, "ce": zero, "kd": zero}
