@@ -1,28 +1,28 @@
 """AB — Heo, Lee, Yun & Choi (AAAI 2019), "Knowledge Transfer via Distillation of Activation Boundaries
 Formed by Hidden Neurons".
 
-Two phases, as torchdistill's DAB recipe (``configs/sample/ilsvrc2012/dab/resnet18_from_resnet50.yaml``):
+Two phases, as the authors' CIFAR code (bhheo/AB_distillation ``cifar10_AB_distillation.py``,
+``models/distillation_module.py`` ``Active_Soft_WRN_norelu``):
 
 1. initialisation, the first ``init_fraction`` of training: only the activation-boundary loss
-   ``ab_weight · Σ_stages AB(connector(s), t)`` (``kdlab.losses.activation_boundary``, margin μ), with one
-   connector per stage (1×1 conv without bias → BatchNorm, ``Connector4DAB``) mapping the student's stage
-   output to the teacher's channels;
-2. the rest: ``ce_weight · CE`` alone (its ``KDLoss`` with α = 1 has no soft term); the teacher is not run
-   (``teacher_needed``) and the connectors are unused. torchdistill builds each stage its own optimiser, so
-   with ``fresh_optimizer`` (default) the optimiser's state (Adam's moments, SGD's momentum) is cleared at the
-   first CE step (``resets_optimizer``): the boundary loss's large gradients do not carry into CE. The learning
-   rate schedule is the run's one schedule over both stages.
+   ``feature_weight · Σ_i 2^{−(n−1−i)} · AB(connector_i(s_i), t_i)`` over the n tapped stages (the last
+   weighs 1, each earlier one half the next; authors ``(AB_3 + AB_2/2 + AB_1/4) / 1000 · 3``, so
+   ``feature_weight`` 0.003), margin μ 1 (``kdlab.losses.activation_boundary``). ``s_i``/``t_i`` are
+   pre-ReLU features (``pre_relu_tap``); a connector (1×1 conv without bias, N(0, √(2/C_out)), then
+   BatchNorm) maps the student's channels to the teacher's, none where the widths are equal;
+2. the rest: the authors' ``train_KD``, ``kd_weight · KL(p_t ‖ p_s)`` at T = 3 without Hinton's T² and
+   without CE (``ce_weight`` 0; torchdistill's DAB recipe instead trains CE alone: ``kd_weight 0,
+   ce_weight 1``). The authors build a new optimiser for the second phase, so with ``fresh_optimizer``
+   (default) the optimiser's state is cleared at its first step (``resets_optimizer``). The learning-rate
+   schedule is the run's one schedule over both phases.
 
-Defaults: margin 1.0, AB weight 1, one of 20 epochs for initialisation (``init_fraction`` 0.05), the three
-residual stages. torchdistill taps the stage outputs after their ReLU; the teacher's side is unaffected
-(ρ(t) = 1[t > 0] is the same before and after a ReLU), and the connector's BatchNorm output on the student's side
-can take either sign, as the loss needs. The connectors are the method's parameters (checkpointed with it).
+``init_fraction`` 0.05 (1 of 20 epochs) is torchdistill's; the authors' released script sets
+``distill_epoch = max_epoch = 1``, a placeholder. The connectors are the method's parameters (checkpointed).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -45,8 +45,8 @@ class ABHparams(StagePairs):
     margin: NonNegative = 1.0  # μ (authors' ``margin = 1.0``)
     kd_weight: NonNegative = 1.0  # second phase: KL(p_t ‖ p_s) at temperature T, without Hinton's T² (authors)
     temperature: Positive = 3.0  # the authors' ``temperature = 3``
-    init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20 epochs)
-    fresh_optimizer: bool = True  # clear the optimiser's state when CE starts (authors: a new optimiser)
+    init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20)
+    fresh_optimizer: bool = True  # clear the optimiser's state at phase 2 (authors: a new optimiser)
 
     def problems(self) -> list[str]:
         found = super().problems()
@@ -90,7 +90,7 @@ def connector(in_channels: int, out_channels: int) -> nn.Sequential:
 
 @register("method", "ab")
 class AB(Method):
-    """Activation-boundary transfer: AB-loss initialisation of the student through connectors, then CE."""
+    """Activation-boundary transfer: AB-loss initialisation of the student's pre-ReLU features, then KD."""
 
     Hparams = ABHparams
 
@@ -114,7 +114,7 @@ class AB(Method):
         return self.initialising() or self.hparams.kd_weight > 0
 
     def resets_optimizer(self) -> bool:
-        """True at the first CE step: the step before it still initialised (same float test as ``progress``)."""
+        """True at the second phase's first step: the step before it still initialised (same float test as ``progress``)."""
         h = self.hparams
         previous = min(1.0, (self.step - 1) / max(1, self.total_steps))
         return h.fresh_optimizer and self.step > 0 and previous < h.init_fraction and not self.initialising()
