@@ -114,7 +114,7 @@ class AB(Method):
         return self.initialising() or self.hparams.kd_weight > 0
 
     def resets_optimizer(self) -> bool:
-        """True at the second phase's first step: the step before it still initialised (same float test as ``progress``)."""
+        """True at the second phase's first step: the step before still initialised (the test of ``progress``)."""
         h = self.hparams
         previous = min(1.0, (self.step - 1) / max(1, self.total_steps))
         return h.fresh_optimizer and self.step > 0 and previous < h.init_fraction and not self.initialising()
