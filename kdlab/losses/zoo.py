@@ -160,7 +160,8 @@ def activation_boundary(student_feature, teacher_feature, *, margin: float = 1.0
     i.e. ``(s − μ)²`` where the teacher neuron is active and ``s ≤ μ``, ``(s + μ)²`` where it is
     inactive and ``s > −μ``. As in the authors' code (bhheo/AB_distillation,
     ``criterion_alternative_L2``) and torchdistill's ``AltActTransferLoss``: summed over all elements,
-    divided by the batch size; margin μ = 1.0 (torchdistill's DAB config).
+    divided by the batch size; margin μ = 1.0 (the authors' and torchdistill's). Per-stage weights and the
+    overall scale are the method's (``kdlab.methods.ab``).
 
     Shapes: equal, ``(N, ...)`` (map the student with a connector first). Dtype: at least float32.
     """

@@ -1,54 +1,96 @@
 """AB — Heo, Lee, Yun & Choi (AAAI 2019), "Knowledge Transfer via Distillation of Activation Boundaries
 Formed by Hidden Neurons".
 
-Two phases, as torchdistill's DAB recipe (``configs/sample/ilsvrc2012/dab/resnet18_from_resnet50.yaml``):
+Two phases, as the authors' CIFAR code (bhheo/AB_distillation ``cifar10_AB_distillation.py``,
+``models/distillation_module.py`` ``Active_Soft_WRN_norelu``):
 
 1. initialisation, the first ``init_fraction`` of training: only the activation-boundary loss
-   ``ab_weight · Σ_stages AB(connector(s), t)`` (``kdlab.losses.activation_boundary``, margin μ), with one
-   connector per stage (1×1 conv without bias → BatchNorm, ``Connector4DAB``) mapping the student's stage
-   output to the teacher's channels;
-2. the rest: ``ce_weight · CE`` alone (its ``KDLoss`` with α = 1 has no soft term); the teacher is not run
-   (``teacher_needed``) and the connectors are unused. torchdistill builds each stage its own optimiser, so
-   with ``fresh_optimizer`` (default) the optimiser's state (Adam's moments, SGD's momentum) is cleared at the
-   first CE step (``resets_optimizer``): the boundary loss's large gradients do not carry into CE. The learning
-   rate schedule is the run's one schedule over both stages.
+   ``feature_weight · Σ_i 2^{−(n−1−i)} · AB(connector_i(s_i), t_i)`` over the n tapped stages (the last
+   weighs 1, each earlier one half the next; authors ``(AB_3 + AB_2/2 + AB_1/4) / 1000 · 3``, so
+   ``feature_weight`` 0.003), margin μ 1 (``kdlab.losses.activation_boundary``). ``s_i``/``t_i`` are
+   pre-ReLU features (``pre_relu_tap``); a connector (1×1 conv without bias, N(0, √(2/C_out)), then
+   BatchNorm) maps the student's channels to the teacher's, none where the widths are equal;
+2. the rest: the authors' ``train_KD``, ``kd_weight · KL(p_t ‖ p_s)`` at T = 3 without Hinton's T² and
+   without CE (``ce_weight`` 0; torchdistill's DAB recipe instead trains CE alone: ``kd_weight 0,
+   ce_weight 1``). The authors build a new optimiser for the second phase, so with ``fresh_optimizer``
+   (default) the optimiser's state is cleared at its first step (``resets_optimizer``). The learning-rate
+   schedule is the run's one schedule over both phases.
 
-Defaults: margin 1.0, AB weight 1, one of 20 epochs for initialisation (``init_fraction`` 0.05), the three
-residual stages. torchdistill taps the stage outputs after their ReLU; the teacher's side is unaffected
-(ρ(t) = 1[t > 0] is the same before and after a ReLU), and the connector's BatchNorm output on the student's side
-can take either sign, as the loss needs. The connectors are the method's parameters (checkpointed with it).
+``init_fraction`` 0.05 (1 of 20 epochs) is torchdistill's; the authors' released script sets
+``distill_epoch = max_epoch = 1``, a placeholder. The connectors are the method's parameters (checkpointed).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
 
-from kdlab.config.validate import NonNegative, UnitInterval
+from kdlab.config.validate import NonNegative, Positive, UnitInterval
 from kdlab.errors import KdlabError
-from kdlab.losses import cross_entropy
+from kdlab.losses import cross_entropy, kl
 from kdlab.losses.zoo import activation_boundary
 from kdlab.methods.base import Method
 from kdlab.methods.zoo_common import StagePairs, pair_shapes
+from kdlab.models.resnet_cifar import BasicBlock
+from kdlab.models.taps import INPUT_SUFFIX
+from kdlab.models.wrn import PreActBlock
 from kdlab.registry import register
 
 
 @dataclass
 class ABHparams(StagePairs):
-    feature_weight: NonNegative = 1.0  # the AB loss's weight in the initialisation phase (torchdistill: 1.0)
-    margin: NonNegative = 1.0  # μ (torchdistill AltActTransferLoss margin)
-    init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20 epochs)
-    fresh_optimizer: bool = True  # clear the optimiser's state when CE starts (torchdistill: a new stage optimiser)
+    ce_weight: NonNegative = 0.0  # second phase: the authors' loss is KD alone (``loss = loss_KD# + loss_CE``)
+    feature_weight: NonNegative = 0.003  # the authors' ``loss_alter / 1000 * 3`` (torchdistill: 1.0)
+    margin: NonNegative = 1.0  # μ (authors' ``margin = 1.0``)
+    kd_weight: NonNegative = 1.0  # second phase: KL(p_t ‖ p_s) at temperature T, without Hinton's T² (authors)
+    temperature: Positive = 3.0  # the authors' ``temperature = 3``
+    init_fraction: UnitInterval = 0.05  # share of training for the AB initialisation (torchdistill: 1 of 20)
+    fresh_optimizer: bool = True  # clear the optimiser's state at phase 2 (authors: a new optimiser)
+
+    def problems(self) -> list[str]:
+        found = super().problems()
+        if self.ce_weight == 0 and self.kd_weight == 0:
+            found.append("method.kd_weight: with ce_weight 0 too the second phase has no loss; give either > 0")
+        return found
+
+
+def pre_relu_tap(net: nn.Module, tap: str) -> str:
+    """The tap where ``tap``'s neurons are pre-activations, as the authors' ``# Features before ReLU``.
+
+    A stage of post-activation residual blocks (the CIFAR ResNets): its last block's ReLU input (the residual
+    sum). A stage of pre-activation blocks (the WRNs): the BatchNorm output the next ReLU receives — the next
+    stage's first ``relu1``, or the ``pool``'s ReLU after the last stage (authors: ``block{k+1}.layer[0].bn1``,
+    ``bn1``). Anything else is used as given.
+    """
+    module = net.get_submodule(tap)
+    blocks = list(module.children()) if isinstance(module, nn.Sequential) else []
+    if blocks and isinstance(blocks[-1], BasicBlock):
+        return f"{tap}.{len(blocks) - 1}.relu2{INPUT_SUFFIX}"
+    if blocks and isinstance(blocks[-1], PreActBlock):
+        names = [name for name, _ in net.named_children()]
+        after = net.get_submodule(names[names.index(tap) + 1]) if tap in names[:-1] else None
+        first = next(iter(after.children()), None) if isinstance(after, nn.Sequential) else None
+        if isinstance(first, PreActBlock):
+            return f"{names[names.index(tap) + 1]}.0.relu1{INPUT_SUFFIX}"
+        if first is not None and isinstance(first, nn.BatchNorm2d) and isinstance(after[1], nn.ReLU):
+            return f"{names[names.index(tap) + 1]}.1{INPUT_SUFFIX}"
+    return tap
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
-    """torchdistill's ``Connector4DAB``: a bias-free 1×1 conv, then BatchNorm."""
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels))
+    """The authors' connector (``Active_Soft_WRN_norelu``): a bias-free 1×1 conv initialised N(0, √(2/C_out)),
+    then BatchNorm at weight 1, bias 0; none (identity) where the widths are equal."""
+    if in_channels == out_channels:
+        return nn.Sequential()
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+    nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / out_channels))
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels))
 
 
 @register("method", "ab")
 class AB(Method):
-    """Activation-boundary transfer: AB-loss initialisation of the student through connectors, then CE."""
+    """Activation-boundary transfer: AB-loss initialisation of the student's pre-ReLU features, then KD."""
 
     Hparams = ABHparams
 
@@ -60,17 +102,19 @@ class AB(Method):
             if s_shape[1:] != t_shape[1:]:
                 raise KdlabError(f"method.student_taps/teacher_taps: ab compares maps neuron by neuron, so paired "
                                  f"stages need equal spatial sizes; {s} is {s_shape} and {t} is {t_shape}")
-        self.student_taps, self.teacher_taps = tuple(hparams.student_taps), tuple(hparams.teacher_taps)
+        self.student_taps = tuple(pre_relu_tap(student, s) for s in hparams.student_taps)
+        self.teacher_taps = tuple(pre_relu_tap(teacher, t) for t in hparams.teacher_taps)
+        # A pre-ReLU tap has its stage's shape (a ReLU's input, a BatchNorm's output).
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in pairs)
 
     def initialising(self) -> bool:
         return self.progress < self.hparams.init_fraction
 
     def teacher_needed(self) -> bool:
-        return self.initialising()
+        return self.initialising() or self.hparams.kd_weight > 0
 
     def resets_optimizer(self) -> bool:
-        """True at the first CE step: the step before it still initialised (same float test as ``progress``)."""
+        """True at the second phase's first step: the step before still initialised (the test of ``progress``)."""
         h = self.hparams
         previous = min(1.0, (self.step - 1) / max(1, self.total_steps))
         return h.fresh_optimizer and self.step > 0 and previous < h.init_fraction and not self.initialising()
@@ -79,7 +123,13 @@ class AB(Method):
         h = self.hparams
         zero = student_out.logits.new_zeros(())
         if not self.initialising():
-            return {"ab": zero, "ce": h.ce_weight * cross_entropy(student_out.logits, batch.labels)}
+            ce = h.ce_weight * cross_entropy(student_out.logits, batch.labels) if h.ce_weight > 0 else zero
+            # kl carries Hinton's T²; the authors' soft term is the bare KL, hence the division.
+            kd = (h.kd_weight * kl(student_out.logits, teacher_out.logits, temperature=h.temperature)
+                  / h.temperature**2) if h.kd_weight > 0 else zero
+            return {"ab": zero, "ce": ce, "kd": kd}
+        n = len(self.connectors)  # the last stage weighs 1, each earlier one half the next (authors: 1, 1/2, 1/4)
         ab = sum(activation_boundary(conn(student_out.features[s]), teacher_out.features[t], margin=h.margin)
-                 for s, t, conn in zip(h.student_taps, h.teacher_taps, self.connectors))
-        return {"ab": h.feature_weight * ab, "ce": zero}
+                 / 2 ** (n - 1 - i)
+                 for i, (s, t, conn) in enumerate(zip(self.student_taps, self.teacher_taps, self.connectors)))
+        return {"ab": h.feature_weight * ab, "ce": zero, "kd": zero}

@@ -182,6 +182,28 @@ def test_ab_matches_reference_and_gradcheck():
     assert torch.autograd.gradcheck(lambda v: activation_boundary(v, t), (x,))
 
 
+def authors_ab(source, target, margin, batch_size):
+    """bhheo/AB_distillation ``criterion_alternative_L2`` transcribed in float64, then ``/ batch_size``."""
+    loss = ((source + margin) ** 2 * ((source > -margin) & (target <= 0)).double()
+            + (source - margin) ** 2 * ((source <= margin) & (target > 0)).double())
+    return loss.abs().sum() / batch_size
+
+
+def test_ab_equals_the_authors_criterion_in_value_and_gradient():
+    s = randn(4, 3, 5, 5, seed=21).double()
+    t = randn(4, 3, 5, 5, seed=22).double()
+    s[0, 0, 0, :3] = torch.tensor([1.0, -1.0, 0.0])  # on the margins and at zero
+    t[0, 0, 0, :3] = torch.tensor([0.0, 0.0, 0.0])  # a teacher at exactly 0 counts as inactive
+    for margin in (1.0, 0.5, 0.0):
+        a = s.clone().requires_grad_()
+        b = s.clone().requires_grad_()
+        ours, theirs = activation_boundary(a, t, margin=margin), authors_ab(b, t, margin, 4)
+        assert ours.dtype == torch.float64 and ours.item() == pytest.approx(theirs.item(), rel=1e-12)
+        ours.backward()
+        theirs.backward()
+        assert torch.allclose(a.grad, b.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_ab_needs_equal_shapes():
     with pytest.raises(KdlabError, match="connector"):
         activation_boundary(torch.randn(2, 3), torch.randn(2, 4))

@@ -61,7 +61,8 @@ def test_defaults_are_the_official_ones():
     h = registry.get("method", "kdsvd").Hparams()
     assert (h.ce_weight, h.feature_weight, h.k) == (1.0, 1.0, 1)
     h = registry.get("method", "ab").Hparams()
-    assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (1.0, 1.0, 0.05, 1.0)
+    assert (h.feature_weight, h.margin, h.init_fraction, h.ce_weight) == (0.003, 1.0, 0.05, 0.0)
+    assert (h.kd_weight, h.temperature, h.fresh_optimizer) == (1.0, 3.0, True)
     h = registry.get("method", "ft").Hparams()
     assert (h.ce_weight, h.ft_weight, h.rate, h.p, h.paraphraser_fraction) == (1.0, 500.0, 0.5, 1, 0.025)
     h = registry.get("method", "ofd").Hparams()
@@ -207,28 +208,70 @@ def test_kdsvd_terms_and_its_stage_rules():
         build("kdsvd", student_taps=["stage1", "stage2"], teacher_taps=["stage2", "stage3"])
 
 
-def test_ab_initialises_through_connectors_then_trains_on_labels_alone():
-    method, student, teacher = build("ab", init_fraction=0.25)
+def build_wide_ab(**options):
+    """AB with a teacher twice as wide as the student, so each stage has a connector."""
+    torch.manual_seed(0)
+    student = resnet("resnet8")
+    teacher = registry.get("model", "resnet_cifar")(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3,
+                                                     std=(1.0,) * 3, depth=14, width_multiplier=2)
+    method = build_method(MethodConfig("ab", options), student=student, teacher=teacher, input_shape=SHAPE)
+    return method, student, teacher
+
+
+def test_ab_taps_pre_relu_and_connects_only_unequal_widths():
+    """The authors' ``Active_Soft_WRN_norelu``: pre-ReLU features; no connector where the widths are equal,
+    else a 1×1 conv (N(0, √(2/C_out)), no bias) and BatchNorm."""
+    method, _, _ = build("ab")
+    assert method.student_taps == ("stage1.0.relu2:input", "stage2.0.relu2:input", "stage3.0.relu2:input")
+    assert method.teacher_taps == ("stage1.1.relu2:input", "stage2.1.relu2:input", "stage3.1.relu2:input")
+    assert [len(c) for c in method.connectors] == [0, 0, 0] and not list(method.parameters())
+    method, _, _ = build_wide_ab()
     assert [(c[0].in_channels, c[0].out_channels, c[0].bias) for c in method.connectors] == \
-        [(16, 16, None), (32, 32, None), (64, 64, None)]
+        [(16, 32, None), (32, 64, None), (64, 128, None)]
     assert all(isinstance(c[1], torch.nn.BatchNorm2d) for c in method.connectors)
+    assert method.connectors[2][0].weight.std().item() == pytest.approx((2 / 128) ** 0.5, rel=0.1)
+    torch.manual_seed(0)
+    wrn = [registry.get("model", "wrn")(input_shape=SHAPE, num_classes=4, mean=(0.0,) * 3, std=(1.0,) * 3,
+                                        depth=d, widen_factor=k) for d, k in ((10, 2), (16, 4))]
+    method = build_method(MethodConfig("ab", {}), student=wrn[0], teacher=wrn[1], input_shape=SHAPE)
+    # pre-activation blocks: the BatchNorm output the next ReLU receives (authors: block{k+1}.layer[0].bn1, bn1)
+    assert method.student_taps == method.teacher_taps == ("stage2.0.relu1:input", "stage3.0.relu1:input",
+                                                          "pool.1:input")
+
+
+def test_ab_initialises_through_connectors_then_distils_logits():
+    method, student, teacher = build_wide_ab(init_fraction=0.25)
     method.set_progress(1, 10)  # 10 % < 25 %: the initialisation phase
     assert method.teacher_needed()
     batch, s_out, t_out = forward(method, student, teacher)
+    assert all(v.min() < 0 for v in s_out.features.values())  # pre-ReLU
     terms = method.loss_terms(batch, s_out, t_out)
-    stages = ("stage1", "stage2", "stage3")
-    expected = sum(activation_boundary(c(s_out.features[k]), t_out.features[k])
-                   for k, c in zip(stages, method.connectors))
-    assert list(terms) == ["ab", "ce"] and terms["ce"].item() == 0.0
+    # authors: (AB_3 + AB_2 / 2 + AB_1 / 4) / 1000 · 3
+    expected = 0.003 * sum(activation_boundary(c(s_out.features[s]), t_out.features[t]) / 2 ** (2 - i)
+                           for i, (s, t, c) in enumerate(zip(method.student_taps, method.teacher_taps,
+                                                             method.connectors)))
+    assert list(terms) == ["ab", "ce", "kd"] and terms["ce"].item() == 0.0 == terms["kd"].item()
     assert terms["ab"].item() == pytest.approx(expected.item(), rel=1e-6) and terms["ab"].item() > 0
     sum(terms.values()).backward()
     assert all(c[0].weight.grad.abs().sum() > 0 for c in method.connectors)
     assert next(student.parameters()).grad.abs().sum() > 0
-    method.set_progress(3, 10)  # past it: CE alone, and no teacher forward
+    method.set_progress(3, 10)  # past it: the authors' KD alone, KL at T = 3 without T²
+    assert method.teacher_needed()
+    terms = method.loss_terms(batch, s_out, t_out)
+    assert list(terms) == ["ab", "ce", "kd"] and terms["ab"].item() == 0.0 == terms["ce"].item()
+    p_t = torch.softmax(t_out.logits.double() / 3, 1)
+    log_p_s = torch.log_softmax(s_out.logits.double() / 3, 1)
+    kd = -(p_t * (log_p_s - torch.log(p_t))).sum() / len(p_t)  # authors' train_KD
+    assert terms["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+    method, student, teacher = build("ab", init_fraction=0.25, kd_weight=0.0, ce_weight=1.0)
+    method.set_progress(3, 10)  # torchdistill's second stage: CE alone, and no teacher forward
     assert not method.teacher_needed()
+    batch, s_out, _ = forward(method, student, teacher)
     terms = method.loss_terms(batch, s_out, None)
-    assert list(terms) == ["ab", "ce"] and terms["ab"].item() == 0.0
+    assert list(terms) == ["ab", "ce", "kd"] and terms["ab"].item() == 0.0 == terms["kd"].item()
     assert terms["ce"].item() == pytest.approx(cross_entropy(s_out.logits, batch.labels).item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="kd_weight"):
+        build("ab", kd_weight=0.0, ce_weight=0.0)
 
 
 def test_ab_asks_for_a_fresh_optimiser_once_at_the_first_ce_step():
@@ -362,12 +405,13 @@ def test_ft_factor_channels_round_as_the_authors():
 @pytest.mark.parametrize("name", ["ft", "vid", "cc", "ab", "ofd", "ctkd"])
 def test_method_parameters_survive_a_checkpoint_exactly(name):
     """The paraphraser, VID's variances, CC's embeddings and AB's connectors are saved and restored with the run."""
-    method, student, _ = build(name)
+    make = build_wide_ab if name == "ab" else (lambda: build(name))  # ab: equal widths have no connector
+    method, student, _ = make()
     with torch.no_grad():
         for p in method.parameters():
             p.add_(torch.randn_like(p))  # as if trained
     saved = {k: v.clone() for k, v in model_tensors(student, method).items()}
-    fresh, fresh_student, _ = build(name)
+    fresh, fresh_student, _ = make()
     load_model_tensors(saved, fresh_student, fresh)
     assert all(torch.equal(a, b) for a, b in zip(method.state_dict().values(), fresh.state_dict().values()))
     assert any(k.startswith("method.") for k in saved)
@@ -491,8 +535,9 @@ def test_resume_is_exact_for_the_stateful_zoo_methods(tmp_path, name, options):
     train = TrainConfig(epochs=4, batch_size=16, lr=0.01, checkpoint_every=1, eval_every=1, device="cpu")
 
     def fresh(seed):
-        torch.manual_seed(123)
-        teacher = build_model("resnet14", {}, splits)
+        torch.manual_seed(123)  # ab: a wider teacher, so there are connectors to restore
+        teacher = build_model(*(("resnet_cifar", {"depth": 14, "width_multiplier": 2}) if name == "ab"
+                                else ("resnet14", {})), splits)
         torch.manual_seed(seed)
         student = build_model("resnet8", {}, splits)
         method = build_method(MethodConfig(name, dict(options)), student=student, teacher=teacher, input_shape=SHAPE)
