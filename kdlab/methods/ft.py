@@ -77,6 +77,7 @@ class FT(Method):
     """Factor transfer: train a paraphraser on the teacher's last stage, then CE + 500 · L1 of normalised factors."""
 
     Hparams = FTHparams
+    revision = 2  # 2: the authors' L1 reconstruction loss and round(C·k) channels; old runs get other ids
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

@@ -35,6 +35,7 @@ class KDSVD(Method):
     """KDSVD: CE + the RBF correlations of consecutive stages' SVD-compressed features (the authors' form)."""
 
     Hparams = KDSVDHparams
+    revision = 2  # 2: the authors' (N, H·W, C) view (was mdistiller's (N, C·H, W)); old runs get other ids
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

@@ -81,6 +81,7 @@ class OFD(Method):
     """Overhaul of feature distillation: CE + 0.001 · partial L2 on pre-ReLU stage outputs with a BN-derived margin."""
 
     Hparams = OFDHparams
+    revision = 2  # 2: WRN taps through the next BN, as the authors (was mid-block); old runs get other ids
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)
