@@ -31,10 +31,7 @@ from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy, kl
 from kdlab.losses.zoo import activation_boundary
 from kdlab.methods.base import Method
-from kdlab.methods.zoo_common import StagePairs, pair_shapes
-from kdlab.models.resnet_cifar import BasicBlock
-from kdlab.models.taps import INPUT_SUFFIX
-from kdlab.models.wrn import PreActBlock
+from kdlab.methods.zoo_common import StagePairs, pair_shapes, pre_relu_point
 from kdlab.registry import register
 
 
@@ -53,29 +50,6 @@ class ABHparams(StagePairs):
         if self.ce_weight == 0 and self.kd_weight == 0:
             found.append("method.kd_weight: with ce_weight 0 too the second phase has no loss; give either > 0")
         return found
-
-
-def pre_relu_tap(net: nn.Module, tap: str) -> str:
-    """The tap where ``tap``'s neurons are pre-activations, as the authors' ``# Features before ReLU``.
-
-    A stage of post-activation residual blocks (the CIFAR ResNets): its last block's ReLU input (the residual
-    sum). A stage of pre-activation blocks (the WRNs): the BatchNorm output the next ReLU receives — the next
-    stage's first ``relu1``, or the ``pool``'s ReLU after the last stage (authors: ``block{k+1}.layer[0].bn1``,
-    ``bn1``). Anything else is used as given.
-    """
-    module = net.get_submodule(tap)
-    blocks = list(module.children()) if isinstance(module, nn.Sequential) else []
-    if blocks and isinstance(blocks[-1], BasicBlock):
-        return f"{tap}.{len(blocks) - 1}.relu2{INPUT_SUFFIX}"
-    if blocks and isinstance(blocks[-1], PreActBlock):
-        names = [name for name, _ in net.named_children()]
-        after = net.get_submodule(names[names.index(tap) + 1]) if tap in names[:-1] else None
-        first = next(iter(after.children()), None) if isinstance(after, nn.Sequential) else None
-        if isinstance(first, PreActBlock):
-            return f"{names[names.index(tap) + 1]}.0.relu1{INPUT_SUFFIX}"
-        if first is not None and isinstance(first, nn.BatchNorm2d) and isinstance(after[1], nn.ReLU):
-            return f"{names[names.index(tap) + 1]}.1{INPUT_SUFFIX}"
-    return tap
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -102,8 +76,9 @@ class AB(Method):
             if s_shape[1:] != t_shape[1:]:
                 raise KdlabError(f"method.student_taps/teacher_taps: ab compares maps neuron by neuron, so paired "
                                  f"stages need equal spatial sizes; {s} is {s_shape} and {t} is {t_shape}")
-        self.student_taps = tuple(pre_relu_tap(student, s) for s in hparams.student_taps)
-        self.teacher_taps = tuple(pre_relu_tap(teacher, t) for t in hparams.teacher_taps)
+        # the authors' features before the ReLU where the stage has one (CIFAR ResNets, WRNs), else the tap as given
+        self.student_taps = tuple((pre_relu_point(student, s) or (s,))[0] for s in hparams.student_taps)
+        self.teacher_taps = tuple((pre_relu_point(teacher, t) or (t,))[0] for t in hparams.teacher_taps)
         # A pre-ReLU tap has its stage's shape (a ReLU's input, a BatchNorm's output).
         self.connectors = nn.ModuleList(connector(s[0], t[0]) for s, t in pairs)
 

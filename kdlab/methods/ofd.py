@@ -28,9 +28,8 @@ from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy
 from kdlab.losses.ofd import ofd_margin, ofd_partial_l2
 from kdlab.methods.base import Method
-from kdlab.methods.zoo_common import CIFAR_STAGES, StagePairs
-from kdlab.models.taps import INPUT_SUFFIX, tap_shapes
-from kdlab.models.wrn import PreActBlock
+from kdlab.methods.zoo_common import CIFAR_STAGES, StagePairs, pre_relu_point
+from kdlab.models.taps import tap_shapes
 from kdlab.registry import register
 
 
@@ -40,33 +39,17 @@ class OFDHparams(StagePairs):
 
 
 def _pre_relu(net: nn.Module, stage: str, role: str, key: str) -> tuple[str, str]:
-    """``(tap, bn)``: where ``stage``'s pre-ReLU output is tapped and the BatchNorm its margin comes from.
-
-    As the authors' ``extract_feature(preReLU=True)`` and ``get_bn_before_relu``: a post-activation stage (the
-    CIFAR ResNets: the last block ends in ``bn2`` + shortcut, then ``relu2``) gives the input of its last
-    ``relu2`` and that block's ``bn2``; a pre-activation WRN stage gives its output passed through the BN that
-    the next ReLU follows (the next stage's first ``bn1``, or the final BN in ``pool``), that BN for the margin.
-    """
+    """``(tap, bn)`` of ``stage``'s pre-ReLU output (``zoo_common.pre_relu_point``), or a one-line refusal."""
     try:
-        blocks = net.get_submodule(stage)
+        net.get_submodule(stage)
     except AttributeError:
         stages = ", ".join(getattr(net, "feature_stages", ())) or "(none)"
         raise KdlabError(f"{key}: {role} stage {stage!r} does not exist; named stages: {stages}") from None
-    children = list(blocks.named_children())
-    last = children[-1][1] if children else None
-    if isinstance(last, PreActBlock):
-        stages = list(getattr(net, "feature_stages", ()))
-        after = stages[stages.index(stage) + 1] if stage in stages[:-1] else None
-        first = next(iter(net.get_submodule(after).named_children()), None) if after else None
-        if first is not None and isinstance(first[1], PreActBlock):
-            return f"{after}.{first[0]}.bn1", f"{after}.{first[0]}.bn1"
-        if first is not None and isinstance(first[1], nn.BatchNorm2d):
-            return f"{after}.{first[0]}", f"{after}.{first[0]}"
-    elif last is not None and all(hasattr(last, a) for a in ("bn2", "relu2")):
-        block = f"{stage}.{children[-1][0]}"
-        return f"{block}.relu2{INPUT_SUFFIX}", f"{block}.bn2"
-    raise KdlabError(f"{key}: ofd needs stages of residual blocks ending in bn2 and relu2 (the CIFAR ResNets' "
-                     f"{', '.join(CIFAR_STAGES)}) or WRN stages followed by a BN; {role} stage {stage!r} is not one")
+    point = pre_relu_point(net, stage)
+    if point is None:
+        raise KdlabError(f"{key}: ofd needs stages of residual blocks ending in bn2 and relu2 (the CIFAR ResNets' "
+                         f"{', '.join(CIFAR_STAGES)}) or WRN stages followed by a BN; {role} stage {stage!r} is not one")
+    return point
 
 
 def connector(in_channels: int, out_channels: int) -> nn.Sequential:

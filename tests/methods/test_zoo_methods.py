@@ -458,15 +458,16 @@ def test_ofd_on_wrns_taps_each_stage_output_through_the_next_bn_as_the_authors()
                 m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1), m.running_mean.uniform_(-1, 1)
     teacher.eval()
     method = build_method(MethodConfig("ofd", {}), student=student, teacher=teacher, input_shape=SHAPE)
-    points = ("stage2.0.bn1", "stage3.0.bn1", "pool.0")
+    bns = ("stage2.0.bn1", "stage3.0.bn1", "pool.0")  # tapped as the input of the ReLU each one feeds
+    points = ("stage2.0.relu1:input", "stage3.0.relu1:input", "pool.1:input")
     assert method.student_taps == points and method.teacher_taps == points
-    for i, bn in enumerate(teacher.get_submodule(p) for p in points):
+    for i, bn in enumerate(teacher.get_submodule(p) for p in bns):
         assert torch.equal(getattr(method, f"margin{i}"), ofd_margin(bn.weight, bn.bias).float())
     batch, s_out, t_out = forward(method, student, teacher)
     with Taps(teacher, ["stage1", "stage2", "stage3"]) as plain, torch.no_grad():
         teacher(batch.inputs)
-        for p, stage in zip(points, ("stage1", "stage2", "stage3")):
-            assert torch.allclose(t_out.features[p], teacher.get_submodule(p)(plain[stage]))
+        for p, bn, stage in zip(points, bns, ("stage1", "stage2", "stage3")):
+            assert torch.allclose(t_out.features[p], teacher.get_submodule(bn)(plain[stage]))
     terms = method.loss_terms(batch, s_out, t_out)
     expected = 0.0  # the authors' distillation_loss per stage, float64, / 2^(n−1−i), then / batch / 1000
     for i, (p, conn) in enumerate(zip(points, method.connectors)):
