@@ -53,6 +53,19 @@ def _check_maps(loss: str, student, teacher) -> torch.dtype:
 # ---------------------------------------------------------------------------
 
 
+_NST_EPS = 1e-10  # the authors' ``L2Normalization(eps=1e-10, mode='spatial')``, inside the square root
+
+
+def _unit_channels(feature: torch.Tensor) -> torch.Tensor:
+    """``(N, C, H, W)`` → ``(N, C, H·W)``, each channel's map divided by ``sqrt(Σ x² + 1e-10)``.
+
+    MXNet's ``L2Normalization`` as the authors call it (not ``F.normalize``'s ``max(‖x‖, 1e-12)``): the two
+    differ only for nearly-silent channels (Σ x² ≲ 1e-6), which the authors' form shrinks towards 0.
+    """
+    flat = feature.flatten(2)
+    return flat * torch.rsqrt(flat.square().sum(dim=2, keepdim=True) + _NST_EPS)
+
+
 def _mean_poly2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Mean over the batch and every channel pair of ``k(a_i, b_j) = (a_i · b_j)²``."""
     return torch.bmm(a, b.transpose(1, 2)).square().mean()
@@ -69,17 +82,20 @@ def nst(student_feature, teacher_feature):
 
         MMD² = 1/C_T² Σ_{i,i'} k(t_i, t_i') + 1/C_S² Σ_{j,j'} k(s_j, s_j') − 2/(C_T C_S) Σ_{i,j} k(s_j, t_i),
 
-    with the polynomial kernel ``k(x, y) = (xᵀy + c)^d``, d = 2, c = 0 (the paper's best kernel;
-    the one mdistiller uses). As in mdistiller (``mdistiller/distillers/NST.py``,
-    ``single_stage_nst_loss``): the larger map is average-pooled to the smaller's size first,
-    and the value is averaged over the batch. Channel counts may differ.
+    with the polynomial kernel ``k(x, y) = (xᵀy + c)^d``, d = 2, c = 0 (the paper's best kernel).
+    Checked against the authors' code (TuSimple/neuron-selectivity-transfer, ``symbol/transfer.py``,
+    ``mmd_poly``): each channel L2-normalised over positions with ε = 1e-10 under the root
+    (``_unit_channels``), each kernel term averaged over its channel pairs per sample, then over the
+    batch (their ``MakeLoss`` sums per-sample losses and MXNet's optimiser rescales by 1/batch).
+    They drop the teacher-teacher term (constant in the student: the same gradients); we keep it, so
+    the value is the paper's MMD² (≥ 0). As mdistiller (``single_stage_nst_loss``), the larger map is
+    average-pooled to the smaller's size first (the authors pair equal 7×7 maps). Channel counts may differ.
 
     Shapes: ``(N, C_S, H, W)``, ``(N, C_T, H', W')``. Dtype: at least float32.
     """
     dtype = _check_maps("nst", student_feature, teacher_feature)
     s, t = match_spatial(student_feature.to(dtype), teacher_feature.to(dtype))
-    s = F.normalize(s.flatten(2), dim=2)  # each channel: a unit vector over positions
-    t = F.normalize(t.flatten(2), dim=2)
+    s, t = _unit_channels(s), _unit_channels(t)  # each channel: a unit vector over positions
     return _mean_poly2(t, t) + _mean_poly2(s, s) - 2.0 * _mean_poly2(s, t)
 
 

@@ -4,8 +4,11 @@
 
 (the paper's eq. 4 writes the feature term as λ/2 · L_MMD²; mdistiller folds the ½ into its
 weight, ``NST.LOSS.FEAT_WEIGHT = 50``, which is the default here). The loss is ``kdlab.losses.nst``.
-Defaults as mdistiller (``mdistiller/engine/cfg.py``, ``mdistiller/distillers/NST.py``): the three
-residual stages (``feats[1:]``), CE weight 1, feature weight 50. No trainable parameters.
+The authors' code (TuSimple/neuron-selectivity-transfer, ImageNet only: ``config/cfgs.py``,
+``symbol/inception_bn.py``) uses the same weight, ``kt_weight = 50`` with CE 1, on one pair of maps: the last
+block's BN outputs (pre-ReLU) of student and teacher. It has no CIFAR code, so the taps stay mdistiller's
+CIFAR ones (``mdistiller/engine/cfg.py``, ``mdistiller/distillers/NST.py``): the three residual stages
+(``feats[1:]``), CE weight 1, feature weight 50. No trainable parameters.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ class NST(Method):
     """Neuron selectivity transfer: CE + 50 · Σ_stages MMD² (polynomial kernel) of channel distributions."""
 
     Hparams = NSTHparams
+    revision = 2  # 2: the authors' ε = 1e-10 under the root in the channel normalisation; old runs get other ids
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

@@ -35,12 +35,13 @@ def randn(*shape, seed, dtype=torch.float64):
 
 
 def nst_reference(s, t):
-    """Per sample: each channel's map flattened and L2-normalised; the three kernel means of MMD², by loops."""
+    """Per sample: each channel's map flattened and L2-normalised (ε = 1e-10 under the root, as the authors'
+    MXNet ``L2Normalization``); the three kernel means of MMD², by loops."""
     s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
     total = 0.0
     for n in range(s.shape[0]):
-        fs = [c.ravel() / np.linalg.norm(c.ravel()) for c in s[n]]
-        ft = [c.ravel() / np.linalg.norm(c.ravel()) for c in t[n]]
+        fs = [c.ravel() / np.sqrt(c.ravel() @ c.ravel() + 1e-10) for c in s[n]]
+        ft = [c.ravel() / np.sqrt(c.ravel() @ c.ravel() + 1e-10) for c in t[n]]
 
         def mean_k(a, b):
             return sum(float(x @ y) ** 2 for x in a for y in b) / (len(a) * len(b))
@@ -83,6 +84,52 @@ def test_nst_gradcheck():
 def test_nst_refuses_vectors():
     with pytest.raises(KdlabError, match=r"\(N, C, H, W\)"):
         nst(torch.randn(4, 8), torch.randn(4, 8))
+
+
+def nst_authors(s, t):
+    """TuSimple/neuron-selectivity-transfer ``symbol/transfer.py`` ``mmd_poly`` (c = 0), by loops, as their
+    trainer optimises it: per sample, ``L2Normalization(mode='spatial', eps=1e-10)`` (x / sqrt(Σx² + eps)
+    per channel), mean (s·s')² − 2 mean (s·t)² (no teacher-teacher term), summed by ``MakeLoss`` over the
+    batch and rescaled by 1/batch by MXNet's optimiser; returned with the dropped term, mean (t·t')²."""
+    s, t = np.asarray(s, dtype=np.float64), np.asarray(t, dtype=np.float64)
+    theirs, dropped = 0.0, 0.0
+    for n in range(s.shape[0]):
+        fs = [c.ravel() / math.sqrt(float(c.ravel() @ c.ravel()) + 1e-10) for c in s[n]]
+        ft = [c.ravel() / math.sqrt(float(c.ravel() @ c.ravel()) + 1e-10) for c in t[n]]
+
+        def mean_k(a, b):
+            return sum((float(x @ y) + 0.0) ** 2 for x in a for y in b) / (len(a) * len(b))
+
+        theirs += mean_k(fs, fs) - 2.0 * mean_k(fs, ft)
+        dropped += mean_k(ft, ft)
+    return theirs / s.shape[0], dropped / s.shape[0]
+
+
+def test_nst_equals_the_authors_mmd_poly_up_to_their_dropped_constant():
+    # a nearly silent student channel (Σx² = 4e-10, comparable to their ε) tells their normaliser from
+    # F.normalize's; the teacher has other channel counts; 7×7 maps as their last-stage pair
+    s, t = randn(3, 4, 7, 7, seed=20), randn(3, 6, 7, 7, seed=21)
+    s[1, 2] = 0.0
+    s[1, 2, 0, 0] = 2e-5
+    theirs, dropped = nst_authors(s, t)
+    assert nst(s, t).item() == pytest.approx(theirs + dropped, rel=1e-12)
+    # gradient to the student: theirs by central differences of their formula (the dropped term has none)
+    s_req = s.clone().requires_grad_()
+    nst(s_req, t).backward()
+    for index, h in [((0, 0, 0, 0), 1e-6), ((2, 3, 6, 1), 1e-6), ((1, 2, 0, 0), 1e-11), ((1, 2, 3, 3), 1e-11)]:
+        up, down = s.clone(), s.clone()
+        up[index] += h
+        down[index] -= h
+        numeric = (nst_authors(up, t)[0] - nst_authors(down, t)[0]) / (2 * h)
+        assert s_req.grad[index].item() == pytest.approx(numeric, rel=1e-5)
+
+
+def test_nst_normalises_like_mxnet_not_like_f_normalize():
+    # one student channel with Σx² = ε = 1e-10: theirs is scaled by 1/sqrt(2), not made a unit vector
+    s = torch.tensor([[[[1e-5, 0.0]]]], dtype=torch.float64)
+    t = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
+    # s becomes (1/√2, 0): k(s,s) = 1/4, k(s,t) = 1/2, k(t,t) = 1 → MMD² = 1 + 1/4 − 2·1/2 = 1/4 (F.normalize: 0)
+    assert nst(s, t).item() == pytest.approx(0.25, rel=1e-9)
 
 
 def test_match_spatial_refuses_crossed_sizes():
