@@ -2,16 +2,17 @@
 
     L = ce_weight · CE(y, p_s) + feature_weight · Σ_stages NLL(t | μ(s), σ²)
 
-Per stage: a regressor μ (1×1 conv → ReLU → 1×1 conv → ReLU → 1×1 conv, no bias) predicts the teacher's
+Per stage: a regressor μ (two bias-free 1×1 convs, C_S → C_T → C_T, nothing between) predicts the teacher's
 map from the student's, with one learned variance per teacher channel, ``σ_c² = softplus(α_c) + ε``
 (eq. 6; ``kdlab.losses.zoo.vid_nll``). The regressors and the α are the method's parameters: optimised
 with the student and checkpointed with it.
 
-Defaults as mdistiller (``mdistiller/distillers/VID.py``, ``mdistiller/engine/cfg.py``): the three residual
-stages, CE weight 1, feature weight 1, initial variance 5.0, ε = 1e-5; the larger map is average-pooled to the
-smaller's size before the regressor. One difference: mdistiller keeps the α in a plain Python list, so its
-optimiser never updates them (the variance stays at its initial value); here they are learned, as the paper's
-eq. 6 (and the authors' code it cites) intend.
+The regressor is the authors' official PyTorch release (Amazon 2020, ``wide_residual_network.py``,
+``StudentWideResidualNetwork.branch1..3``; loss ``loss.py`` ``GaussianLoss``), not mdistiller's three convs with
+ReLUs (RepDistiller's port of an earlier author version). Defaults as mdistiller (``mdistiller/distillers/VID.py``,
+``mdistiller/engine/cfg.py``): the three residual stages, CE weight 1, feature weight 1, initial variance 5.0,
+ε = 1e-5; the larger map is average-pooled to the smaller's size before the regressor. mdistiller keeps the α in
+a plain Python list, so its optimiser never updates them; here they are learned, as in the authors' code.
 """
 from __future__ import annotations
 
@@ -42,11 +43,10 @@ class VIDHparams(StagePairs):
 
 
 def regressor(in_channels: int, out_channels: int) -> nn.Sequential:
-    """mdistiller's VID regressor: three bias-free 1×1 convs with ReLUs between."""
+    """The authors' VID branch: two bias-free 1×1 convs (C_S → C_T → C_T), no nonlinearity, torch's default init."""
     def conv(i, o):
         return nn.Conv2d(i, o, kernel_size=1, bias=False)
-    return nn.Sequential(conv(in_channels, out_channels), nn.ReLU(), conv(out_channels, out_channels), nn.ReLU(),
-                         conv(out_channels, out_channels))
+    return nn.Sequential(conv(in_channels, out_channels), conv(out_channels, out_channels))
 
 
 @register("method", "vid")
@@ -54,6 +54,7 @@ class VID(Method):
     """Variational information distillation: CE + Σ_stages Gaussian NLL of the teacher map (learned variance)."""
 
     Hparams = VIDHparams
+    revision = 2  # 2: the authors' two linear 1×1 convs as the regressor (was mdistiller's three with ReLUs)
 
     def __init__(self, hparams, *, student, teacher, input_shape=None, train_size=None):
         super().__init__(hparams, student=student, teacher=teacher, input_shape=input_shape, train_size=train_size)

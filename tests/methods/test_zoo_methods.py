@@ -107,6 +107,24 @@ def test_vid_starts_at_the_initial_variance_and_learns_it():
     assert next(student.parameters()).grad.abs().sum() > 0
 
 
+def test_vid_equals_the_authors_branch_and_gaussian_loss():
+    """The authors' release (wide_residual_network.py ``branch1..3``: conv1x1(C_S→C_T), conv1x1(C_T→C_T), no bias,
+    nothing between; loss.py ``GaussianLoss``: mean of ½((μ − t)²/σ² + log σ²); summed over the stages), in float64
+    with their weights copied in; σ² = softplus(α) + ε (theirs has no ε: set 0 here)."""
+    method, student, teacher = build("vid", eps=1e-300)
+    assert [type(m).__name__ for m in method.regressors[0]] == ["Conv2d", "Conv2d"]
+    batch, s_out, t_out = forward(method, student, teacher)
+    expected = 0.0
+    for k, reg, alpha in zip(("stage1", "stage2", "stage3"), method.regressors, method.log_scales):
+        w1, w2 = (conv.weight.detach().double()[:, :, 0, 0] for conv in reg)
+        assert reg[0].bias is None and reg[1].bias is None
+        z = s_out.features[k].detach().double()
+        mean = torch.einsum("oc,nchw->nohw", w2, torch.einsum("oc,nchw->nohw", w1, z))
+        var = torch.log(torch.exp(alpha.detach().double()) + 1.0).reshape(1, -1, 1, 1)
+        expected += torch.mean(0.5 * ((mean - t_out.features[k].double()) ** 2 / var + torch.log(var))).item()
+    assert method.loss_terms(batch, s_out, t_out)["vid"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_vid_pools_a_larger_student_map():
     method, student, teacher = build("vid", student_taps=["stage1"], teacher_taps=["stage2"])
     assert method.regressors[0][0].in_channels == 16 and method.regressors[0][-1].out_channels == 32
