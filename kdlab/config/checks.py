@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from kdlab import registry
 from kdlab.config.schema import ExperimentConfig, StudentConfig, TeacherConfig
-from kdlab.errors import KdlabError
 
 _RAW_RULES: list[Callable[[dict, list[str]], dict]] = []
 _RULES: list[Callable[[ExperimentConfig, list[str]], None]] = []
@@ -115,14 +114,10 @@ def _check_data(cfg: ExperimentConfig, errors: list[str]) -> None:
         errors.append("train.selection: best_val needs a validation split; set data.val_fraction > 0")
     if d.drop_unlabelled is True and d.labels_per_class is None:
         errors.append("data.drop_unlabelled: only applies with data.labels_per_class; set both or neither")
-    if d.augment != "none" and isinstance(d.dataset, str):
-        try:
-            image = getattr(registry.get("dataset", d.dataset), "image_inputs", True)
-        except KdlabError:
-            return  # reported where the section is parsed
-        if callable(image):
-            image = image(d.options)
-        if not image:
+    if d.augment != "none":
+        from kdlab.data.base import gives_images  # deferred: kdlab.data imports this package
+
+        if gives_images(d.dataset, d.options) is False:
             errors.append(f"data.augment: {d.augment} needs image inputs (C, H, W) but dataset {d.dataset!r} gives "
                           "vectors or tokens; set data.augment: none")
 

@@ -34,6 +34,15 @@ _ARRAYS_CACHE_SIZE = 2
 _SPLITS_CACHE_SIZE = 4
 
 
+def gives_images(dataset, options: dict) -> bool | None:
+    """Whether registered dataset ``dataset`` yields (C, H, W) images (its factory's ``image_inputs`` flag or
+    function of the options; default True); None for a name that is not registered (reported elsewhere)."""
+    try:
+        image = getattr(registry.get("dataset", dataset), "image_inputs", True)
+    except (KdlabError, TypeError):
+        return None
+    return bool(image(options) if callable(image) else image)
+
 @dataclass
 class DatasetArrays:
     """What a dataset factory returns: the full train set and the test set.

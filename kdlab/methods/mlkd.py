@@ -32,8 +32,8 @@ from typing import Literal
 
 import torch
 
-from kdlab import registry
 from kdlab.config.validate import NonNegative, Positive
+from kdlab.data.base import gives_images
 from kdlab.data.randaugment import randaugment
 from kdlab.errors import KdlabError
 from kdlab.losses import cross_entropy
@@ -72,13 +72,7 @@ class MLKDHparams:
 
     @staticmethod
     def check_config(cfg, errors: list[str]) -> None:
-        if cfg.method.options.get("strong_view", "randaugment") != "randaugment" or not isinstance(cfg.data.dataset, str):
-            return
-        try:
-            image = getattr(registry.get("dataset", cfg.data.dataset), "image_inputs", True)
-        except KdlabError:
-            return  # reported where the data section is parsed
-        if not (image(cfg.data.options) if callable(image) else image):
+        if cfg.method.options.get("strong_view", "randaugment") == "randaugment" and gives_images(cfg.data.dataset, cfg.data.options) is False:
             errors.append(f"method.strong_view: randaugment needs image inputs (C, H, W) but dataset "
                           f"{cfg.data.dataset!r} gives vectors or tokens; set method.strong_view: weak")
 
